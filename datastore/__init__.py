@@ -1,0 +1,46 @@
+"""datastore: an HTTP file store in the line of the AccessGrid TransferServer.
+
+Register a prefix with a handler, start the server, and clients upload
+through a manifest and a transfer key and download by name::
+
+    server = HTTPTransferServer(Settings(root=Path("data")))
+    server.register_prefix("files", DirectoryHandler(Path("data/files")))
+    server.run()
+"""
+
+from .config import Settings, load_settings
+from .errors import DatastoreError, FileNotFound, NotAuthorized
+from .handlers import (
+    CanDelete,
+    CanDescribe,
+    CanList,
+    DirectoryHandler,
+    FileInfo,
+    LegacyHandlerAdapter,
+    StoredFile,
+    TransferHandler,
+)
+from .identity import Identity
+from .server import HTTPTransferServer, TransferServer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CanDelete",
+    "CanDescribe",
+    "CanList",
+    "DatastoreError",
+    "DirectoryHandler",
+    "FileInfo",
+    "FileNotFound",
+    "HTTPTransferServer",
+    "Identity",
+    "LegacyHandlerAdapter",
+    "NotAuthorized",
+    "Settings",
+    "StoredFile",
+    "TransferHandler",
+    "TransferServer",
+    "__version__",
+    "load_settings",
+]

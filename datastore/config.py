@@ -1,0 +1,196 @@
+"""Settings: one frozen dataclass, every field documented.
+
+Three sources fill it, in this order of precedence: command-line flags,
+environment variables (``DATASTORE_<FIELD>``, e.g. ``DATASTORE_PORT=9000``),
+and a TOML file (``--config FILE``, keys named like the fields, either in the
+top level or under a ``[datastore]`` table). Anything not given keeps the
+embedded default, so ``datastore serve`` alone runs a store in ``./data`` on
+127.0.0.1:8006.
+
+Byte sizes accept a plain integer or a number with a K, M, G or T suffix
+(powers of 1024); durations are seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .manifest import ManifestLimits
+
+_PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SIZE = re.compile(r"^\s*([0-9]+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything an operator can set. Defaults are the embedded ones."""
+
+    root: Path = field(default=Path("data"), metadata={"doc": "Directory holding one folder per prefix."})
+    state_dir: Path | None = field(
+        default=None,
+        metadata={"doc": "Transfer state, catalogues and staging; default ROOT/.datastore (never servable)."},
+    )
+    host: str = field(default="127.0.0.1", metadata={"doc": "Address to listen on."})
+    port: int = field(default=8006, metadata={"doc": "TCP port to listen on (0 picks a free one)."})
+    prefixes: tuple[str, ...] = field(
+        default=("files",), metadata={"doc": "Prefixes served by a DirectoryHandler on ROOT/NAME."}
+    )
+    overwrite: bool = field(default=False, metadata={"doc": "Whether an upload may replace a file of the same name."})
+    max_manifest_bytes: int = field(default=8 << 20, metadata={"doc": "Largest manifest body accepted (413 beyond)."})
+    max_files: int = field(default=10_000, metadata={"doc": "Most files one manifest may list (413 beyond)."})
+    max_file_size: int = field(default=64 << 30, metadata={"doc": "Largest single file accepted (413 beyond)."})
+    key_lifetime: float = field(
+        default=24 * 3600.0, metadata={"doc": "Seconds a transfer key stays valid (410 afterwards)."}
+    )
+    body_timeout: float = field(
+        default=60.0,
+        metadata={"doc": "Seconds an upload may go without receiving a byte before it is dropped (408)."},
+    )
+    max_concurrent_uploads: int = field(
+        default=64, metadata={"doc": "Uploads running at once; more are answered 503 with Retry-After."}
+    )
+    min_free_bytes: int = field(
+        default=64 << 20, metadata={"doc": "Free space kept on the store's disk beyond every upload."}
+    )
+    chunk_size: int = field(default=1 << 20, metadata={"doc": "Bytes hashed and written per step of an upload."})
+    fsync: bool = field(default=True, metadata={"doc": "fsync each file and its directory before answering 200."})
+
+    @property
+    def effective_state_dir(self) -> Path:
+        """The state directory, defaulting to ``ROOT/.datastore``."""
+        return self.state_dir if self.state_dir is not None else self.root / ".datastore"
+
+    @property
+    def manifest_limits(self) -> ManifestLimits:
+        """The limits handed to the manifest parser."""
+        return ManifestLimits(max_files=self.max_files, max_file_size=self.max_file_size)
+
+    def __post_init__(self) -> None:
+        for prefix in self.prefixes:
+            check_prefix(prefix)
+        if not 0 <= self.port <= 65535:
+            raise SettingsError(f"port must be between 0 and 65535, not {self.port}")
+        for name in ("max_manifest_bytes", "max_files", "max_concurrent_uploads", "chunk_size"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name} must be positive")
+        for name in ("key_lifetime", "body_timeout"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name} must be positive")
+        if self.max_file_size < 0 or self.min_free_bytes < 0:
+            raise SettingsError("sizes must not be negative")
+
+
+def check_prefix(prefix: str) -> str:
+    """Return ``prefix`` if it is a valid prefix name, else raise SettingsError."""
+    if not _PREFIX.match(prefix):
+        raise SettingsError(
+            f"invalid prefix {prefix!r}: use 1-128 of A-Z a-z 0-9 . _ - starting with a letter or digit"
+        )
+    return prefix
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> Settings:
+    """Build Settings from flags, then ``DATASTORE_*`` variables, then a TOML file.
+
+    ``flags`` holds values already typed (from argparse), with ``None`` for
+    flags not given. Raises :class:`SettingsError` naming the bad setting.
+    """
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        values.update(_from_toml(config_file))
+    for name, text in (environ or {}).items():
+        if name.startswith("DATASTORE_"):
+            key = name.removeprefix("DATASTORE_").lower()
+            if key in _FIELDS:
+                values[key] = _convert(key, text)
+    for key, value in (flags or {}).items():
+        if value is not None and key in _FIELDS:
+            values[key] = value
+    try:
+        return Settings(**values)
+    except TypeError as exc:  # pragma: no cover - guarded by _FIELDS
+        raise SettingsError(str(exc)) from None
+
+
+def settings_help() -> str:
+    """A table of every setting and its default, for ``--help`` and the README."""
+    rows = []
+    for item in dataclasses.fields(Settings):
+        rows.append(f"  {item.name:<24} {item.metadata['doc']} (default: {item.default!r})")
+    return "\n".join(rows)
+
+
+_FIELDS: dict[str, str] = {item.name: str(item.type) for item in dataclasses.fields(Settings)}
+
+
+def _from_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            document = tomllib.load(handle)
+    except OSError as exc:
+        raise SettingsError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path}: {exc}") from None
+    table = document.get("datastore", document)
+    if not isinstance(table, dict):
+        raise SettingsError(f"config file {path}: [datastore] must be a table")
+    values: dict[str, Any] = {}
+    for raw_key, value in table.items():
+        key = raw_key.replace("-", "_")
+        if key not in _FIELDS:
+            raise SettingsError(f"config file {path}: unknown setting {raw_key!r}")
+        values[key] = _convert(key, value)
+    return values
+
+
+def _convert(key: str, value: Any) -> Any:
+    kind = _FIELDS[key]
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if kind == "int":
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            return parse_size(str(value))
+        if kind == "float":
+            return float(value)
+        if kind == "str":
+            return str(value)
+        if kind in ("Path", "Path | None"):
+            return Path(str(value))
+        if kind == "tuple[str, ...]":
+            items = value if isinstance(value, list) else str(value).split(",")
+            return tuple(str(item).strip() for item in items if str(item).strip())
+    except ValueError:
+        raise SettingsError(f"setting {key}: cannot use {value!r}") from None
+    raise SettingsError(f"setting {key}: unsupported type {kind}")  # pragma: no cover
+
+
+def parse_size(text: str) -> int:
+    """``"64M"`` -> 67108864; plain integers pass through."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(text)
+    return int(match.group(1)) * _UNITS[match.group(2).upper()]

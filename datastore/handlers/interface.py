@@ -1,0 +1,148 @@
+"""The contract between the transfer server and the application behind a prefix.
+
+An application registers a prefix with an object implementing
+:class:`TransferHandler`; the server calls it, and only it, to decide what
+may be uploaded, where bytes go, and what may be downloaded. The call order
+for each file is fixed:
+
+* manifest: ``can_upload`` for every file (all under one lock per prefix);
+  if every answer is true, ``add_pending_upload`` for every file. If any
+  answer is false nothing is reserved.
+* upload: ``get_upload_filename``; the server streams the body to a staging
+  file, verifies size and digests and publishes it with ``os.replace``; then
+  ``complete_upload`` (before the client hears 200), or ``cancel_upload`` on
+  any failure. A file whose upload failed is re-gated with ``can_upload`` and
+  ``add_pending_upload`` when the client tries again.
+* download: ``get_download_filename``.
+
+Every callback receives the :class:`~datastore.identity.Identity` of the
+client (``identity.dn`` as AccessGrid's ``id_token.dn``). Callbacks are
+coroutines and must not block the event loop; a handler with blocking work
+does it in a thread. Optional capabilities are the small protocols below;
+the server detects them once, when the prefix is registered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from ..identity import Identity
+
+
+@dataclass(frozen=True, slots=True)
+class FileInfo:
+    """A file as the manifest announced it, or, in ``complete_upload``, as verified.
+
+    ``md5`` and ``sha256`` are lower-case hex. In ``can_upload`` and
+    ``add_pending_upload`` they are what the client declared (``None`` if it
+    declared nothing); in ``complete_upload`` they are the digests the server
+    computed over the bytes it published.
+    """
+
+    name: str
+    size: int
+    md5: str | None = None
+    sha256: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFile:
+    """A published file as a catalogue records it."""
+
+    name: str
+    size: int
+    md5: str
+    sha256: str
+    owner: str | None
+    uploaded_at: float
+
+
+@runtime_checkable
+class TransferHandler(Protocol):
+    """What every prefix handler implements."""
+
+    async def can_upload(self, identity: Identity, file: FileInfo) -> bool:
+        """Whether ``identity`` may upload ``file``. Runs at manifest time.
+
+        Returning false refuses the whole manifest. Must not reserve anything:
+        ``add_pending_upload`` follows if and only if every file is accepted.
+        """
+
+    async def add_pending_upload(self, identity: Identity, file: FileInfo) -> None:
+        """Reserve ``file.name`` for an upload that is about to happen.
+
+        Until ``complete_upload`` or ``cancel_upload`` the name is taken. May
+        raise to refuse after all; the server then cancels the files it had
+        already reserved for this manifest and answers 500.
+        """
+
+    async def get_upload_filename(self, identity: Identity, file: FileInfo) -> Path | None:
+        """The final path for ``file``, or ``None`` to refuse the upload (404).
+
+        Called when the upload request arrives, before any byte is read. The
+        server writes elsewhere first and moves the verified file here with
+        ``os.replace``, so the path must be on the same filesystem as the
+        server's state directory or the server falls back to a copy.
+        """
+
+    async def complete_upload(self, identity: Identity, file: FileInfo) -> None:
+        """The verified file is now at its final path. Record it.
+
+        ``file`` carries the computed digests. Runs before the client is
+        answered; if it raises, the server removes the file, calls
+        ``cancel_upload`` and answers 500.
+        """
+
+    async def cancel_upload(self, identity: Identity, file: FileInfo) -> None:
+        """Release the reservation of ``file.name``: the upload failed or ended.
+
+        Nothing was published at the final path. Must not raise for a name
+        that is not reserved.
+        """
+
+    async def get_download_filename(self, identity: Identity, name: str) -> Path:
+        """The path of the published file ``name`` for ``identity`` to download.
+
+        ``name`` is already validated as a flat name. Raise
+        :class:`~datastore.errors.FileNotFound` (404) if there is no such
+        published file, :class:`~datastore.errors.NotAuthorized` (403) if the
+        identity may not read it. Never return a pending or partial file.
+        """
+
+
+@runtime_checkable
+class CanList(Protocol):
+    """Capability: the prefix offers a listing at ``GET /{prefix}/``."""
+
+    async def list_files(self, identity: Identity) -> Sequence[StoredFile]:
+        """The published files ``identity`` may see, in display order."""
+
+
+@runtime_checkable
+class CanDescribe(Protocol):
+    """Capability: the handler knows the size and digests of a published file.
+
+    Used for the ``Repr-Digest`` header of downloads.
+    """
+
+    async def describe_file(self, identity: Identity, name: str) -> StoredFile | None:
+        """The catalogue record of ``name``, or ``None`` if there is none."""
+
+
+@runtime_checkable
+class CanDelete(Protocol):
+    """Capability: ``DELETE /{prefix}/{name}`` removes a published file."""
+
+    async def delete_file(self, identity: Identity, name: str) -> None:
+        """Remove ``name``. Raise FileNotFound (404) or NotAuthorized (403)."""
+
+
+@runtime_checkable
+class CanClose(Protocol):
+    """Capability: the handler holds resources to release when the server stops."""
+
+    async def close(self) -> None:
+        """Release files, connections and threads."""

@@ -1,0 +1,113 @@
+"""A real store on loopback for tests, and the few requests every test makes.
+
+``Store`` wraps an :class:`HTTPTransferServer` app served by pytest-aiohttp's
+test server (real sockets on 127.0.0.1) with the root, state directory and
+handler the test chose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from datastore.config import Settings
+from datastore.server import HTTPTransferServer
+
+
+def md5_hex(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def ini_manifest(files: Sequence[tuple[str, bytes]]) -> bytes:
+    """The INI manifest an AccessGrid client would send for ``(name, content)`` pairs."""
+    lines = ["[manifest]", f"num_files = {len(files)}", ""]
+    for index, (name, content) in enumerate(files):
+        lines += [f"[{index}]", f"name = {name}", f"size = {len(content)}", f"checksum = {md5_hex(content)}", ""]
+    return "\n".join(lines).encode()
+
+
+def json_manifest(files: Sequence[tuple[str, bytes]]) -> dict[str, Any]:
+    return {
+        "files": [
+            {"name": name, "size": len(content), "md5": md5_hex(content), "sha256": sha256_hex(content)}
+            for name, content in files
+        ]
+    }
+
+
+def parse_legacy_reply(text: str) -> dict[str, list[str]]:
+    """Parse ``key: value`` lines as the AccessGrid client did."""
+    values: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.strip():
+            key, _, value = line.partition(": ")
+            values.setdefault(key, []).append(value)
+    return values
+
+
+@dataclass
+class Store:
+    """A running store and its directories."""
+
+    client: TestClient[Any, Any]
+    server: HTTPTransferServer
+    root: Path
+    state_dir: Path
+    handler: Any
+    prefix: str = "files"
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def staging(self) -> Path:
+        return self.state_dir / "staging"
+
+    def staged_files(self) -> list[str]:
+        return sorted(os.listdir(self.staging)) if self.staging.exists() else []
+
+    def served_files(self) -> list[str]:
+        folder = self.root / self.prefix
+        return sorted(os.listdir(folder)) if folder.exists() else []
+
+    async def register(
+        self, files: Sequence[tuple[str, bytes]], *, identity: str | None = None, prefix: str | None = None
+    ) -> str:
+        """Post a JSON manifest and return the transfer key (asserting success)."""
+        headers = {"X-Client-DN": identity} if identity is not None else {}
+        response = await self.client.post(
+            f"/{prefix or self.prefix}/manifest", json=json_manifest(files), headers=headers
+        )
+        body = await response.json()
+        assert response.status == 201, body
+        key: str = body["transfer_key"]
+        return key
+
+    async def put(
+        self,
+        key: str,
+        num: int,
+        data: bytes,
+        *,
+        identity: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[int, str]:
+        """PUT a raw body; return (status, reason)."""
+        all_headers = dict(headers or {})
+        if identity is not None:
+            all_headers["X-Client-DN"] = identity
+        response = await self.client.put(f"/{self.prefix}/{key}/{num}", data=data, headers=all_headers)
+        await response.read()
+        return response.status, response.reason or ""
+
+
+def make_settings(root: Path, state_dir: Path, **overrides: Any) -> Settings:
+    return Settings(root=root, state_dir=state_dir, port=0, **overrides)
