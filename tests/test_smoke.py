@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from datastore import DirectoryHandler, FileInfo, Identity
+
 from .conftest import MakeStore
-from .harness import md5_hex, sha256_hex
+from .harness import ini_manifest, md5_hex, parse_legacy_reply, sha256_hex
 
 
 async def test_upload_then_download_round_trip(make_store: MakeStore) -> None:
@@ -28,3 +32,18 @@ async def test_health_answers_once_ready(make_store: MakeStore) -> None:
     response = await store.client.get("/_api/v1/health")
     assert response.status == 200
     assert (await response.json())["status"] == "ok"
+
+
+async def test_readme_embedding_example_refuses_anonymous_uploads(make_store: MakeStore, tmp_path: Path) -> None:
+    class VenueHandler(DirectoryHandler):
+        async def can_upload(self, identity: Identity, file: FileInfo) -> bool:
+            return identity.dn is not None and await super().can_upload(identity, file)
+
+    store = await make_store(VenueHandler(tmp_path / "venues" / "venue-1"), prefix="venue-1")
+    anonymous = await store.client.post("/venue-1/manifest", data=ini_manifest([("a.txt", b"a")]))
+    assert parse_legacy_reply(await anonymous.text()) == {
+        "return_code": ["1"],
+        "error_reason": ["Upload error for file a.txt"],
+    }
+    key = await store.register([("a.txt", b"a")], identity="/O=Lab/CN=Ada")
+    assert await store.put(key, 0, b"a", identity="/O=Lab/CN=Ada") == (200, "File transfer OK")
