@@ -16,9 +16,12 @@ import base64
 import os
 import pathlib
 import stat
+from typing import Any
 from urllib.parse import quote
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.web_request import BaseRequest
 
 from .context import CONTEXT
 from .errors import FileNotFound, NotFound
@@ -27,7 +30,22 @@ from .names import validate_name
 
 
 class StoredFileResponse(web.FileResponse):
-    """A FileResponse that serves exactly the file named, never ``NAME.gz``/``NAME.br``."""
+    """A FileResponse that serves exactly the file named, never ``NAME.gz``/``NAME.br``.
+
+    With ``ignore_range`` it answers the whole file whatever Range the
+    request carries (an ``If-Range`` entity-tag that no longer matches).
+    """
+
+    def __init__(self, path: pathlib.Path, *, ignore_range: bool = False, **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self._ignore_range = ignore_range
+
+    async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
+        if self._ignore_range:
+            headers = request.headers.copy()
+            headers.popall(hdrs.RANGE, None)
+            request = request.clone(headers=headers)
+        return await super().prepare(request)
 
     def _get_file_path_stat_encoding(
         self, accept_encoding: str
@@ -43,7 +61,8 @@ async def handle_download(request: web.Request) -> web.StreamResponse:
     identity = ctx.identify(request)
     name = validate_name(request.match_info["name"])
     path = await mount.handler.get_download_filename(identity, name)
-    size = await asyncio.to_thread(_regular_file_size, path)
+    st = await asyncio.to_thread(_regular_file_stat, path)
+    size = st.st_size
     headers = {
         "Content-Type": "application/octet-stream",
         "Content-Disposition": _attachment(name),
@@ -54,7 +73,9 @@ async def handle_download(request: web.Request) -> web.StreamResponse:
         stored = await mount.describer.describe_file(identity, name)
         if stored is not None and stored.size == size:
             headers["Repr-Digest"] = repr_digest(stored)
-    return StoredFileResponse(path, chunk_size=ctx.settings.chunk_size, headers=headers)
+    return StoredFileResponse(
+        path, chunk_size=ctx.settings.chunk_size, headers=headers, ignore_range=_if_range_fails(request, st)
+    )
 
 
 async def handle_listing(request: web.Request) -> web.Response:
@@ -105,14 +126,29 @@ def repr_digest(stored: StoredFile) -> str:
     return f"sha-256=:{sha256}:, md5=:{md5}:"
 
 
-def _regular_file_size(path: pathlib.Path) -> int:
+def _regular_file_stat(path: pathlib.Path) -> os.stat_result:
     try:
         st = path.stat()
     except OSError:
         raise FileNotFound() from None
     if not stat.S_ISREG(st.st_mode):
         raise FileNotFound()
-    return st.st_size
+    return st
+
+
+def _if_range_fails(request: web.Request, st: os.stat_result) -> bool:
+    """True if ``If-Range`` names an entity-tag other than the file's current one.
+
+    aiohttp reads If-Range only as a date; RFC 9110 13.1.5 also allows a
+    strong entity-tag, which must match exactly (a weak one never does) for
+    the Range to apply. Resuming a download of a file that changed would
+    otherwise splice old and new bytes.
+    """
+    if_range = request.headers.get(hdrs.IF_RANGE, "").strip()
+    if not if_range.startswith(('"', "W/")) or hdrs.RANGE not in request.headers:
+        return False
+    # The strong validator aiohttp's FileResponse sends as ETag.
+    return if_range != f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
 
 
 def _attachment(name: str) -> str:

@@ -46,7 +46,9 @@ def identity_from_header(value: str | None) -> Identity:
     """The unauthenticated identity asserted by an ``X-Client-DN`` header value."""
     if value is None:
         return ANONYMOUS
-    value = value.strip()
+    # Header bytes that are not UTF-8 arrive as surrogates; keep them visible
+    # but storable.
+    value = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace").strip()
     if value in ("", "None"):
         return ANONYMOUS
     return Identity(dn=value, authenticated=False)
