@@ -73,7 +73,7 @@ class Manifest:
 def parse_ini(body: bytes, limits: ManifestLimits) -> Manifest:
     """Parse an AccessGrid INI manifest."""
     try:
-        text = body.decode("utf-8")
+        text = body.decode("utf-8-sig")
     except UnicodeDecodeError:
         # Python 2 clients wrote names in the platform's 8-bit encoding.
         text = body.decode("latin-1")
@@ -102,6 +102,9 @@ def parse_json(body: bytes, limits: ManifestLimits) -> Manifest:
         document = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"invalid JSON: {exc}") from None
+    except (RecursionError, ValueError):
+        # Nesting deeper than the parser allows, or an integer of thousands of digits.
+        raise ManifestError("invalid JSON: nested too deeply or a number too long") from None
     if not isinstance(document, dict):
         raise ManifestError("the manifest must be a JSON object", field="")
     entries = document.get("files")
@@ -146,8 +149,8 @@ def format_ini_refused(names: Sequence[str]) -> bytes:
 def _parse_count(text: str, limits: ManifestLimits) -> int:
     text = text.strip()
     if not _INT.match(text):
-        raise ManifestError(f"[manifest] num_files is not a non-negative integer: {text!r}")
-    count = int(text)
+        raise ManifestError(f"[manifest] num_files is not a non-negative integer: {_one_line(text)[:40]!r}")
+    count = _bounded_int(text, limits.max_files)
     if count == 0:
         raise ManifestError("[manifest] num_files is 0: the manifest lists no files")
     if count > limits.max_files:
@@ -172,7 +175,7 @@ def _file_from_fields(
         raise ManifestError(f"{field('size')} is missing", field=field("size"))
     if not _INT.match(size_text.strip()):
         raise ManifestError(f"{field('size')} is not a non-negative integer", field=field("size"))
-    size = int(size_text)
+    size = _bounded_int(size_text.strip(), limits.max_file_size)
     if size > limits.max_file_size:
         raise PayloadTooLarge(f"{field('size')} is {size} bytes, more than the limit of {limits.max_file_size}")
     md5 = values.get("md5")
@@ -208,6 +211,18 @@ def _checked_manifest(files: list[ManifestFile], name_field: Callable[[int], str
     return Manifest(files=tuple(files))
 
 
+def _bounded_int(digits: str, limit: int) -> int:
+    """``int(digits)``, or ``limit + 1`` for a number too long to be under ``limit``.
+
+    Python refuses to convert strings of thousands of digits; such a number
+    is over any limit anyway.
+    """
+    digits = digits.lstrip("0") or "0"
+    if len(digits) > len(str(limit)):
+        return limit + 1
+    return int(digits)
+
+
 def _one_line(text: str) -> str:
-    """Text safe for one line of a reply or a reason phrase."""
-    return " ".join(text.replace("\r", " ").replace("\n", " ").split())
+    """Text safe for one line of a reply: every line break becomes a space."""
+    return " ".join(text.splitlines())

@@ -32,7 +32,14 @@ _WINDOWS_DEVICE = re.compile(r"^(CON|PRN|AUX|NUL|COM[0-9¹²³]|LPT[0-9¹²³])(
 
 # Bidirectional overrides and isolates make a name display differently from
 # what it is ("gpj.exe" shown as "exe.jpg"); zero-width characters hide in it.
-_INVISIBLE = frozenset("\u200b\u200c\u200d\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\ufeff")
+_INVISIBLE = frozenset(
+    "\u061c\u180e\u200b\u200c\u200d\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+    "\u2060\u2061\u2062\u2063\u2064\u2066\u2067\u2068\u2069\ufeff"
+)
+
+# Control (Cc), surrogate (Cs) and line or paragraph separator (Zl, Zp)
+# characters: each breaks a line somewhere or cannot be stored.
+_CONTROL_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
 
 
 def validate_name(name: object) -> str:
@@ -55,7 +62,7 @@ def validate_name(name: object) -> str:
         if char in _FORBIDDEN_CHARS:
             raise InvalidName(f"name contains the reserved character {char!r}")
         category = unicodedata.category(char)
-        if category in ("Cc", "Cs") or char in _INVISIBLE:
+        if category in _CONTROL_CATEGORIES or char in _INVISIBLE:
             raise InvalidName(f"name contains the control character U+{ord(char):04X}")
     if name.startswith("."):
         raise InvalidName("name starts with a dot")

@@ -124,8 +124,9 @@ class TransferServer(abc.ABC):
         app.router.add_put(upload_path, handle_upload, expect_handler=upload_expect_handler)
         app.router.add_get(f"/{_PREFIX}/", handle_listing)
         app.router.add_get(f"/{_PREFIX}", handle_add_slash)
-        app.router.add_get(f"/{_PREFIX}/{{name}}", handle_download)
-        app.router.add_delete(f"/{_PREFIX}/{{name}}", handle_delete)
+        # Names may hold braces, which aiohttp's default segment pattern excludes.
+        app.router.add_get(f"/{_PREFIX}/{{name:[^/]+}}", handle_download)
+        app.router.add_delete(f"/{_PREFIX}/{{name:[^/]+}}", handle_delete)
         return app
 
     async def _lifecycle(self, app: web.Application) -> AsyncIterator[None]:
