@@ -17,6 +17,7 @@ final name.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import logging
@@ -345,7 +346,7 @@ async def receive_to_staging(chunks: AsyncIterator[bytes], staging: Path, limit:
     md5 = hashlib.md5(usedforsecurity=False)  # the protocol's checksum
     sha256 = hashlib.sha256()
     chunk_size = ctx.settings.chunk_size
-    handle = await asyncio.to_thread(_open_staging, staging)
+    handle = await _open_staging_file(staging)
     pending: asyncio.Future[None] | None = None
     try:
         total = 0
@@ -419,6 +420,29 @@ def publish(staging: Path, target: Path, fsync: bool) -> None:
             os.fsync(directory)
         finally:
             os.close(directory)
+
+
+async def _open_staging_file(path: Path) -> IO[bytes]:
+    """Open the staging file in a thread, safely against cancellation.
+
+    If the request is cancelled (a client that disconnected, with handler
+    cancellation on) while the thread opens the file, the thread is waited
+    for and the file closed and removed before the cancellation goes on, so
+    no descriptor leaks and no staging file appears after the cleanup ran.
+    """
+    opening = asyncio.ensure_future(asyncio.to_thread(_open_staging, path))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            handle = await opening
+            await asyncio.to_thread(_close_and_unlink, handle)
+        raise
+
+
+def _close_and_unlink(handle: IO[bytes]) -> None:
+    handle.close()
+    _unlink_quietly(Path(str(handle.name)))
 
 
 def _open_staging(path: Path) -> IO[bytes]:
