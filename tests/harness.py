@@ -7,9 +7,10 @@ handler the test chose.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,3 +112,38 @@ class Store:
 
 def make_settings(root: Path, state_dir: Path, **overrides: Any) -> Settings:
     return Settings(root=root, state_dir=state_dir, port=0, **overrides)
+
+
+async def start_stalled_upload(
+    host: str, port: int, prefix: str, key: str, num: int, declared: int, sent: bytes
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """PUT a body declared as ``declared`` bytes but send only ``sent``, and keep the socket open."""
+    reader, writer = await asyncio.open_connection(host, port)
+    head = (
+        f"PUT /{prefix}/{key}/{num} HTTP/1.1\r\n"
+        f"Host: {host}:{port}\r\n"
+        "Content-Type: application/octet-stream\r\n"
+        f"Content-Length: {declared}\r\n"
+        "\r\n"
+    ).encode()
+    writer.write(head + sent)
+    await writer.drain()
+    return reader, writer
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Wait until ``condition()`` holds (a state observed on disk), failing after ``timeout``."""
+    try:
+        async with asyncio.timeout(timeout):
+            # Nothing signals "bytes reached staging" (in the crash test it is another process),
+            # so the disk is polled until it shows the state; the timeout only bounds a failure.
+            while not condition():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting until {what}") from None
+
+
+def staged_bytes(staging: Path) -> int:
+    if not staging.exists():
+        return 0
+    return sum(entry.stat().st_size for entry in staging.iterdir())

@@ -14,14 +14,13 @@ import io
 import os
 import re
 import time
-from collections.abc import Callable
 from urllib.parse import unquote
 
 import pytest
 from multidict import CIMultiDict
 
 from .conftest import MakeStore
-from .harness import Store, md5_hex, sha256_hex
+from .harness import Store, md5_hex, sha256_hex, staged_bytes, start_stalled_upload, until
 
 ADA = "/O=Lab/CN=Ada"
 BOB = "/O=Lab/CN=Bob"
@@ -90,40 +89,6 @@ async def raw_request(store: Store, request: bytes) -> tuple[str, CIMultiDict[st
         name, _, value = line.partition(":")
         headers.add(name.strip(), value.strip())
     return status_line, headers, rest
-
-
-async def start_stalled_upload(
-    store: Store, key: str, num: int, declared: int, sent: bytes
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """PUT a body declared as ``declared`` bytes but send only ``sent``, and keep the socket open."""
-    host, port = store.client.host, store.client.port
-    reader, writer = await asyncio.open_connection(host, port)
-    head = (
-        f"PUT /{store.prefix}/{key}/{num} HTTP/1.1\r\n"
-        f"Host: {host}:{port}\r\n"
-        "Content-Type: application/octet-stream\r\n"
-        f"Content-Length: {declared}\r\n"
-        "\r\n"
-    ).encode()
-    writer.write(head + sent)
-    await writer.drain()
-    return reader, writer
-
-
-async def until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Wait until ``condition()`` holds (a state observed on disk), failing after ``timeout``."""
-    try:
-        async with asyncio.timeout(timeout):
-            # Nothing signals "bytes reached staging" (in the crash test it is another process),
-            # so the disk is polled until it shows the state; the timeout only bounds a failure.
-            while not condition():  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting until {what}") from None
-
-
-def staged_bytes(store: Store) -> int:
-    return sum((store.staging / name).stat().st_size for name in store.staged_files())
 
 
 # -- GET ----------------------------------------------------------------------
@@ -328,10 +293,12 @@ async def test_file_stalled_mid_upload_is_not_found_and_no_byte_leaks(make_store
     content = bytes(range(256)) * 256  # 64 KiB
     key = await store.register([("stalled.bin", content)])
     sent = content[: 4 * chunk]
-    _reader, writer = await start_stalled_upload(store, key, 0, len(content), sent)
+    _reader, writer = await start_stalled_upload(
+        store.client.host, store.client.port, store.prefix, key, 0, len(content), sent
+    )
     try:
         # The store has taken part of the body: bytes sit in its staging area.
-        await until(lambda: staged_bytes(store) >= chunk, "the store staged part of the body")
+        await until(lambda: staged_bytes(store.staging) >= chunk, "the store staged part of the body")
 
         response = await store.client.get("/files/stalled.bin")
         body = await response.read()

@@ -15,7 +15,6 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from datastore.handlers.directory import DirectoryHandler
 from datastore.server import expire_transfers
 
 from .conftest import MakeStore
-from .harness import Store, json_manifest
+from .harness import Store, json_manifest, staged_bytes, start_stalled_upload, until
 
 ADA = "/O=Lab/CN=Ada"
 BOB = "/O=Lab/CN=Bob"
@@ -55,41 +54,6 @@ async def restart(store: Store, make_store: MakeStore, **settings: Any) -> Store
         state_dir=store.state_dir,
         **settings,
     )
-
-
-async def start_stalled_upload(
-    host: str, port: int, prefix: str, key: str, num: int, declared: int, sent: bytes
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """PUT a body declared as ``declared`` bytes but send only ``sent``, and keep the socket open."""
-    reader, writer = await asyncio.open_connection(host, port)
-    head = (
-        f"PUT /{prefix}/{key}/{num} HTTP/1.1\r\n"
-        f"Host: {host}:{port}\r\n"
-        "Content-Type: application/octet-stream\r\n"
-        f"Content-Length: {declared}\r\n"
-        "\r\n"
-    ).encode()
-    writer.write(head + sent)
-    await writer.drain()
-    return reader, writer
-
-
-async def until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Wait until ``condition()`` holds (a state observed on disk), failing after ``timeout``."""
-    try:
-        async with asyncio.timeout(timeout):
-            # Nothing signals "bytes reached staging" (in the crash test it is another process),
-            # so the disk is polled until it shows the state; the timeout only bounds a failure.
-            while not condition():  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting until {what}") from None
-
-
-def staged_bytes(staging: Path) -> int:
-    if not staging.exists():
-        return 0
-    return sum(entry.stat().st_size for entry in staging.iterdir())
 
 
 async def test_published_files_are_still_listed_and_served_after_restart(make_store: MakeStore) -> None:
