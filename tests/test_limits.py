@@ -1,0 +1,79 @@
+"""Every configured limit is answered with a clear 413, and nothing is reserved."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+
+from .conftest import MakeStore
+from .harness import ini_manifest, json_manifest
+
+
+async def test_manifest_larger_than_max_manifest_bytes_is_413(make_store: MakeStore) -> None:
+    store = await make_store(max_manifest_bytes=200)
+    body = ini_manifest([(f"file-{i}.txt", b"x") for i in range(5)])
+    assert len(body) > 200
+    response = await store.client.post("/files/manifest", data=body)
+    assert response.status == 413
+    assert "more than the limit of 200" in await response.text()
+
+
+async def test_chunked_manifest_is_cut_off_at_max_manifest_bytes(make_store: MakeStore) -> None:
+    store = await make_store(max_manifest_bytes=200)
+    body = ini_manifest([(f"file-{i}.txt", b"x") for i in range(5)])
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 50):
+            yield body[start : start + 50]
+
+    response = await store.client.post("/files/manifest", data=chunks())
+    assert response.status == 413
+    assert await (await store.client.get("/files/")).json() == {"prefix": "files", "files": []}
+
+
+@pytest.mark.parametrize("form", ["ini", "json"])
+async def test_more_files_than_max_files_is_413_and_reserves_nothing(make_store: MakeStore, form: str) -> None:
+    store = await make_store(max_files=3)
+    files = [(f"file-{i}.txt", b"x") for i in range(4)]
+    if form == "ini":
+        response = await store.client.post("/files/manifest", data=ini_manifest(files))
+    else:
+        response = await store.client.post("/files/manifest", json=json_manifest(files))
+    assert response.status == 413
+    assert "4 files, more than the limit of 3" in await response.text()
+    # Nothing was reserved: the same names register fine within the limit.
+    await store.register(files[:3])
+
+
+@pytest.mark.parametrize("form", ["ini", "json"])
+async def test_file_larger_than_max_file_size_is_413(make_store: MakeStore, form: str) -> None:
+    store = await make_store(max_file_size=1000)
+    files = [("big.bin", b"x" * 1001)]
+    if form == "ini":
+        response = await store.client.post("/files/manifest", data=ini_manifest(files))
+    else:
+        response = await store.client.post("/files/manifest", json=json_manifest(files))
+    assert response.status == 413
+    assert "more than the limit of 1000" in await response.text()
+
+
+async def test_json_limit_errors_are_json(make_store: MakeStore) -> None:
+    store = await make_store(max_files=1)
+    response = await store.client.post(
+        "/files/manifest", json=json_manifest([("a", b"a"), ("b", b"b")]), headers={"Accept": "application/json"}
+    )
+    assert response.status == 413
+    body = json.loads(await response.text())
+    assert body["error"] == "too_large"
+
+
+async def test_raw_body_over_max_file_size_is_413_before_reading_it(make_store: MakeStore) -> None:
+    store = await make_store(max_file_size=1000)
+    key = await store.register([("small.bin", b"x" * 10)])
+    status, reason = await store.put(key, 0, b"x" * 1001)
+    assert (status, reason) == (413, "Request too large: 1001 bytes, more than the limit of 1000")
+    assert store.staged_files() == []
+    # The reservation was released and is taken again by a correct retry.
+    assert await store.put(key, 0, b"x" * 10) == (200, "File transfer OK")
