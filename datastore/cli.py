@@ -1,10 +1,12 @@
 """The ``datastore`` command line.
 
 ``datastore serve`` runs a store: one DirectoryHandler per ``--prefix`` on
-``ROOT/PREFIX``, catalogues and transfer state in the state directory.
-Settings come from flags, then ``DATASTORE_*`` variables, then ``--config``
-(TOML); see ``datastore serve --help``. User errors print one line and exit
-with status 2; no tracebacks.
+``ROOT/PREFIX``, catalogues and transfer state in the state directory, plain
+HTTP or TLS with client certificates. Settings come from flags, then
+``DATASTORE_*`` variables, then ``--config`` (TOML); see ``datastore serve
+--help``. ``datastore certs`` makes a CA, server and client certificates,
+revokes them and writes the CRL. User errors print one line and exit with
+status 2; no tracebacks.
 """
 
 from __future__ import annotations
@@ -12,14 +14,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from .certs import DEFAULT_DIR, CertificateDirectory, CertificateError
 from .config import Settings, SettingsError, load_settings, settings_help
 from .handlers.directory import DirectoryHandler
-from .server import HTTPTransferServer
+from .server import HTTPSTransferServer, HTTPTransferServer, TransferServer
+from .tls import CrlReloader, server_context
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +57,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--config", type=Path, help="TOML file with settings")
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    tls = serve.add_argument_group("TLS with client certificates")
+    tls.add_argument("--tls", action="store_true", default=None, help="speak TLS on --port")
+    tls.add_argument("--tls-port", type=int, metavar="N", help="add a TLS listener on N beside plain HTTP on --port")
+    tls.add_argument("--cert", dest="tls_cert", type=Path, metavar="FILE", help="server certificate (PEM)")
+    tls.add_argument("--key", dest="tls_key", type=Path, metavar="FILE", help="server private key (PEM)")
+    tls.add_argument(
+        "--client-ca",
+        dest="tls_client_ca",
+        type=Path,
+        action="append",
+        metavar="FILE",
+        help="CA that signs client certificates (repeatable)",
+    )
+    tls.add_argument(
+        "--crl", dest="tls_crl", type=Path, metavar="FILE", help="revocation list (PEM), reloaded on change"
+    )
+
+    certs = commands.add_parser(
+        "certs",
+        help="make a CA, server and client certificates, revoke them",
+        description=f"Certificates for mutual TLS, written under --dir (default {DEFAULT_DIR}/).",
+    )
+    certs.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"where the files live (default {DEFAULT_DIR})")
+    actions = certs.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    init = actions.add_parser("init", help="create the CA (ca.pem, ca.key); never overwrites one")
+    init.add_argument("--org", default="datastore", help="organization name of the CA and its certificates")
+    init.add_argument("--days", type=int, default=3650, help="validity in days (default 3650)")
+    server = actions.add_parser("server", help="server certificate (server.pem, server.key)")
+    server.add_argument("hostnames", nargs="+", metavar="HOSTNAME", help="DNS names or IP addresses it serves")
+    server.add_argument("--days", type=int, default=397, help="validity in days (default 397)")
+    client = actions.add_parser("client", help="client certificate (NAME.pem, NAME.key, NAME.p12)")
+    client.add_argument("name", metavar="NAME", help="the certificate's CN and file name")
+    client.add_argument("--org", help="organization (default: the CA's)")
+    client.add_argument("--ou", help="organizational unit")
+    client.add_argument("--country", help="two-letter country code")
+    client.add_argument("--password", help="password of NAME.p12 (default: a random one, printed)")
+    client.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    revoke = actions.add_parser("revoke", help="revoke NAME's certificate and rewrite crl.pem")
+    revoke.add_argument("name", metavar="NAME")
+    actions.add_parser("crl", help="rewrite crl.pem (before it expires, or after editing revoked.json)")
     return parser
 
 
@@ -60,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "certs":
+        return certs(args)
     return 2  # pragma: no cover - argparse refuses unknown commands
 
 
@@ -76,17 +124,25 @@ def serve(args: argparse.Namespace) -> int:
         "port": args.port,
         "prefixes": tuple(args.prefixes) if args.prefixes else None,
         "overwrite": args.overwrite,
+        "tls": args.tls,
+        "tls_port": args.tls_port,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "tls_client_ca": tuple(args.tls_client_ca) if args.tls_client_ca else None,
+        "tls_crl": args.tls_crl,
     }
     try:
         settings = load_settings(flags, os.environ, args.config)
+        server = make_server(settings)
     except SettingsError as exc:
         print(f"datastore: {exc}", file=sys.stderr)
         return 2
-    server = make_server(settings)
 
-    def ready(url: str) -> None:
-        for prefix in settings.prefixes:
-            print(f"datastore: serving {settings.root / prefix} at {url}/{prefix}/", flush=True)
+    def ready(urls: list[str]) -> None:
+        for url in urls:
+            note = " (TLS, client certificate required)" if url.startswith("https:") else ""
+            for prefix in settings.prefixes:
+                print(f"datastore: serving {settings.root / prefix} at {url}/{prefix}/{note}", flush=True)
 
     try:
         server.run(on_ready=ready)
@@ -96,9 +152,25 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def make_server(settings: Settings) -> HTTPTransferServer:
-    """A plain-HTTP server with a DirectoryHandler for every configured prefix."""
-    server = HTTPTransferServer(settings)
+def make_server(settings: Settings) -> TransferServer:
+    """The server the settings describe, with a DirectoryHandler for every prefix.
+
+    Raises SettingsError when the TLS files cannot be loaded.
+    """
+    server: TransferServer
+    if settings.uses_tls:
+        assert settings.tls_cert is not None and settings.tls_key is not None
+        try:
+            context = server_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca, settings.tls_crl)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise SettingsError(f"cannot load the TLS files: {exc}") from None
+        crl = CrlReloader(context, settings.tls_crl) if settings.tls_crl is not None else None
+        if settings.tls:
+            server = HTTPSTransferServer(settings, context, crl=crl)
+        else:
+            server = HTTPSTransferServer(settings, context, port=settings.tls_port, plain_port=settings.port, crl=crl)
+    else:
+        server = HTTPTransferServer(settings)
     catalogues = settings.effective_state_dir / "catalogue"
     for prefix in settings.prefixes:
         handler = DirectoryHandler(
@@ -106,3 +178,40 @@ def make_server(settings: Settings) -> HTTPTransferServer:
         )
         server.register_prefix(prefix, handler)
     return server
+
+
+def certs(args: argparse.Namespace) -> int:
+    """``datastore certs ACTION``."""
+    directory = CertificateDirectory(args.dir)
+    try:
+        if args.action == "init":
+            path = directory.init(organization=args.org, days=args.days)
+            print(f"wrote {path} and {directory.path('ca', 'key')} (keep the key private)")
+            print(f"wrote {directory.path('crl', 'pem')} (no certificate revoked yet)")
+        elif args.action == "server":
+            path = directory.issue_server(args.hostnames, days=args.days)
+            print(f"wrote {path} and {directory.path('server', 'key')} for {', '.join(args.hostnames)}")
+        elif args.action == "client":
+            path, password = directory.issue_client(
+                args.name,
+                organization=args.org,
+                unit=args.ou,
+                country=args.country,
+                password=args.password,
+                days=args.days,
+            )
+            print(f"wrote {path}, {directory.path(args.name, 'key')} and {directory.path(args.name, 'p12')}")
+            if args.password is None:
+                print(f"password of {args.name}.p12: {password}")
+        elif args.action == "revoke":
+            serial = directory.revoke(args.name)
+            print(f"revoked {args.name} (serial {serial:x}); wrote {directory.path('crl', 'pem')}")
+        elif args.action == "crl":
+            print(f"wrote {directory.write_crl()}")
+    except CertificateError as exc:
+        print(f"datastore certs: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"datastore certs: {exc.filename or args.dir}: {exc.strerror}", file=sys.stderr)
+        return 2
+    return 0

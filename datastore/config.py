@@ -65,6 +65,29 @@ class Settings:
     )
     chunk_size: int = field(default=1 << 20, metadata={"doc": "Bytes hashed and written per step of an upload."})
     fsync: bool = field(default=True, metadata={"doc": "fsync each file and its directory before answering 200."})
+    tls: bool = field(
+        default=False,
+        metadata={"doc": "Speak TLS on PORT, requiring client certificates (needs tls_cert, tls_key, tls_client_ca)."},
+    )
+    tls_port: int | None = field(
+        default=None, metadata={"doc": "Add a TLS listener on this port beside plain HTTP on PORT."}
+    )
+    tls_cert: Path | None = field(default=None, metadata={"doc": "The server's certificate chain (PEM)."})
+    tls_key: Path | None = field(default=None, metadata={"doc": "The server's private key (PEM)."})
+    tls_client_ca: tuple[Path, ...] = field(
+        default=(), metadata={"doc": "CA certificates that sign accepted client certificates (PEM, one or more)."}
+    )
+    tls_crl: Path | None = field(
+        default=None, metadata={"doc": "Certificate revocation list (PEM); reloaded on change and on SIGHUP."}
+    )
+    crl_check_interval: float = field(
+        default=30.0, metadata={"doc": "Seconds between checks of the CRL file for changes."}
+    )
+
+    @property
+    def uses_tls(self) -> bool:
+        """Whether any listener speaks TLS."""
+        return self.tls or self.tls_port is not None
 
     @property
     def effective_state_dir(self) -> Path:
@@ -89,6 +112,14 @@ class Settings:
                 raise SettingsError(f"{name} must be positive")
         if self.max_file_size < 0 or self.min_free_bytes < 0:
             raise SettingsError("sizes must not be negative")
+        if self.crl_check_interval <= 0:
+            raise SettingsError("crl_check_interval must be positive")
+        if self.tls and self.tls_port is not None:
+            raise SettingsError("use tls (TLS on port) or tls_port (TLS beside plain HTTP), not both")
+        if self.tls_port is not None and not 0 <= self.tls_port <= 65535:
+            raise SettingsError(f"tls_port must be between 0 and 65535, not {self.tls_port}")
+        if self.uses_tls and (self.tls_cert is None or self.tls_key is None or not self.tls_client_ca):
+            raise SettingsError("TLS needs a certificate, its key and a client CA (--cert, --key, --client-ca)")
 
 
 def check_prefix(prefix: str) -> str:
@@ -178,11 +209,14 @@ def _convert(key: str, value: Any) -> Any:
             return float(value)
         if kind == "str":
             return str(value)
+        if kind == "int | None":
+            return None if value in (None, "") else int(value)
         if kind in ("Path", "Path | None"):
             return Path(str(value))
-        if kind == "tuple[str, ...]":
+        if kind in ("tuple[str, ...]", "tuple[Path, ...]"):
             items = value if isinstance(value, list) else str(value).split(",")
-            return tuple(str(item).strip() for item in items if str(item).strip())
+            texts = [str(item).strip() for item in items if str(item).strip()]
+            return tuple(Path(text) for text in texts) if kind == "tuple[Path, ...]" else tuple(texts)
     except ValueError:
         raise SettingsError(f"setting {key}: cannot use {value!r}") from None
     raise SettingsError(f"setting {key}: unsupported type {kind}")  # pragma: no cover

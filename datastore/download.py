@@ -97,6 +97,7 @@ async def handle_listing(request: web.Request) -> web.Response:
                     "md5": f.md5,
                     "sha256": f.sha256,
                     "owner": f.owner,
+                    "owner_authenticated": f.owner_authenticated,
                     "uploaded_at": f.uploaded_at,
                     "url": str(base.with_path(f"/{mount.prefix}/{f.name}")),
                 }

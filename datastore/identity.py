@@ -13,7 +13,7 @@ certificate and is authenticated.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 #: Header that carries the client's asserted identity on plain HTTP.
 DN_HEADER = "X-Client-DN"
@@ -24,11 +24,18 @@ class Identity:
     """The identity behind a request.
 
     ``dn`` is ``None`` for an anonymous client. ``authenticated`` is true only
-    when a transport proved the identity (a verified client certificate).
+    when a transport proved the identity (a verified client certificate);
+    then ``issuer``, ``serial`` and ``fingerprint`` (SHA-256 of the
+    certificate, hex) describe the certificate. Two identities are equal
+    when their DN and authentication agree, so a renewed certificate with
+    the same subject is the same identity.
     """
 
     dn: str | None
     authenticated: bool = False
+    issuer: str | None = field(default=None, compare=False)
+    serial: str | None = field(default=None, compare=False)
+    fingerprint: str | None = field(default=None, compare=False)
 
     @property
     def anonymous(self) -> bool:

@@ -27,10 +27,11 @@ import contextlib
 import logging
 import shutil
 import signal
+import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
@@ -38,10 +39,11 @@ from aiohttp import web
 from .config import Settings, SettingsError, check_prefix
 from .context import CONTEXT, Mount, StoreContext, render_error
 from .download import handle_delete, handle_download, handle_listing
-from .errors import DatastoreError, FileNotFound
+from .errors import DatastoreError, FileNotFound, NotAuthorized
 from .handlers.interface import FileInfo, TransferHandler
 from .handlers.legacy import LegacyHandler, LegacyHandlerAdapter
 from .identity import DN_HEADER, Identity, identity_from_header
+from .tls import CrlReloader, identity_from_ssl
 from .transfers import FileState, TransferRegistry
 from .upload import handle_manifest, handle_upload, upload_expect_handler
 
@@ -53,21 +55,39 @@ _PREFIX = "{prefix:[A-Za-z0-9][A-Za-z0-9._-]{0,127}}"
 ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tf'
 
 
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """One socket the store listens on; with an SSL context it speaks TLS."""
+
+    host: str
+    port: int
+    ssl_context: ssl.SSLContext | None = None
+
+    @property
+    def scheme(self) -> str:
+        """``https`` for a TLS listener, else ``http``."""
+        return "https" if self.ssl_context is not None else "http"
+
+
 class TransferServer(abc.ABC):
-    """The file store: prefixes mapped to handlers, served over HTTP.
+    """The file store: prefixes mapped to handlers, served on one or more listeners.
 
-    Subclasses decide the transport and where identities come from
-    (:class:`HTTPTransferServer`: the ``X-Client-DN`` header).
+    Subclasses decide the listeners (:class:`HTTPTransferServer`: plain
+    HTTP; :class:`HTTPSTransferServer`: TLS with client certificates, and
+    optionally a plain listener beside it). On a TLS connection the identity
+    is the verified certificate's subject; on a plain one it is the
+    unauthenticated ``X-Client-DN`` header.
     """
-
-    scheme = "http"
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings if settings is not None else Settings()
         self._mounts: dict[str, Mount] = {}
         self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
-        self._port: int | None = None
+        self._bound: list[Listener] = []
+
+    @abc.abstractmethod
+    def listeners(self) -> list[Listener]:
+        """Where to listen, the first being the main one (its URL is ``url``)."""
 
     # -- prefixes -----------------------------------------------------------
 
@@ -103,9 +123,23 @@ class TransferServer(abc.ABC):
 
     # -- identity -----------------------------------------------------------
 
-    @abc.abstractmethod
     def identify(self, request: web.Request) -> Identity:
-        """The identity behind ``request``; each transport defines where it comes from."""
+        """The identity behind ``request``.
+
+        On TLS, the verified client certificate (``X-Client-DN`` ignored); on
+        plain HTTP, the asserted header. ``request.secure`` is fixed when the
+        request arrives, so a TLS request never falls back to the header.
+        """
+        if request.secure:
+            transport = request.transport
+            ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+            if ssl_object is None:
+                raise NotAuthorized("the TLS connection is gone")
+            return identity_from_ssl(ssl_object)
+        return identity_from_header(request.headers.get(DN_HEADER))
+
+    async def reload(self) -> None:  # noqa: B027 - a hook; plain HTTP has nothing to reload
+        """Re-read what can change without a restart (SIGHUP). Nothing, for plain HTTP."""
 
     # -- the application ----------------------------------------------------
 
@@ -145,26 +179,29 @@ class TransferServer(abc.ABC):
             identify=self.identify,
         )
         app[CONTEXT] = ctx
-        sweeper = asyncio.create_task(_sweep(ctx), name="datastore-sweeper")
+        tasks = [asyncio.create_task(_sweep(ctx), name="datastore-sweeper")]
+        tasks.extend(asyncio.create_task(job, name="datastore-periodic") for job in self.periodic_jobs())
         try:
             yield
         finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await registry.close()
             for mount in list(self._mounts.values()):
                 if mount.closer is not None:
                     await mount.closer.close()
 
+    def periodic_jobs(self) -> list[Coroutine[None, None, None]]:
+        """Coroutines to run while the app is up (besides the expiry sweeper)."""
+        return []
+
     # -- running ------------------------------------------------------------
 
-    def ssl_context(self) -> Any:
-        """The TLS context for the listener; ``None`` for plain HTTP."""
-        return None
-
     async def start(self) -> None:
-        """Listen on the configured host and port (port 0 picks a free one)."""
+        """Listen on every listener (port 0 picks a free one)."""
         if self._runner is not None:
             raise RuntimeError("the server is already running")
         runner = web.AppRunner(
@@ -173,50 +210,63 @@ class TransferServer(abc.ABC):
             access_log_format=ACCESS_LOG_FORMAT,
         )
         await runner.setup()
-        site = web.TCPSite(runner, self.settings.host, self.settings.port, ssl_context=self.ssl_context())
+        bound = []
         try:
-            await site.start()
+            for listener in self.listeners():
+                site = web.TCPSite(runner, listener.host, listener.port, ssl_context=listener.ssl_context)
+                await site.start()
+                port = runner.addresses[-1][1]
+                bound.append(Listener(listener.host, port, listener.ssl_context))
         except BaseException:
             await runner.cleanup()
             raise
-        self._runner, self._site = runner, site
-        self._port = runner.addresses[0][1]
+        self._runner, self._bound = runner, bound
 
     async def stop(self) -> None:
         """Stop listening, let running requests end, close the state."""
-        runner, self._runner, self._site = self._runner, None, None
+        runner, self._runner, self._bound = self._runner, None, []
         if runner is not None:
             await runner.cleanup()
 
-    def run(self, on_ready: Callable[[str], None] | None = None) -> None:
-        """Serve until SIGINT or SIGTERM (blocking)."""
+    def run(self, on_ready: Callable[[list[str]], None] | None = None) -> None:
+        """Serve until SIGINT or SIGTERM (blocking); SIGHUP calls ``reload``."""
         asyncio.run(self._serve_until_signalled(on_ready))
 
-    async def _serve_until_signalled(self, on_ready: Callable[[str], None] | None) -> None:
+    async def _serve_until_signalled(self, on_ready: Callable[[list[str]], None] | None) -> None:
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stopping.set)
+        reloads: set[asyncio.Task[None]] = set()
+
+        def reload_in_background() -> None:
+            task = asyncio.create_task(self.reload())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, reload_in_background)
         await self.start()
         try:
             if on_ready is not None:
-                on_ready(self.url)
+                on_ready(self.urls)
             await stopping.wait()
         finally:
             await self.stop()
 
     @property
-    def port(self) -> int:
-        """The port listened on (the real one once started)."""
-        return self._port if self._port is not None else self.settings.port
+    def urls(self) -> list[str]:
+        """The base URL of every listener (the real ports once started)."""
+        return [_base_url(listener) for listener in (self._bound or self.listeners())]
 
     @property
     def url(self) -> str:
-        """The base URL clients use."""
-        host = self.settings.host
-        if ":" in host:
-            host = f"[{host}]"
-        return f"{self.scheme}://{host}:{self.port}"
+        """The base URL of the main listener."""
+        return self.urls[0]
+
+    @property
+    def port(self) -> int:
+        """The port of the main listener (the real one once started)."""
+        return (self._bound or self.listeners())[0].port
 
     def get_upload_descriptor(self, prefix: str) -> str:
         """The URL a client posts its manifest under (AccessGrid's upload descriptor)."""
@@ -228,10 +278,67 @@ class TransferServer(abc.ABC):
 
 
 class HTTPTransferServer(TransferServer):
-    """Plain HTTP; the identity is the unauthenticated ``X-Client-DN`` header."""
+    """Plain HTTP on the configured host and port; identities from ``X-Client-DN``."""
 
-    def identify(self, request: web.Request) -> Identity:
-        return identity_from_header(request.headers.get(DN_HEADER))
+    def listeners(self) -> list[Listener]:
+        return [Listener(self.settings.host, self.settings.port)]
+
+
+class HTTPSTransferServer(TransferServer):
+    """TLS that requires client certificates; the identity is the verified subject DN.
+
+    ``ssl_context`` should come from :func:`datastore.tls.server_context`.
+    The TLS listener uses ``port`` (default: the settings' port);
+    ``plain_port`` adds a plain-HTTP listener beside it, in the same process
+    and on the same state, as the AccessGrid venue server ran both. A
+    ``crl`` reloader is checked every ``crl_check_interval`` seconds and on
+    SIGHUP.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None,
+        ssl_context: ssl.SSLContext,
+        *,
+        port: int | None = None,
+        plain_port: int | None = None,
+        crl: CrlReloader | None = None,
+    ) -> None:
+        super().__init__(settings)
+        if ssl_context.verify_mode != ssl.CERT_REQUIRED:
+            raise ValueError("the TLS server requires client certificates: use verify_mode CERT_REQUIRED")
+        self.ssl_context = ssl_context
+        self.tls_port = port if port is not None else self.settings.port
+        self.plain_port = plain_port
+        self.crl = crl
+
+    def listeners(self) -> list[Listener]:
+        listeners = [Listener(self.settings.host, self.tls_port, self.ssl_context)]
+        if self.plain_port is not None:
+            listeners.append(Listener(self.settings.host, self.plain_port))
+        return listeners
+
+    async def reload(self) -> None:
+        """Reload the CRL (SIGHUP)."""
+        if self.crl is not None:
+            await asyncio.to_thread(self.crl.reload)
+
+    def periodic_jobs(self) -> list[Coroutine[None, None, None]]:
+        if self.crl is None:
+            return []
+        return [_watch_crl(self.crl, self.settings.crl_check_interval)]
+
+
+async def _watch_crl(crl: CrlReloader, interval: float) -> None:
+    """Reload the CRL whenever its file changes."""
+    while True:
+        await asyncio.sleep(interval)
+        await asyncio.to_thread(crl.check)
+
+
+def _base_url(listener: Listener) -> str:
+    host = f"[{listener.host}]" if ":" in listener.host else listener.host
+    return f"{listener.scheme}://{host}:{listener.port}"
 
 
 # -- request handlers that belong to no other module --------------------------

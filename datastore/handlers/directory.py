@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS files (
     md5 TEXT NOT NULL,
     sha256 TEXT NOT NULL,
     owner TEXT,
+    owner_authenticated INTEGER NOT NULL DEFAULT 0,
     uploaded_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS pending (
@@ -97,13 +98,23 @@ class DirectoryHandler:
     async def complete_upload(self, identity: Identity, file: FileInfo) -> None:
         if file.md5 is None or file.sha256 is None:
             raise ValueError("complete_upload needs the computed digests")
-        row = (file.name, fold_name(file.name), file.size, file.md5, file.sha256, identity.dn, time.time())
+        row = (
+            file.name,
+            fold_name(file.name),
+            file.size,
+            file.md5,
+            file.sha256,
+            identity.dn,
+            int(identity.authenticated),
+            time.time(),
+        )
 
         def record(db: sqlite3.Connection) -> None:
             db.execute("DELETE FROM pending WHERE name = ?", (file.name,))
             db.execute("DELETE FROM files WHERE name = ?", (file.name,))
             db.execute(
-                "INSERT INTO files (name, fold, size, md5, sha256, owner, uploaded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO files (name, fold, size, md5, sha256, owner, owner_authenticated, uploaded_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 row,
             )
 
@@ -132,7 +143,8 @@ class DirectoryHandler:
         stored = await self.describe_file(identity, name)
         if stored is None:
             raise FileNotFound()
-        if stored.owner != identity.dn:
+        # An identity asserted over plain HTTP never matches one a certificate proved.
+        if (stored.owner, stored.owner_authenticated) != (identity.dn, identity.authenticated):
             raise NotAuthorized("only the owner may delete a file")
         path = await asyncio.to_thread(contained_path, self.directory, name)
         await self._db.run(lambda db: db.execute("DELETE FROM files WHERE name = ?", (name,)))
@@ -160,6 +172,7 @@ def _stored(row: sqlite3.Row) -> StoredFile:
         sha256=row["sha256"],
         owner=row["owner"],
         uploaded_at=row["uploaded_at"],
+        owner_authenticated=bool(row["owner_authenticated"]),
     )
 
 

@@ -50,7 +50,11 @@ class FileInfo:
 
 @dataclass(frozen=True, slots=True)
 class StoredFile:
-    """A published file as a catalogue records it."""
+    """A published file as a catalogue records it.
+
+    ``owner`` is the uploader's DN (``None`` if anonymous);
+    ``owner_authenticated`` says whether a certificate proved it.
+    """
 
     name: str
     size: int
@@ -58,6 +62,7 @@ class StoredFile:
     sha256: str
     owner: str | None
     uploaded_at: float
+    owner_authenticated: bool = False
 
 
 @runtime_checkable
