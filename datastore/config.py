@@ -53,6 +53,13 @@ class Settings:
     key_lifetime: float = field(
         default=24 * 3600.0, metadata={"doc": "Seconds a transfer key stays valid (410 afterwards)."}
     )
+    transfer_retention: float = field(
+        default=7 * 24 * 3600.0,
+        metadata={"doc": "Seconds the records of finished, cancelled and expired transfers are kept."},
+    )
+    sweep_interval: float = field(
+        default=60.0, metadata={"doc": "Seconds between sweeps that expire keys and forget old records."}
+    )
     body_timeout: float = field(
         default=60.0,
         metadata={"doc": "Seconds an upload may go without receiving a byte before it is dropped (408)."},
@@ -107,11 +114,13 @@ class Settings:
         for name in ("max_manifest_bytes", "max_files", "max_concurrent_uploads", "chunk_size"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
-        for name in ("key_lifetime", "body_timeout"):
+        for name in ("key_lifetime", "body_timeout", "sweep_interval"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
         if self.max_file_size < 0 or self.min_free_bytes < 0:
             raise SettingsError("sizes must not be negative")
+        if self.transfer_retention < 0:
+            raise SettingsError("transfer_retention must not be negative")
         if self.crl_check_interval <= 0:
             raise SettingsError("crl_check_interval must be positive")
         if self.tls and self.tls_port is not None:

@@ -24,6 +24,7 @@ from .config import Settings
 from .errors import DatastoreError, PathNotFound, ServiceUnavailable
 from .handlers.interface import CanClose, CanDelete, CanDescribe, CanList, TransferHandler
 from .identity import Identity
+from .staging import Digests
 from .transfers import TransferRegistry
 
 
@@ -54,6 +55,17 @@ class Mount:
 
 
 @dataclass(slots=True)
+class RunningUpload:
+    """An upload request now writing a file of a transfer, in this process."""
+
+    task: asyncio.Task[Any]
+    resumable: bool
+    #: Set by whoever cancels the task: "terminated" (cleanup is theirs) or
+    #: "superseded" (a newer request of the same client takes over; keep the bytes).
+    stop_reason: str | None = None
+
+
+@dataclass(slots=True)
 class StoreContext:
     """State shared by the request handlers of one application."""
 
@@ -65,6 +77,14 @@ class StoreContext:
     active_uploads: int = 0
     #: Declared bytes of the uploads now running, counted against free space.
     bytes_in_flight: int = 0
+    #: Hash state of resumable uploads, by (key, num); rebuilt from the staged
+    #: bytes when missing (after a restart).
+    digests: dict[tuple[str, int], Digests] = field(default_factory=dict)
+    running: dict[tuple[str, int], RunningUpload] = field(default_factory=dict)
+
+    def staging_path(self, key: str, num: int) -> Path:
+        """Where the bytes of file ``num`` of transfer ``key`` are staged."""
+        return self.staging_dir / f"{key}.{num}.part"
 
     def mount(self, prefix: str) -> Mount:
         """The mount of ``prefix``; PathNotFound (404) if there is none."""

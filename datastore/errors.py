@@ -28,12 +28,17 @@ The tree::
     ├── RequestTimeout                  408  client too slow sending the body
     ├── Conflict                        409
     │   ├── UploadInProgress            409  same file number already uploading
-    │   └── AlreadyUploaded             409  file number already published
+    │   ├── AlreadyUploaded             409  file number already published
+    │   └── OffsetMismatch              409  tus Upload-Offset is not the current offset
     ├── TransferExpired                 410  key older than its lifetime
+    │   └── TransferCancelled           410  transfer or upload cancelled
     ├── LengthRequired                  411  raw body without Content-Length
+    ├── TusVersionUnsupported           412  missing or unknown Tus-Resumable
     ├── PayloadTooLarge                 413  manifest or body over a limit
     ├── UnsupportedMediaType            415
-    └── ServiceUnavailable              503  too many concurrent uploads
+    ├── ChunkChecksumMismatch           460  tus Upload-Checksum did not match
+    ├── ServiceUnavailable              503  too many concurrent uploads
+    └── InsufficientStorage             507  a manifest that does not fit on disk (JSON)
 """
 
 from __future__ import annotations
@@ -179,16 +184,33 @@ class AlreadyUploaded(Conflict):
     code = "already_uploaded"
 
 
+class OffsetMismatch(Conflict):
+    reason = "Upload-Offset does not match the current offset"
+    code = "offset_mismatch"
+
+
 class TransferExpired(DatastoreError):
     status = 410
     reason = "Transfer key expired"
     code = "transfer_expired"
 
 
+class TransferCancelled(TransferExpired):
+    reason = "Transfer cancelled"
+    code = "transfer_cancelled"
+
+
 class LengthRequired(DatastoreError):
     status = 411
     reason = "Content-Length required"
     code = "length_required"
+
+
+class TusVersionUnsupported(DatastoreError):
+    status = 412
+    reason = "Tus-Resumable 1.0.0 required"
+    code = "tus_version"
+    headers: ClassVar[dict[str, str]] = {"Tus-Version": "1.0.0"}
 
 
 class PayloadTooLarge(DatastoreError):
@@ -203,8 +225,20 @@ class UnsupportedMediaType(DatastoreError):
     code = "unsupported_media_type"
 
 
+class ChunkChecksumMismatch(DatastoreError):
+    status = 460
+    reason = "Checksum Mismatch"
+    code = "chunk_checksum_mismatch"
+
+
 class ServiceUnavailable(DatastoreError):
     status = 503
     reason = "Too many concurrent uploads"
     code = "busy"
     headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
+
+
+class InsufficientStorage(DatastoreError):
+    status = 507
+    reason = "Not enough disk space for upload"
+    code = "insufficient_storage"

@@ -134,6 +134,14 @@ def parse_json(body: bytes, limits: ManifestLimits) -> Manifest:
     return _checked_manifest(files, lambda i: f"files[{i}].name")
 
 
+def single_file(fields: Mapping[str, str], limits: ManifestLimits) -> Manifest:
+    """A one-file manifest from string fields (``name``, ``size``, ``md5``/``checksum``, ``sha256``).
+
+    Used for tus creation requests, whose Upload-Metadata names the file.
+    """
+    return Manifest(files=(_file_from_fields(fields, where="upload", limits=limits, separator=" "),))
+
+
 def format_ini_accepted(transfer_key: str) -> bytes:
     """The legacy reply for an accepted manifest."""
     return f"return_code: 0\ntransfer_key: {transfer_key}\n".encode()

@@ -25,10 +25,8 @@ import abc
 import asyncio
 import contextlib
 import logging
-import shutil
 import signal
 import ssl
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,16 +34,19 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from . import staging
+from .api import handle_health, handle_transfer_cancel, handle_transfer_status
 from .config import Settings, SettingsError, check_prefix
 from .context import CONTEXT, Mount, StoreContext, render_error
 from .download import handle_delete, handle_download, handle_listing
 from .errors import DatastoreError, FileNotFound, NotAuthorized
-from .handlers.interface import FileInfo, TransferHandler
+from .handlers.interface import TransferHandler
 from .handlers.legacy import LegacyHandler, LegacyHandlerAdapter
 from .identity import DN_HEADER, Identity, identity_from_header
 from .tls import CrlReloader, identity_from_ssl
-from .transfers import FileState, TransferRegistry
-from .upload import handle_manifest, handle_upload, upload_expect_handler
+from .transfers import TransferRegistry
+from .tus import handle_create, handle_head, handle_options, handle_patch, handle_terminate
+from .upload import expire_transfers, handle_manifest, handle_upload, upload_expect_handler
 
 log = logging.getLogger(__name__)
 
@@ -152,10 +153,18 @@ class TransferServer(abc.ABC):
         app = web.Application(middlewares=[error_middleware])
         app.cleanup_ctx.append(self._lifecycle)
         app.router.add_get("/_api/v1/health", handle_health)
+        app.router.add_get("/_api/v1/transfers/{key}", handle_transfer_status)
+        app.router.add_delete("/_api/v1/transfers/{key}", handle_transfer_cancel)
         app.router.add_post(f"/{_PREFIX}/manifest", handle_manifest)
         upload_path = f"/{_PREFIX}/{{key}}/{{num}}"
         app.router.add_post(upload_path, handle_upload, expect_handler=upload_expect_handler)
         app.router.add_put(upload_path, handle_upload, expect_handler=upload_expect_handler)
+        app.router.add_route("HEAD", upload_path, handle_head)
+        app.router.add_patch(upload_path, handle_patch)
+        app.router.add_delete(upload_path, handle_terminate)
+        app.router.add_route("OPTIONS", upload_path, handle_options)
+        app.router.add_post(f"/{_PREFIX}/", handle_create)
+        app.router.add_route("OPTIONS", f"/{_PREFIX}/", handle_options)
         app.router.add_get(f"/{_PREFIX}/", handle_listing)
         app.router.add_get(f"/{_PREFIX}", handle_add_slash)
         # Names may hold braces, which aiohttp's default segment pattern excludes.
@@ -166,11 +175,9 @@ class TransferServer(abc.ABC):
     async def _lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         state_dir = self.settings.effective_state_dir
         staging_dir = state_dir / "staging"
-        await asyncio.to_thread(_prepare_state_dir, self.settings.root, staging_dir)
+        await asyncio.to_thread(self.settings.root.mkdir, parents=True, exist_ok=True)
         registry = TransferRegistry(state_dir / "transfers.sqlite3")
-        recovered = await registry.recover()
-        if recovered:
-            log.info("%d upload(s) were interrupted by a restart and may be sent again", recovered)
+        await recover_uploads(registry, staging_dir)
         ctx = StoreContext(
             settings=self.settings,
             registry=registry,
@@ -344,12 +351,6 @@ def _base_url(listener: Listener) -> str:
 # -- request handlers that belong to no other module --------------------------
 
 
-async def handle_health(request: web.Request) -> web.Response:
-    """``GET /_api/v1/health``: 200 once the state is open."""
-    ctx = request.app[CONTEXT]
-    return web.json_response({"status": "ok", "prefixes": sorted(ctx.mounts)})
-
-
 async def handle_add_slash(request: web.Request) -> web.Response:
     """``GET /{prefix}`` -> ``/{prefix}/``."""
     request.app[CONTEXT].mount(request.match_info["prefix"])
@@ -367,7 +368,10 @@ async def error_middleware(
     try:
         return await handler(request)
     except DatastoreError as exc:
-        return render_error(request, exc)
+        response = render_error(request, exc)
+        if "Tus-Resumable" in request.headers:
+            response.headers["Tus-Resumable"] = "1.0.0"
+        return response
     except web.HTTPNotFound:
         # A path of none of our shapes: AccessGrid answered these "File not found".
         return render_error(request, FileNotFound())
@@ -381,38 +385,28 @@ async def error_middleware(
 # -- state --------------------------------------------------------------------
 
 
-def _prepare_state_dir(root: Path, staging_dir: Path) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    if staging_dir.exists():
-        # Nothing is uploading in a process that is only starting.
-        shutil.rmtree(staging_dir)
-    staging_dir.mkdir(parents=True)
+async def recover_uploads(registry: TransferRegistry, staging_dir: Path) -> None:
+    """After a start: no upload is running; staged bytes of open transfers are kept.
+
+    Each live staging file keeps what is really on disk (fsync'd), a chunk
+    still awaiting its checksum is cut back, and the registry records the
+    resulting offsets; staging files of nothing live are removed.
+    """
+    interrupted = await registry.recover()
+    live = {(key, num): (received, verifying) for key, num, received, verifying in await registry.resumable_files()}
+    offsets = await asyncio.to_thread(staging.reconcile, staging_dir, live)
+    for (key, num), offset in offsets.items():
+        if offset != live[(key, num)][0]:
+            await registry.set_received(key, num, offset)
+    if interrupted:
+        log.info("%d upload(s) were interrupted by a restart; they resume from the staged bytes", interrupted)
 
 
 async def _sweep(ctx: StoreContext) -> None:
-    """Expire transfer keys past their lifetime and release their reservations."""
-    interval = max(0.05, min(60.0, ctx.settings.key_lifetime / 4))
+    """Every ``sweep_interval``: expire keys past their lifetime, forget old records."""
     while True:
-        await asyncio.sleep(interval)
+        await asyncio.sleep(ctx.settings.sweep_interval)
         try:
             await expire_transfers(ctx)
         except Exception:
             log.exception("sweeping expired transfers failed")
-
-
-async def expire_transfers(ctx: StoreContext, now: float | None = None) -> int:
-    """Expire every transfer past its lifetime now; return how many."""
-    expired = await ctx.registry.expire_due(time.time() if now is None else now)
-    for transfer in expired:
-        mount = ctx.mounts.get(transfer.prefix)
-        log.info("transfer %s… for /%s expired", transfer.key[:8], transfer.prefix)
-        if mount is None:
-            continue
-        for file in transfer.files:
-            if file.state is FileState.RESERVED:
-                info = FileInfo(file.name, file.size, file.md5, file.sha256)
-                try:
-                    await mount.handler.cancel_upload(transfer.owner, info)
-                except Exception:
-                    log.exception("cancel_upload failed while expiring a transfer")
-    return len(expired)

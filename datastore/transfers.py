@@ -1,26 +1,31 @@
-"""The transfer registry: keys, per-file upload states, expiry, persistence.
+"""The transfer registry: keys, per-file upload states, offsets, expiry, persistence.
 
 Rule: every change of a transfer's or a file's state goes through this
-module, as one SQL statement guarded by the state it expects, so that two
-requests (or two worker processes sharing the database) can never both win.
+module, as SQL guarded by the state it expects, so that two requests (or
+two worker processes sharing the database) can never both win.
 
-A transfer is created from an accepted manifest under a fresh key (160 bits
-from ``secrets``) bound to the prefix and to the identity that posted it.
-Its states::
+A transfer is created from an accepted manifest (or a tus creation request)
+under a fresh key (160 bits from ``secrets``) bound to the prefix and to
+the identity that posted it. Its stored states::
 
-    OPEN --every file PUBLISHED--> FINISHED
-    OPEN --key lifetime passed---> EXPIRED
+    OPEN --every file PUBLISHED-------> FINISHED
+    OPEN --key lifetime passed--------> EXPIRED
+    OPEN --DELETE by its owner--------> CANCELLED
 
 Each file of a transfer moves through::
 
-    RESERVED  --claim-->   UPLOADING   (handler holds a reservation)
-    RELEASED  --claim-->   UPLOADING   (reservation must be taken again)
+    RESERVED  --claim-->   UPLOADING   (the handler holds a reservation)
+    RELEASED  --claim-->   UPLOADING   (the reservation must be taken again)
     UPLOADING --publish--> PUBLISHED   (final)
-    UPLOADING --fail-->    RELEASED    (cancel_upload was called)
+    UPLOADING --pause-->   RESERVED    (a resumable upload stopped; ``received`` bytes kept)
+    UPLOADING --fail-->    RELEASED    (cancel_upload was called; staged bytes dropped)
+    any but PUBLISHED --terminate/cancel/expire--> CANCELLED (final)
 
-A second claim of an UPLOADING file is refused (409), as is any claim of a
-PUBLISHED one. After a restart no upload is running, so ``recover`` turns
-UPLOADING back into RESERVED.
+``received`` counts the bytes staged for a resumable upload; the staging
+file holds exactly that many (a restart reconciles them, see
+``recover_offsets``). The states a client sees (``PENDING``,
+``IN_PROGRESS``, ``FINISHED``, ``FAILED``, ``CANCELLED``, ``EXPIRED``) are
+derived from these in :meth:`Transfer.public_state`.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from .db import Database
-from .errors import AlreadyUploaded, UploadInProgress
+from .errors import AlreadyUploaded, TransferCancelled, UploadInProgress
 from .identity import Identity
 from .manifest import Manifest
 
@@ -48,7 +53,7 @@ CREATE TABLE IF NOT EXISTS transfers (
     updated_at REAL NOT NULL,
     expires_at REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS transfers_by_expiry ON transfers (state, expires_at);
+CREATE INDEX IF NOT EXISTS transfers_by_state ON transfers (state, expires_at);
 CREATE TABLE IF NOT EXISTS transfer_files (
     key TEXT NOT NULL REFERENCES transfers (key) ON DELETE CASCADE,
     num INTEGER NOT NULL,
@@ -57,6 +62,11 @@ CREATE TABLE IF NOT EXISTS transfer_files (
     md5 TEXT,
     sha256 TEXT,
     state TEXT NOT NULL,
+    received INTEGER NOT NULL DEFAULT 0,
+    -- 1 while a request whose chunk carries Upload-Checksum is appending:
+    -- after a crash its unverified bytes are cut off.
+    verifying_chunk INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
     updated_at REAL NOT NULL,
     PRIMARY KEY (key, num)
 );
@@ -64,20 +74,25 @@ CREATE TABLE IF NOT EXISTS transfer_files (
 
 
 class TransferState(StrEnum):
-    """Where a transfer as a whole stands."""
+    """Where a transfer as a whole stands, as stored."""
 
     OPEN = "OPEN"
     FINISHED = "FINISHED"
     EXPIRED = "EXPIRED"
+    CANCELLED = "CANCELLED"
 
 
 class FileState(StrEnum):
-    """Where one file of a transfer stands."""
+    """Where one file of a transfer stands, as stored."""
 
     RESERVED = "RESERVED"
     UPLOADING = "UPLOADING"
     PUBLISHED = "PUBLISHED"
     RELEASED = "RELEASED"
+    CANCELLED = "CANCELLED"
+
+
+_FINAL_FILE_STATES = (FileState.PUBLISHED, FileState.CANCELLED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +105,23 @@ class TransferFile:
     md5: str | None
     sha256: str | None
     state: FileState
+    received: int = 0
+    error: str | None = None
+    updated_at: float = 0.0
+
+    def public_state(self, transfer_state: TransferState) -> str:
+        """The state a client sees for this file."""
+        if self.state is FileState.PUBLISHED:
+            return "FINISHED"
+        if self.state is FileState.CANCELLED or transfer_state is TransferState.CANCELLED:
+            return "CANCELLED"
+        if transfer_state is TransferState.EXPIRED:
+            return "EXPIRED"
+        if self.state is FileState.RELEASED:
+            return "FAILED"
+        if self.state is FileState.UPLOADING or self.received > 0:
+            return "IN_PROGRESS"
+        return "PENDING"
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,12 +133,30 @@ class Transfer:
     owner: Identity
     state: TransferState
     created_at: float
+    updated_at: float
     expires_at: float
     files: tuple[TransferFile, ...]
 
     def expired(self, now: float) -> bool:
         """True once the key's lifetime has passed (or the sweeper expired it)."""
         return self.state is TransferState.EXPIRED or (self.state is TransferState.OPEN and now >= self.expires_at)
+
+    def public_state(self) -> str:
+        """``PENDING``, ``IN_PROGRESS``, ``FINISHED``, ``FAILED``, ``CANCELLED`` or ``EXPIRED``.
+
+        ``FAILED`` means the last attempt at some file failed and nothing is
+        uploading; the key stays valid and the file may be sent again.
+        """
+        if self.state is not TransferState.OPEN:
+            return self.state.value
+        states = {f.public_state(self.state) for f in self.files}
+        if "IN_PROGRESS" in states:
+            return "IN_PROGRESS"
+        if "FAILED" in states:
+            return "FAILED"
+        if states <= {"PENDING"}:
+            return "PENDING"
+        return "IN_PROGRESS"
 
 
 def new_transfer_key() -> str:
@@ -125,10 +175,10 @@ class TransferRegistry:
         key = new_transfer_key()
         now = time.time()
         files = tuple(
-            TransferFile(num, f.name, f.size, f.md5, f.sha256, FileState.RESERVED)
+            TransferFile(num, f.name, f.size, f.md5, f.sha256, FileState.RESERVED, updated_at=now)
             for num, f in enumerate(manifest.files)
         )
-        transfer = Transfer(key, prefix, owner, TransferState.OPEN, now, now + lifetime, files)
+        transfer = Transfer(key, prefix, owner, TransferState.OPEN, now, now, now + lifetime, files)
 
         def insert(db: sqlite3.Connection) -> None:
             db.execute(
@@ -161,34 +211,41 @@ class TransferRegistry:
 
         return await self._db.run(load)
 
-    async def claim(self, key: str, num: int) -> FileState:
-        """Mark file ``num`` UPLOADING; return the state it had (RESERVED or RELEASED).
+    async def claim(self, key: str, num: int) -> TransferFile:
+        """Mark file ``num`` UPLOADING; return it as it was (RESERVED or RELEASED).
 
-        Raises UploadInProgress or AlreadyUploaded (409) when it cannot be claimed.
+        Raises UploadInProgress or AlreadyUploaded (409), or TransferCancelled
+        (410) for a terminated file.
         """
 
-        def claim(db: sqlite3.Connection) -> FileState:
-            row = db.execute("SELECT state FROM transfer_files WHERE key = ? AND num = ?", (key, num)).fetchone()
-            state = FileState(row["state"])
-            if state is FileState.UPLOADING:
+        def claim(db: sqlite3.Connection) -> TransferFile:
+            row = db.execute("SELECT * FROM transfer_files WHERE key = ? AND num = ?", (key, num)).fetchone()
+            before = _file(row)
+            if before.state is FileState.UPLOADING:
                 raise UploadInProgress()
-            if state is FileState.PUBLISHED:
+            if before.state is FileState.PUBLISHED:
                 raise AlreadyUploaded()
+            if before.state is FileState.CANCELLED:
+                raise TransferCancelled("this upload was terminated")
             db.execute(
                 "UPDATE transfer_files SET state = ?, updated_at = ? WHERE key = ? AND num = ? AND state = ?",
-                (FileState.UPLOADING, time.time(), key, num, state),
+                (FileState.UPLOADING, time.time(), key, num, before.state),
             )
-            return state
+            return before
 
         return await self._db.run(claim)
 
-    async def release(self, key: str, num: int) -> None:
-        """A claimed upload failed and its reservation was cancelled."""
-        await self._set_file_state(key, num, FileState.RELEASED)
+    async def begin_chunk(self, key: str, num: int, *, verifying: bool) -> None:
+        """A resumable request starts appending; remember whether its chunk is checksummed."""
+        await self._update_file(key, num, verifying_chunk=int(verifying))
 
-    async def unclaim(self, key: str, num: int, previous: FileState) -> None:
-        """A claimed upload ended without touching the reservation."""
-        await self._set_file_state(key, num, previous)
+    async def pause(self, key: str, num: int, received: int) -> None:
+        """A resumable upload stopped with ``received`` bytes staged; it may go on later."""
+        await self._update_file(key, num, state=FileState.RESERVED, received=received, verifying_chunk=0, error=None)
+
+    async def release(self, key: str, num: int, error: str) -> None:
+        """A claimed upload failed and its reservation was cancelled; staged bytes are gone."""
+        await self._update_file(key, num, state=FileState.RELEASED, received=0, verifying_chunk=0, error=error)
 
     async def publish(self, key: str, num: int, md5: str, sha256: str) -> None:
         """File ``num`` is published; the transfer is FINISHED when all are."""
@@ -196,49 +253,105 @@ class TransferRegistry:
         def publish(db: sqlite3.Connection) -> None:
             now = time.time()
             db.execute(
-                "UPDATE transfer_files SET state = ?, md5 = ?, sha256 = ?, updated_at = ? WHERE key = ? AND num = ?",
+                "UPDATE transfer_files SET state = ?, md5 = ?, sha256 = ?, received = size, verifying_chunk = 0,"
+                " error = NULL, updated_at = ? WHERE key = ? AND num = ?",
                 (FileState.PUBLISHED, md5, sha256, now, key, num),
             )
             db.execute(
                 "UPDATE transfers SET updated_at = ?,"
-                " state = CASE WHEN NOT EXISTS (SELECT 1 FROM transfer_files WHERE key = ? AND state != ?)"
-                " THEN ? ELSE state END WHERE key = ?",
-                (now, key, FileState.PUBLISHED, TransferState.FINISHED, key),
+                " state = CASE WHEN state = ? AND NOT EXISTS"
+                " (SELECT 1 FROM transfer_files WHERE key = ? AND state != ?) THEN ? ELSE state END"
+                " WHERE key = ?",
+                (now, TransferState.OPEN, key, FileState.PUBLISHED, TransferState.FINISHED, key),
             )
 
         await self._db.run(publish)
 
-    async def expire_due(self, now: float) -> list[Transfer]:
-        """Mark every OPEN transfer past its lifetime EXPIRED and return them.
+    async def terminate_file(self, key: str, num: int) -> TransferFile:
+        """tus termination of one file: CANCELLED; returns the file as it was.
 
-        The caller releases the reservations of their RESERVED files.
+        A transfer none of whose files can still be uploaded becomes
+        CANCELLED (or FINISHED if every other file was published).
         """
 
-        def expire(db: sqlite3.Connection) -> list[Transfer]:
-            keys = [
+        def terminate(db: sqlite3.Connection) -> TransferFile:
+            now = time.time()
+            before = _file(db.execute("SELECT * FROM transfer_files WHERE key = ? AND num = ?", (key, num)).fetchone())
+            if before.state is FileState.PUBLISHED:
+                raise AlreadyUploaded()
+            db.execute(
+                "UPDATE transfer_files SET state = ?, received = 0, updated_at = ? WHERE key = ? AND num = ?",
+                (FileState.CANCELLED, now, key, num),
+            )
+            open_left = db.execute(
+                "SELECT COUNT(*) FROM transfer_files WHERE key = ? AND state NOT IN (?, ?)",
+                (key, FileState.PUBLISHED, FileState.CANCELLED),
+            ).fetchone()[0]
+            if open_left == 0:
+                db.execute(
+                    "UPDATE transfers SET state = ?, updated_at = ? WHERE key = ? AND state = ?",
+                    (TransferState.CANCELLED, now, key, TransferState.OPEN),
+                )
+            return before
+
+        return await self._db.run(terminate)
+
+    async def cancel(self, key: str) -> Transfer | None:
+        """Mark an OPEN transfer CANCELLED; return it as it was, or None if it was not OPEN."""
+        return await self._end(key, TransferState.CANCELLED, time.time())
+
+    async def expire_due(self, now: float) -> list[Transfer]:
+        """Mark every OPEN transfer past its lifetime EXPIRED and return them as they were."""
+        keys = await self._db.run(
+            lambda db: [
                 row["key"]
                 for row in db.execute(
                     "SELECT key FROM transfers WHERE state = ? AND expires_at <= ?", (TransferState.OPEN, now)
                 )
             ]
-            expired = []
-            for key in keys:
-                db.execute(
-                    "UPDATE transfers SET state = ?, updated_at = ? WHERE key = ?", (TransferState.EXPIRED, now, key)
-                )
-                transfer = _load(db, key)
-                if transfer is not None:
-                    expired.append(transfer)
-                db.execute(
-                    "UPDATE transfer_files SET state = ?, updated_at = ? WHERE key = ? AND state = ?",
-                    (FileState.RELEASED, now, key, FileState.RESERVED),
-                )
-            return expired
+        )
+        expired = []
+        for key in keys:
+            transfer = await self._end(key, TransferState.EXPIRED, now)
+            if transfer is not None:
+                expired.append(transfer)
+        return expired
 
-        return await self._db.run(expire)
+    async def purge(self, before: float) -> int:
+        """Forget finished, cancelled and expired transfers last changed before ``before``."""
+        return await self._db.run(
+            lambda db: (
+                db.execute(
+                    "DELETE FROM transfers WHERE state != ? AND updated_at < ?", (TransferState.OPEN, before)
+                ).rowcount
+            )
+        )
+
+    async def reserved_bytes(self) -> int:
+        """Bytes that open transfers may still write (declared sizes less what is staged)."""
+        return await self._db.run(
+            lambda db: db.execute(
+                "SELECT COALESCE(SUM(f.size - f.received), 0) FROM transfer_files f JOIN transfers t USING (key)"
+                " WHERE t.state = ? AND f.state NOT IN (?, ?)",
+                (TransferState.OPEN, FileState.PUBLISHED, FileState.CANCELLED),
+            ).fetchone()[0]
+        )
+
+    async def resumable_files(self) -> list[tuple[str, int, int, bool]]:
+        """``(key, num, received, verifying_chunk)`` of every file of an OPEN transfer that may hold staged bytes."""
+        return await self._db.run(
+            lambda db: [
+                (row["key"], row["num"], row["received"], bool(row["verifying_chunk"]))
+                for row in db.execute(
+                    "SELECT f.key, f.num, f.received, f.verifying_chunk FROM transfer_files f"
+                    " JOIN transfers t USING (key) WHERE t.state = ? AND f.state IN (?, ?)",
+                    (TransferState.OPEN, FileState.RESERVED, FileState.UPLOADING),
+                )
+            ]
+        )
 
     async def recover(self) -> int:
-        """After a restart: uploads that were running are not; return how many."""
+        """After a restart: no upload is running any more. Returns how many were."""
         return await self._db.run(
             lambda db: (
                 db.execute(
@@ -247,17 +360,40 @@ class TransferRegistry:
             )
         )
 
+    async def set_received(self, key: str, num: int, received: int) -> None:
+        """Record the bytes really staged for a file (after a restart)."""
+        await self._update_file(key, num, received=received, verifying_chunk=0)
+
     async def close(self) -> None:
         """Close the database."""
         await self._db.close()
 
-    async def _set_file_state(self, key: str, num: int, state: FileState) -> None:
-        await self._db.run(
-            lambda db: db.execute(
-                "UPDATE transfer_files SET state = ?, updated_at = ? WHERE key = ? AND num = ?",
-                (state, time.time(), key, num),
+    async def _end(self, key: str, state: TransferState, now: float) -> Transfer | None:
+        def end(db: sqlite3.Connection) -> Transfer | None:
+            before = _load(db, key)
+            if before is None or before.state is not TransferState.OPEN:
+                return None
+            db.execute("UPDATE transfers SET state = ?, updated_at = ? WHERE key = ?", (state, now, key))
+            db.execute(
+                "UPDATE transfer_files SET state = ?, received = 0, verifying_chunk = 0, updated_at = ?"
+                " WHERE key = ? AND state != ?",
+                (FileState.CANCELLED, now, key, FileState.PUBLISHED),
             )
-        )
+            return before
+
+        return await self._db.run(end)
+
+    async def _update_file(self, key: str, num: int, **values: object) -> None:
+        columns = ", ".join(f"{name} = ?" for name in values)
+
+        def update(db: sqlite3.Connection) -> None:
+            db.execute(
+                f"UPDATE transfer_files SET {columns}, updated_at = ? WHERE key = ? AND num = ?",  # noqa: S608
+                (*values.values(), time.time(), key, num),
+            )
+            db.execute("UPDATE transfers SET updated_at = ? WHERE key = ?", (time.time(), key))
+
+        await self._db.run(update)
 
 
 def _load(db: sqlite3.Connection, key: str) -> Transfer | None:
@@ -276,6 +412,7 @@ def _transfer(row: sqlite3.Row, files: tuple[TransferFile, ...]) -> Transfer:
         owner=owner,
         state=TransferState(row["state"]),
         created_at=row["created_at"],
+        updated_at=row["updated_at"],
         expires_at=row["expires_at"],
         files=files,
     )
@@ -289,4 +426,7 @@ def _file(row: sqlite3.Row) -> TransferFile:
         md5=row["md5"],
         sha256=row["sha256"],
         state=FileState(row["state"]),
+        received=row["received"],
+        error=row["error"],
+        updated_at=row["updated_at"],
     )

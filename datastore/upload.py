@@ -2,38 +2,38 @@
 published file.
 
 ``handle_manifest`` gates every announced file through the prefix's handler
-(all-or-nothing, under the prefix lock) and registers the transfer.
-``handle_upload`` takes one body (raw ``POST``/``PUT`` or a browser's
-``multipart/form-data`` form) for file ``num`` of a transfer and follows the
-house rule: stream, bound, verify, publish, then answer. Bytes are read in
-chunks, hashed (MD5 and SHA-256) and written to a staging file outside the
-served folders while the next chunk arrives; size and digests are checked;
-``os.replace`` publishes; ``complete_upload`` runs; only then does the client
-hear ``200 File transfer OK``. Every failure removes the staging file, calls
-``cancel_upload`` for a reservation the upload held, and leaves nothing at the
-final name.
+(all-or-nothing, under the prefix lock, after checking the disk has room)
+and registers the transfer. ``handle_upload`` takes one whole body (raw
+``POST``/``PUT`` or a browser's ``multipart/form-data`` form) for file
+``num`` of a transfer; the tus endpoints (``tus.py``) append to the same
+staging file piece by piece. Both follow the house rule: stream, bound,
+verify, publish, then answer. :class:`FileUpload` is the one place that
+verifies, publishes and calls ``complete_upload`` or ``cancel_upload``.
+
+A whole-body upload is all or nothing: any failure removes its staging
+file and calls ``cancel_upload``; sending it again re-gates the file. A
+resumable upload keeps what reached the disk when a request fails, and only
+a failed verification of the whole file (or cancellation, termination,
+expiry) throws its bytes away.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
-import hashlib
 import logging
-import os
-import secrets
 import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from aiohttp import BodyPartReader, web
 
-from .context import CONTEXT, Mount, StoreContext, prefers_json, render_error
+from . import staging
+from .context import CONTEXT, Mount, RunningUpload, StoreContext, prefers_json, render_error
 from .errors import (
     AlreadyUploaded,
     BadRequest,
@@ -42,12 +42,14 @@ from .errors import (
     FileNumberNotFound,
     IdentityMismatch,
     IncompleteUpload,
+    InsufficientStorage,
     LengthRequired,
     NotAuthorized,
     NotEnoughSpace,
     PayloadTooLarge,
     RequestTimeout,
     SizeMismatch,
+    TransferCancelled,
     TransferExpired,
     TransferNotFound,
     UploadFileNotFound,
@@ -56,12 +58,16 @@ from .errors import (
 from .handlers.interface import FileInfo
 from .identity import Identity
 from .manifest import Manifest, format_ini_accepted, format_ini_refused, parse_ini, parse_json
-from .transfers import FileState, Transfer, TransferFile
+from .staging import Digests
+from .transfers import FileState, Transfer, TransferFile, TransferState
 
 log = logging.getLogger(__name__)
 
 #: Room allowed for the multipart framing around a form's file.
 FORM_OVERHEAD = 64 << 10
+
+
+# -- manifests ------------------------------------------------------------------------------
 
 
 async def handle_manifest(request: web.Request) -> web.Response:
@@ -73,14 +79,14 @@ async def handle_manifest(request: web.Request) -> web.Response:
     body = await _read_bounded(request, ctx.settings.max_manifest_bytes, ctx.settings.body_timeout)
     limits = ctx.settings.manifest_limits
     manifest = parse_json(body, limits) if as_json else parse_ini(body, limits)
-    infos = [FileInfo(f.name, f.size, f.md5, f.sha256) for f in manifest.files]
+    try:
+        transfer, refused = await register_transfer(ctx, mount, identity, manifest)
+    except InsufficientStorage:
+        if as_json:
+            raise
+        raise NotEnoughSpace() from None
 
-    async with mount.lock:
-        refused = [info.name for info in infos if not await mount.handler.can_upload(identity, info)]
-        if not refused:
-            transfer = await _reserve(ctx, mount, identity, manifest, infos)
-
-    if refused:
+    if transfer is None:
         log.info("manifest for /%s refused for %s: %d file(s)", mount.prefix, identity, len(refused))
         if as_json:
             return web.json_response(
@@ -93,13 +99,14 @@ async def handle_manifest(request: web.Request) -> web.Response:
             )
         return web.Response(body=format_ini_refused(refused), content_type="text/plain")
 
-    log.info("transfer %s… for /%s: %d file(s) for %s", transfer.key[:8], mount.prefix, len(infos), identity)
+    log.info("transfer %s… for /%s: %d file(s) for %s", transfer.key[:8], mount.prefix, len(manifest.files), identity)
     if as_json:
         base = request.url.origin()
         return web.json_response(
             {
                 "transfer_key": transfer.key,
-                "expires_at": _iso(transfer.expires_at),
+                "expires_at": iso_time(transfer.expires_at),
+                "status_url": str(base.with_path(f"/_api/v1/transfers/{transfer.key}")),
                 "files": [
                     {
                         "num": f.num,
@@ -115,30 +122,69 @@ async def handle_manifest(request: web.Request) -> web.Response:
     return web.Response(body=format_ini_accepted(transfer.key), content_type="text/plain")
 
 
-async def _reserve(
-    ctx: StoreContext, mount: Mount, identity: Identity, manifest: Manifest, infos: list[FileInfo]
-) -> Transfer:
-    """Reserve every file with the handler and register the transfer, or nothing."""
-    reserved: list[FileInfo] = []
-    try:
-        for info in infos:
-            await mount.handler.add_pending_upload(identity, info)
-            reserved.append(info)
-        return await ctx.registry.create(mount.prefix, identity, manifest, ctx.settings.key_lifetime)
-    except BaseException:
-        for info in reserved:
-            await _quietly(mount.handler.cancel_upload(identity, info), "cancel_upload")
-        raise
+async def register_transfer(
+    ctx: StoreContext, mount: Mount, identity: Identity, manifest: Manifest
+) -> tuple[Transfer | None, list[str]]:
+    """Gate ``manifest`` through the handler and register it: (transfer, []) or (None, refused names).
+
+    Raises InsufficientStorage (507) if the declared sizes do not fit in
+    the free space less what open transfers may still write and the margin.
+    """
+    usage = await asyncio.to_thread(shutil.disk_usage, ctx.staging_dir)
+    reserved = await ctx.registry.reserved_bytes()
+    if manifest.total_size > usage.free - reserved - ctx.settings.min_free_bytes:
+        raise InsufficientStorage(
+            f"{manifest.total_size} bytes declared, {max(0, usage.free - reserved - ctx.settings.min_free_bytes)}"
+            " available"
+        )
+    infos = [FileInfo(f.name, f.size, f.md5, f.sha256) for f in manifest.files]
+    async with mount.lock:
+        refused = [info.name for info in infos if not await mount.handler.can_upload(identity, info)]
+        if refused:
+            return None, refused
+        reserved_infos: list[FileInfo] = []
+        try:
+            for info in infos:
+                await mount.handler.add_pending_upload(identity, info)
+                reserved_infos.append(info)
+            transfer = await ctx.registry.create(mount.prefix, identity, manifest, ctx.settings.key_lifetime)
+        except BaseException:
+            for info in reserved_infos:
+                await _quietly(mount.handler.cancel_upload(identity, info), "cancel_upload")
+            raise
+    return transfer, []
+
+
+# -- whole-body uploads ---------------------------------------------------------------------
 
 
 async def handle_upload(request: web.Request) -> web.Response:
     """``POST``/``PUT /{prefix}/{key}/{num}``: receive, verify and publish one file."""
-    ctx, mount, identity, transfer, file = await _resolve_upload(request)
-    with ctx.upload_slot(file.size):
-        previous = await ctx.registry.claim(transfer.key, file.num)
-        upload = _Upload(ctx, mount, identity, transfer, file, reserved=previous is FileState.RESERVED)
-        verified = await upload.run(request)
-    log.info("published /%s/%s (%d bytes) for %s", mount.prefix, file.name, file.size, identity)
+    target = await resolve_upload(request)
+    ctx = target.ctx
+    async with claimed_upload(target, resumable=False) as upload:
+        try:
+            chunks = _body_chunks(request, target.file.size, ctx)
+            if not upload.reserved:
+                await upload.regate()
+            path = await upload.upload_path()
+            await check_space(ctx)
+            digests = Digests()
+            try:
+                await staging.append(
+                    chunks,
+                    upload.staging_path,
+                    digests,
+                    limit=target.file.size,
+                    chunk_size=ctx.settings.chunk_size,
+                    fsync=ctx.settings.fsync,
+                )
+            except staging.ReadFailed as failure:
+                raise failure.cause from None
+            verified = await upload.finish(digests, path)
+        except BaseException as exc:
+            await asyncio.shield(upload.fail(exc))
+            raise
     if prefers_json(request):
         return web.json_response(
             {"name": verified.name, "size": verified.size, "md5": verified.md5, "sha256": verified.sha256},
@@ -157,11 +203,13 @@ async def upload_expect_handler(request: web.Request) -> web.Response | None:
     if request.version < (1, 1) or request.headers.get("Expect", "").lower() != "100-continue":
         return None
     try:
-        _ctx, _mount, _identity, _transfer, file = await _resolve_upload(request)
-        if file.state is FileState.UPLOADING:
+        target = await resolve_upload(request)
+        if target.file.state is FileState.UPLOADING:
             raise UploadInProgress()
-        if file.state is FileState.PUBLISHED:
+        if target.file.state is FileState.PUBLISHED:
             raise AlreadyUploaded()
+        if target.file.state is FileState.CANCELLED:
+            raise TransferCancelled()
     except DatastoreError as exc:
         return render_error(request, exc)
     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -170,8 +218,23 @@ async def upload_expect_handler(request: web.Request) -> web.Response | None:
     return None
 
 
-async def _resolve_upload(request: web.Request) -> tuple[StoreContext, Mount, Identity, Transfer, TransferFile]:
-    """The transfer and file an upload URL names, checked against the client."""
+@dataclass(frozen=True, slots=True)
+class UploadTarget:
+    """The transfer and file an upload URL names, resolved for one client."""
+
+    ctx: StoreContext
+    mount: Mount
+    identity: Identity
+    transfer: Transfer
+    file: TransferFile
+
+
+async def resolve_upload(request: web.Request) -> UploadTarget:
+    """Resolve ``/{prefix}/{key}/{num}`` and check it against the client.
+
+    404 for an unknown prefix, key or number; 403 for another identity;
+    410 for an expired or cancelled transfer.
+    """
     ctx = request.app[CONTEXT]
     prefix = request.match_info["prefix"]
     mount = ctx.mount(prefix)
@@ -186,70 +249,59 @@ async def _resolve_upload(request: web.Request) -> tuple[StoreContext, Mount, Id
     transfer, file = found
     if transfer.owner != identity:
         raise IdentityMismatch()
+    if transfer.state is TransferState.CANCELLED:
+        raise TransferCancelled()
     if transfer.expired(time.time()):
         raise TransferExpired()
     if file is None:
         raise FileNumberNotFound(num_text)
-    return ctx, mount, identity, transfer, file
+    return UploadTarget(ctx, mount, identity, transfer, file)
 
 
-@dataclass(frozen=True, slots=True)
-class Received:
-    """What arrived in the staging file."""
+@asynccontextmanager
+async def claimed_upload(target: UploadTarget, *, resumable: bool) -> AsyncIterator[FileUpload]:
+    """Take an upload slot and the file's claim for the current request.
 
-    size: int
-    md5: str
-    sha256: str
-
-
-class _Upload:
-    """One claimed upload of one file, with everything its cleanup needs."""
-
-    def __init__(
-        self,
-        ctx: StoreContext,
-        mount: Mount,
-        identity: Identity,
-        transfer: Transfer,
-        file: TransferFile,
-        *,
-        reserved: bool,
-    ) -> None:
-        self.ctx = ctx
-        self.mount = mount
-        self.identity = identity
-        self.transfer = transfer
-        self.file = file
-        self.info = FileInfo(file.name, file.size, file.md5, file.sha256)
-        self.reserved = reserved
-        self.staging = ctx.staging_dir / f"{transfer.key}.{file.num}.{secrets.token_hex(4)}.part"
-        self.target: Path | None = None
-
-    async def run(self, request: web.Request) -> FileInfo:
-        handler = self.mount.handler
-        published = False
+    While inside, the request's task is registered as the file's running
+    upload, so a cancellation, termination or expiry can stop it.
+    """
+    ctx, place = target.ctx, (target.transfer.key, target.file.num)
+    with ctx.upload_slot(target.file.size):
+        before = await ctx.registry.claim(*place)
+        task = asyncio.current_task()
+        assert task is not None
+        running = RunningUpload(task, resumable)
+        ctx.running[place] = running
         try:
-            chunks = _body_chunks(request, self.file.size, self.ctx)
-            if not self.reserved:
-                await self._regate()
-            target = await handler.get_upload_filename(self.identity, self.info)
-            if target is None:
-                raise UploadFileNotFound()
-            await _check_space(self.ctx)
-            received = await receive_to_staging(chunks, self.staging, self.file.size, self.ctx)
-            _verify(received, self.file)
-            await asyncio.to_thread(publish, self.staging, target, self.ctx.settings.fsync)
-            published = True
-            self.target = target
-            verified = FileInfo(self.file.name, received.size, received.md5, received.sha256)
-            await handler.complete_upload(self.identity, verified)
-        except BaseException as exc:
-            await asyncio.shield(self._fail(exc, published))
-            raise
-        await self.ctx.registry.publish(self.transfer.key, self.file.num, received.md5, received.sha256)
-        return verified
+            yield FileUpload(target, before, running)
+        finally:
+            if ctx.running.get(place) is running:
+                del ctx.running[place]
 
-    async def _regate(self) -> None:
+
+class FileUpload:
+    """One claimed upload of one file: everything between the claim and the answer."""
+
+    def __init__(self, target: UploadTarget, before: TransferFile, running: RunningUpload) -> None:
+        self.ctx = target.ctx
+        self.mount = target.mount
+        self.identity = target.identity
+        self.transfer = target.transfer
+        self.file = target.file
+        self.before = before
+        self.running = running
+        self.info = FileInfo(self.file.name, self.file.size, self.file.md5, self.file.sha256)
+        #: Whether the handler holds a reservation this upload answers for.
+        self.reserved = before.state is FileState.RESERVED
+        self.staging_path = self.ctx.staging_path(self.transfer.key, self.file.num)
+        self._published: Path | None = None
+
+    @property
+    def place(self) -> tuple[str, int]:
+        """(key, num)."""
+        return (self.transfer.key, self.file.num)
+
+    async def regate(self) -> None:
         """A failed earlier attempt released the reservation: take it again."""
         async with self.mount.lock:
             if not await self.mount.handler.can_upload(self.identity, self.info):
@@ -257,17 +309,116 @@ class _Upload:
             await self.mount.handler.add_pending_upload(self.identity, self.info)
         self.reserved = True
 
-    async def _fail(self, exc: BaseException, published: bool) -> None:
+    async def upload_path(self) -> Path:
+        """The handler's final path for the file; 404 if it refuses."""
+        path = await self.mount.handler.get_upload_filename(self.identity, self.info)
+        if path is None:
+            raise UploadFileNotFound()
+        return path
+
+    async def finish(self, digests: Digests, path: Path) -> FileInfo:
+        """Verify the staged file against the manifest, publish it, record it."""
+        if digests.offset != self.file.size:
+            raise SizeMismatch(f"received {digests.offset} bytes, the manifest declares {self.file.size}")
+        md5, sha256 = digests.md5.hexdigest(), digests.sha256.hexdigest()
+        if (self.file.md5 is not None and md5 != self.file.md5) or (
+            self.file.sha256 is not None and sha256 != self.file.sha256
+        ):
+            raise ChecksumMismatch()
+        await asyncio.to_thread(staging.publish, self.staging_path, path, self.ctx.settings.fsync)
+        self._published = path
+        verified = FileInfo(self.file.name, digests.offset, md5, sha256)
+        await self.mount.handler.complete_upload(self.identity, verified)
+        await self.ctx.registry.publish(self.transfer.key, self.file.num, md5, sha256)
+        self.ctx.digests.pop(self.place, None)
+        log.info("published /%s/%s (%d bytes) for %s", self.mount.prefix, self.file.name, self.file.size, self.identity)
+        return verified
+
+    async def pause(self, received: int) -> None:
+        """A resumable upload stops with ``received`` bytes staged; the client may go on."""
+        await self.ctx.registry.pause(self.transfer.key, self.file.num, received)
+
+    async def fail(self, exc: BaseException) -> None:
+        """Undo the attempt: staging and anything published removed, reservation cancelled.
+
+        Nothing to do when the upload was stopped by a termination, whose
+        caller cleans up.
+        """
+        if self.running.stop_reason == "terminated":
+            return
+        message = exc.message if isinstance(exc, DatastoreError) else repr(exc)
         if isinstance(exc, DatastoreError):
-            log.info("upload of %r to /%s failed: %s", self.file.name, self.mount.prefix, exc.message)
+            log.info("upload of %r to /%s failed: %s", self.file.name, self.mount.prefix, message)
         else:
-            log.warning("upload of %r to /%s failed: %r", self.file.name, self.mount.prefix, exc)
-        await asyncio.to_thread(_unlink_quietly, self.staging)
-        if published and self.target is not None:
-            await asyncio.to_thread(_unlink_quietly, self.target)
+            log.warning("upload of %r to /%s failed: %s", self.file.name, self.mount.prefix, message)
+        self.ctx.digests.pop(self.place, None)
+        paths = [self.staging_path] + ([self._published] if self._published is not None else [])
+        await staging.discard(paths)
         if self.reserved:
             await _quietly(self.mount.handler.cancel_upload(self.identity, self.info), "cancel_upload")
-        await self.ctx.registry.release(self.transfer.key, self.file.num)
+        await self.ctx.registry.release(self.transfer.key, self.file.num, message)
+
+
+async def check_space(ctx: StoreContext) -> None:
+    """405 when the running uploads would not leave the configured margin free."""
+    usage = await asyncio.to_thread(shutil.disk_usage, ctx.staging_dir)
+    if usage.free - ctx.settings.min_free_bytes < ctx.bytes_in_flight:
+        raise NotEnoughSpace()
+
+
+# -- stopping uploads: cancel, terminate, expire ---------------------------------------------
+
+
+async def discard_files(ctx: StoreContext, before: Transfer, files: list[TransferFile]) -> None:
+    """Stop ``files`` of a transfer the registry has just ended, and release them.
+
+    Running uploads of these files in this process are cancelled (and waited
+    for); their staged bytes are removed; the handler's reservations are
+    cancelled.
+    """
+    stopping = []
+    for file in files:
+        running = ctx.running.get((before.key, file.num))
+        if running is not None:
+            running.stop_reason = "terminated"
+            running.task.cancel()
+            stopping.append(running.task)
+    if stopping:
+        await asyncio.wait(stopping)
+    for file in files:
+        ctx.digests.pop((before.key, file.num), None)
+    await staging.discard(ctx.staging_path(before.key, file.num) for file in files)
+    mount = ctx.mounts.get(before.prefix)
+    if mount is None:
+        return
+    for file in files:
+        if file.state in (FileState.RESERVED, FileState.UPLOADING):
+            info = FileInfo(file.name, file.size, file.md5, file.sha256)
+            await _quietly(mount.handler.cancel_upload(before.owner, info), "cancel_upload")
+
+
+async def cancel_transfer(ctx: StoreContext, key: str) -> bool:
+    """Cancel an open transfer: False if it was not open."""
+    before = await ctx.registry.cancel(key)
+    if before is None:
+        return False
+    await discard_files(ctx, before, [f for f in before.files if f.state is not FileState.PUBLISHED])
+    log.info("transfer %s… for /%s cancelled", key[:8], before.prefix)
+    return True
+
+
+async def expire_transfers(ctx: StoreContext, now: float | None = None) -> int:
+    """Expire every transfer past its lifetime, release it; forget old records. Returns how many expired."""
+    now = time.time() if now is None else now
+    expired = await ctx.registry.expire_due(now)
+    for before in expired:
+        log.info("transfer %s… for /%s expired", before.key[:8], before.prefix)
+        await discard_files(ctx, before, [f for f in before.files if f.state is not FileState.PUBLISHED])
+    await ctx.registry.purge(now - ctx.settings.transfer_retention)
+    return len(expired)
+
+
+# -- request bodies -------------------------------------------------------------------------
 
 
 def _body_chunks(request: web.Request, size: int, ctx: StoreContext) -> AsyncIterator[bytes]:
@@ -284,10 +435,11 @@ def _body_chunks(request: web.Request, size: int, ctx: StoreContext) -> AsyncIte
         raise PayloadTooLarge(f"{length} bytes, more than the limit of {settings.max_file_size}")
     if length != size:
         raise SizeMismatch()
-    return _stream_chunks(request, settings.body_timeout)
+    return stream_chunks(request, settings.body_timeout)
 
 
-async def _next_chunk(read: Awaitable[bytes], timeout: float) -> bytes:
+async def next_chunk(read: Awaitable[bytes], timeout: float) -> bytes:
+    """One read of a body, bounded by ``timeout`` seconds of silence."""
     try:
         async with asyncio.timeout(timeout):
             return await read
@@ -299,8 +451,9 @@ async def _next_chunk(read: Awaitable[bytes], timeout: float) -> bytes:
         raise IncompleteUpload(f"the connection failed: {exc}") from None
 
 
-async def _stream_chunks(request: web.Request, timeout: float) -> AsyncIterator[bytes]:
-    while chunk := await _next_chunk(request.content.readany(), timeout):
+async def stream_chunks(request: web.Request, timeout: float) -> AsyncIterator[bytes]:
+    """The raw body, as it arrives."""
+    while chunk := await next_chunk(request.content.readany(), timeout):
         yield chunk
 
 
@@ -315,11 +468,11 @@ async def _form_file_chunks(request: web.Request, timeout: float, chunk_size: in
         if not isinstance(part, BodyPartReader):
             raise BadRequest("nested multipart forms are not supported")
         if part.filename is not None:
-            while chunk := await _next_chunk(part.read_chunk(chunk_size), timeout):
+            while chunk := await next_chunk(part.read_chunk(chunk_size), timeout):
                 yield chunk
             return
         # A plain field before the file: skip it, within the framing allowance.
-        while chunk := await _next_chunk(part.read_chunk(chunk_size), timeout):
+        while chunk := await next_chunk(part.read_chunk(chunk_size), timeout):
             skipped += len(chunk)
             if skipped > FORM_OVERHEAD:
                 raise PayloadTooLarge("the form's other fields are too large")
@@ -335,142 +488,19 @@ async def _next_part(read: Awaitable[Any], timeout: float) -> Any:
         raise BadRequest(f"malformed multipart body: {exc}") from None
 
 
-async def receive_to_staging(chunks: AsyncIterator[bytes], staging: Path, limit: int, ctx: StoreContext) -> Received:
-    """Write ``chunks`` to ``staging`` while hashing; refuse more than ``limit`` bytes.
-
-    Network reads overlap disk writes and hashing: while one buffer of
-    ``chunk_size`` bytes is written and hashed in a worker thread (hashlib
-    releases the GIL on large buffers), the next one is received.
-    """
-    loop = asyncio.get_running_loop()
-    md5 = hashlib.md5(usedforsecurity=False)  # the protocol's checksum
-    sha256 = hashlib.sha256()
-    chunk_size = ctx.settings.chunk_size
-    handle = await _open_staging_file(staging)
-    pending: asyncio.Future[None] | None = None
-    try:
-        total = 0
-        buffer = bytearray()
-        async for chunk in chunks:
-            total += len(chunk)
-            if total > limit:
-                raise PayloadTooLarge(f"more than the {limit} bytes the manifest declares")
-            buffer += chunk
-            if len(buffer) >= chunk_size:
-                if pending is not None:
-                    await pending
-                pending = loop.run_in_executor(None, _write_and_hash, handle, buffer, md5, sha256)
-                buffer = bytearray()
-        if pending is not None:
-            await pending
-            pending = None
-        if buffer:
-            await loop.run_in_executor(None, _write_and_hash, handle, buffer, md5, sha256)
-        if ctx.settings.fsync:
-            await asyncio.to_thread(_flush_and_sync, handle)
-    finally:
-        if pending is not None:
-            # Never close the file under a write still running in a thread.
-            await asyncio.gather(pending, return_exceptions=True)
-        await asyncio.to_thread(handle.close)
-    return Received(size=total, md5=md5.hexdigest(), sha256=sha256.hexdigest())
-
-
-def _verify(received: Received, file: TransferFile) -> None:
-    if received.size != file.size:
-        raise SizeMismatch(f"received {received.size} bytes, the manifest declares {file.size}")
-    if file.md5 is not None and received.md5 != file.md5:
-        raise ChecksumMismatch()
-    if file.sha256 is not None and received.sha256 != file.sha256:
-        raise ChecksumMismatch()
-
-
-async def _check_space(ctx: StoreContext) -> None:
-    usage = await asyncio.to_thread(shutil.disk_usage, ctx.staging_dir)
-    if usage.free - ctx.settings.min_free_bytes < ctx.bytes_in_flight:
-        raise NotEnoughSpace()
-
-
-def publish(staging: Path, target: Path, fsync: bool) -> None:
-    """Move the verified ``staging`` file to ``target`` atomically.
-
-    ``os.replace`` is the only step that makes a file visible. If the staging
-    directory is on another filesystem, the file is first copied beside the
-    target under a hidden name (which no valid file name can reach) and then
-    replaced. With ``fsync`` the directory entry is made durable too.
-    """
-    try:
-        os.replace(staging, target)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        partial = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
-        try:
-            shutil.copyfile(staging, partial)
-            if fsync:
-                with partial.open("rb+") as handle:
-                    os.fsync(handle.fileno())
-            os.replace(partial, target)
-        finally:
-            _unlink_quietly(partial)
-        _unlink_quietly(staging)
-    if fsync:
-        directory = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-
-
-async def _open_staging_file(path: Path) -> IO[bytes]:
-    """Open the staging file in a thread, safely against cancellation.
-
-    If the request is cancelled (a client that disconnected, with handler
-    cancellation on) while the thread opens the file, the thread is waited
-    for and the file closed and removed before the cancellation goes on, so
-    no descriptor leaks and no staging file appears after the cleanup ran.
-    """
-    opening = asyncio.ensure_future(asyncio.to_thread(_open_staging, path))
-    try:
-        return await asyncio.shield(opening)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            handle = await opening
-            await asyncio.to_thread(_close_and_unlink, handle)
-        raise
-
-
-def _close_and_unlink(handle: IO[bytes]) -> None:
-    handle.close()
-    _unlink_quietly(Path(str(handle.name)))
-
-
-def _open_staging(path: Path) -> IO[bytes]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return open(path, "xb", buffering=0)
-
-
-def _write_and_hash(handle: IO[bytes], data: bytearray, md5: Any, sha256: Any) -> None:
-    view = memoryview(data)
-    while view:
-        written = handle.write(view)
-        view = view[written or 0 :]
-    md5.update(data)
-    sha256.update(data)
-
-
-def _flush_and_sync(handle: IO[bytes]) -> None:
-    handle.flush()
-    os.fsync(handle.fileno())
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("could not remove %s: %s", path.name, exc)
+async def _read_bounded(request: web.Request, limit: int, timeout: float) -> bytes:
+    """The whole (small) body, refusing more than ``limit`` bytes."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise PayloadTooLarge(f"the manifest is {length} bytes, more than the limit of {limit}")
+    parts: list[bytes] = []
+    total = 0
+    while chunk := await next_chunk(request.content.readany(), timeout):
+        total += len(chunk)
+        if total > limit:
+            raise PayloadTooLarge(f"the manifest is more than the limit of {limit} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 async def _quietly(call: Awaitable[None], what: str) -> None:
@@ -481,20 +511,6 @@ async def _quietly(call: Awaitable[None], what: str) -> None:
         log.exception("%s failed during cleanup", what)
 
 
-async def _read_bounded(request: web.Request, limit: int, timeout: float) -> bytes:
-    """The whole (small) body, refusing more than ``limit`` bytes."""
-    length = request.content_length
-    if length is not None and length > limit:
-        raise PayloadTooLarge(f"the manifest is {length} bytes, more than the limit of {limit}")
-    parts: list[bytes] = []
-    total = 0
-    while chunk := await _next_chunk(request.content.readany(), timeout):
-        total += len(chunk)
-        if total > limit:
-            raise PayloadTooLarge(f"the manifest is more than the limit of {limit} bytes")
-        parts.append(chunk)
-    return b"".join(parts)
-
-
-def _iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+def iso_time(timestamp: float) -> str:
+    """``2026-11-23T21:53:34.000Z``."""
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

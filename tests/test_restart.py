@@ -178,8 +178,12 @@ async def test_upload_cut_by_a_crash_can_be_sent_again_after_restart(make_store:
 
     store = await make_store(handler_for(root, state_dir), root=root, state_dir=state_dir)
 
-    assert store.staged_files() == []
+    # What reached the disk before the crash is kept for a resumable client; a whole-body
+    # PUT starts the file again from its first byte.
+    head = await store.client.head(f"/files/{key}/0", headers={"Tus-Resumable": "1.0.0"})
+    assert int(head.headers["Upload-Offset"]) == staged_bytes(state_dir / "staging") >= chunk
     assert await store.put(key, 0, content) == (200, "File transfer OK")
+    assert store.staged_files() == []
     response = await store.client.get("/files/crashed.bin")
     assert await response.read() == content
 

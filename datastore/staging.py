@@ -1,0 +1,290 @@
+"""Staging files: where upload bytes wait, hashed as they arrive, until published.
+
+Each file of a transfer has one staging file in the state directory
+(``KEY.NUM.part``), on the store's filesystem but outside every served
+folder. This module owns the disk side of it, with one invariant: when
+:func:`append` returns or raises, the staging file holds exactly
+``digests.offset`` bytes, and ``digests`` is the MD5 and SHA-256 of them.
+That is what lets a resumable upload continue after a dropped connection,
+and (re-hashing the staged prefix, :func:`rehash`) after a crash.
+
+Network reads overlap disk writes and hashing: while one buffer is written
+and hashed in a worker thread (hashlib releases the GIL on large buffers),
+the next one is received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from .errors import PayloadTooLarge
+
+log = logging.getLogger(__name__)
+
+_STAGING_NAME = re.compile(r"^(?P<key>[0-9a-f]{40})\.(?P<num>[0-9]{1,9})\.part$")
+_REHASH_BLOCK = 8 << 20
+
+
+@dataclass(slots=True)
+class Digests:
+    """The running MD5 and SHA-256 of the first ``offset`` bytes of a staging file."""
+
+    md5: Any = field(default_factory=lambda: hashlib.md5(usedforsecurity=False))
+    sha256: Any = field(default_factory=hashlib.sha256)
+    offset: int = 0
+
+    def copy(self) -> Digests:
+        """An independent copy (to roll back a chunk that failed its checksum)."""
+        return Digests(self.md5.copy(), self.sha256.copy(), self.offset)
+
+    def restore(self, earlier: Digests) -> None:
+        """Go back to the state of ``earlier`` (a copy taken before a rejected chunk)."""
+        self.md5, self.sha256, self.offset = earlier.md5.copy(), earlier.sha256.copy(), earlier.offset
+
+
+class ReadFailed(Exception):
+    """Wraps the failure of the body's iterator, after the bytes before it were kept."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+async def append(
+    chunks: AsyncIterator[bytes],
+    path: Path,
+    digests: Digests,
+    *,
+    limit: int,
+    chunk_size: int,
+    fsync: bool,
+    chunk_hash: Any = None,
+) -> None:
+    """Append ``chunks`` to ``path`` at ``digests.offset``, hashing as they are written.
+
+    Refuses to grow the file past ``limit`` bytes (PayloadTooLarge). If the
+    iterator fails (a dropped connection, a slow client), the bytes that
+    arrived before are still written and :class:`ReadFailed` is raised with
+    the cause. ``chunk_hash``, if given, also sees every byte of this call.
+    Whatever happens, the file ends with exactly ``digests.offset`` bytes,
+    flushed (and fsync'd with ``fsync``).
+    """
+    loop = asyncio.get_running_loop()
+    handle = await _open_at(path, digests.offset)
+    pending: asyncio.Future[None] | None = None
+    try:
+        total = digests.offset
+        buffer = bytearray()
+        read_failure: BaseException | None = None
+        iterator = chunks.__aiter__()
+        while True:
+            try:
+                chunk = await iterator.__anext__()
+            except StopAsyncIteration:
+                break
+            except Exception as exc:  # the body failed: keep what arrived before it
+                read_failure = exc
+                break
+            total += len(chunk)
+            if total > limit:
+                raise PayloadTooLarge(f"more than the {limit} bytes declared")
+            buffer += chunk
+            if len(buffer) >= chunk_size:
+                if pending is not None:
+                    await pending
+                pending = loop.run_in_executor(None, _write_and_hash, handle, buffer, digests, chunk_hash)
+                buffer = bytearray()
+        if pending is not None:
+            await pending
+            pending = None
+        if buffer:
+            await loop.run_in_executor(None, _write_and_hash, handle, buffer, digests, chunk_hash)
+        if read_failure is not None:
+            raise ReadFailed(read_failure)
+    finally:
+        if pending is not None:
+            # Never settle the file under a write still running in a thread.
+            await asyncio.gather(pending, return_exceptions=True)
+        await asyncio.to_thread(_settle, handle, digests.offset, fsync)
+
+
+async def rehash(path: Path, length: int) -> Digests:
+    """The digests of the first ``length`` bytes of ``path`` (after a restart)."""
+    started = time.monotonic()
+    digests = await asyncio.to_thread(_rehash, path, length)
+    elapsed = time.monotonic() - started
+    log.info("re-hashed %d staged bytes of %s in %.3f s", length, path.name, elapsed)
+    return digests
+
+
+async def truncate(path: Path, length: int, fsync: bool) -> None:
+    """Cut ``path`` back to ``length`` bytes (a chunk that failed its checksum)."""
+    await asyncio.to_thread(_truncate, path, length, fsync)
+
+
+def publish(staging: Path, target: Path, fsync: bool) -> None:
+    """Move the verified ``staging`` file to ``target`` atomically.
+
+    ``os.replace`` is the only step that makes a file visible. If the staging
+    directory is on another filesystem, the file is first copied beside the
+    target under a hidden name (which no valid file name can reach) and then
+    replaced. With ``fsync`` the directory entry is made durable too.
+    """
+    try:
+        os.replace(staging, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        partial = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
+        try:
+            shutil.copyfile(staging, partial)
+            if fsync:
+                with partial.open("rb+") as handle:
+                    os.fsync(handle.fileno())
+            os.replace(partial, target)
+        finally:
+            unlink_quietly(partial)
+        unlink_quietly(staging)
+    if fsync:
+        directory = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+def reconcile(staging_dir: Path, live: dict[tuple[str, int], tuple[int, bool]]) -> dict[tuple[str, int], int]:
+    """After a restart, make the staging directory agree with the registry.
+
+    ``live`` maps each (key, num) that may hold staged bytes to the offset
+    the registry recorded and whether a checksummed chunk was being
+    appended. Staging files of nothing live are removed. A live file keeps
+    the bytes really on disk (fsync'd now), except that a chunk still
+    awaiting its checksum is cut back to the recorded offset. Returns the
+    offset now on disk for every live (key, num).
+    """
+    staging_dir.mkdir(parents=True, exist_ok=True)
+    offsets = dict.fromkeys(live, 0)
+    for entry in os.scandir(staging_dir):
+        match = _STAGING_NAME.match(entry.name)
+        place = (match["key"], int(match["num"])) if match else None
+        if place is None or place not in live:
+            unlink_quietly(Path(entry.path))
+            continue
+        recorded, verifying = live[place]
+        size = entry.stat().st_size
+        offset = min(size, recorded) if verifying else size
+        _truncate(Path(entry.path), offset, fsync=True)
+        offsets[place] = offset
+    return offsets
+
+
+def unlink_quietly(path: Path) -> None:
+    """Remove ``path`` if it exists; log anything but its absence."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("could not remove %s: %s", path.name, exc)
+
+
+async def discard(paths: Iterable[Path]) -> None:
+    """Remove staging files in a worker thread."""
+    await asyncio.to_thread(_unlink_all, list(paths))
+
+
+def _unlink_all(paths: list[Path]) -> None:
+    for path in paths:
+        unlink_quietly(path)
+
+
+async def _open_at(path: Path, offset: int) -> IO[bytes]:
+    """Open ``path`` for writing at ``offset`` in a thread, safely against cancellation.
+
+    If the request is cancelled while the thread opens the file, the thread
+    is waited for and the file closed before the cancellation goes on, so
+    no descriptor leaks.
+    """
+    opening = asyncio.ensure_future(asyncio.to_thread(_open_for_append, path, offset))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            handle = await opening
+            await asyncio.to_thread(handle.close)
+        raise
+
+
+def _open_for_append(path: Path, offset: int) -> IO[bytes]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if offset == 0:
+        return open(path, "wb", buffering=0)
+    handle = open(path, "r+b", buffering=0)  # noqa: SIM115 - closed by _settle
+    try:
+        if os.fstat(handle.fileno()).st_size < offset:
+            raise OSError(errno.EIO, f"staging file {path.name} is shorter than its recorded offset")
+        handle.truncate(offset)
+        handle.seek(offset)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
+def _write_and_hash(handle: IO[bytes], data: bytearray, digests: Digests, chunk_hash: Any) -> None:
+    view = memoryview(data)
+    while view:
+        written = handle.write(view)
+        view = view[written or 0 :]
+    # Hashed only once written, so a failed write leaves digests at the last good byte.
+    digests.md5.update(data)
+    digests.sha256.update(data)
+    if chunk_hash is not None:
+        chunk_hash.update(data)
+    digests.offset += len(data)
+
+
+def _settle(handle: IO[bytes], offset: int, fsync: bool) -> None:
+    try:
+        # A write that failed half-way may have left bytes past the last hashed one.
+        handle.truncate(offset)
+        if fsync:
+            os.fsync(handle.fileno())
+    finally:
+        handle.close()
+
+
+def _truncate(path: Path, length: int, fsync: bool) -> None:
+    with open(path, "r+b") as handle:
+        handle.truncate(length)
+        if fsync:
+            os.fsync(handle.fileno())
+
+
+def _rehash(path: Path, length: int) -> Digests:
+    digests = Digests()
+    with open(path, "rb") as handle:
+        remaining = length
+        while remaining:
+            block = handle.read(min(_REHASH_BLOCK, remaining))
+            if not block:
+                raise OSError(errno.EIO, f"staging file {path.name} is shorter than its recorded offset")
+            digests.md5.update(block)
+            digests.sha256.update(block)
+            remaining -= len(block)
+    digests.offset = length
+    return digests

@@ -1,0 +1,328 @@
+"""tus 1.0.0 resumable uploads on the upload URLs ``/{prefix}/{key}/{num}``.
+
+Core protocol (``HEAD`` for the offset, ``PATCH`` to append from it,
+``OPTIONS`` for what the server supports) and the extensions creation and
+creation-with-upload (``POST /{prefix}/`` makes a one-file transfer through
+the same handler gate as a manifest), termination (``DELETE``), checksum
+(``Upload-Checksum`` per request: md5, sha1, sha256; 460 and the chunk
+discarded on a mismatch) and expiration (``Upload-Expires``).
+
+Bytes go to the same staging file as a whole-body upload and end the same
+way: when the last byte arrives, the whole file's MD5 and SHA-256 are
+checked against the manifest before it is published. What reached the disk
+survives a dropped connection and a crash of the server; a newer PATCH for
+an upload whose old request is still hanging takes over from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import logging
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Any
+
+from aiohttp import web
+
+from . import staging
+from .context import CONTEXT, StoreContext
+from .errors import (
+    BadRequest,
+    ChecksumMismatch,
+    ChunkChecksumMismatch,
+    DatastoreError,
+    ManifestError,
+    NotAuthorized,
+    OffsetMismatch,
+    PayloadTooLarge,
+    TransferCancelled,
+    TusVersionUnsupported,
+    UnsupportedMediaType,
+    UploadFileNotFound,
+)
+from .manifest import single_file
+from .staging import Digests
+from .transfers import FileState, Transfer
+from .upload import (
+    FileUpload,
+    UploadTarget,
+    check_space,
+    claimed_upload,
+    discard_files,
+    register_transfer,
+    resolve_upload,
+    stream_chunks,
+)
+
+log = logging.getLogger(__name__)
+
+TUS_VERSION = "1.0.0"
+EXTENSIONS = "creation,creation-with-upload,termination,checksum,expiration"
+OFFSET_CONTENT_TYPE = "application/offset+octet-stream"
+CHECKSUM_ALGORITHMS = {"md5": "md5", "sha1": "sha1", "sha256": "sha256"}
+
+
+async def handle_options(request: web.Request) -> web.Response:
+    """``OPTIONS`` on ``/{prefix}/`` or an upload URL: what this server speaks."""
+    ctx = request.app[CONTEXT]
+    ctx.mount(request.match_info["prefix"])
+    return web.Response(
+        status=204,
+        headers={
+            "Tus-Resumable": TUS_VERSION,
+            "Tus-Version": TUS_VERSION,
+            "Tus-Extension": EXTENSIONS,
+            "Tus-Max-Size": str(ctx.settings.max_file_size),
+            "Tus-Checksum-Algorithm": ",".join(CHECKSUM_ALGORITHMS),
+        },
+    )
+
+
+async def handle_head(request: web.Request) -> web.Response:
+    """``HEAD /{prefix}/{key}/{num}``: the offset the upload is at."""
+    target = await resolve_upload(request)
+    file = target.file
+    if file.state is FileState.CANCELLED:
+        raise TransferCancelled("this upload was terminated")
+    if file.state is FileState.PUBLISHED:
+        offset = file.size
+    elif file.state is FileState.RELEASED:
+        offset = 0
+    else:
+        offset = file.received
+    return web.Response(
+        status=200,
+        headers={
+            **_headers(target.transfer),
+            "Upload-Offset": str(offset),
+            "Upload-Length": str(file.size),
+            "Upload-Metadata": "filename " + base64.b64encode(file.name.encode()).decode(),
+            "Cache-Control": "no-store",
+        },
+    )
+
+
+async def handle_patch(request: web.Request) -> web.Response:
+    """``PATCH /{prefix}/{key}/{num}``: append at ``Upload-Offset``."""
+    target = await resolve_upload(request)
+    _require_tus(request)
+    if request.content_type != OFFSET_CONTENT_TYPE:
+        raise UnsupportedMediaType(f"PATCH needs Content-Type: {OFFSET_CONTENT_TYPE}")
+    offset = _parse_offset(request.headers.get("Upload-Offset"))
+    checksum = _parse_checksum(request.headers.get("Upload-Checksum"))
+    new_offset = await append_resumable(request, target, offset, checksum)
+    return web.Response(status=204, headers={**_headers(target.transfer), "Upload-Offset": str(new_offset)})
+
+
+async def handle_terminate(request: web.Request) -> web.Response:
+    """``DELETE /{prefix}/{key}/{num}``: termination; staged bytes go, the reservation is released."""
+    target = await resolve_upload(request)
+    _require_tus(request)
+    ctx = target.ctx
+    before = await ctx.registry.terminate_file(target.transfer.key, target.file.num)
+    await discard_files(ctx, target.transfer, [before])
+    log.info("upload %s…/%d of /%s terminated", target.transfer.key[:8], target.file.num, target.mount.prefix)
+    return web.Response(status=204, headers={"Tus-Resumable": TUS_VERSION})
+
+
+async def handle_create(request: web.Request) -> web.Response:
+    """``POST /{prefix}/``: creation (and creation-with-upload) of a one-file transfer."""
+    ctx = request.app[CONTEXT]
+    mount = ctx.mount(request.match_info["prefix"])
+    identity = ctx.identify(request)
+    _require_tus(request)
+    if "Upload-Defer-Length" in request.headers:
+        raise BadRequest("Upload-Defer-Length is not supported: send Upload-Length")
+    length_text = request.headers.get("Upload-Length")
+    if length_text is None:
+        raise BadRequest("Upload-Length is required")
+    metadata = _parse_metadata(request.headers.get("Upload-Metadata", ""))
+    name = metadata.get("filename") or metadata.get("name")
+    if not name:
+        raise BadRequest("Upload-Metadata must name the file (filename)")
+    fields = {"name": name, "size": length_text.strip()}
+    for key in ("md5", "sha256", "checksum"):
+        if metadata.get(key):
+            fields[key] = metadata[key]
+    try:
+        manifest = single_file(fields, ctx.settings.manifest_limits)
+    except ManifestError as exc:
+        raise BadRequest(str(exc.detail).replace("upload ", "Upload-Metadata ", 1)) from None
+    transfer, refused = await register_transfer(ctx, mount, identity, manifest)
+    if transfer is None:
+        raise NotAuthorized(f"the store refused {refused[0]!r}")
+    headers = {**_headers(transfer), "Location": f"/{mount.prefix}/{transfer.key}/0"}
+    log.info("tus upload %s… of %r created in /%s for %s", transfer.key[:8], name, mount.prefix, identity)
+    if request.content_type == OFFSET_CONTENT_TYPE and (request.content_length or request.body_exists):
+        checksum = _parse_checksum(request.headers.get("Upload-Checksum"))
+        target = UploadTarget(ctx, mount, identity, transfer, transfer.files[0])
+        try:
+            offset = await append_resumable(request, target, 0, checksum)
+        except DatastoreError as exc:
+            # The upload exists either way; the client learns its offset and resumes.
+            log.info("creation-with-upload of %r stopped: %s", name, exc.message)
+            found = await ctx.registry.lookup_file(transfer.key, 0)
+            offset = found[1].received if found is not None and found[1] is not None else 0
+        headers["Upload-Offset"] = str(offset)
+    return web.Response(status=201, headers=headers)
+
+
+async def append_resumable(
+    request: web.Request, target: UploadTarget, claimed_offset: int, checksum: tuple[Any, bytes] | None
+) -> int:
+    """Append the request's body to file ``num`` at ``claimed_offset``; return the new offset.
+
+    When the last byte arrives the file is verified and published. A
+    failure keeps the bytes that reached the disk (except a chunk whose
+    checksum did not match, which is cut off); only a failed verification of
+    the whole file discards the upload and releases its reservation.
+    """
+    ctx = target.ctx
+    place = (target.transfer.key, target.file.num)
+    await _supersede(ctx, place)
+    async with claimed_upload(target, resumable=True) as upload:
+        received = upload.before.received if upload.reserved else 0
+        finishing = False
+        digests: Digests | None = None
+        try:
+            if not upload.reserved:
+                await upload.regate()
+            if claimed_offset != received:
+                raise OffsetMismatch(f"the upload is at byte {received}, not {claimed_offset}")
+            length = request.content_length
+            if length is not None and received + length > target.file.size:
+                raise PayloadTooLarge(f"{received} + {length} bytes is more than Upload-Length {target.file.size}")
+            path = await upload.upload_path()
+            await check_space(ctx)
+            digests = await _digests_at(ctx, upload, received)
+            await _append_chunk(request, ctx, upload, digests, checksum)
+            if digests.offset < target.file.size:
+                await upload.pause(digests.offset)
+                return digests.offset
+            finishing = True
+            try:
+                await upload.finish(digests, path)
+            except ChecksumMismatch:
+                raise ChunkChecksumMismatch("the whole file does not match the declared checksum") from None
+            return digests.offset
+        except BaseException as exc:
+            offset = digests.offset if digests is not None else received
+            await asyncio.shield(_after_failure(ctx, upload, exc, finishing=finishing, offset=offset))
+            raise
+
+
+async def _append_chunk(
+    request: web.Request, ctx: StoreContext, upload: FileUpload, digests: Digests, checksum: tuple[Any, bytes] | None
+) -> None:
+    chunk_hash, expected = checksum if checksum is not None else (None, b"")
+    before = digests.copy() if chunk_hash is not None else None
+    await ctx.registry.begin_chunk(*upload.place, verifying=chunk_hash is not None)
+    try:
+        await staging.append(
+            stream_chunks(request, ctx.settings.body_timeout),
+            upload.staging_path,
+            digests,
+            limit=upload.file.size,
+            chunk_size=ctx.settings.chunk_size,
+            fsync=ctx.settings.fsync,
+            chunk_hash=chunk_hash,
+        )
+    except staging.ReadFailed as failure:
+        if before is not None:
+            await _roll_back(ctx, upload, digests, before)
+        raise failure.cause from None
+    except BaseException:
+        if before is not None:
+            await asyncio.shield(_roll_back(ctx, upload, digests, before))
+        raise
+    if chunk_hash is not None and before is not None and chunk_hash.digest() != expected:
+        await _roll_back(ctx, upload, digests, before)
+        raise ChunkChecksumMismatch()
+
+
+async def _after_failure(
+    ctx: StoreContext, upload: FileUpload, exc: BaseException, *, finishing: bool, offset: int
+) -> None:
+    if upload.running.stop_reason == "terminated":
+        return
+    if finishing or isinstance(exc, UploadFileNotFound):
+        await upload.fail(exc)
+    elif not upload.reserved:
+        # Re-gating failed: the file stays released.
+        message = exc.message if isinstance(exc, DatastoreError) else repr(exc)
+        await ctx.registry.release(*upload.place, message)
+    else:
+        await upload.pause(offset)
+
+
+async def _digests_at(ctx: StoreContext, upload: FileUpload, offset: int) -> Digests:
+    """The hash state of the first ``offset`` staged bytes: cached, or re-hashed after a restart."""
+    cached = ctx.digests.get(upload.place)
+    if cached is None or cached.offset != offset:
+        cached = Digests() if offset == 0 else await staging.rehash(upload.staging_path, offset)
+        ctx.digests[upload.place] = cached
+    return cached
+
+
+async def _roll_back(ctx: StoreContext, upload: FileUpload, digests: Digests, before: Digests) -> None:
+    await staging.truncate(upload.staging_path, before.offset, ctx.settings.fsync)
+    digests.restore(before)
+
+
+async def _supersede(ctx: StoreContext, place: tuple[str, int]) -> None:
+    """Stop an older resumable request for the same upload that is still hanging."""
+    running = ctx.running.get(place)
+    if running is not None and running.resumable and not running.task.done():
+        running.stop_reason = "superseded"
+        running.task.cancel()
+        await asyncio.wait([running.task])
+
+
+def _require_tus(request: web.Request) -> None:
+    if request.headers.get("Tus-Resumable") != TUS_VERSION:
+        raise TusVersionUnsupported()
+
+
+def _parse_offset(text: str | None) -> int:
+    if text is None or not text.isascii() or not text.isdigit() or len(text) > 18:
+        raise BadRequest("Upload-Offset must be a non-negative integer")
+    return int(text)
+
+
+def _parse_checksum(text: str | None) -> tuple[Any, bytes] | None:
+    """``Upload-Checksum: sha1 BASE64`` -> (a fresh hash, the expected digest)."""
+    if text is None:
+        return None
+    algorithm, _, encoded = text.strip().partition(" ")
+    if algorithm not in CHECKSUM_ALGORITHMS:
+        raise BadRequest(f"Upload-Checksum algorithm {algorithm!r} is not one of {', '.join(CHECKSUM_ALGORITHMS)}")
+    try:
+        expected = base64.b64decode(encoded.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("Upload-Checksum digest is not base64") from None
+    return hashlib.new(CHECKSUM_ALGORITHMS[algorithm], usedforsecurity=False), expected
+
+
+def _parse_metadata(text: str) -> dict[str, str]:
+    """``Upload-Metadata: filename d29ybGQ=,is_confidential`` -> {"filename": "world", ...}."""
+    metadata: dict[str, str] = {}
+    for pair in text.split(","):
+        pair = pair.strip()
+        if not pair:
+            continue
+        key, _, encoded = pair.partition(" ")
+        try:
+            metadata[key] = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, ValueError):
+            raise BadRequest(f"Upload-Metadata value of {key!r} is not base64 of UTF-8") from None
+    return metadata
+
+
+def _headers(transfer: Transfer) -> dict[str, str]:
+    return {
+        "Tus-Resumable": TUS_VERSION,
+        "Upload-Expires": format_datetime(datetime.fromtimestamp(transfer.expires_at, UTC), usegmt=True),
+    }
