@@ -28,7 +28,13 @@ lint: $(VENV)/.installed-test
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy --strict datastore
 
-test: lint typecheck
+# tus-js-client for the interop tests, pinned by the lock file (Node.js and npm must be installed).
+TUSJS := tests/tusjs
+$(TUSJS)/node_modules/.package-lock.json: $(TUSJS)/package.json $(TUSJS)/package-lock.json
+	@command -v npm >/dev/null || { echo "make test: npm (Node.js) is required for the tus-js-client tests" >&2; exit 1; }
+	cd $(TUSJS) && npm ci --no-audit --no-fund
+
+test: lint typecheck $(TUSJS)/node_modules/.package-lock.json
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
