@@ -26,6 +26,7 @@ import secrets
 import shutil
 import time
 from collections.abc import AsyncIterator, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -276,15 +277,20 @@ def _truncate(path: Path, length: int, fsync: bool) -> None:
 
 
 def _rehash(path: Path, length: int) -> Digests:
-    digests = Digests()
+    """MD5 and SHA-256 of the prefix, each in its own thread (hashlib releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="rehash") as pool:
+        md5 = pool.submit(_hash_prefix, path, length, hashlib.md5(usedforsecurity=False))
+        sha256 = pool.submit(_hash_prefix, path, length, hashlib.sha256())
+        return Digests(md5.result(), sha256.result(), length)
+
+
+def _hash_prefix(path: Path, length: int, digest: Any) -> Any:
     with open(path, "rb") as handle:
         remaining = length
         while remaining:
             block = handle.read(min(_REHASH_BLOCK, remaining))
             if not block:
                 raise OSError(errno.EIO, f"staging file {path.name} is shorter than its recorded offset")
-            digests.md5.update(block)
-            digests.sha256.update(block)
+            digest.update(block)
             remaining -= len(block)
-    digests.offset = length
-    return digests
+    return digest
