@@ -1,0 +1,568 @@
+"""A client for datastore servers: upload (manifest, resumable), download (Range resume), list, status, cancel.
+
+::
+
+    async with DataStoreClient("http://127.0.0.1:8006") as store:
+        results = await store.upload("files", ["report.pdf", "data.csv"])
+        await store.download(results[0].url, Path("copy.pdf"))
+
+Uploads compute each file's MD5 and SHA-256 while reading it, post a JSON
+manifest, and send each file by tus ``PATCH`` in chunks that carry a SHA-256
+``Upload-Checksum``. On a connection error or a 5xx the client waits (bounded
+exponential backoff), asks the server for its offset with ``HEAD`` and goes
+on from there, so nothing is sent twice. Downloads write to ``NAME.part``,
+resume it with ``Range`` + ``If-Range``, verify the server's ``Repr-Digest``
+over the whole file and only then rename it to ``NAME``: a bad file never
+lies under the final name.
+
+A progress callback may cancel, as the AccessGrid client's could: for an
+upload it is called ``progress(name, bytes_sent, total_bytes, file_done,
+transfer_done)``, for a download ``progress(bytes_so_far, total_bytes,
+done)``; returning true stops the transfer (an upload's transfer is
+cancelled on the server too) and raises :class:`Cancelled`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import os
+import re
+import ssl
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+import aiohttp
+
+log = logging.getLogger(__name__)
+
+UploadProgress = Callable[[str, int, int, bool, bool], Any]
+DownloadProgress = Callable[[int, int, bool], Any]
+
+_TUS = {"Tus-Resumable": "1.0.0"}
+_DIGEST_ITEM = re.compile(r"([A-Za-z0-9-]+)=:([A-Za-z0-9+/=]*):")
+
+
+class ClientError(Exception):
+    """Base of the client's errors; the message is one line for a person."""
+
+
+class RequestFailed(ClientError):
+    """The server answered with an error status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status} {message}")
+        self.status = status
+        self.message = message
+
+
+class UploadRefused(RequestFailed):
+    """The store refused the manifest; ``names`` are the refused files."""
+
+    def __init__(self, status: int, message: str, names: Sequence[str]) -> None:
+        super().__init__(status, message)
+        self.names = list(names)
+
+
+class Cancelled(ClientError):
+    """The progress callback asked to stop."""
+
+
+class DigestMismatch(ClientError):
+    """A downloaded file does not match the server's Repr-Digest; it was removed."""
+
+
+class RetriesExhausted(ClientError):
+    """The connection kept failing; the transfer may be resumed later."""
+
+
+@dataclass(frozen=True, slots=True)
+class UploadResult:
+    """One uploaded file, verified by the server."""
+
+    name: str
+    size: int
+    md5: str
+    sha256: str
+    url: str
+    transfer_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadResult:
+    """One downloaded file; ``verified`` when the server sent a digest and it matched."""
+
+    path: Path
+    size: int
+    sha256: str
+    verified: bool
+    resumed_from: int
+
+
+@dataclass(frozen=True, slots=True)
+class LocalFile:
+    """A file to upload, with the digests the manifest declares."""
+
+    path: Path
+    name: str
+    size: int
+    md5: str
+    sha256: str
+
+
+class DataStoreClient:
+    """An async client of one server (``url`` is its base, e.g. ``https://host:8443``).
+
+    ``ssl`` is an SSLContext (with a client certificate for the TLS server),
+    ``identity`` an ``X-Client-DN`` to assert on plain HTTP.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        ssl: ssl.SSLContext | None = None,
+        identity: str | None = None,
+        chunk_size: int = 8 << 20,
+        retries: int = 8,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        timeout: float = 300.0,
+    ) -> None:
+        self.base = url.rstrip("/")
+        self._ssl = ssl
+        self._headers = {"X-Client-DN": identity} if identity is not None else {}
+        self.chunk_size = chunk_size
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> DataStoreClient:
+        connector = aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else True)
+        self._session = aiohttp.ClientSession(connector=connector, headers=self._headers, timeout=self._timeout)
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the connections."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("use 'async with DataStoreClient(...)'")
+        return self._session
+
+    # -- uploads ----------------------------------------------------------------------------
+
+    async def upload(
+        self,
+        prefix: str,
+        paths: Iterable[str | os.PathLike[str]],
+        *,
+        progress: UploadProgress | None = None,
+        resume: str | None = None,
+        on_registered: Callable[[str, list[LocalFile]], Any] | None = None,
+    ) -> list[UploadResult]:
+        """Upload files (directories are walked) under ``prefix``; return a result per file.
+
+        ``resume`` is the key of an earlier, interrupted run with the same
+        files: files already finished are skipped, the others continue from
+        the server's offset. ``on_registered(key, files)`` hears the transfer
+        key and the files as soon as they are registered, before the long
+        part starts.
+        """
+        files = [await asyncio.to_thread(describe_local_file, path) for path in expand_paths(paths)]
+        if not files:
+            raise ClientError("nothing to upload")
+        if resume is None:
+            key, urls = await self._register(prefix, files)
+        else:
+            key, urls = await self._resume(prefix, resume, files)
+        if on_registered is not None:
+            on_registered(key, files)
+        results = []
+        try:
+            for number, local in enumerate(files):
+                last = number == len(files) - 1
+                await self._send(urls[number], local, progress, last)
+                results.append(
+                    UploadResult(
+                        local.name,
+                        local.size,
+                        local.md5,
+                        local.sha256,
+                        f"{self.base}/{prefix}/{quote(local.name, safe='')}",
+                        key,
+                    )
+                )
+        except Cancelled:
+            await self.cancel(key)
+            raise
+        return results
+
+    async def _register(self, prefix: str, files: Sequence[LocalFile]) -> tuple[str, list[str]]:
+        manifest = {"files": [{"name": f.name, "size": f.size, "md5": f.md5, "sha256": f.sha256} for f in files]}
+        async with self.session.post(
+            f"{self.base}/{prefix}/manifest", json=manifest, headers={"Accept": "application/json"}
+        ) as response:
+            body = await _json(response)
+            if response.status == 403 and "files" in body:
+                names = [entry["name"] for entry in body["files"]]
+                raise UploadRefused(403, f"the store refused {', '.join(names)}", names)
+            if response.status != 201:
+                raise RequestFailed(response.status, str(body.get("message", response.reason)))
+        return str(body["transfer_key"]), [str(entry["upload_url"]) for entry in body["files"]]
+
+    async def _resume(self, prefix: str, key: str, files: Sequence[LocalFile]) -> tuple[str, list[str]]:
+        status = await self.status(key)
+        by_name = {entry["name"]: entry for entry in status["files"]}
+        urls = []
+        for local in files:
+            entry = by_name.get(local.name)
+            if entry is None or entry["size"] != local.size:
+                raise ClientError(f"{local.name} is not part of transfer {key} (or its size changed)")
+            urls.append(f"{self.base}/{prefix}/{key}/{entry['num']}")
+        return key, urls
+
+    async def _send(self, url: str, local: LocalFile, progress: UploadProgress | None, last: bool) -> None:
+        """Send one file by tus PATCH from the server's offset, resuming after failures."""
+        failures = 0
+        offset = await self._with_retries(lambda: self._offset(url), "asking for the offset")
+        while True:
+            done = offset >= local.size
+            if progress is not None and progress(local.name, offset, local.size, done, last and done):
+                raise Cancelled("cancelled by the progress callback")
+            if offset >= local.size:
+                return
+            try:
+                offset = await self._patch(url, local, offset)
+                failures = 0
+            except (aiohttp.ClientError, TimeoutError, _Retry) as exc:
+                failures += 1
+                if failures > self.retries:
+                    raise RetriesExhausted(f"{local.name}: giving up after {self.retries} retries: {exc}") from None
+                delay = min(self.max_backoff, self.backoff * 2 ** (failures - 1))
+                log.info("%s: %s; resuming in %.1f s", local.name, exc or type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                offset = await self._with_retries(lambda: self._offset(url), "asking for the offset")
+
+    async def _patch(self, url: str, local: LocalFile, offset: int) -> int:
+        data = await asyncio.to_thread(_read_at, local.path, offset, min(self.chunk_size, local.size - offset))
+        checksum = base64.b64encode(hashlib.sha256(data).digest()).decode()
+        headers = {
+            **_TUS,
+            "Content-Type": "application/offset+octet-stream",
+            "Upload-Offset": str(offset),
+            "Upload-Checksum": f"sha256 {checksum}",
+        }
+        async with self.session.patch(url, data=data, headers=headers) as response:
+            if response.status == 204:
+                return int(response.headers["Upload-Offset"])
+            message = await _message(response)
+            if response.status in (409, 423, 460) or response.status >= 500:
+                if response.status == 460 and "whole file" in message:
+                    raise RequestFailed(460, f"{local.name}: {message} (did the file change while uploading?)")
+                raise _Retry(f"{response.status} {message}")
+            raise RequestFailed(response.status, f"{local.name}: {message}")
+
+    async def _offset(self, url: str) -> int:
+        async with self.session.head(url, headers=_TUS) as response:
+            if response.status >= 500:
+                raise _Retry(f"{response.status} {response.reason}")
+            if response.status != 200:
+                raise RequestFailed(response.status, response.reason or "upload not found")
+            return int(response.headers["Upload-Offset"])
+
+    async def _with_retries(self, call: Callable[[], Any], what: str) -> Any:
+        for attempt in range(self.retries + 1):
+            try:
+                return await call()
+            except (aiohttp.ClientError, TimeoutError, _Retry) as exc:
+                if attempt == self.retries:
+                    raise RetriesExhausted(f"giving up {what} after {self.retries} retries: {exc}") from None
+                await asyncio.sleep(min(self.max_backoff, self.backoff * 2**attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- downloads --------------------------------------------------------------------------
+
+    async def download(
+        self,
+        url: str,
+        dest: str | os.PathLike[str] | None = None,
+        *,
+        resume: bool = True,
+        progress: DownloadProgress | None = None,
+    ) -> DownloadResult:
+        """Download ``url`` (absolute, or a path on this server) to ``dest``.
+
+        ``dest`` defaults to the file's name in the current directory; a
+        directory gets the file's name inside it. A partial ``dest.part``
+        from an earlier attempt is resumed unless ``resume`` is false.
+        """
+        url = url if "://" in url else f"{self.base}/{url.lstrip('/')}"
+        name = unquote(urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
+        target = Path(dest) if dest is not None else Path(name)
+        if await asyncio.to_thread(target.is_dir):
+            target = target / name
+        part = target.with_name(target.name + ".part")
+        validator = target.with_name(target.name + ".part.etag")
+        failures = 0
+        while True:
+            try:
+                return await self._download_once(url, target, part, validator, resume, progress)
+            except (aiohttp.ClientError, TimeoutError, _Retry) as exc:
+                failures += 1
+                if failures > self.retries:
+                    raise RetriesExhausted(f"{name}: giving up after {self.retries} retries: {exc}") from None
+                await asyncio.sleep(min(self.max_backoff, self.backoff * 2 ** (failures - 1)))
+                resume = True
+
+    async def _download_once(
+        self,
+        url: str,
+        target: Path,
+        part: Path,
+        validator: Path,
+        resume: bool,
+        progress: DownloadProgress | None,
+    ) -> DownloadResult:
+        offset, etag = await asyncio.to_thread(_partial_state, part, validator, resume)
+        headers = {"Range": f"bytes={offset}-", "If-Range": etag} if offset and etag else {}
+        async with self.session.get(url, headers=headers) as response:
+            if response.status == 416 and offset:
+                await asyncio.to_thread(_remove, part, validator)
+                raise _Retry("the partial file no longer fits the server's file")
+            if response.status >= 500:
+                raise _Retry(f"{response.status} {response.reason}")
+            if response.status not in (200, 206):
+                raise RequestFailed(response.status, await _message(response))
+            if response.status == 200:
+                offset = 0
+            digests = parse_repr_digest(response.headers.get("Repr-Digest", ""))
+            length = response.content_length
+            total = offset + length if length is not None else -1
+            sha256 = await asyncio.to_thread(_prefix_sha256, part, offset)
+            await asyncio.to_thread(_start_part, part, validator, offset, response.headers.get("ETag"))
+            received = offset
+            handle = await asyncio.to_thread(open, part, "ab")
+            try:
+                async for chunk in response.content.iter_chunked(1 << 20):
+                    await asyncio.to_thread(_write_and_hash, handle, chunk, sha256)
+                    received += len(chunk)
+                    if progress is not None and progress(received, total, False):
+                        raise Cancelled("cancelled by the progress callback")
+            except Cancelled:
+                await asyncio.to_thread(handle.close)
+                await asyncio.to_thread(_remove, part, validator)
+                raise
+            finally:
+                await asyncio.to_thread(handle.close)
+        if length is not None and received != total:
+            raise _Retry(f"the connection ended after {received} of {total} bytes")
+        actual = sha256.hexdigest()
+        expected = digests.get("sha-256")
+        if expected is not None and expected != actual:
+            await asyncio.to_thread(_remove, part, validator)
+            raise DigestMismatch(f"{target.name}: SHA-256 {actual} is not the server's {expected}; removed")
+        await asyncio.to_thread(_finish_part, part, validator, target)
+        if progress is not None:
+            progress(received, received, True)
+        return DownloadResult(target, received, actual, expected is not None, offset)
+
+    # -- the rest ---------------------------------------------------------------------------
+
+    async def list(self, prefix: str) -> list[dict[str, Any]]:
+        """The files of ``prefix`` as the server lists them."""
+        async with self.session.get(f"{self.base}/{prefix}/", headers={"Accept": "application/json"}) as response:
+            body = await _json(response)
+            if response.status != 200:
+                raise RequestFailed(response.status, str(body.get("message", response.reason)))
+        files: list[dict[str, Any]] = body["files"]
+        return files
+
+    async def status(self, key: str) -> dict[str, Any]:
+        """The state of transfer ``key`` with its files."""
+        return await self._transfer("GET", key)
+
+    async def cancel(self, key: str) -> dict[str, Any]:
+        """Cancel transfer ``key``; returns its final state."""
+        return await self._transfer("DELETE", key)
+
+    async def _transfer(self, method: str, key: str) -> dict[str, Any]:
+        url = f"{self.base}/_api/v1/transfers/{quote(key, safe='')}"
+        async with self.session.request(method, url, headers={"Accept": "application/json"}) as response:
+            body = await _json(response)
+            if response.status != 200:
+                raise RequestFailed(response.status, str(body.get("message", response.reason)))
+        return body
+
+
+class SyncDataStoreClient:
+    """The same client for scripts without asyncio: every method blocks."""
+
+    def __init__(self, url: str, **options: Any) -> None:
+        self._runner = asyncio.Runner()
+        self._client = DataStoreClient(url, **options)
+        self._runner.run(self._client.__aenter__())
+
+    def __enter__(self) -> SyncDataStoreClient:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connections and the event loop."""
+        self._runner.run(self._client.close())
+        self._runner.close()
+
+    def upload(self, prefix: str, paths: Iterable[str | os.PathLike[str]], **options: Any) -> list[UploadResult]:
+        """See :meth:`DataStoreClient.upload`."""
+        return self._runner.run(self._client.upload(prefix, paths, **options))
+
+    def download(self, url: str, dest: str | os.PathLike[str] | None = None, **options: Any) -> DownloadResult:
+        """See :meth:`DataStoreClient.download`."""
+        return self._runner.run(self._client.download(url, dest, **options))
+
+    def list(self, prefix: str) -> list[dict[str, Any]]:
+        """See :meth:`DataStoreClient.list`."""
+        return self._runner.run(self._client.list(prefix))
+
+    def status(self, key: str) -> dict[str, Any]:
+        """See :meth:`DataStoreClient.status`."""
+        return self._runner.run(self._client.status(key))
+
+    def cancel(self, key: str) -> dict[str, Any]:
+        """See :meth:`DataStoreClient.cancel`."""
+        return self._runner.run(self._client.cancel(key))
+
+
+def client_ssl_context(cafile: str | None = None, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
+    """A client TLS context: trust ``cafile`` (or the system's), present ``cert``/``key`` if given."""
+    context = ssl.create_default_context(cafile=cafile)
+    if cert is not None:
+        context.load_cert_chain(cert, key)
+    return context
+
+
+def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Files as given, directories walked (sorted, hidden entries skipped)."""
+    expanded: list[Path] = []
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            for root, dirs, names in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                expanded.extend(Path(root) / n for n in sorted(names) if not n.startswith("."))
+        else:
+            expanded.append(path)
+    return expanded
+
+
+def describe_local_file(path: Path) -> LocalFile:
+    """Size, MD5 and SHA-256 of a local file (read once)."""
+    if not path.is_file():
+        raise ClientError(f"{path}: no such file")
+    md5 = hashlib.md5(usedforsecurity=False)
+    sha256 = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while block := handle.read(8 << 20):
+            md5.update(block)
+            sha256.update(block)
+            size += len(block)
+    return LocalFile(path, path.name, size, md5.hexdigest(), sha256.hexdigest())
+
+
+def parse_repr_digest(value: str) -> dict[str, str]:
+    """``sha-256=:B64:, md5=:B64:`` -> {"sha-256": hex, "md5": hex} (RFC 9530)."""
+    digests = {}
+    for algorithm, encoded in _DIGEST_ITEM.findall(value):
+        try:
+            digests[algorithm.lower()] = base64.b64decode(encoded).hex()
+        except ValueError:
+            continue
+    return digests
+
+
+class _Retry(Exception):
+    """A failure worth retrying after a pause."""
+
+
+async def _json(response: aiohttp.ClientResponse) -> dict[str, Any]:
+    try:
+        body = await response.json(content_type=None)
+    except ValueError:
+        return {"message": (await response.text()).strip() or response.reason}
+    return body if isinstance(body, dict) else {"message": str(body)}
+
+
+async def _message(response: aiohttp.ClientResponse) -> str:
+    text = (await response.text()).strip()
+    return text.splitlines()[0] if text else (response.reason or "")
+
+
+def _read_at(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        return handle.read(length)
+
+
+def _partial_state(part: Path, validator: Path, resume: bool) -> tuple[int, str | None]:
+    if resume and part.exists() and validator.exists():
+        return part.stat().st_size, validator.read_text().strip() or None
+    _remove(part, validator)
+    return 0, None
+
+
+def _prefix_sha256(part: Path, offset: int) -> Any:
+    sha256 = hashlib.sha256()
+    if offset:
+        with open(part, "rb") as handle:
+            remaining = offset
+            while remaining and (block := handle.read(min(8 << 20, remaining))):
+                sha256.update(block)
+                remaining -= len(block)
+    return sha256
+
+
+def _start_part(part: Path, validator: Path, offset: int, etag: str | None) -> None:
+    part.parent.mkdir(parents=True, exist_ok=True)
+    with open(part, "r+b" if offset and part.exists() else "wb") as handle:
+        handle.truncate(offset)
+    if etag:
+        validator.write_text(etag)
+    else:
+        validator.unlink(missing_ok=True)
+
+
+def _write_and_hash(handle: Any, chunk: bytes, sha256: Any) -> None:
+    handle.write(chunk)
+    sha256.update(chunk)
+
+
+def _finish_part(part: Path, validator: Path, target: Path) -> None:
+    os.replace(part, target)
+    validator.unlink(missing_ok=True)
+
+
+def _remove(*paths: Path) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
