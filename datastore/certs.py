@@ -28,6 +28,7 @@ import json
 import os
 import re
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -305,8 +306,9 @@ class CertificateDirectory:
     def write_crl(self, *, days: int = 30) -> Path:
         """Rebuild crl.pem from revoked.json.
 
-        Each new CRL is dated at least one second after the previous one, so
-        a server that adds it to its store (without a restart) prefers it.
+        Each new CRL is dated at least one second after the previous one (the
+        call waits out the second if needed), so a server that adds it to its
+        store without a restart prefers it.
         """
         ca = self.load_ca()
         revoked = [
@@ -316,7 +318,11 @@ class CertificateDirectory:
         previous = self.path("crl", "pem")
         if previous.exists():
             earlier = x509.load_pem_x509_crl(previous.read_bytes()).last_update_utc
-            last_update = max(last_update, earlier + datetime.timedelta(seconds=1))
+            # Strictly later than the previous CRL, but never in the future (OpenSSL
+            # would take a CRL from the future as not yet valid): wait out the second.
+            while last_update <= earlier:
+                time.sleep(min(1.0, (earlier - last_update).total_seconds() + 0.05))
+                last_update = now()
         crl = make_crl(ca, revoked, last_update=last_update, days=days)
         _write_public(previous, crl.public_bytes(serialization.Encoding.PEM))
         return previous
