@@ -34,7 +34,17 @@ $(TUSJS)/node_modules/.package-lock.json: $(TUSJS)/package.json $(TUSJS)/package
 	@command -v npm >/dev/null || { echo "make test: npm (Node.js) is required for the tus-js-client tests" >&2; exit 1; }
 	cd $(TUSJS) && npm ci --no-audit --no-fund
 
-test: lint typecheck $(TUSJS)/node_modules/.package-lock.json
+# Debian's Chromium for the browser tests (Playwright drives it; it never downloads a browser).
+.PHONY: chromium
+chromium:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else \
+	    echo "make test: the browser tests need Chromium: run 'apt-get install chromium' as root" >&2; exit 1; \
+	  fi; }
+
+test: lint typecheck $(TUSJS)/node_modules/.package-lock.json chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

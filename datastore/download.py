@@ -23,7 +23,7 @@ from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_request import BaseRequest
 
-from .context import CONTEXT
+from .context import CONTEXT, prefers_json
 from .errors import FileNotFound, NotFound
 from .handlers.interface import StoredFile
 from .names import validate_name
@@ -78,10 +78,42 @@ async def handle_download(request: web.Request) -> web.StreamResponse:
     )
 
 
-async def handle_listing(request: web.Request) -> web.Response:
-    """``GET /{prefix}/``: the published files as JSON, if the handler can list."""
+#: The browser page and its assets, shipped in the package.
+WEB_DIR = pathlib.Path(__file__).parent / "web"
+
+#: The page runs only its own script and talks only to its own origin.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:;"
+        " base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+#: The page's assets: the only files under /_static/.
+ASSETS = {"app.js": "text/javascript", "app.css": "text/css"}
+
+
+async def handle_asset(request: web.Request) -> web.StreamResponse:
+    """``GET /_static/{asset}``: the page's script and style sheet."""
+    asset = request.match_info["asset"]
+    if asset not in ASSETS:
+        raise FileNotFound()
+    return web.FileResponse(
+        WEB_DIR / asset,
+        headers={"Content-Type": f"{ASSETS[asset]}; charset=utf-8", "X-Content-Type-Options": "nosniff"},
+    )
+
+
+async def handle_listing(request: web.Request) -> web.StreamResponse:
+    """``GET /{prefix}/``: the browser page for browsers, else the files as JSON."""
     ctx = request.app[CONTEXT]
     mount = ctx.mount(request.match_info["prefix"])
+    if "text/html" in request.headers.get("Accept", "") and not prefers_json(request):
+        return web.FileResponse(WEB_DIR / "index.html", headers=PAGE_HEADERS)
     if mount.lister is None:
         raise NotFound("this prefix offers no listing")
     identity = ctx.identify(request)

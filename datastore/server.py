@@ -38,7 +38,7 @@ from . import staging
 from .api import handle_health, handle_transfer_cancel, handle_transfer_status
 from .config import Settings, SettingsError, check_prefix
 from .context import CONTEXT, Mount, StoreContext, render_error
-from .download import handle_delete, handle_download, handle_listing
+from .download import handle_asset, handle_delete, handle_download, handle_listing
 from .errors import DatastoreError, FileNotFound, NotAuthorized
 from .handlers.interface import TransferHandler
 from .handlers.legacy import LegacyHandler, LegacyHandlerAdapter
@@ -153,6 +153,7 @@ class TransferServer(abc.ABC):
         app = web.Application(middlewares=[error_middleware])
         app.cleanup_ctx.append(self._lifecycle)
         app.router.add_get("/_api/v1/health", handle_health)
+        app.router.add_get("/_static/{asset}", handle_asset)
         app.router.add_get("/_api/v1/transfers/{key}", handle_transfer_status)
         app.router.add_delete("/_api/v1/transfers/{key}", handle_transfer_cancel)
         app.router.add_post(f"/{_PREFIX}/manifest", handle_manifest)

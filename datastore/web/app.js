@@ -1,0 +1,313 @@
+// The datastore page: list the prefix's files, upload by drag and drop or a file picker.
+// Uploads post a JSON manifest, then send each file by tus PATCH in chunks (with a SHA-256
+// Upload-Checksum where the browser can compute it); after a network failure they ask the
+// server for its offset (HEAD) and go on from there, with growing pauses between tries.
+"use strict";
+
+const CHUNK = 8 * 1024 * 1024;
+const HASH_LIMIT = 64 * 1024 * 1024; // whole-file SHA-256 declared in the manifest up to this size
+const RETRY_DELAYS = [500, 1000, 2000, 4000, 8000, 15000, 30000];
+
+const prefix = decodeURIComponent(location.pathname.split("/").filter(Boolean)[0] || "");
+const base = `/${encodeURIComponent(prefix)}/`;
+const $ = (selector) => document.querySelector(selector);
+
+class UploadError extends Error {
+  constructor(message, retryable) {
+    super(message);
+    this.retryable = retryable;
+  }
+}
+
+function identityHeaders(extra = {}) {
+  const headers = { ...extra };
+  const identity = $("#identity").value.trim();
+  if (identity) headers["X-Client-DN"] = identity;
+  return headers;
+}
+
+function human(bytes) {
+  const units = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+  let value = bytes;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit += 1;
+  }
+  return unit === 0 ? `${bytes} bytes` : `${value.toFixed(1)} ${units[unit]}`;
+}
+
+function say(message) {
+  $("#status").textContent = message;
+}
+
+async function errorMessage(response) {
+  const text = await response.text();
+  try {
+    const body = JSON.parse(text);
+    if (body.message) return body.message;
+  } catch (_) {
+    // not JSON: the first line of the text body
+  }
+  return (text.split("\n")[0] || response.statusText || `HTTP ${response.status}`).trim();
+}
+
+// -- the file list ------------------------------------------------------------------------
+
+async function refreshList() {
+  const response = await fetch(base, { headers: identityHeaders({ Accept: "application/json" }), cache: "no-store" });
+  if (!response.ok) {
+    say(`Could not list the files: ${await errorMessage(response)}`);
+    return;
+  }
+  const { files } = await response.json();
+  const body = $("#files tbody");
+  body.replaceChildren(
+    ...files.map((file) => {
+      const row = document.createElement("tr");
+      const link = document.createElement("a");
+      link.href = base + encodeURIComponent(file.name);
+      link.textContent = file.name;
+      link.setAttribute("download", file.name);
+      const cells = [
+        link,
+        human(file.size),
+        file.owner || "anonymous",
+        new Date(file.uploaded_at * 1000).toLocaleString(),
+        file.sha256,
+      ];
+      const classes = ["name", "size", "owner", "time", "digest"];
+      cells.forEach((content, index) => {
+        const cell = document.createElement("td");
+        cell.className = classes[index];
+        if (typeof content === "string") cell.textContent = content;
+        else cell.append(content);
+        row.append(cell);
+      });
+      return row;
+    }),
+  );
+  $("#empty").hidden = files.length > 0;
+}
+
+// -- uploads --------------------------------------------------------------------------------
+
+function makeRow(file) {
+  const item = $("#upload-row").content.firstElementChild.cloneNode(true);
+  item.querySelector(".name").textContent = file.name;
+  const bar = item.querySelector("progress");
+  bar.max = Math.max(file.size, 1);
+  bar.setAttribute("aria-label", `Upload of ${file.name}`);
+  $("#uploads").append(item);
+  return {
+    item,
+    progress(sent) {
+      bar.value = sent;
+      item.querySelector(".numbers").textContent = `${human(sent)} of ${human(file.size)}`;
+    },
+    message(text, state) {
+      item.querySelector(".message").textContent = text;
+      if (state) item.classList.add(state);
+    },
+  };
+}
+
+async function sha256Base64(buffer) {
+  const digest = await crypto.subtle.digest("SHA-256", buffer);
+  return btoa(String.fromCharCode(...new Uint8Array(digest)));
+}
+
+async function sha256Hex(file) {
+  const digest = await crypto.subtle.digest("SHA-256", await file.arrayBuffer());
+  return Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+async function uploadFiles(list) {
+  const files = Array.from(list);
+  if (files.length === 0) return;
+  const rows = files.map(makeRow);
+  const sent = files.map(() => 0);
+  const total = files.reduce((sum, file) => sum + file.size, 0);
+  const overall = $("#overall-progress");
+  $("#overall").hidden = files.length < 2;
+  overall.max = Math.max(total, 1);
+  const update = () => {
+    const done = sent.reduce((a, b) => a + b, 0);
+    overall.value = done;
+    $("#overall-text").textContent = `${human(done)} of ${human(total)}`;
+  };
+  rows.forEach((row, index) => row.progress(0));
+
+  say(`Preparing ${files.length} file(s)…`);
+  const canHash = Boolean(globalThis.crypto && crypto.subtle);
+  const entries = [];
+  for (const file of files) {
+    const entry = { name: file.name, size: file.size };
+    if (canHash && file.size <= HASH_LIMIT) entry.sha256 = await sha256Hex(file);
+    entries.push(entry);
+  }
+  const response = await fetch(base + "manifest", {
+    method: "POST",
+    headers: identityHeaders({ "Content-Type": "application/json", Accept: "application/json" }),
+    body: JSON.stringify({ files: entries }),
+  });
+  if (response.status !== 201) {
+    const text = await response.text();
+    let body = {};
+    try {
+      body = JSON.parse(text);
+    } catch (_) {
+      body = { message: text.trim() };
+    }
+    const refused = new Set((body.files || []).map((entry) => entry.name));
+    rows.forEach((row, index) => {
+      const reason = refused.has(files[index].name)
+        ? "Refused by the store: a file of this name exists or is being uploaded."
+        : body.message || `The store answered ${response.status}.`;
+      row.message(reason, "failed");
+    });
+    say(`Upload refused: ${body.message || response.statusText}`);
+    return;
+  }
+  const manifest = await response.json();
+  let failures = 0;
+  for (const [index, file] of files.entries()) {
+    const row = rows[index];
+    try {
+      await sendFile(file, manifest.files[index].upload_url, row, (bytes) => {
+        sent[index] = bytes;
+        row.progress(bytes);
+        update();
+      });
+      row.message("Uploaded and verified.", "done");
+    } catch (error) {
+      failures += 1;
+      row.message(error.message, "failed");
+    }
+  }
+  say(failures ? `${failures} of ${files.length} file(s) failed.` : `${files.length} file(s) uploaded.`);
+  await refreshList();
+}
+
+async function sendFile(file, url, row, progress) {
+  let offset = await withRetries(() => headOffset(url), row);
+  progress(offset);
+  let attempt = 0;
+  while (offset < file.size) {
+    const buffer = await file.slice(offset, offset + CHUNK).arrayBuffer();
+    const checksum = globalThis.crypto && crypto.subtle ? await sha256Base64(buffer) : null;
+    try {
+      const start = offset;
+      offset = await patch(url, offset, buffer, checksum, (loaded) => progress(start + loaded));
+      attempt = 0;
+      row.message("");
+    } catch (error) {
+      if (!error.retryable) throw error;
+      if (attempt >= RETRY_DELAYS.length) throw new UploadError(`Gave up after repeated failures: ${error.message}`);
+      const delay = RETRY_DELAYS[attempt];
+      attempt += 1;
+      row.message(`${error.message} — resuming in ${delay / 1000} s…`);
+      await new Promise((resolve) => setTimeout(resolve, delay));
+      offset = await withRetries(() => headOffset(url), row);
+    }
+    progress(offset);
+  }
+}
+
+async function withRetries(call, row) {
+  for (let attempt = 0; ; attempt += 1) {
+    try {
+      return await call();
+    } catch (error) {
+      if (!error.retryable || attempt >= RETRY_DELAYS.length) throw error;
+      row.message(`${error.message} — retrying…`);
+      await new Promise((resolve) => setTimeout(resolve, RETRY_DELAYS[attempt]));
+    }
+  }
+}
+
+async function headOffset(url) {
+  let response;
+  try {
+    response = await fetch(url, { method: "HEAD", headers: identityHeaders({ "Tus-Resumable": "1.0.0" }), cache: "no-store" });
+  } catch (error) {
+    throw new UploadError("The connection failed", true);
+  }
+  if (response.status === 200) return Number(response.headers.get("Upload-Offset"));
+  if (response.status === 410) throw new UploadError("The upload expired or was cancelled.", false);
+  if (response.status >= 500) throw new UploadError(`The store answered ${response.status}`, true);
+  throw new UploadError(`The store answered ${response.status} ${response.statusText}`, false);
+}
+
+function patch(url, offset, buffer, checksum, progress) {
+  return new Promise((resolve, reject) => {
+    const request = new XMLHttpRequest();
+    request.open("PATCH", url);
+    const headers = identityHeaders({
+      "Tus-Resumable": "1.0.0",
+      "Content-Type": "application/offset+octet-stream",
+      "Upload-Offset": String(offset),
+    });
+    if (checksum) headers["Upload-Checksum"] = `sha256 ${checksum}`;
+    for (const [name, value] of Object.entries(headers)) request.setRequestHeader(name, value);
+    request.upload.onprogress = (event) => progress(event.loaded);
+    request.onerror = () => reject(new UploadError("The connection failed", true));
+    request.ontimeout = () => reject(new UploadError("The connection timed out", true));
+    request.onload = () => {
+      const status = request.status;
+      if (status === 204) {
+        resolve(Number(request.getResponseHeader("Upload-Offset")));
+        return;
+      }
+      const message = (request.responseText.split("\n")[0] || request.statusText).trim();
+      if (status === 460 && message.includes("whole file")) {
+        reject(new UploadError("Checksum mismatch: the file does not match what was announced; it was discarded.", false));
+      } else if (status === 409 || status === 423 || status === 460 || status >= 500) {
+        reject(new UploadError(`The store answered ${status} ${message}`, true));
+      } else if (status === 410) {
+        reject(new UploadError("The upload expired or was cancelled.", false));
+      } else {
+        reject(new UploadError(`The store answered ${status}: ${message}`, false));
+      }
+    };
+    request.send(buffer);
+  });
+}
+
+// -- wiring ---------------------------------------------------------------------------------
+
+function start() {
+  $("#prefix-name").textContent = `/${prefix}/`;
+  document.title = `datastore /${prefix}/`;
+  const identity = $("#identity");
+  identity.value = localStorage.getItem("datastore.identity") || "";
+  identity.addEventListener("change", () => localStorage.setItem("datastore.identity", identity.value.trim()));
+
+  const zone = $("#drop-zone");
+  const input = $("#file-input");
+  zone.addEventListener("click", () => input.click());
+  zone.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") {
+      event.preventDefault();
+      input.click();
+    }
+  });
+  zone.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    zone.classList.add("over");
+  });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("over");
+    uploadFiles(event.dataTransfer.files).catch((error) => say(`Upload failed: ${error.message}`));
+  });
+  input.addEventListener("change", () => {
+    const files = Array.from(input.files);
+    input.value = "";
+    uploadFiles(files).catch((error) => say(`Upload failed: ${error.message}`));
+  });
+  refreshList().catch((error) => say(`Could not list the files: ${error.message}`));
+}
+
+document.addEventListener("DOMContentLoaded", start);

@@ -1,0 +1,169 @@
+"""The browser page in a real headless Chromium (Debian's), driven by Playwright.
+
+These tests never skip: without Chromium they fail and say how to install it
+(``make test`` installs it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Browser, Page, Route, async_playwright, expect
+
+from .conftest import MakeStore
+from .harness import Store
+
+CHROMIUM = os.environ.get("DATASTORE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    if not os.path.exists(CHROMIUM):  # noqa: ASYNC240 - a one-off check before the browser starts
+        pytest.fail(f"Chromium not found at {CHROMIUM}: run 'make test' (it installs Debian's chromium)")
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+async def open_page(browser: Browser, store: Store) -> Page:
+    context = await browser.new_context(accept_downloads=True)
+    page = await context.new_page()
+    await page.goto(str(store.client.make_url("/files/")))
+    await expect(page.get_by_role("heading", level=1)).to_contain_text("/files/")
+    return page
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+async def test_upload_two_files_with_the_picker_then_download_one(
+    make_store: MakeStore, browser: Browser, tmp_path: Path
+) -> None:
+    store = await make_store()
+    first = write(tmp_path / "notes.txt", b"minutes of the meeting\n" * 1000)
+    second = write(tmp_path / "résumé.bin", os.urandom(3 << 20))
+    page = await open_page(browser, store)
+
+    await page.set_input_files("#file-input", [str(first), str(second)])
+
+    await expect(page.get_by_role("status")).to_have_text("2 file(s) uploaded.", timeout=30_000)
+    rows = page.locator("#files tbody tr")
+    await expect(rows).to_have_count(2)
+    await expect(rows.nth(0)).to_contain_text("notes.txt")
+    await expect(rows.nth(1)).to_contain_text("résumé.bin")
+    await expect(rows.nth(1)).to_contain_text(hashlib.sha256(second.read_bytes()).hexdigest())
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "browser-after-upload.png"), full_page=True)
+
+    async with page.expect_download() as waiting:
+        await page.get_by_role("link", name="résumé.bin").click()
+    download = await waiting.value
+    saved = tmp_path / "downloaded.bin"
+    await download.save_as(saved)
+    assert saved.read_bytes() == second.read_bytes()
+    listing = await (await store.client.get("/files/")).json()
+    assert sorted(f["name"] for f in listing["files"]) == ["notes.txt", "résumé.bin"]
+
+
+async def test_a_dropped_connection_resumes_instead_of_restarting(
+    make_store: MakeStore, browser: Browser, tmp_path: Path
+) -> None:
+    store = await make_store()
+    content = os.urandom(20 << 20)  # three 8 MiB chunks
+    big = write(tmp_path / "big.bin", content)
+    page = await open_page(browser, store)
+    patches: list[str] = []
+    heads: list[str] = []
+
+    async def cut_the_second_patch(route: Route) -> None:
+        request = route.request
+        if request.method == "HEAD":
+            heads.append(request.url)
+        if request.method == "PATCH":
+            patches.append(request.headers.get("upload-offset", ""))
+            if len(patches) == 2:
+                await route.abort("connectionreset")
+                return
+        await route.continue_()
+
+    await page.route("**/files/*/0", cut_the_second_patch)
+    await page.set_input_files("#file-input", [str(big)])
+
+    await expect(page.get_by_role("status")).to_have_text("1 file(s) uploaded.", timeout=60_000)
+    # The failed chunk was sent again from the server's offset: no byte before it went twice.
+    assert patches == ["0", str(8 << 20), str(8 << 20), str(16 << 20)]
+    assert len(heads) == 2
+    response = await store.client.get("/files/big.bin")
+    assert hashlib.sha256(await response.read()).digest() == hashlib.sha256(content).digest()
+
+
+async def test_a_refused_upload_says_why(make_store: MakeStore, browser: Browser, tmp_path: Path) -> None:
+    store = await make_store()
+    key = await store.register([("taken.txt", b"first")])
+    assert (await store.put(key, 0, b"first"))[0] == 200
+    page = await open_page(browser, store)
+
+    await page.set_input_files("#file-input", [str(write(tmp_path / "taken.txt", b"second"))])
+
+    await expect(page.locator(".upload.failed .message")).to_contain_text("Refused by the store")
+    await expect(page.get_by_role("status")).to_contain_text("Upload refused")
+    assert await (await store.client.get("/files/taken.txt")).read() == b"first"
+
+
+async def test_the_drop_zone_opens_the_file_picker_from_the_keyboard(make_store: MakeStore, browser: Browser) -> None:
+    store = await make_store()
+    page = await open_page(browser, store)
+
+    zone = page.get_by_role("button", name="Drop files here or choose files")
+    async with page.expect_file_chooser() as waiting:
+        await zone.press("Enter")
+    chooser = await waiting.value
+    assert chooser.is_multiple()
+    await expect(page.get_by_label("Your identity")).to_be_visible()
+
+
+async def test_the_identity_field_is_sent_as_x_client_dn(
+    make_store: MakeStore, browser: Browser, tmp_path: Path
+) -> None:
+    store = await make_store()
+    page = await open_page(browser, store)
+    await page.get_by_label("Your identity").fill("/O=Lab/CN=Ada")
+    await page.get_by_label("Your identity").dispatch_event("change")
+
+    await page.set_input_files("#file-input", [str(write(tmp_path / "ada.txt", b"by Ada"))])
+
+    await expect(page.get_by_role("status")).to_have_text("1 file(s) uploaded.", timeout=30_000)
+    await expect(page.locator("#files tbody tr")).to_contain_text("/O=Lab/CN=Ada")
+
+
+async def test_the_page_forbids_foreign_scripts_and_framing(make_store: MakeStore) -> None:
+    store = await make_store()
+    response = await store.client.get("/files/", headers={"Accept": "text/html"})
+    assert response.status == 200
+    assert response.content_type == "text/html"
+    policy = response.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in policy
+    assert "frame-ancestors 'none'" in policy
+    # A client that asks for JSON (or anything else, like curl's */*) still gets the listing.
+    assert (await store.client.get("/files/", headers={"Accept": "*/*"})).content_type == "application/json"
