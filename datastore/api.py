@@ -10,6 +10,7 @@ or cancel it.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from aiohttp import web
@@ -17,7 +18,7 @@ from aiohttp import web
 from .context import CONTEXT, StoreContext
 from .errors import Conflict, IdentityMismatch, TransferExpired, TransferNotFound
 from .transfers import Transfer, TransferState
-from .upload import cancel_transfer, iso_time
+from .upload import cancel_transfer, expire_transfers, iso_time
 
 
 async def handle_health(request: web.Request) -> web.Response:
@@ -76,9 +77,16 @@ def transfer_status(transfer: Transfer) -> dict[str, Any]:
 
 async def _owned_transfer(ctx: StoreContext, request: web.Request) -> Transfer:
     identity = ctx.identify(request)
-    transfer = await ctx.registry.lookup(request.match_info["key"])
+    key = request.match_info["key"]
+    transfer = await ctx.registry.lookup(key)
     if transfer is None:
         raise TransferNotFound()
     if transfer.owner != identity:
         raise IdentityMismatch()
+    if transfer.state is TransferState.OPEN and transfer.expired(time.time()):
+        # Its lifetime passed since the last sweep: expire it now, as the sweeper will.
+        await expire_transfers(ctx)
+        transfer = await ctx.registry.lookup(key)
+        if transfer is None:
+            raise TransferNotFound()
     return transfer

@@ -113,10 +113,10 @@ class TransferFile:
         """The state a client sees for this file."""
         if self.state is FileState.PUBLISHED:
             return "FINISHED"
-        if self.state is FileState.CANCELLED or transfer_state is TransferState.CANCELLED:
-            return "CANCELLED"
         if transfer_state is TransferState.EXPIRED:
             return "EXPIRED"
+        if self.state is FileState.CANCELLED or transfer_state is TransferState.CANCELLED:
+            return "CANCELLED"
         if self.state is FileState.RELEASED:
             return "FAILED"
         if self.state is FileState.UPLOADING or self.received > 0:
