@@ -28,7 +28,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from aiohttp import BodyPartReader, web
 
@@ -62,6 +62,8 @@ from .staging import Digests
 from .transfers import FileState, Transfer, TransferFile, TransferState
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Room allowed for the multipart framing around a form's file.
 FORM_OVERHEAD = 64 << 10
@@ -438,7 +440,7 @@ def _body_chunks(request: web.Request, size: int, ctx: StoreContext) -> AsyncIte
     return stream_chunks(request, settings.body_timeout)
 
 
-async def next_chunk(read: Awaitable[bytes], timeout: float) -> bytes:
+async def next_chunk(read: Awaitable[T], timeout: float) -> T:
     """One read of a body, bounded by ``timeout`` seconds of silence."""
     try:
         async with asyncio.timeout(timeout):
@@ -447,6 +449,8 @@ async def next_chunk(read: Awaitable[bytes], timeout: float) -> bytes:
         raise RequestTimeout(f"no data for {timeout:g} s") from None
     except DatastoreError:
         raise
+    except ValueError as exc:  # aiohttp's multipart parser reports bad framing so
+        raise BadRequest(f"malformed body: {exc}") from None
     except Exception as exc:  # any failure of the transport: the body is cut short
         raise IncompleteUpload(f"the connection failed: {exc}") from None
 
@@ -462,7 +466,7 @@ async def _form_file_chunks(request: web.Request, timeout: float, chunk_size: in
     reader = await request.multipart()
     skipped = 0
     while True:
-        part = await _next_part(reader.next(), timeout)
+        part = await next_chunk(reader.next(), timeout)
         if part is None:
             raise BadRequest("the form has no file field")
         if not isinstance(part, BodyPartReader):
@@ -476,16 +480,6 @@ async def _form_file_chunks(request: web.Request, timeout: float, chunk_size: in
             skipped += len(chunk)
             if skipped > FORM_OVERHEAD:
                 raise PayloadTooLarge("the form's other fields are too large")
-
-
-async def _next_part(read: Awaitable[Any], timeout: float) -> Any:
-    try:
-        async with asyncio.timeout(timeout):
-            return await read
-    except TimeoutError:
-        raise RequestTimeout(f"no data for {timeout:g} s") from None
-    except ValueError as exc:  # aiohttp's multipart parser reports bad framing so
-        raise BadRequest(f"malformed multipart body: {exc}") from None
 
 
 async def _read_bounded(request: web.Request, limit: int, timeout: float) -> bytes:
