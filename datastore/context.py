@@ -63,6 +63,18 @@ class RunningUpload:
     #: Set by whoever cancels the task: "terminated" (cleanup is theirs) or
     #: "superseded" (a newer request of the same client takes over; keep the bytes).
     stop_reason: str | None = None
+    #: Set once every byte is staged and verification and publishing began:
+    #: from then on the upload is waited for, never cancelled.
+    finishing: bool = False
+
+    async def stop(self, reason: str) -> None:
+        """Stop the request (or, once it is finishing, let it finish) and wait for it."""
+        if self.task.done():
+            return
+        if not self.finishing:
+            self.stop_reason = reason
+            self.task.cancel()
+        await asyncio.wait([self.task])
 
 
 @dataclass(slots=True)

@@ -25,15 +25,17 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from .errors import PayloadTooLarge
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _STAGING_NAME = re.compile(r"^(?P<key>[0-9a-f]{40})\.(?P<num>[0-9]{1,9})\.part$")
 _REHASH_BLOCK = 8 << 20
@@ -105,21 +107,47 @@ async def append(
             buffer += chunk
             if len(buffer) >= chunk_size:
                 if pending is not None:
-                    await pending
+                    await uncancellable(pending)
                 pending = loop.run_in_executor(None, _write_and_hash, handle, buffer, digests, chunk_hash)
                 buffer = bytearray()
-        if pending is not None:
-            await pending
-            pending = None
         if buffer:
-            await loop.run_in_executor(None, _write_and_hash, handle, buffer, digests, chunk_hash)
+            if pending is not None:
+                await uncancellable(pending)
+            pending = loop.run_in_executor(None, _write_and_hash, handle, buffer, digests, chunk_hash)
+        if pending is not None:
+            await uncancellable(pending)
+            pending = None
         if read_failure is not None:
             raise ReadFailed(read_failure)
     finally:
+        # A write runs on in its thread even if this task is cancelled: never
+        # settle the file (nor let anyone read digests) before it has ended.
         if pending is not None:
-            # Never settle the file under a write still running in a thread.
-            await asyncio.gather(pending, return_exceptions=True)
-        await asyncio.to_thread(_settle, handle, digests.offset, fsync)
+            with contextlib.suppress(Exception):
+                await uncancellable(pending)
+        await uncancellable(asyncio.to_thread(_settle, handle, digests.offset, fsync))
+
+
+async def uncancellable(work: Awaitable[T]) -> T:
+    """Await ``work`` to its end even if this task is cancelled meanwhile.
+
+    Work in a thread cannot be stopped, and what it changes (a file, the
+    running digests) must be settled before anyone else looks. A
+    cancellation that arrives meanwhile is raised once the work is done.
+    """
+    future = asyncio.ensure_future(work)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if future.cancelled():
+                raise
+            cancelled = True
+            continue
+        if cancelled:
+            raise asyncio.CancelledError()
+        return result
 
 
 async def rehash(path: Path, length: int) -> Digests:

@@ -16,7 +16,6 @@ an upload whose old request is still hanging takes over from it.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
@@ -210,7 +209,7 @@ async def append_resumable(
             return digests.offset
         except BaseException as exc:
             offset = digests.offset if digests is not None else received
-            await asyncio.shield(_after_failure(ctx, upload, exc, finishing=finishing, offset=offset))
+            await staging.uncancellable(_after_failure(ctx, upload, exc, finishing=finishing, offset=offset))
             raise
 
 
@@ -232,14 +231,14 @@ async def _append_chunk(
         )
     except staging.ReadFailed as failure:
         if before is not None:
-            await _roll_back(ctx, upload, digests, before)
+            await staging.uncancellable(_roll_back(ctx, upload, digests, before))
         raise failure.cause from None
     except BaseException:
         if before is not None:
-            await asyncio.shield(_roll_back(ctx, upload, digests, before))
+            await staging.uncancellable(_roll_back(ctx, upload, digests, before))
         raise
     if chunk_hash is not None and before is not None and chunk_hash.digest() != expected:
-        await _roll_back(ctx, upload, digests, before)
+        await staging.uncancellable(_roll_back(ctx, upload, digests, before))
         raise ChunkChecksumMismatch()
 
 
@@ -273,12 +272,14 @@ async def _roll_back(ctx: StoreContext, upload: FileUpload, digests: Digests, be
 
 
 async def _supersede(ctx: StoreContext, place: tuple[str, int]) -> None:
-    """Stop an older resumable request for the same upload that is still hanging."""
+    """Stop an older resumable request for the same upload that is still hanging.
+
+    One that is already verifying and publishing the complete file is waited
+    for instead; the newer request then finds the file published (409).
+    """
     running = ctx.running.get(place)
-    if running is not None and running.resumable and not running.task.done():
-        running.stop_reason = "superseded"
-        running.task.cancel()
-        await asyncio.wait([running.task])
+    if running is not None and running.resumable:
+        await running.stop("superseded")
 
 
 def _require_tus(request: web.Request) -> None:

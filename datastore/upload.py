@@ -185,7 +185,7 @@ async def handle_upload(request: web.Request) -> web.Response:
                 raise failure.cause from None
             verified = await upload.finish(digests, path)
         except BaseException as exc:
-            await asyncio.shield(upload.fail(exc))
+            await staging.uncancellable(upload.fail(exc))
             raise
     if prefers_json(request):
         return web.json_response(
@@ -320,6 +320,7 @@ class FileUpload:
 
     async def finish(self, digests: Digests, path: Path) -> FileInfo:
         """Verify the staged file against the manifest, publish it, record it."""
+        self.running.finishing = True
         if digests.offset != self.file.size:
             raise SizeMismatch(f"received {digests.offset} bytes, the manifest declares {self.file.size}")
         md5, sha256 = digests.md5.hexdigest(), digests.sha256.hexdigest()
@@ -327,7 +328,9 @@ class FileUpload:
             self.file.sha256 is not None and sha256 != self.file.sha256
         ):
             raise ChecksumMismatch()
-        await asyncio.to_thread(staging.publish, self.staging_path, path, self.ctx.settings.fsync)
+        await staging.uncancellable(
+            asyncio.to_thread(staging.publish, self.staging_path, path, self.ctx.settings.fsync)
+        )
         self._published = path
         verified = FileInfo(self.file.name, digests.offset, md5, sha256)
         await self.mount.handler.complete_upload(self.identity, verified)
@@ -375,18 +378,12 @@ async def discard_files(ctx: StoreContext, before: Transfer, files: list[Transfe
     """Stop ``files`` of a transfer the registry has just ended, and release them.
 
     Running uploads of these files in this process are cancelled (and waited
-    for); their staged bytes are removed; the handler's reservations are
-    cancelled.
+    for; one already publishing is let finish); their staged bytes are
+    removed; the handler's reservations are cancelled.
     """
-    stopping = []
-    for file in files:
-        running = ctx.running.get((before.key, file.num))
-        if running is not None:
-            running.stop_reason = "terminated"
-            running.task.cancel()
-            stopping.append(running.task)
-    if stopping:
-        await asyncio.wait(stopping)
+    running = [ctx.running[(before.key, f.num)] for f in files if (before.key, f.num) in ctx.running]
+    # An upload already publishing is let finish: its file was complete and verified.
+    await asyncio.gather(*(upload.stop("terminated") for upload in running))
     for file in files:
         ctx.digests.pop((before.key, file.num), None)
     await staging.discard(ctx.staging_path(before.key, file.num) for file in files)
