@@ -8,8 +8,9 @@ folder. This module owns the disk side of it, with one invariant: when
 That is what lets a resumable upload continue after a dropped connection,
 and (re-hashing the staged prefix, :func:`rehash`) after a crash.
 
-Network reads overlap disk writes and hashing: while one buffer is written
-and hashed in a worker thread (hashlib releases the GIL on large buffers),
+Network reads overlap disk writes and hashing, and the two digests overlap
+each other: while one buffer is written, MD5-hashed and SHA-256-hashed in
+three worker threads at once (hashlib releases the GIL on large buffers),
 the next one is received.
 """
 
@@ -108,12 +109,12 @@ async def append(
             if len(buffer) >= chunk_size:
                 if pending is not None:
                     await uncancellable(pending)
-                pending = loop.run_in_executor(None, _write_and_hash, handle, buffer, digests, chunk_hash)
+                pending = asyncio.ensure_future(_store(loop, handle, buffer, digests, chunk_hash))
                 buffer = bytearray()
         if buffer:
             if pending is not None:
                 await uncancellable(pending)
-            pending = loop.run_in_executor(None, _write_and_hash, handle, buffer, digests, chunk_hash)
+            pending = asyncio.ensure_future(_store(loop, handle, buffer, digests, chunk_hash))
         if pending is not None:
             await uncancellable(pending)
             pending = None
@@ -274,17 +275,38 @@ def _open_for_append(path: Path, offset: int) -> IO[bytes]:
     return handle
 
 
-def _write_and_hash(handle: IO[bytes], data: bytearray, digests: Digests, chunk_hash: Any) -> None:
+async def _store(
+    loop: asyncio.AbstractEventLoop, handle: IO[bytes], data: bytearray, digests: Digests, chunk_hash: Any
+) -> None:
+    """Write ``data`` and hash it with every digest, all in parallel threads.
+
+    If the write fails, the digests go back to the last byte written.
+    """
+    before = digests.copy()
+    results = await asyncio.gather(
+        loop.run_in_executor(None, _write_all, handle, data),
+        loop.run_in_executor(None, digests.md5.update, data),
+        loop.run_in_executor(None, _update_all, (digests.sha256, chunk_hash), data),
+        return_exceptions=True,
+    )
+    for result in results:
+        if isinstance(result, BaseException):
+            digests.restore(before)
+            raise result
+    digests.offset += len(data)
+
+
+def _write_all(handle: IO[bytes], data: bytearray) -> None:
     view = memoryview(data)
     while view:
         written = handle.write(view)
         view = view[written or 0 :]
-    # Hashed only once written, so a failed write leaves digests at the last good byte.
-    digests.md5.update(data)
-    digests.sha256.update(data)
-    if chunk_hash is not None:
-        chunk_hash.update(data)
-    digests.offset += len(data)
+
+
+def _update_all(hashes: tuple[Any, ...], data: bytearray) -> None:
+    for digest in hashes:
+        if digest is not None:
+            digest.update(data)
 
 
 def _settle(handle: IO[bytes], offset: int, fsync: bool) -> None:
