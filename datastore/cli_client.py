@@ -208,6 +208,9 @@ def _progress(console: Console, quiet: bool) -> Progress:
         TransferSpeedColumn(),
         TimeRemainingColumn(),
         console=console,
-        disable=quiet,
-        transient=False,
+        # Bars only for a person at a terminal; logs and pipes get the results alone.
+        disable=quiet or not console.is_terminal,
+        # The bars go when the command ends, so a failure is one line and a
+        # success ends with the results alone.
+        transient=True,
     )

@@ -186,7 +186,8 @@ class DataStoreClient:
         key and the files as soon as they are registered, before the long
         part starts.
         """
-        files = [await asyncio.to_thread(describe_local_file, path) for path in expand_paths(paths)]
+        given = list(paths)
+        files = await asyncio.to_thread(lambda: [describe_local_file(path) for path in expand_paths(given)])
         if not files:
             raise ClientError("nothing to upload")
         if resume is None:
@@ -243,6 +244,13 @@ class DataStoreClient:
         """Send one file by tus PATCH from the server's offset, resuming after failures."""
         failures = 0
         offset = await self._with_retries(lambda: self._offset(url), "asking for the offset")
+        if local.size == 0:
+            # Nothing to append, but the empty file still has to be sent to be published.
+            await self._with_retries(lambda: self._send_empty(url, local), "sending an empty file")
+            offset = 0
+            if progress is not None and progress(local.name, 0, 0, True, last):
+                raise Cancelled("cancelled by the progress callback")
+            return
         while True:
             done = offset >= local.size
             if progress is not None and progress(local.name, offset, local.size, done, last and done):
@@ -277,6 +285,16 @@ class DataStoreClient:
             if response.status in (409, 423, 460) or response.status >= 500:
                 if response.status == 460 and "whole file" in message:
                     raise RequestFailed(460, f"{local.name}: {message} (did the file change while uploading?)")
+                raise _Retry(f"{response.status} {message}")
+            raise RequestFailed(response.status, f"{local.name}: {message}")
+
+    async def _send_empty(self, url: str, local: LocalFile) -> None:
+        headers = {**_TUS, "Content-Type": "application/offset+octet-stream", "Upload-Offset": "0"}
+        async with self.session.patch(url, data=b"", headers=headers) as response:
+            if response.status in (204, 409):  # 409: published by an earlier run
+                return
+            message = await _message(response)
+            if response.status >= 500:
                 raise _Retry(f"{response.status} {message}")
             raise RequestFailed(response.status, f"{local.name}: {message}")
 
@@ -317,7 +335,7 @@ class DataStoreClient:
         url = url if "://" in url else f"{self.base}/{url.lstrip('/')}"
         name = unquote(urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
         target = Path(dest) if dest is not None else Path(name)
-        if await asyncio.to_thread(target.is_dir):
+        if str(dest).endswith(("/", os.sep)) or await asyncio.to_thread(target.is_dir):
             target = target / name
         part = target.with_name(target.name + ".part")
         validator = target.with_name(target.name + ".part.etag")
@@ -325,6 +343,13 @@ class DataStoreClient:
         while True:
             try:
                 return await self._download_once(url, target, part, validator, resume, progress)
+            except aiohttp.ClientConnectorError:
+                if failures == 0:
+                    raise  # nothing listens there: say so now, not after minutes of retries
+                failures += 1
+                if failures > self.retries:
+                    raise
+                await asyncio.sleep(min(self.max_backoff, self.backoff * 2 ** (failures - 1)))
             except (aiohttp.ClientError, TimeoutError, _Retry) as exc:
                 failures += 1
                 if failures > self.retries:
@@ -456,6 +481,9 @@ class SyncDataStoreClient:
 
 def client_ssl_context(cafile: str | None = None, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
     """A client TLS context: trust ``cafile`` (or the system's), present ``cert``/``key`` if given."""
+    for path in (cafile, cert, key):
+        if path is not None and not os.path.exists(path):
+            raise FileNotFoundError(2, "No such file", path)
     context = ssl.create_default_context(cafile=cafile)
     if cert is not None:
         context.load_cert_chain(cert, key)

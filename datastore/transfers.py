@@ -235,6 +235,10 @@ class TransferRegistry:
 
         return await self._db.run(claim)
 
+    async def restore(self, key: str, num: int, state: FileState) -> None:
+        """Undo a claim that was never used: the file goes back to ``state``."""
+        await self._update_file(key, num, state=state)
+
     async def begin_chunk(self, key: str, num: int, *, verifying: bool) -> None:
         """A resumable request starts appending; remember whether its chunk is checksummed."""
         await self._update_file(key, num, verifying_chunk=int(verifying))

@@ -20,6 +20,7 @@ expiry) throws its bytes away.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import time
@@ -269,7 +270,16 @@ async def claimed_upload(target: UploadTarget, *, resumable: bool) -> AsyncItera
     """
     ctx, place = target.ctx, (target.transfer.key, target.file.num)
     with ctx.upload_slot(target.file.size):
-        before = await ctx.registry.claim(*place)
+        claiming = asyncio.ensure_future(ctx.registry.claim(*place))
+        try:
+            before = await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            # Cancelled while the claim ran in the database thread: undo it, or the
+            # file would stay "uploading" with nobody uploading it.
+            with contextlib.suppress(Exception):
+                claimed = await claiming
+                await staging.uncancellable(ctx.registry.restore(*place, claimed.state))
+            raise
         task = asyncio.current_task()
         assert task is not None
         running = RunningUpload(task, resumable)

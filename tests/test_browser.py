@@ -167,3 +167,15 @@ async def test_the_page_forbids_foreign_scripts_and_framing(make_store: MakeStor
     assert "frame-ancestors 'none'" in policy
     # A client that asks for JSON (or anything else, like curl's */*) still gets the listing.
     assert (await store.client.get("/files/", headers={"Accept": "*/*"})).content_type == "application/json"
+
+
+async def test_an_empty_file_is_uploaded_and_listed(make_store: MakeStore, browser: Browser, tmp_path: Path) -> None:
+    store = await make_store()
+    page = await open_page(browser, store)
+
+    await page.set_input_files("#file-input", [str(write(tmp_path / "empty.txt", b""))])
+
+    await expect(page.get_by_role("status")).to_have_text("1 file(s) uploaded.", timeout=30_000)
+    await expect(page.locator("#files tbody tr")).to_contain_text("empty.txt")
+    response = await store.client.get("/files/empty.txt")
+    assert (response.status, await response.read()) == (200, b"")

@@ -192,6 +192,13 @@ async function uploadFiles(list) {
 async function sendFile(file, url, row, progress) {
   let offset = await withRetries(() => headOffset(url), row);
   progress(offset);
+  if (file.size === 0) {
+    // Nothing to append, but an empty file is published by an (empty) PATCH too.
+    await withRetries(() => patch(url, 0, new ArrayBuffer(0), null, () => {}).catch((error) => {
+      if (!error.message.includes(" 409 ")) throw error; // 409: it was published already
+    }), row);
+    return;
+  }
   let attempt = 0;
   while (offset < file.size) {
     const buffer = await file.slice(offset, offset + CHUNK).arrayBuffer();
