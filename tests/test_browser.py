@@ -6,6 +6,7 @@ These tests never skip: without Chromium they fail and say how to install it
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import shutil
@@ -14,9 +15,12 @@ from pathlib import Path
 
 import pytest
 from playwright.async_api import Browser, Page, Route, async_playwright, expect
+from playwright.async_api import Error as PlaywrightError
 
 from .conftest import MakeStore
 from .harness import Store
+from .test_tls import COUNTRY, ORG, UNIT, Pki, TlsStore, build_store
+from .test_tls import PREFIX as TLS_PREFIX
 
 CHROMIUM = os.environ.get("DATASTORE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -179,3 +183,45 @@ async def test_an_empty_file_is_uploaded_and_listed(make_store: MakeStore, brows
     await expect(page.locator("#files tbody tr")).to_contain_text("empty.txt")
     response = await store.client.get("/files/empty.txt")
     assert (response.status, await response.read()) == (200, b"")
+
+
+@pytest.fixture
+async def tls_store(tmp_path: Path) -> AsyncIterator[TlsStore]:
+    """An HTTPSTransferServer with certificates minted for this test (see test_tls)."""
+    pki = await asyncio.to_thread(Pki, tmp_path / "pki")
+    store = await asyncio.to_thread(build_store, pki, tmp_path / "tls", False, {})
+    await store.server.start()
+    try:
+        yield store
+    finally:
+        await store.server.stop()
+
+
+async def test_the_page_uploads_over_tls_with_a_client_certificate(
+    tls_store: TlsStore, browser: Browser, tmp_path: Path
+) -> None:
+    store = tls_store
+    ada = await asyncio.to_thread(store.pki.client, "ada")
+    # Chromium does not know the test CA, so the server's certificate is not checked here;
+    # the client certificate is what the store checks, and what this test is about.
+    context = await browser.new_context(
+        ignore_https_errors=True,
+        client_certificates=[{"origin": store.url, "certPath": str(ada.cert), "keyPath": str(ada.key)}],
+    )
+    page = await context.new_page()
+    await page.goto(f"{store.url}/{TLS_PREFIX}/")
+    await expect(page.get_by_role("heading", level=1)).to_contain_text(f"/{TLS_PREFIX}/")
+
+    await page.set_input_files("#file-input", [str(write(tmp_path / "signed.txt", b"over mutual TLS"))])
+
+    await expect(page.get_by_role("status")).to_have_text("1 file(s) uploaded.", timeout=30_000)
+    await expect(page.locator("#files tbody tr")).to_contain_text(f"/C={COUNTRY}/O={ORG}/OU={UNIT}/CN=ada")
+    assert (store.root / TLS_PREFIX / "signed.txt").read_bytes() == b"over mutual TLS"
+
+
+async def test_the_page_is_refused_without_a_client_certificate(tls_store: TlsStore, browser: Browser) -> None:
+    store = tls_store
+    context = await browser.new_context(ignore_https_errors=True)
+    page = await context.new_page()
+    with pytest.raises(PlaywrightError):
+        await page.goto(f"{store.url}/{TLS_PREFIX}/")
