@@ -22,7 +22,7 @@ import aiohttp
 
 from datastore.context import CONTEXT
 from datastore.handlers.directory import DirectoryHandler
-from datastore.server import expire_transfers
+from datastore.upload import expire_transfers
 
 from .conftest import MakeStore
 from .harness import Store, json_manifest, staged_bytes, start_stalled_upload, until
