@@ -10,13 +10,19 @@ staging left by a crash and starts the sweeper that expires old keys.
 Routes (prefix names match ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}``; paths that
 start with ``_`` belong to the server)::
 
-    GET    /_api/v1/health
-    POST   /{prefix}/manifest            register a transfer (INI or JSON)
-    POST   /{prefix}/{key}/{num}         upload file num (raw body or form)
-    PUT    /{prefix}/{key}/{num}         upload file num (raw body)
-    GET    /{prefix}/                    JSON listing
-    GET    /{prefix}/{name}              download (HEAD, Range, 304)
-    DELETE /{prefix}/{name}              delete
+    GET     /_api/v1/health
+    GET     /_api/v1/transfers/{key}        a transfer's state (owner only)
+    DELETE  /_api/v1/transfers/{key}        cancel it
+    GET     /_static/{asset}                the browser page's script and style
+    POST    /{prefix}/manifest              register a transfer (INI or JSON)
+    POST    /{prefix}/{key}/{num}           upload file num (raw body or form)
+    PUT     /{prefix}/{key}/{num}           upload file num (raw body)
+    HEAD, PATCH, DELETE, OPTIONS
+            /{prefix}/{key}/{num}           tus: offset, append, terminate, capabilities
+    POST    /{prefix}/                      tus creation of a one-file transfer
+    GET     /{prefix}/                      the browser page, or the JSON listing
+    GET     /{prefix}/{name}                download (HEAD, Range, 304)
+    DELETE  /{prefix}/{name}                delete
 """
 
 from __future__ import annotations
