@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint typecheck clean
+.PHONY: run test lint typecheck clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,8 @@ run: $(VENV)/.installed
 	$(BIN)/datastore serve $(ARGS)
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check datastore tests
-	$(BIN)/ruff format --check datastore tests
+	$(BIN)/ruff check datastore tests bench
+	$(BIN)/ruff format --check datastore tests bench
 
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy --strict datastore
@@ -34,18 +34,30 @@ $(TUSJS)/node_modules/.package-lock.json: $(TUSJS)/package.json $(TUSJS)/package
 	@command -v npm >/dev/null || { echo "make test: npm (Node.js) is required for the tus-js-client tests" >&2; exit 1; }
 	cd $(TUSJS) && npm ci --no-audit --no-fund
 
-# Debian's Chromium for the browser tests (Playwright drives it; it never downloads a browser).
+# Debian's Chromium for the browser tests (Playwright drives it; it never downloads a browser),
+# and curl, which the TLS and benchmark-smoke tests drive as a real client.
 .PHONY: chromium
 chromium:
-	@command -v chromium >/dev/null || { \
+	@{ command -v chromium && command -v curl; } >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium curl; \
 	  else \
-	    echo "make test: the browser tests need Chromium: run 'apt-get install chromium' as root" >&2; exit 1; \
+	    echo "make test: the tests need Chromium and curl: run 'apt-get install chromium curl' as root" >&2; exit 1; \
 	  fi; }
 
 test: lint typecheck $(TUSJS)/node_modules/.package-lock.json chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Benchmarks against nginx on loopback (not part of `make test`); e.g. make bench BENCH_ARGS="--runs 3".
+# Installs Debian's nginx and wrk when missing. Writes bench/results.md and bench/results.json.
+bench: $(VENV)/.installed
+	@{ command -v nginx >/dev/null || [ -x /usr/sbin/nginx ]; } && command -v wrk >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx wrk; \
+	  else \
+	    echo "make bench: needs nginx and wrk: run 'apt-get install nginx wrk' as root" >&2; exit 1; \
+	  fi; }
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,48 @@
+"""A smoke run of the benchmark suite (bench/run.py) against our server only: tiny sizes, one run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ROWS = {
+    "disk_dd",
+    "upload_post",
+    "upload_put",
+    "upload_tus",
+    "download",
+    "small_gets",
+    "concurrent_upload",
+    "concurrent_rss",
+    "manifest",
+    "resume_rehash",
+    "resume_patch",
+}
+
+
+def test_bench_quick_run_reports_every_row_for_our_server(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    command = [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--no-nginx"]
+    proc = subprocess.run(
+        [*command, "--out", str(out), "--tmpdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    result = json.loads((out / "results.json").read_text())
+    rows = {row["id"]: row for row in result["rows"]}
+    assert set(rows) == ROWS
+    for row in rows.values():
+        assert len(row["ours"]) == 1 and row["ours"][0] > 0, row
+        assert row["nginx"] == [] and row["ratio_ours_nginx"] is None
+    assert result["machine"]["nproc"] >= 1 and result["machine"]["python"]
+    table = (out / "results.md").read_text()
+    assert "| what | unit | ours median (min" + "\N{EN DASH}" + "max) |" in table
+    # The work directory (servers' roots, test files) is gone.
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
