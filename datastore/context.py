@@ -22,7 +22,7 @@ from aiohttp import web
 
 from .config import Settings
 from .errors import DatastoreError, PathNotFound, ServiceUnavailable
-from .handlers.interface import CanClose, CanDelete, CanDescribe, CanList, TransferHandler
+from .handlers.interface import CanClose, CanDelete, CanDescribe, CanList, CanReserveMany, TransferHandler
 from .identity import Identity
 from .staging import Digests
 from .transfers import TransferRegistry
@@ -38,6 +38,7 @@ class Mount:
     describer: CanDescribe | None = None
     deleter: CanDelete | None = None
     closer: CanClose | None = None
+    reserver: CanReserveMany | None = None
     #: Held across can_upload and add_pending_upload so reservations are atomic.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -51,6 +52,7 @@ class Mount:
             describer=handler if isinstance(handler, CanDescribe) else None,
             deleter=handler if isinstance(handler, CanDelete) else None,
             closer=handler if isinstance(handler, CanClose) else None,
+            reserver=handler if isinstance(handler, CanReserveMany) else None,
         )
 
 

@@ -104,19 +104,16 @@ async def handle_manifest(request: web.Request) -> web.Response:
 
     log.info("transfer %s… for /%s: %d file(s) for %s", transfer.key[:8], mount.prefix, len(manifest.files), identity)
     if as_json:
-        base = request.url.origin()
+        # Prefix and key are URL-safe by construction, so the URLs are joined as text.
+        base = str(request.url.origin())
+        uploads = f"{base}/{mount.prefix}/{transfer.key}/"
         return web.json_response(
             {
                 "transfer_key": transfer.key,
                 "expires_at": iso_time(transfer.expires_at),
-                "status_url": str(base.with_path(f"/_api/v1/transfers/{transfer.key}")),
+                "status_url": f"{base}/_api/v1/transfers/{transfer.key}",
                 "files": [
-                    {
-                        "num": f.num,
-                        "name": f.name,
-                        "size": f.size,
-                        "upload_url": str(base.with_path(f"/{mount.prefix}/{transfer.key}/{f.num}")),
-                    }
+                    {"num": f.num, "name": f.name, "size": f.size, "upload_url": f"{uploads}{f.num}"}
                     for f in transfer.files
                 ],
             },
@@ -142,12 +139,18 @@ async def register_transfer(
         )
     infos = [FileInfo(f.name, f.size, f.md5, f.sha256) for f in manifest.files]
     async with mount.lock:
-        refused = [info.name for info in infos if not await mount.handler.can_upload(identity, info)]
-        if refused:
-            return None, refused
         reserved_infos: list[FileInfo] = []
+        if mount.reserver is not None:
+            refused = await mount.reserver.reserve_many(identity, infos)
+            if refused:
+                return None, refused
+            reserved_infos = list(infos)
+        else:
+            refused = [info.name for info in infos if not await mount.handler.can_upload(identity, info)]
+            if refused:
+                return None, refused
         try:
-            for info in infos:
+            for info in infos[len(reserved_infos) :]:
                 await mount.handler.add_pending_upload(identity, info)
                 reserved_infos.append(info)
             transfer = await ctx.registry.create(mount.prefix, identity, manifest, ctx.settings.key_lifetime)

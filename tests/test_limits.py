@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import AsyncIterator
 
@@ -77,3 +78,23 @@ async def test_raw_body_over_max_file_size_is_413_before_reading_it(make_store: 
     assert store.staged_files() == []
     # The reservation was released and is taken again by a correct retry.
     assert await store.put(key, 0, b"x" * 10) == (200, "File transfer OK")
+
+
+async def test_ten_thousand_file_manifest_is_all_or_nothing(make_store: MakeStore) -> None:
+    store = await make_store()
+    files = [(f"f{i:05d}.bin", b"") for i in range(10_000)]
+    taken = await store.register([files[1234]])
+    await store.client.delete(f"/_api/v1/transfers/{taken}")  # released again: nothing left reserved
+    blocker = await store.register([files[9999]])
+
+    body = json.dumps(json_manifest(files)).encode()
+    as_json = {"Content-Type": "application/json"}
+
+    refused = await store.client.post("/files/manifest", data=io.BytesIO(body), headers=as_json)
+    assert refused.status == 403
+    assert [entry["name"] for entry in (await refused.json())["files"]] == ["f09999.bin"]
+
+    await store.client.delete(f"/_api/v1/transfers/{blocker}")
+    accepted = await store.client.post("/files/manifest", data=io.BytesIO(body), headers=as_json)
+    assert accepted.status == 201
+    assert len((await accepted.json())["files"]) == 10_000

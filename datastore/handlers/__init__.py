@@ -1,7 +1,16 @@
 """Prefix handlers: the interface, the default DirectoryHandler and the AccessGrid adapter."""
 
 from .directory import DirectoryHandler
-from .interface import CanClose, CanDelete, CanDescribe, CanList, FileInfo, StoredFile, TransferHandler
+from .interface import (
+    CanClose,
+    CanDelete,
+    CanDescribe,
+    CanList,
+    CanReserveMany,
+    FileInfo,
+    StoredFile,
+    TransferHandler,
+)
 from .legacy import LegacyHandler, LegacyHandlerAdapter
 
 __all__ = [
@@ -9,6 +18,7 @@ __all__ = [
     "CanDelete",
     "CanDescribe",
     "CanList",
+    "CanReserveMany",
     "DirectoryHandler",
     "FileInfo",
     "LegacyHandler",

@@ -53,7 +53,7 @@ class DirectoryHandler:
 
     ``catalogue`` defaults to ``<parent>/.datastore/catalogue/<folder>.sqlite3``
     beside the folder, never inside it. Implements :class:`TransferHandler`
-    and the listing, describe, delete and close capabilities.
+    and the listing, describe, delete, batch-reservation and close capabilities.
     """
 
     def __init__(self, directory: Path, *, catalogue: Path | None = None, overwrite: bool = False) -> None:
@@ -64,20 +64,7 @@ class DirectoryHandler:
         self._db = Database(Path(catalogue), _SCHEMA)
 
     async def can_upload(self, identity: Identity, file: FileInfo) -> bool:
-        fold = fold_name(file.name)
-
-        def check(db: sqlite3.Connection) -> bool:
-            if db.execute("SELECT 1 FROM pending WHERE fold = ?", (fold,)).fetchone():
-                return False
-            row = db.execute("SELECT name FROM files WHERE fold = ?", (fold,)).fetchone()
-            if row is not None:
-                return self.overwrite and row["name"] == file.name
-            return True
-
-        if not await self._db.run(check):
-            return False
-        # A file put into the folder by other means is not clobbered either.
-        return self.overwrite or not await asyncio.to_thread(self._exists_on_disk, file.name)
+        return not await self._refused(identity, [file], reserve=False)
 
     async def add_pending_upload(self, identity: Identity, file: FileInfo) -> None:
         row = (file.name, fold_name(file.name), file.size, identity.dn, time.time())
@@ -86,6 +73,57 @@ class DirectoryHandler:
                 "INSERT INTO pending (name, fold, size, owner, reserved_at) VALUES (?, ?, ?, ?, ?)", row
             )
         )
+
+    async def reserve_many(self, identity: Identity, files: Sequence[FileInfo]) -> list[str]:
+        """Reserve every file in one transaction, or none: the names refused, or [] when all are reserved.
+
+        A subclass that decides per file (overriding ``can_upload`` or
+        ``add_pending_upload``, as an application adds its own policy) is
+        asked per file, so its policy is never bypassed.
+        """
+        cls = type(self)
+        if cls.can_upload is not DirectoryHandler.can_upload or (
+            cls.add_pending_upload is not DirectoryHandler.add_pending_upload
+        ):
+            refused = [f.name for f in files if not await self.can_upload(identity, f)]
+            if refused:
+                return refused
+            reserved: list[FileInfo] = []
+            try:
+                for file in files:
+                    await self.add_pending_upload(identity, file)
+                    reserved.append(file)
+            except BaseException:
+                for file in reserved:
+                    await self.cancel_upload(identity, file)
+                raise
+            return []
+        return await self._refused(identity, files, reserve=True)
+
+    async def _refused(self, identity: Identity, files: Sequence[FileInfo], *, reserve: bool) -> list[str]:
+        """The names of ``files`` that may not be uploaded; with ``reserve``, reserve all if there are none."""
+        # A file put into the folder by other means is not clobbered either.
+        on_disk = set() if self.overwrite else await asyncio.to_thread(self._on_disk, [f.name for f in files])
+        now = time.time()
+
+        def check(db: sqlite3.Connection) -> list[str]:
+            refused = []
+            for file in files:
+                fold = fold_name(file.name)
+                if file.name in on_disk or db.execute("SELECT 1 FROM pending WHERE fold = ?", (fold,)).fetchone():
+                    refused.append(file.name)
+                    continue
+                row = db.execute("SELECT name FROM files WHERE fold = ?", (fold,)).fetchone()
+                if row is not None and not (self.overwrite and row["name"] == file.name):
+                    refused.append(file.name)
+            if reserve and not refused:
+                db.executemany(
+                    "INSERT INTO pending (name, fold, size, owner, reserved_at) VALUES (?, ?, ?, ?, ?)",
+                    [(f.name, fold_name(f.name), f.size, identity.dn, now) for f in files],
+                )
+            return refused
+
+        return await self._db.run(check)
 
     async def get_upload_filename(self, identity: Identity, file: FileInfo) -> Path | None:
         reserved = await self._db.run(
@@ -153,11 +191,13 @@ class DirectoryHandler:
     async def close(self) -> None:
         await self._db.close()
 
-    def _exists_on_disk(self, name: str) -> bool:
+    def _on_disk(self, names: list[str]) -> set[str]:
+        """Which of ``names`` (already validated flat names) exist in the folder."""
         try:
-            return os.path.lexists(contained_path(self.directory, name))
-        except InvalidName:
-            return True
+            present = set(os.listdir(self.directory))
+        except FileNotFoundError:
+            return set()
+        return {name for name in names if name in present}
 
     def _path_for_writing(self, name: str) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)

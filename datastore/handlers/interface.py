@@ -119,6 +119,18 @@ class TransferHandler(Protocol):
 
 
 @runtime_checkable
+class CanReserveMany(Protocol):
+    """Capability: decide and reserve a whole manifest in one step.
+
+    Used instead of ``can_upload`` and ``add_pending_upload`` per file, for
+    manifests of thousands of files. Same contract: all or nothing.
+    """
+
+    async def reserve_many(self, identity: Identity, files: Sequence[FileInfo]) -> list[str]:
+        """Reserve every file and return ``[]``, or reserve none and return the refused names."""
+
+
+@runtime_checkable
 class CanList(Protocol):
     """Capability: the prefix offers a listing at ``GET /{prefix}/``."""
 
