@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,3 +149,51 @@ def staged_bytes(staging: Path) -> int:
     if not staging.exists():
         return 0
     return sum(entry.stat().st_size for entry in staging.iterdir())
+
+
+#: The line ``datastore serve`` prints for every prefix it serves.
+SERVING = re.compile(
+    r"serving \S+ at (?P<url>(?P<base>(?P<scheme>https?)://(?P<host>127\.0\.0\.1):(?P<port>\d+))/(?P<prefix>[^/ ]+)/)"
+)
+
+
+async def spawn_serve(
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    stderr: Any = asyncio.subprocess.DEVNULL,
+    urls: int = 1,
+    timeout: float = 30.0,
+) -> tuple[asyncio.subprocess.Process, list[re.Match[str]]]:
+    """Start ``python -m datastore serve --port 0 ARGS`` as a user would.
+
+    Returns the process once it printed ``urls`` serving lines, with those
+    lines' matches of :data:`SERVING`; the caller stops the process.
+    """
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "datastore",
+        "serve",
+        "--port",
+        "0",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=stderr,
+        env={**os.environ, **(env or {})},
+    )
+    assert process.stdout is not None
+    found: list[re.Match[str]] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while len(found) < urls:
+                line = (await process.stdout.readline()).decode()
+                if not line:
+                    raise AssertionError("the server exited before printing its URL")
+                if match := SERVING.search(line):
+                    found.append(match)
+    except BaseException:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+        raise
+    return process, found

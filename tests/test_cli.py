@@ -16,9 +16,7 @@ import pytest
 
 from datastore.config import Settings, SettingsError, load_settings
 
-from .harness import ini_manifest, parse_legacy_reply
-
-URL_LINE = re.compile(r"serving (?P<folder>\S+) at (?P<url>http://127\.0\.0\.1:\d+/(?P<prefix>[^/]+)/)")
+from .harness import ini_manifest, parse_legacy_reply, spawn_serve
 
 
 class Served:
@@ -27,29 +25,9 @@ class Served:
         self.urls = urls
 
 
-async def start_cli(*args: str, env: dict[str, str] | None = None, prefixes: int = 1) -> Served:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "datastore",
-        "serve",
-        "--port",
-        "0",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
-    assert process.stdout is not None
-    urls: dict[str, str] = {}
-    async with asyncio.timeout(30):
-        while len(urls) < prefixes:
-            line = (await process.stdout.readline()).decode()
-            assert line, "the server exited before printing its URL"
-            match = URL_LINE.search(line)
-            if match:
-                urls[match["prefix"]] = match["url"]
-    return Served(process, urls)
+async def start_cli(*args: str, prefixes: int = 1) -> Served:
+    process, lines = await spawn_serve(*args, stderr=asyncio.subprocess.PIPE, urls=prefixes)
+    return Served(process, {match["prefix"]: match["url"] for match in lines})
 
 
 @pytest.fixture

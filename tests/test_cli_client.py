@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import MakeStore
-from .harness import Store, sha256_hex
+from .harness import Store, sha256_hex, spawn_serve
 from .test_client import (
     ADA,
     BOB,
@@ -39,7 +39,6 @@ from .test_client import (
 )
 
 KEY_LINE = re.compile(r"transfer key ([0-9a-f]{40})")
-SERVE_LINE = re.compile(r"serving \S+ at (?P<url>http://127\.0\.0\.1:\d+/files/)")
 ADA_CERT_DN = "/C=NZ/O=Lab/OU=Physics/CN=ada"
 
 
@@ -119,23 +118,8 @@ async def served(store: Store, name: str) -> bytes:
 @pytest.fixture
 async def serve(tmp_path: Path) -> AsyncIterator[str]:
     """``datastore serve --port 0`` in a process; yields its /files/ URL."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "datastore",
-        "serve",
-        "--port",
-        "0",
-        "--root",
-        str(tmp_path / "served"),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    assert process.stdout is not None
+    process, (match,) = await spawn_serve("--root", str(tmp_path / "served"))
     try:
-        async with asyncio.timeout(30):
-            while not (match := SERVE_LINE.search((line := await process.stdout.readline()).decode())):
-                assert line, "the server exited before printing its URL"
         yield match["url"]
     finally:
         if process.returncode is None:

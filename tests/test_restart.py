@@ -10,10 +10,7 @@ on the same folder and catalogue.
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,12 +22,10 @@ from datastore.handlers.directory import DirectoryHandler
 from datastore.upload import expire_transfers
 
 from .conftest import MakeStore
-from .harness import Store, json_manifest, staged_bytes, start_stalled_upload, until
+from .harness import Store, json_manifest, spawn_serve, staged_bytes, start_stalled_upload, until
 
 ADA = "/O=Lab/CN=Ada"
 BOB = "/O=Lab/CN=Bob"
-
-URL_LINE = re.compile(r"serving \S+ at (?P<url>http://(?P<host>127\.0\.0\.1):(?P<port>\d+)/files/)")
 
 
 async def upload(store: Store, name: str, data: bytes, *, identity: str | None = None) -> None:
@@ -133,32 +128,11 @@ async def test_upload_cut_by_a_crash_can_be_sent_again_after_restart(make_store:
     """The first store is a real process killed with SIGKILL mid-upload: no clean-up runs at all."""
     root, state_dir = tmp_path / "root", tmp_path / "state"
     chunk = 4096
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "datastore",
-        "serve",
-        "--port",
-        "0",
-        "--root",
-        str(root),
-        "--state-dir",
-        str(state_dir),
-        "--prefix",
-        "files",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "DATASTORE_CHUNK_SIZE": str(chunk)},
+    process, (match,) = await spawn_serve(
+        "--root", str(root), "--state-dir", str(state_dir), env={"DATASTORE_CHUNK_SIZE": str(chunk)}
     )
     content = bytes(range(256)) * 256  # 64 KiB
     try:
-        assert process.stdout is not None
-        async with asyncio.timeout(30):
-            while True:
-                line = (await process.stdout.readline()).decode()
-                assert line, "the server exited before printing its URL"
-                if match := URL_LINE.search(line):
-                    break
         host, port = match["host"], int(match["port"])
         async with aiohttp.ClientSession() as session:
             posted = await session.post(f"{match['url']}manifest", json=json_manifest([("crashed.bin", content)]))

@@ -16,12 +16,10 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import random
 import re
 import shutil
 import signal
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -39,7 +37,7 @@ from yarl import URL
 
 from .conftest import MakeStore
 from .fakes import RecordingHandler
-from .harness import Store, ini_manifest, md5_hex, parse_legacy_reply, sha256_hex, until
+from .harness import Store, ini_manifest, md5_hex, parse_legacy_reply, sha256_hex, spawn_serve, until
 
 #: Upper bound on anything a test awaits from a server or a client process.
 WAIT = 30.0
@@ -53,7 +51,6 @@ ADA = "/O=Lab/CN=Ada"
 BOB = "/O=Lab/CN=Bob"
 
 UPLOAD_PATH = re.compile(r"^/files/(?P<key>[0-9a-f]{40})/0$")
-URL_LINE = re.compile(r"serving \S+ at (?P<base>http://127\.0\.0\.1:(?P<port>\d+))/files/")
 TUSJS = Path(__file__).parent / "tusjs" / "upload.mjs"
 
 T = TypeVar("T")
@@ -304,31 +301,14 @@ async def server_process(
 ) -> AsyncIterator[ServerProcess]:
     """``python -m datastore serve --root R --state-dir S --port 0``, its URL read from its output."""
     with log.open("ab") as log_file:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "datastore",
-            "serve",
-            "--root",
-            str(root),
-            "--state-dir",
-            str(state_dir),
-            "--port",
-            "0",
-            stdout=asyncio.subprocess.PIPE,
-            stderr=log_file,
-            env={**os.environ, **(env or {})},
-        )
+        try:
+            process, (match,) = await spawn_serve(
+                "--root", str(root), "--state-dir", str(state_dir), env=env, stderr=log_file, timeout=WAIT
+            )
+        except AssertionError:
+            output = await asyncio.to_thread(log.read_text)
+            raise AssertionError(f"the server exited before printing its URL:\n{output}") from None
     try:
-        assert process.stdout is not None
-        async with asyncio.timeout(WAIT):
-            while True:
-                line = (await process.stdout.readline()).decode()
-                if not line:
-                    output = await asyncio.to_thread(log.read_text)
-                    raise AssertionError(f"the server exited before printing its URL:\n{output}")
-                if match := URL_LINE.search(line):
-                    break
         yield ServerProcess(process, match["base"], int(match["port"]), log)
     finally:
         if process.returncode is None:
