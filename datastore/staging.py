@@ -11,7 +11,8 @@ and (re-hashing the staged prefix, :func:`rehash`) after a crash.
 Network reads overlap disk writes and hashing, and the two digests overlap
 each other: while one buffer is written, MD5-hashed and SHA-256-hashed in
 three worker threads at once (hashlib releases the GIL on large buffers),
-the next one is received.
+the next one is received. With ``fsync``, making the bytes durable overlaps
+receiving them too (:class:`Flusher`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import secrets
 import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -40,6 +41,8 @@ T = TypeVar("T")
 
 _STAGING_NAME = re.compile(r"^(?P<key>[0-9a-f]{40})\.(?P<num>[0-9]{1,9})\.part$")
 _REHASH_BLOCK = 8 << 20
+#: A staging file being appended to is flushed to disk in the background every this many bytes.
+FLUSH_WINDOW = 16 << 20
 
 
 @dataclass(slots=True)
@@ -88,6 +91,7 @@ async def append(
     """
     loop = asyncio.get_running_loop()
     handle = await _open_at(path, digests.offset)
+    flusher = Flusher(handle.fileno()) if fsync else None
     pending: asyncio.Future[None] | None = None
     try:
         total = digests.offset
@@ -109,12 +113,12 @@ async def append(
             if len(buffer) >= chunk_size:
                 if pending is not None:
                     await uncancellable(pending)
-                pending = asyncio.ensure_future(_store(loop, handle, buffer, digests, chunk_hash))
+                pending = asyncio.ensure_future(_store(loop, handle, flusher, buffer, digests, chunk_hash))
                 buffer = bytearray()
         if buffer:
             if pending is not None:
                 await uncancellable(pending)
-            pending = asyncio.ensure_future(_store(loop, handle, buffer, digests, chunk_hash))
+            pending = asyncio.ensure_future(_store(loop, handle, flusher, buffer, digests, chunk_hash))
         if pending is not None:
             await uncancellable(pending)
             pending = None
@@ -126,7 +130,7 @@ async def append(
         if pending is not None:
             with contextlib.suppress(Exception):
                 await uncancellable(pending)
-        await uncancellable(asyncio.to_thread(_settle, handle, digests.offset, fsync))
+        await uncancellable(asyncio.to_thread(_settle, handle, digests.offset, fsync, flusher))
 
 
 async def uncancellable(work: Awaitable[T]) -> T:
@@ -276,7 +280,12 @@ def _open_for_append(path: Path, offset: int) -> IO[bytes]:
 
 
 async def _store(
-    loop: asyncio.AbstractEventLoop, handle: IO[bytes], data: bytearray, digests: Digests, chunk_hash: Any
+    loop: asyncio.AbstractEventLoop,
+    handle: IO[bytes],
+    flusher: Flusher | None,
+    data: bytearray,
+    digests: Digests,
+    chunk_hash: Any,
 ) -> None:
     """Write ``data`` and hash it with every digest, all in parallel threads.
 
@@ -284,7 +293,7 @@ async def _store(
     """
     before = digests.copy()
     results = await asyncio.gather(
-        loop.run_in_executor(None, _write_all, handle, data),
+        loop.run_in_executor(None, _write_all, handle, data, flusher),
         loop.run_in_executor(None, digests.md5.update, data),
         loop.run_in_executor(None, _update_all, (digests.sha256, chunk_hash), data),
         return_exceptions=True,
@@ -296,11 +305,59 @@ async def _store(
     digests.offset += len(data)
 
 
-def _write_all(handle: IO[bytes], data: bytearray) -> None:
+def _write_all(handle: IO[bytes], data: bytearray, flusher: Flusher | None) -> None:
     view = memoryview(data)
     while view:
         written = handle.write(view)
         view = view[written or 0 :]
+    if flusher is not None:
+        flusher.wrote(len(data))
+
+
+class Flusher:
+    """Makes a growing file durable while it grows, so that its final ``fsync`` has little left to do.
+
+    Otherwise a whole upload waits in the page cache (background writeback
+    starts only at a tenth of memory) and the ``fsync`` before the answer
+    writes all of it, and flushes the disk's cache, while the client waits:
+    a third of the time of a 1 GiB upload. Instead, each time
+    :data:`FLUSH_WINDOW` more bytes have been written, an ``fdatasync`` of
+    the file is started in a background thread, unless the previous one is
+    still running. Writes go on meanwhile. :meth:`close` waits for the last
+    one and raises its error, because a write error is reported to one
+    ``fsync`` only and the final one might not see it.
+    """
+
+    __slots__ = ("_fd", "_running", "_unflushed")
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._unflushed = 0
+        self._running: Future[None] | None = None
+
+    def wrote(self, count: int) -> None:
+        """Note ``count`` more bytes written; start a flush if a window is full and none is running."""
+        self._unflushed += count
+        if self._unflushed < FLUSH_WINDOW or (self._running is not None and not self._running.done()):
+            return
+        self._check()
+        self._unflushed = 0
+        self._running = _FLUSH_POOL.submit(os.fdatasync, self._fd)
+
+    def close(self) -> None:
+        """Wait for the flush that is running, if any; raise its error. Call before closing the file."""
+        if self._running is not None:
+            wait([self._running])
+            self._check()
+
+    def _check(self) -> None:
+        if self._running is not None:
+            running, self._running = self._running, None
+            running.result()
+
+
+#: Background flushes of all uploads share these threads (started on first use).
+_FLUSH_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="flush")
 
 
 def _update_all(hashes: tuple[Any, ...], data: bytearray) -> None:
@@ -309,8 +366,10 @@ def _update_all(hashes: tuple[Any, ...], data: bytearray) -> None:
             digest.update(data)
 
 
-def _settle(handle: IO[bytes], offset: int, fsync: bool) -> None:
+def _settle(handle: IO[bytes], offset: int, fsync: bool, flusher: Flusher | None) -> None:
     try:
+        if flusher is not None:
+            flusher.close()
         # A write that failed half-way may have left bytes past the last hashed one.
         handle.truncate(offset)
         if fsync:
