@@ -22,9 +22,9 @@ from .upload import cancel_transfer, expire_transfers, iso_time
 
 
 async def handle_health(request: web.Request) -> web.Response:
-    """``GET /_api/v1/health``: 200 once the state is open."""
+    """``GET /_api/v1/health``: 200 once the state is open; ``worker`` is the answering worker's number."""
     ctx = request.app[CONTEXT]
-    return web.json_response({"status": "ok", "prefixes": sorted(ctx.mounts)})
+    return web.json_response({"status": "ok", "prefixes": sorted(ctx.mounts), "worker": ctx.worker_index})
 
 
 async def handle_transfer_status(request: web.Request) -> web.Response:

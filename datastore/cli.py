@@ -28,6 +28,7 @@ from .config import Settings, SettingsError, load_settings, settings_help
 from .handlers.directory import DirectoryHandler
 from .server import HTTPSTransferServer, HTTPTransferServer, TransferServer
 from .tls import CrlReloader, server_context
+from .workers import run_workers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--overwrite", action="store_true", default=None, help="let uploads replace files of the same name"
     )
+    serve.add_argument("--workers", type=int, metavar="N", help="processes sharing the port and the state (default 1)")
     serve.add_argument("--config", type=Path, help="TOML file with settings")
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     tls = serve.add_argument_group("TLS with client certificates")
@@ -156,6 +158,7 @@ def serve(args: argparse.Namespace) -> int:
         "port": args.port,
         "prefixes": tuple(args.prefixes) if args.prefixes else None,
         "overwrite": args.overwrite,
+        "workers": args.workers,
         "tls": args.tls,
         "tls_port": args.tls_port,
         "tls_cert": args.tls_cert,
@@ -177,6 +180,8 @@ def serve(args: argparse.Namespace) -> int:
                 print(f"datastore: serving {settings.root / prefix} at {url}/{prefix}/{note}", flush=True)
 
     try:
+        if settings.workers > 1:
+            return run_workers(settings, logging.getLogger().level, ready)
         server.run(on_ready=ready)
     except OSError as exc:
         print(f"datastore: cannot listen on {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr)

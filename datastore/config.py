@@ -65,7 +65,11 @@ class Settings:
         metadata={"doc": "Seconds an upload may go without receiving a byte before it is dropped (408)."},
     )
     max_concurrent_uploads: int = field(
-        default=64, metadata={"doc": "Uploads running at once; more are answered 503 with Retry-After."}
+        default=64, metadata={"doc": "Uploads running at once (per worker); more are answered 503 with Retry-After."}
+    )
+    workers: int = field(
+        default=1,
+        metadata={"doc": "Processes serving the same port(s) (SO_REUSEPORT) and sharing the state; 1 to 64."},
     )
     min_free_bytes: int = field(
         default=64 << 20, metadata={"doc": "Free space kept on the store's disk beyond every upload."}
@@ -121,6 +125,8 @@ class Settings:
             raise SettingsError("sizes must not be negative")
         if self.transfer_retention < 0:
             raise SettingsError("transfer_retention must not be negative")
+        if not 1 <= self.workers <= 64:
+            raise SettingsError(f"workers must be between 1 and 64, not {self.workers}")
         if self.crl_check_interval <= 0:
             raise SettingsError("crl_check_interval must be positive")
         if self.tls and self.tls_port is not None:

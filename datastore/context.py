@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -62,8 +63,10 @@ class RunningUpload:
 
     task: asyncio.Task[Any]
     resumable: bool
-    #: Set by whoever cancels the task: "terminated" (cleanup is theirs) or
-    #: "superseded" (a newer request of the same client takes over; keep the bytes).
+    #: Set by whoever cancels the task: "terminated" (cleanup is theirs),
+    #: "ended" (another worker ended the claim and released the file; only
+    #: the staging file is left to remove) or "superseded" (a newer request of
+    #: the same client takes over; keep the bytes).
     stop_reason: str | None = None
     #: Set once every byte is staged and verification and publishing began:
     #: from then on the upload is waited for, never cancelled.
@@ -91,10 +94,19 @@ class StoreContext:
     active_uploads: int = 0
     #: Declared bytes of the uploads now running, counted against free space.
     bytes_in_flight: int = 0
-    #: Hash state of resumable uploads, by (key, num); rebuilt from the staged
-    #: bytes when missing (after a restart).
-    digests: dict[tuple[str, int], Digests] = field(default_factory=dict)
+    #: Hash state of resumable uploads, by (key, num), with the number of the
+    #: claim it was built under; rebuilt from the staged bytes when missing
+    #: (after a restart) or stale (another worker appended since).
+    digests: dict[tuple[str, int], tuple[int, Digests]] = field(default_factory=dict)
     running: dict[tuple[str, int], RunningUpload] = field(default_factory=dict)
+    #: This process's name in the registry's claims.
+    worker: str = field(default_factory=lambda: str(os.getpid()))
+    #: Whether other worker processes share the state (``serve --workers N``):
+    #: then running uploads watch their claims, so that another worker can
+    #: stop them, and a superseding request asks the claim's worker to stop.
+    shared: bool = False
+    #: This worker's number (0 to N-1), reported by the health endpoint.
+    worker_index: int = 0
 
     def staging_path(self, key: str, num: int) -> Path:
         """Where the bytes of file ``num`` of transfer ``key`` are staged."""

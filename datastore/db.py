@@ -3,7 +3,10 @@
 Each :class:`Database` owns one connection and one worker thread; every
 query runs on that thread, so statements are serialised without locks and
 the loop only awaits. The database runs in WAL mode with a busy timeout, so
-several processes may share one file.
+several processes (``serve --workers N``) may share one file: each unit of
+work passed to :meth:`Database.run` is one ``BEGIN IMMEDIATE`` transaction,
+so a read followed by a write in it cannot interleave with another
+process's; :meth:`Database.read` is for work that only reads.
 """
 
 from __future__ import annotations
@@ -21,34 +24,58 @@ T = TypeVar("T")
 class Database:
     """One SQLite file, its schema, and a thread to run queries on."""
 
-    def __init__(self, path: Path, schema: str) -> None:
+    def __init__(self, path: Path, schema: str, migrate: Callable[[sqlite3.Connection], None] | None = None) -> None:
+        """``schema`` creates what is missing; ``migrate`` then brings older files up to date."""
         self.path = path
         self._schema = schema
+        self._migrate = migrate
         self._executor: ThreadPoolExecutor | None = None
         self._connection: sqlite3.Connection | None = None
 
     async def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``work(connection)`` on the database thread, inside a transaction."""
+        """Run ``work(connection)`` on the database thread in one write transaction."""
+        return await self._submit(work, "BEGIN IMMEDIATE")
+
+    async def read(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work(connection)``, which only reads, in one read transaction."""
+        return await self._submit(work, "BEGIN")
+
+    async def _submit(self, work: Callable[[sqlite3.Connection], T], begin: str) -> T:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-{self.path.stem}")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._run, work)
+        return await loop.run_in_executor(self._executor, self._run, work, begin)
 
-    def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    def _run(self, work: Callable[[sqlite3.Connection], T], begin: str) -> T:
         connection = self._connect()
-        with connection:
-            return work(connection)
+        connection.execute(begin)
+        try:
+            result = work(connection)
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+        return result
 
     def _connect(self) -> sqlite3.Connection:
         if self._connection is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            connection = sqlite3.connect(self.path, timeout=30.0)
+            # Autocommit mode: _run opens and ends every transaction itself.
+            connection = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
             connection.row_factory = sqlite3.Row
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")
             connection.execute("PRAGMA foreign_keys=ON")
-            with connection:
-                connection.executescript(self._schema)
+            try:
+                connection.executescript(f"BEGIN IMMEDIATE;\n{self._schema}")
+                if self._migrate is not None:
+                    self._migrate(connection)
+            except BaseException:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                connection.close()
+                raise
+            connection.execute("COMMIT")
             self._connection = connection
         return self._connection
 

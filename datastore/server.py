@@ -91,6 +91,10 @@ class TransferServer(abc.ABC):
         self._mounts: dict[str, Mount] = {}
         self._runner: web.AppRunner | None = None
         self._bound: list[Listener] = []
+        #: Set by ``serve --workers N`` (datastore.workers) in each worker process:
+        #: its number, and that other processes share the port and the state.
+        self.worker_index = 0
+        self.shared_state = False
 
     @abc.abstractmethod
     def listeners(self) -> list[Listener]:
@@ -184,13 +188,17 @@ class TransferServer(abc.ABC):
         staging_dir = state_dir / "staging"
         await asyncio.to_thread(self.settings.root.mkdir, parents=True, exist_ok=True)
         registry = TransferRegistry(state_dir / "transfers.sqlite3")
-        await recover_uploads(registry, staging_dir)
+        if not self.shared_state:
+            # With several workers, the supervisor recovered before starting them.
+            await recover_uploads(registry, staging_dir)
         ctx = StoreContext(
             settings=self.settings,
             registry=registry,
             mounts=self._mounts,
             staging_dir=staging_dir,
             identify=self.identify,
+            shared=self.shared_state,
+            worker_index=self.worker_index,
         )
         app[CONTEXT] = ctx
         tasks = [asyncio.create_task(_sweep(ctx), name="datastore-sweeper")]
@@ -227,7 +235,13 @@ class TransferServer(abc.ABC):
         bound = []
         try:
             for listener in self.listeners():
-                site = web.TCPSite(runner, listener.host, listener.port, ssl_context=listener.ssl_context)
+                site = web.TCPSite(
+                    runner,
+                    listener.host,
+                    listener.port,
+                    ssl_context=listener.ssl_context,
+                    reuse_port=self.shared_state or None,
+                )
                 await site.start()
                 port = runner.addresses[-1][1]
                 bound.append(Listener(listener.host, port, listener.ssl_context))
@@ -242,14 +256,20 @@ class TransferServer(abc.ABC):
         if runner is not None:
             await runner.cleanup()
 
-    def run(self, on_ready: Callable[[list[str]], None] | None = None) -> None:
-        """Serve until SIGINT or SIGTERM (blocking); SIGHUP calls ``reload``."""
-        asyncio.run(self._serve_until_signalled(on_ready))
+    def run(
+        self,
+        on_ready: Callable[[list[str]], None] | None = None,
+        signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM),
+    ) -> None:
+        """Serve until one of ``signals`` (blocking); SIGHUP calls ``reload``."""
+        asyncio.run(self._serve_until_signalled(on_ready, signals))
 
-    async def _serve_until_signalled(self, on_ready: Callable[[list[str]], None] | None) -> None:
+    async def _serve_until_signalled(
+        self, on_ready: Callable[[list[str]], None] | None, signals: tuple[signal.Signals, ...]
+    ) -> None:
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in signals:
             loop.add_signal_handler(signum, stopping.set)
         reloads: set[asyncio.Task[None]] = set()
 
@@ -402,11 +422,30 @@ async def recover_uploads(registry: TransferRegistry, staging_dir: Path) -> None
     interrupted = await registry.recover()
     live = {(key, num): (received, verifying) for key, num, received, verifying in await registry.resumable_files()}
     offsets = await asyncio.to_thread(staging.reconcile, staging_dir, live)
+    await _record_offsets(registry, live, offsets)
+    if interrupted:
+        log.info("%d upload(s) were interrupted by a restart; they resume from the staged bytes", interrupted)
+
+
+async def recover_worker(registry: TransferRegistry, staging_dir: Path, worker: str) -> int:
+    """A worker process died: end its claims, keeping what its uploads really staged.
+
+    As :func:`recover_uploads`, for that worker's files only. Returns how
+    many uploads it was running.
+    """
+    released = await registry.release_worker(worker)
+    live = {(key, num): (received, verifying) for key, num, received, verifying in released}
+    offsets = await asyncio.to_thread(staging.reconcile_files, staging_dir, live)
+    await _record_offsets(registry, live, offsets)
+    return len(released)
+
+
+async def _record_offsets(
+    registry: TransferRegistry, live: dict[tuple[str, int], tuple[int, bool]], offsets: dict[tuple[str, int], int]
+) -> None:
     for (key, num), offset in offsets.items():
         if offset != live[(key, num)][0]:
             await registry.set_received(key, num, offset)
-    if interrupted:
-        log.info("%d upload(s) were interrupted by a restart; they resume from the staged bytes", interrupted)
 
 
 async def _sweep(ctx: StoreContext) -> None:

@@ -218,12 +218,26 @@ def reconcile(staging_dir: Path, live: dict[tuple[str, int], tuple[int, bool]]) 
         if place is None or place not in live:
             unlink_quietly(Path(entry.path))
             continue
-        recorded, verifying = live[place]
-        size = entry.stat().st_size
-        offset = min(size, recorded) if verifying else size
-        _truncate(Path(entry.path), offset, fsync=True)
-        offsets[place] = offset
+        offsets[place] = _reconcile_one(Path(entry.path), *live[place])
     return offsets
+
+
+def reconcile_files(staging_dir: Path, files: dict[tuple[str, int], tuple[int, bool]]) -> dict[tuple[str, int], int]:
+    """As :func:`reconcile`, for the staging files of ``files`` only (a worker died); others are left alone."""
+    offsets = {}
+    for (key, num), (recorded, verifying) in files.items():
+        try:
+            offsets[(key, num)] = _reconcile_one(staging_dir / f"{key}.{num}.part", recorded, verifying)
+        except FileNotFoundError:
+            offsets[(key, num)] = 0
+    return offsets
+
+
+def _reconcile_one(path: Path, recorded: int, verifying: bool) -> int:
+    size = path.stat().st_size
+    offset = min(size, recorded) if verifying else size
+    _truncate(path, offset, fsync=True)
+    return offset
 
 
 def unlink_quietly(path: Path) -> None:

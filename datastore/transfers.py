@@ -68,9 +68,30 @@ CREATE TABLE IF NOT EXISTS transfer_files (
     verifying_chunk INTEGER NOT NULL DEFAULT 0,
     error TEXT,
     updated_at REAL NOT NULL,
+    -- The worker process whose request holds the UPLOADING claim, and what
+    -- another worker asks of it ('superseded': a newer request takes over).
+    claimed_by TEXT,
+    stop_request TEXT,
+    -- How many times the file was claimed: a worker's cached hash state is
+    -- good only if no other request claimed the file after its own.
+    claims INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (key, num)
 );
 """
+
+#: Columns added after the first release, for files created before them.
+_ADDED_COLUMNS = {
+    "claimed_by": "TEXT",
+    "stop_request": "TEXT",
+    "claims": "INTEGER NOT NULL DEFAULT 0",
+}
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    present = {row["name"] for row in db.execute("PRAGMA table_info(transfer_files)")}
+    for column, declaration in _ADDED_COLUMNS.items():
+        if column not in present:
+            db.execute(f"ALTER TABLE transfer_files ADD COLUMN {column} {declaration}")
 
 
 class TransferState(StrEnum):
@@ -168,7 +189,7 @@ class TransferRegistry:
     """Transfers persisted in SQLite under the state directory."""
 
     def __init__(self, path: Path) -> None:
-        self._db = Database(path, _SCHEMA)
+        self._db = Database(path, _SCHEMA, _migrate)
 
     async def create(self, prefix: str, owner: Identity, manifest: Manifest, lifetime: float) -> Transfer:
         """Register an accepted manifest under a new key; every file RESERVED."""
@@ -197,7 +218,7 @@ class TransferRegistry:
 
     async def lookup(self, key: str) -> Transfer | None:
         """The transfer registered under ``key``, or ``None``."""
-        return await self._db.run(lambda db: _load(db, key))
+        return await self._db.read(lambda db: _load(db, key))
 
     async def lookup_file(self, key: str, num: int) -> tuple[Transfer, TransferFile | None] | None:
         """The transfer under ``key`` (without its file list) and its file ``num``."""
@@ -209,16 +230,17 @@ class TransferRegistry:
             file_row = db.execute("SELECT * FROM transfer_files WHERE key = ? AND num = ?", (key, num)).fetchone()
             return _transfer(row, ()), (_file(file_row) if file_row is not None else None)
 
-        return await self._db.run(load)
+        return await self._db.read(load)
 
-    async def claim(self, key: str, num: int) -> TransferFile:
-        """Mark file ``num`` UPLOADING; return it as it was (RESERVED or RELEASED).
+    async def claim(self, key: str, num: int, worker: str) -> tuple[TransferFile, int]:
+        """Mark file ``num`` UPLOADING for ``worker``; return it as it was (RESERVED or
+        RELEASED) and the number of this claim.
 
         Raises UploadInProgress or AlreadyUploaded (409), or TransferCancelled
         (410) for a terminated file.
         """
 
-        def claim(db: sqlite3.Connection) -> TransferFile:
+        def claim(db: sqlite3.Connection) -> tuple[TransferFile, int]:
             row = db.execute("SELECT * FROM transfer_files WHERE key = ? AND num = ?", (key, num)).fetchone()
             before = _file(row)
             if before.state is FileState.UPLOADING:
@@ -228,28 +250,84 @@ class TransferRegistry:
             if before.state is FileState.CANCELLED:
                 raise TransferCancelled("this upload was terminated")
             db.execute(
-                "UPDATE transfer_files SET state = ?, updated_at = ? WHERE key = ? AND num = ? AND state = ?",
-                (FileState.UPLOADING, time.time(), key, num, before.state),
+                "UPDATE transfer_files SET state = ?, claimed_by = ?, stop_request = NULL, claims = claims + 1,"
+                " updated_at = ? WHERE key = ? AND num = ?",
+                (FileState.UPLOADING, worker, time.time(), key, num),
             )
-            return before
+            return before, row["claims"] + 1
 
         return await self._db.run(claim)
 
-    async def restore(self, key: str, num: int, state: FileState) -> None:
-        """Undo a claim that was never used: the file goes back to ``state``."""
-        await self._update_file(key, num, state=state)
+    async def restore(self, key: str, num: int, state: FileState, worker: str) -> None:
+        """Undo ``worker``'s claim that was never used: the file goes back to ``state``."""
+        await self._update_claimed(key, num, worker, state=state)
+
+    async def claim_status(self, key: str, num: int) -> tuple[FileState, str | None, str | None] | None:
+        """(state, claimed_by, stop_request) of a file, or None if it is gone."""
+
+        def status(db: sqlite3.Connection) -> tuple[FileState, str | None, str | None] | None:
+            row = db.execute(
+                "SELECT state, claimed_by, stop_request FROM transfer_files WHERE key = ? AND num = ?", (key, num)
+            ).fetchone()
+            return None if row is None else (FileState(row["state"]), row["claimed_by"], row["stop_request"])
+
+        return await self._db.read(status)
+
+    async def request_stop(self, key: str, num: int, reason: str) -> str | None:
+        """Ask the worker holding the claim on a file to stop (``reason``); returns that worker, if any."""
+
+        def ask(db: sqlite3.Connection) -> str | None:
+            row = db.execute(
+                "SELECT claimed_by FROM transfer_files WHERE key = ? AND num = ? AND state = ?",
+                (key, num, FileState.UPLOADING),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE transfer_files SET stop_request = ? WHERE key = ? AND num = ?", (reason, key, num))
+            return str(row["claimed_by"])
+
+        return await self._db.run(ask)
+
+    async def release_worker(self, worker: str) -> list[tuple[str, int, int, bool]]:
+        """A worker process died: its claims end (UPLOADING -> RESERVED, bytes kept).
+
+        Returns ``(key, num, received, verifying_chunk)`` of each such file,
+        for :func:`datastore.staging.reconcile` to check against the disk.
+        """
+
+        def release(db: sqlite3.Connection) -> list[tuple[str, int, int, bool]]:
+            rows = db.execute(
+                "SELECT key, num, received, verifying_chunk FROM transfer_files WHERE state = ? AND claimed_by = ?",
+                (FileState.UPLOADING, worker),
+            ).fetchall()
+            db.execute(
+                "UPDATE transfer_files SET state = ?, claimed_by = NULL, stop_request = NULL"
+                " WHERE state = ? AND claimed_by = ?",
+                (FileState.RESERVED, FileState.UPLOADING, worker),
+            )
+            return [(row["key"], row["num"], row["received"], bool(row["verifying_chunk"])) for row in rows]
+
+        return await self._db.run(release)
 
     async def begin_chunk(self, key: str, num: int, *, verifying: bool) -> None:
         """A resumable request starts appending; remember whether its chunk is checksummed."""
         await self._update_file(key, num, verifying_chunk=int(verifying))
 
-    async def pause(self, key: str, num: int, received: int) -> None:
-        """A resumable upload stopped with ``received`` bytes staged; it may go on later."""
-        await self._update_file(key, num, state=FileState.RESERVED, received=received, verifying_chunk=0, error=None)
+    async def pause(self, key: str, num: int, received: int, worker: str) -> None:
+        """``worker``'s resumable upload stopped with ``received`` bytes staged; it may go on later.
 
-    async def release(self, key: str, num: int, error: str) -> None:
-        """A claimed upload failed and its reservation was cancelled; staged bytes are gone."""
-        await self._update_file(key, num, state=FileState.RELEASED, received=0, verifying_chunk=0, error=error)
+        Nothing changes if the file is no longer claimed by ``worker`` (another
+        worker terminated or cancelled it meanwhile).
+        """
+        await self._update_claimed(
+            key, num, worker, state=FileState.RESERVED, received=received, verifying_chunk=0, error=None
+        )
+
+    async def release(self, key: str, num: int, error: str, worker: str) -> None:
+        """``worker``'s upload failed and its reservation was cancelled; staged bytes are gone."""
+        await self._update_claimed(
+            key, num, worker, state=FileState.RELEASED, received=0, verifying_chunk=0, error=error
+        )
 
     async def publish(self, key: str, num: int, md5: str, sha256: str) -> None:
         """File ``num`` is published; the transfer is FINISHED when all are."""
@@ -258,7 +336,7 @@ class TransferRegistry:
             now = time.time()
             db.execute(
                 "UPDATE transfer_files SET state = ?, md5 = ?, sha256 = ?, received = size, verifying_chunk = 0,"
-                " error = NULL, updated_at = ? WHERE key = ? AND num = ?",
+                " error = NULL, claimed_by = NULL, stop_request = NULL, updated_at = ? WHERE key = ? AND num = ?",
                 (FileState.PUBLISHED, md5, sha256, now, key, num),
             )
             db.execute(
@@ -333,7 +411,7 @@ class TransferRegistry:
 
     async def reserved_bytes(self) -> int:
         """Bytes that open transfers may still write (declared sizes less what is staged)."""
-        return await self._db.run(
+        return await self._db.read(
             lambda db: db.execute(
                 "SELECT COALESCE(SUM(f.size - f.received), 0) FROM transfer_files f JOIN transfers t USING (key)"
                 " WHERE t.state = ? AND f.state NOT IN (?, ?)",
@@ -343,7 +421,7 @@ class TransferRegistry:
 
     async def resumable_files(self) -> list[tuple[str, int, int, bool]]:
         """``(key, num, received, verifying_chunk)`` of every file of an OPEN transfer that may hold staged bytes."""
-        return await self._db.run(
+        return await self._db.read(
             lambda db: [
                 (row["key"], row["num"], row["received"], bool(row["verifying_chunk"]))
                 for row in db.execute(
@@ -359,7 +437,8 @@ class TransferRegistry:
         return await self._db.run(
             lambda db: (
                 db.execute(
-                    "UPDATE transfer_files SET state = ? WHERE state = ?", (FileState.RESERVED, FileState.UPLOADING)
+                    "UPDATE transfer_files SET state = ?, claimed_by = NULL, stop_request = NULL WHERE state = ?",
+                    (FileState.RESERVED, FileState.UPLOADING),
                 ).rowcount
             )
         )
@@ -386,6 +465,22 @@ class TransferRegistry:
             return before
 
         return await self._db.run(end)
+
+    async def _update_claimed(self, key: str, num: int, worker: str, **values: object) -> None:
+        """Update a file that is UPLOADING under ``worker``'s claim, ending the claim; else nothing."""
+        columns = ", ".join(f"{name} = ?" for name in values)
+
+        def update(db: sqlite3.Connection) -> None:
+            now = time.time()
+            changed = db.execute(
+                f"UPDATE transfer_files SET {columns}, claimed_by = NULL, stop_request = NULL, updated_at = ?"  # noqa: S608
+                " WHERE key = ? AND num = ? AND state = ? AND claimed_by = ?",
+                (*values.values(), now, key, num, FileState.UPLOADING, worker),
+            ).rowcount
+            if changed:
+                db.execute("UPDATE transfers SET updated_at = ? WHERE key = ?", (now, key))
+
+        await self._db.run(update)
 
     async def _update_file(self, key: str, num: int, **values: object) -> None:
         columns = ", ".join(f"{name} = ?" for name in values)

@@ -16,6 +16,7 @@ an upload whose old request is still hanging takes over from it.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -46,6 +47,7 @@ from .manifest import single_file
 from .staging import Digests
 from .transfers import FileState, Transfer
 from .upload import (
+    CLAIM_WATCH_INTERVAL,
     FileUpload,
     UploadTarget,
     check_space,
@@ -247,12 +249,15 @@ async def _after_failure(
 ) -> None:
     if upload.running.stop_reason == "terminated":
         return
+    if upload.running.stop_reason == "ended":
+        await staging.discard([upload.staging_path])
+        return
     if finishing or isinstance(exc, UploadFileNotFound):
         await upload.fail(exc)
     elif not upload.reserved:
         # Re-gating failed: the file stays released.
         message = exc.message if isinstance(exc, DatastoreError) else repr(exc)
-        await ctx.registry.release(*upload.place, message)
+        await ctx.registry.release(*upload.place, message, ctx.worker)
     else:
         await upload.pause(offset)
 
@@ -260,10 +265,11 @@ async def _after_failure(
 async def _digests_at(ctx: StoreContext, upload: FileUpload, offset: int) -> Digests:
     """The hash state of the first ``offset`` staged bytes: cached, or re-hashed after a restart."""
     cached = ctx.digests.get(upload.place)
-    if cached is None or cached.offset != offset:
-        cached = Digests() if offset == 0 else await staging.rehash(upload.staging_path, offset)
-        ctx.digests[upload.place] = cached
-    return cached
+    if cached is not None and cached[1].offset == offset:
+        return cached[1]
+    digests = Digests() if offset == 0 else await staging.rehash(upload.staging_path, offset)
+    ctx.digests[upload.place] = (upload.claim, digests)
+    return digests
 
 
 async def _roll_back(ctx: StoreContext, upload: FileUpload, digests: Digests, before: Digests) -> None:
@@ -278,8 +284,28 @@ async def _supersede(ctx: StoreContext, place: tuple[str, int]) -> None:
     for instead; the newer request then finds the file published (409).
     """
     running = ctx.running.get(place)
-    if running is not None and running.resumable:
-        await running.stop("superseded")
+    if running is not None:
+        if running.resumable:
+            await running.stop("superseded")
+        return
+    if not ctx.shared:
+        return
+    # Another worker may hold the claim: ask it to stop, and wait (bounded) until it has.
+    holder = await ctx.registry.request_stop(*place, "superseded")
+    if holder is None or holder == ctx.worker:
+        return
+    deadline = asyncio.get_running_loop().time() + SUPERSEDE_WAIT
+    while asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(SUPERSEDE_POLL)
+        status = await ctx.registry.claim_status(*place)
+        if status is None or status[0] is not FileState.UPLOADING or status[1] != holder:
+            return
+    # Still claimed (a whole-body upload, or one publishing): the claim answers 409.
+
+
+#: How long a request waits for another worker's upload it superseded to stop, and how often it looks.
+SUPERSEDE_WAIT = 4 * CLAIM_WATCH_INTERVAL + 1.0
+SUPERSEDE_POLL = 0.05
 
 
 def _require_tus(request: web.Request) -> None:

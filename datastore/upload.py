@@ -269,41 +269,86 @@ async def claimed_upload(target: UploadTarget, *, resumable: bool) -> AsyncItera
     """Take an upload slot and the file's claim for the current request.
 
     While inside, the request's task is registered as the file's running
-    upload, so a cancellation, termination or expiry can stop it.
+    upload, so a cancellation, termination or expiry can stop it; with
+    workers sharing the state, a watch on the claim lets another worker's
+    request do so too (:func:`_watch_claim`).
     """
     ctx, place = target.ctx, (target.transfer.key, target.file.num)
     with ctx.upload_slot(target.file.size):
-        claiming = asyncio.ensure_future(ctx.registry.claim(*place))
+        claiming = asyncio.ensure_future(ctx.registry.claim(*place, ctx.worker))
         try:
-            before = await asyncio.shield(claiming)
+            before, number = await asyncio.shield(claiming)
         except asyncio.CancelledError:
             # Cancelled while the claim ran in the database thread: undo it, or the
             # file would stay "uploading" with nobody uploading it.
             with contextlib.suppress(Exception):
-                claimed = await claiming
-                await staging.uncancellable(ctx.registry.restore(*place, claimed.state))
+                claimed, _ = await claiming
+                await staging.uncancellable(ctx.registry.restore(*place, claimed.state, ctx.worker))
             raise
+        cached = ctx.digests.get(place)
+        if cached is not None:
+            # This process's hash state stays good only if no other request claimed the file since.
+            if cached[0] == number - 1:
+                ctx.digests[place] = (number, cached[1])
+            else:
+                del ctx.digests[place]
         task = asyncio.current_task()
         assert task is not None
         running = RunningUpload(task, resumable)
         ctx.running[place] = running
+        watch = asyncio.create_task(_watch_claim(ctx, place, running)) if ctx.shared else None
         try:
-            yield FileUpload(target, before, running)
+            yield FileUpload(target, before, number, running)
         finally:
+            if watch is not None:
+                watch.cancel()
             if ctx.running.get(place) is running:
                 del ctx.running[place]
+
+
+#: Seconds between a running upload's checks of its claim, when workers share the state.
+CLAIM_WATCH_INTERVAL = 0.5
+
+
+async def _watch_claim(ctx: StoreContext, place: tuple[str, int], running: RunningUpload) -> None:
+    """Stop ``running`` when another worker ends its claim or asks it to stop.
+
+    A file no longer UPLOADING under this worker's claim was terminated,
+    cancelled or expired by another worker, which cleans up ("terminated");
+    a stop request "superseded" comes from a newer request of the same
+    client on another worker, and only a resumable upload heeds it.
+    """
+    while not running.task.done():
+        await asyncio.sleep(CLAIM_WATCH_INTERVAL)
+        try:
+            status = await ctx.registry.claim_status(*place)
+        except Exception:
+            log.exception("checking the claim of an upload failed")
+            continue
+        if running.finishing:
+            return
+        if status is None or status[0] is not FileState.UPLOADING or status[1] != ctx.worker:
+            running.stop_reason = "ended"
+            running.task.cancel()
+            return
+        if status[2] == "superseded" and running.resumable:
+            running.stop_reason = "superseded"
+            running.task.cancel()
+            return
 
 
 class FileUpload:
     """One claimed upload of one file: everything between the claim and the answer."""
 
-    def __init__(self, target: UploadTarget, before: TransferFile, running: RunningUpload) -> None:
+    def __init__(self, target: UploadTarget, before: TransferFile, claim: int, running: RunningUpload) -> None:
         self.ctx = target.ctx
         self.mount = target.mount
         self.identity = target.identity
         self.transfer = target.transfer
         self.file = target.file
         self.before = before
+        #: The number of this request's claim on the file (see ``StoreContext.digests``).
+        self.claim = claim
         self.running = running
         self.info = FileInfo(self.file.name, self.file.size, self.file.md5, self.file.sha256)
         #: Whether the handler holds a reservation this upload answers for.
@@ -354,7 +399,7 @@ class FileUpload:
 
     async def pause(self, received: int) -> None:
         """A resumable upload stops with ``received`` bytes staged; the client may go on."""
-        await self.ctx.registry.pause(self.transfer.key, self.file.num, received)
+        await self.ctx.registry.pause(self.transfer.key, self.file.num, received, self.ctx.worker)
 
     async def fail(self, exc: BaseException) -> None:
         """Undo the attempt: staging and anything published removed, reservation cancelled.
@@ -363,6 +408,9 @@ class FileUpload:
         caller cleans up.
         """
         if self.running.stop_reason == "terminated":
+            return
+        if self.running.stop_reason == "ended":
+            await staging.discard([self.staging_path])
             return
         message = exc.message if isinstance(exc, DatastoreError) else repr(exc)
         if isinstance(exc, DatastoreError):
@@ -374,7 +422,7 @@ class FileUpload:
         await staging.discard(paths)
         if self.reserved:
             await _quietly(self.mount.handler.cancel_upload(self.identity, self.info), "cancel_upload")
-        await self.ctx.registry.release(self.transfer.key, self.file.num, message)
+        await self.ctx.registry.release(self.transfer.key, self.file.num, message, self.ctx.worker)
 
 
 async def check_space(ctx: StoreContext) -> None:

@@ -68,11 +68,15 @@ class DirectoryHandler:
 
     async def add_pending_upload(self, identity: Identity, file: FileInfo) -> None:
         row = (file.name, fold_name(file.name), file.size, identity.dn, time.time())
-        await self._db.run(
-            lambda db: db.execute(
-                "INSERT INTO pending (name, fold, size, owner, reserved_at) VALUES (?, ?, ?, ?, ?)", row
+        try:
+            await self._db.run(
+                lambda db: db.execute(
+                    "INSERT INTO pending (name, fold, size, owner, reserved_at) VALUES (?, ?, ?, ?, ?)", row
+                )
             )
-        )
+        except sqlite3.IntegrityError:
+            # Another worker process reserved the name since can_upload said yes.
+            raise NotAuthorized(f"{file.name} is reserved by another transfer") from None
 
     async def reserve_many(self, identity: Identity, files: Sequence[FileInfo]) -> list[str]:
         """Reserve every file in one transaction, or none: the names refused, or [] when all are reserved.
@@ -126,7 +130,7 @@ class DirectoryHandler:
         return await self._db.run(check)
 
     async def get_upload_filename(self, identity: Identity, file: FileInfo) -> Path | None:
-        reserved = await self._db.run(
+        reserved = await self._db.read(
             lambda db: db.execute("SELECT 1 FROM pending WHERE name = ?", (file.name,)).fetchone()
         )
         if reserved is None:
@@ -170,11 +174,11 @@ class DirectoryHandler:
             raise FileNotFound() from None
 
     async def describe_file(self, identity: Identity, name: str) -> StoredFile | None:
-        row = await self._db.run(lambda db: db.execute("SELECT * FROM files WHERE name = ?", (name,)).fetchone())
+        row = await self._db.read(lambda db: db.execute("SELECT * FROM files WHERE name = ?", (name,)).fetchone())
         return _stored(row) if row is not None else None
 
     async def list_files(self, identity: Identity) -> Sequence[StoredFile]:
-        rows = await self._db.run(lambda db: db.execute("SELECT * FROM files ORDER BY name").fetchall())
+        rows = await self._db.read(lambda db: db.execute("SELECT * FROM files ORDER BY name").fetchall())
         return [_stored(row) for row in rows]
 
     async def delete_file(self, identity: Identity, name: str) -> None:
