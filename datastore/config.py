@@ -64,6 +64,13 @@ class Settings:
         default=60.0,
         metadata={"doc": "Seconds an upload may go without receiving a byte before it is dropped (408)."},
     )
+    idle_timeout: float = field(
+        default=75.0,
+        metadata={
+            "doc": "Seconds a connection may wait without a request under way (before its first, between two, "
+            "or while its headers trickle in) before it is closed."
+        },
+    )
     max_concurrent_uploads: int = field(
         default=64, metadata={"doc": "Uploads running at once (per worker); more are answered 503 with Retry-After."}
     )
@@ -118,7 +125,7 @@ class Settings:
         for name in ("max_manifest_bytes", "max_files", "max_concurrent_uploads", "chunk_size"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
-        for name in ("key_lifetime", "body_timeout", "sweep_interval"):
+        for name in ("key_lifetime", "body_timeout", "sweep_interval", "idle_timeout"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
         if self.max_file_size < 0 or self.min_free_bytes < 0:

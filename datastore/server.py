@@ -228,6 +228,7 @@ class TransferServer(abc.ABC):
             raise RuntimeError("the server is already running")
         runner = web.AppRunner(
             self.create_app(),
+            keepalive_timeout=self.settings.idle_timeout,
             access_log=logging.getLogger("datastore.access"),
             access_log_format=ACCESS_LOG_FORMAT,
         )

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
+from datastore.server import HTTPTransferServer
+
 from .conftest import MakeStore
-from .harness import ini_manifest, json_manifest
+from .harness import ini_manifest, json_manifest, make_settings
 
 
 async def test_manifest_larger_than_max_manifest_bytes_is_413(make_store: MakeStore) -> None:
@@ -98,3 +102,19 @@ async def test_ten_thousand_file_manifest_is_all_or_nothing(make_store: MakeStor
     accepted = await store.client.post("/files/manifest", data=io.BytesIO(body), headers=as_json)
     assert accepted.status == 201
     assert len((await accepted.json())["files"]) == 10_000
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /files/ HTTP/1.1\r\nHost: x\r\n"], ids=["silent", "half-headers"])
+async def test_connection_without_a_request_under_way_is_closed_after_idle_timeout(tmp_path: Path, sent: bytes) -> None:
+    server = HTTPTransferServer(make_settings(tmp_path / "root", tmp_path / "state", idle_timeout=0.5))
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(sent)
+        await writer.drain()
+        # The server hangs up on its own; the bound only fails a server that never does.
+        async with asyncio.timeout(10):
+            assert await reader.read() == b""
+        writer.close()
+    finally:
+        await server.stop()
