@@ -82,6 +82,10 @@ class Settings:
         default=64 << 20, metadata={"doc": "Free space kept on the store's disk beyond every upload."}
     )
     chunk_size: int = field(default=1 << 20, metadata={"doc": "Bytes hashed and written per step of an upload."})
+    upload_buffer_budget: int = field(
+        default=16 << 20,
+        metadata={"doc": "Upload bytes held in memory at once by all uploads of a worker (at least two chunks)."},
+    )
     fsync: bool = field(default=True, metadata={"doc": "fsync each file and its directory before answering 200."})
     tls: bool = field(
         default=False,
@@ -122,7 +126,7 @@ class Settings:
             check_prefix(prefix)
         if not 0 <= self.port <= 65535:
             raise SettingsError(f"port must be between 0 and 65535, not {self.port}")
-        for name in ("max_manifest_bytes", "max_files", "max_concurrent_uploads", "chunk_size"):
+        for name in ("max_manifest_bytes", "max_files", "max_concurrent_uploads", "chunk_size", "upload_buffer_budget"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
         for name in ("key_lifetime", "body_timeout", "sweep_interval", "idle_timeout"):

@@ -25,7 +25,7 @@ from .config import Settings
 from .errors import DatastoreError, PathNotFound, ServiceUnavailable
 from .handlers.interface import CanClose, CanDelete, CanDescribe, CanList, CanReserveMany, TransferHandler
 from .identity import Identity
-from .staging import Digests
+from .staging import BufferBudget, Digests
 from .transfers import TransferRegistry
 
 
@@ -91,6 +91,8 @@ class StoreContext:
     mounts: dict[str, Mount]
     staging_dir: Path
     identify: Callable[[web.Request], Identity]
+    #: Shared by every upload: how many buffers of received bytes may wait in memory.
+    buffers: BufferBudget
     active_uploads: int = 0
     #: Declared bytes of the uploads now running, counted against free space.
     bytes_in_flight: int = 0

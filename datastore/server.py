@@ -58,6 +58,11 @@ log = logging.getLogger(__name__)
 
 _PREFIX = "{prefix:[A-Za-z0-9][A-Za-z0-9._-]{0,127}}"
 
+#: aiohttp's per-connection read buffer (its default is 256 KiB): a request body's stream
+#: stops reading from the socket beyond twice this. An upload waiting for a buffer of the
+#: budget (:class:`staging.BufferBudget`) leaves the rest of its body in the kernel.
+READ_BUFSIZE = 64 << 10
+
 #: One line per request: client, request line, status, bytes, seconds.
 ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tf'
 
@@ -160,7 +165,7 @@ class TransferServer(abc.ABC):
         Its start-up opens the state directory; its clean-up closes the
         registry and every handler that can be closed.
         """
-        app = web.Application(middlewares=[error_middleware])
+        app = web.Application(middlewares=[error_middleware], handler_args={"read_bufsize": READ_BUFSIZE})
         app.cleanup_ctx.append(self._lifecycle)
         app.router.add_get("/_api/v1/health", handle_health)
         app.router.add_get("/_static/{asset}", handle_asset)
@@ -199,6 +204,7 @@ class TransferServer(abc.ABC):
             identify=self.identify,
             shared=self.shared_state,
             worker_index=self.worker_index,
+            buffers=staging.BufferBudget(self.settings.upload_buffer_budget // self.settings.chunk_size),
         )
         app[CONTEXT] = ctx
         tasks = [asyncio.create_task(_sweep(ctx), name="datastore-sweeper")]

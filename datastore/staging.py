@@ -70,6 +70,43 @@ class ReadFailed(Exception):
         self.cause = cause
 
 
+class BufferBudget:
+    """How many buffers of received upload bytes may wait in memory, all uploads together.
+
+    Each buffer of an upload (about ``chunk_size`` bytes, at most one read
+    more) holds a slot from before its first byte is read until it has been
+    written and hashed. An upload that finds no slot free reads nothing
+    meanwhile: the rest of its body waits in the kernel's socket buffer, and
+    the server's memory stays bounded however many uploads run. With every
+    upload fed as fast as the threads hash and write, fewer slots cost no
+    throughput. A slot is never kept for a silent client while others wait
+    (:data:`IDLE_STORE`).
+    """
+
+    __slots__ = ("_slots",)
+
+    def __init__(self, slots: int) -> None:
+        self._slots = asyncio.Semaphore(max(2, slots))
+
+    async def acquire(self) -> None:
+        """Take a slot, waiting for one to be released if need be."""
+        await self._slots.acquire()
+
+    def release(self, _: object = None) -> None:
+        """Give a slot back (also usable as a future's done callback)."""
+        self._slots.release()
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether an upload asking for a slot now would have to wait."""
+        return self._slots.locked()
+
+
+#: Seconds an upload holding a slot may wait for its client's next bytes
+#: while other uploads wait for a slot; then what it has is stored and the slot freed.
+IDLE_STORE = 0.1
+
+
 async def append(
     chunks: AsyncIterator[bytes],
     path: Path,
@@ -79,6 +116,7 @@ async def append(
     chunk_size: int,
     fsync: bool,
     chunk_hash: Any = None,
+    budget: BufferBudget | None = None,
 ) -> None:
     """Append ``chunks`` to ``path`` at ``digests.offset``, hashing as they are written.
 
@@ -86,19 +124,64 @@ async def append(
     iterator fails (a dropped connection, a slow client), the bytes that
     arrived before are still written and :class:`ReadFailed` is raised with
     the cause. ``chunk_hash``, if given, also sees every byte of this call.
-    Whatever happens, the file ends with exactly ``digests.offset`` bytes,
-    flushed (and fsync'd with ``fsync``).
+    With a ``budget``, each buffer of about ``chunk_size`` bytes holds one of
+    its slots until it is stored. Whatever happens, the file ends with
+    exactly ``digests.offset`` bytes, flushed (and fsync'd with ``fsync``).
     """
     loop = asyncio.get_running_loop()
     handle = await _open_at(path, digests.offset)
     flusher = Flusher(handle.fileno()) if fsync else None
     pending: asyncio.Future[None] | None = None
+    #: The received bytes not yet handed to a store, kept as they arrived (no copy).
+    buffer: list[bytes] = []
+    buffered = 0
+    #: Whether ``buffer`` holds a slot of ``budget``.
+    holding = False
+    #: While a read waits: the timer of :func:`on_silence`, and the store it may have started.
+    silence: asyncio.TimerHandle | None = None
+    idle_store: asyncio.Future[None] | None = None
+
+    async def store() -> None:
+        """Hand the buffer, and its slot, to a store in the threads once the previous one has ended."""
+        nonlocal pending, buffer, buffered, holding
+        if buffer:
+            if pending is not None:
+                await uncancellable(pending)
+            pending = asyncio.ensure_future(_store(loop, handle, flusher, buffer, digests, chunk_hash))
+            if holding and budget is not None:
+                pending.add_done_callback(budget.release)
+                holding = False
+            buffer, buffered = [], 0
+        elif holding and budget is not None:
+            budget.release()
+            holding = False
+
+    def on_silence() -> None:
+        """The client sent nothing for IDLE_STORE: if others wait for a slot, store what it sent, freeing its slot."""
+        nonlocal silence, idle_store
+        assert budget is not None
+        if holding and budget.exhausted:
+            silence, idle_store = None, asyncio.ensure_future(store())
+        else:
+            silence = loop.call_later(IDLE_STORE, on_silence)
+
+    async def after_silence() -> None:
+        """Wait for the store started during the last read, if any, before touching the buffer again."""
+        nonlocal idle_store
+        if idle_store is not None:
+            started, idle_store = idle_store, None
+            await uncancellable(started)
+
     try:
         total = digests.offset
-        buffer = bytearray()
         read_failure: BaseException | None = None
         iterator = chunks.__aiter__()
         while True:
+            if budget is not None and not holding:
+                await budget.acquire()
+                holding = True
+            if budget is not None:
+                silence = loop.call_later(IDLE_STORE, on_silence)
             try:
                 chunk = await iterator.__anext__()
             except StopAsyncIteration:
@@ -106,25 +189,34 @@ async def append(
             except Exception as exc:  # the body failed: keep what arrived before it
                 read_failure = exc
                 break
+            finally:
+                if silence is not None:
+                    silence.cancel()
+                    silence = None
+            await after_silence()
             total += len(chunk)
             if total > limit:
                 raise PayloadTooLarge(f"more than the {limit} bytes declared")
-            buffer += chunk
-            if len(buffer) >= chunk_size:
-                if pending is not None:
-                    await uncancellable(pending)
-                pending = asyncio.ensure_future(_store(loop, handle, flusher, buffer, digests, chunk_hash))
-                buffer = bytearray()
-        if buffer:
-            if pending is not None:
-                await uncancellable(pending)
-            pending = asyncio.ensure_future(_store(loop, handle, flusher, buffer, digests, chunk_hash))
+            if budget is not None and not holding:
+                await budget.acquire()
+                holding = True
+            buffer.append(chunk)
+            buffered += len(chunk)
+            del chunk
+            if buffered >= chunk_size:
+                await store()
+        await after_silence()
+        await store()
         if pending is not None:
             await uncancellable(pending)
             pending = None
         if read_failure is not None:
             raise ReadFailed(read_failure)
     finally:
+        with contextlib.suppress(Exception):
+            await after_silence()
+        if holding and budget is not None:
+            budget.release()
         # A write runs on in its thread even if this task is cancelled: never
         # settle the file (nor let anyone read digests) before it has ended.
         if pending is not None:
@@ -297,18 +389,18 @@ async def _store(
     loop: asyncio.AbstractEventLoop,
     handle: IO[bytes],
     flusher: Flusher | None,
-    data: bytearray,
+    data: list[bytes],
     digests: Digests,
     chunk_hash: Any,
 ) -> None:
-    """Write ``data`` and hash it with every digest, all in parallel threads.
+    """Write the pieces of ``data`` and hash them with every digest, all in parallel threads.
 
     If the write fails, the digests go back to the last byte written.
     """
     before = digests.copy()
     results = await asyncio.gather(
         loop.run_in_executor(None, _write_all, handle, data, flusher),
-        loop.run_in_executor(None, digests.md5.update, data),
+        loop.run_in_executor(None, _update_all, (digests.md5,), data),
         loop.run_in_executor(None, _update_all, (digests.sha256, chunk_hash), data),
         return_exceptions=True,
     )
@@ -316,16 +408,27 @@ async def _store(
         if isinstance(result, BaseException):
             digests.restore(before)
             raise result
-    digests.offset += len(data)
+    digests.offset += sum(map(len, data))
 
 
-def _write_all(handle: IO[bytes], data: bytearray, flusher: Flusher | None) -> None:
-    view = memoryview(data)
-    while view:
-        written = handle.write(view)
-        view = view[written or 0 :]
+#: Most pieces one ``writev`` call takes (Linux's IOV_MAX).
+_WRITEV_MAX = 1024
+
+
+def _write_all(handle: IO[bytes], data: list[bytes], flusher: Flusher | None) -> None:
+    """Write the pieces in order with ``writev``, going on after short writes."""
+    fd = handle.fileno()
+    views = [memoryview(piece) for piece in data if piece]
+    first = 0
+    while first < len(views):
+        written = os.writev(fd, views[first : first + _WRITEV_MAX])
+        while first < len(views) and written >= len(views[first]):
+            written -= len(views[first])
+            first += 1
+        if written:
+            views[first] = views[first][written:]
     if flusher is not None:
-        flusher.wrote(len(data))
+        flusher.wrote(sum(map(len, data)))
 
 
 class Flusher:
@@ -374,10 +477,11 @@ class Flusher:
 _FLUSH_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="flush")
 
 
-def _update_all(hashes: tuple[Any, ...], data: bytearray) -> None:
+def _update_all(hashes: tuple[Any, ...], data: list[bytes]) -> None:
     for digest in hashes:
         if digest is not None:
-            digest.update(data)
+            for piece in data:
+                digest.update(piece)
 
 
 def _settle(handle: IO[bytes], offset: int, fsync: bool, flusher: Flusher | None) -> None:

@@ -230,6 +230,7 @@ async def _append_chunk(
             chunk_size=ctx.settings.chunk_size,
             fsync=ctx.settings.fsync,
             chunk_hash=chunk_hash,
+            budget=ctx.buffers,
         )
     except staging.ReadFailed as failure:
         if before is not None:

@@ -184,6 +184,7 @@ async def handle_upload(request: web.Request) -> web.Response:
                     limit=target.file.size,
                     chunk_size=ctx.settings.chunk_size,
                     fsync=ctx.settings.fsync,
+                    budget=ctx.buffers,
                 )
             except staging.ReadFailed as failure:
                 raise failure.cause from None
@@ -515,8 +516,12 @@ async def next_chunk(read: Awaitable[T], timeout: float) -> T:
 
 async def stream_chunks(request: web.Request, timeout: float) -> AsyncIterator[bytes]:
     """The raw body, as it arrives."""
-    while chunk := await next_chunk(request.content.readany(), timeout):
+    while True:
+        chunk = await next_chunk(request.content.readany(), timeout)
+        if not chunk:
+            return
         yield chunk
+        del chunk  # not kept alive while the next read waits
 
 
 async def _form_file_chunks(request: web.Request, timeout: float, chunk_size: int) -> AsyncIterator[bytes]:

@@ -1,11 +1,13 @@
-"""The staging layer on its own: what a background flush failure does to an upload."""
+"""The staging layer on its own: background flush failures, the shared buffer budget."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,3 +43,44 @@ async def test_append_with_fsync_keeps_every_byte_across_several_flush_windows(t
     assert path.read_bytes() == block * count
     assert digests.md5.hexdigest() == hashlib.md5(block * count).hexdigest()
     assert digests.sha256.hexdigest() == hashlib.sha256(block * count).hexdigest()
+
+
+async def test_silent_clients_do_not_keep_the_budget_from_others(tmp_path: Path) -> None:
+    # Two slots, each taken by an upload that sent a piece and went silent: a third must still go through.
+    budget = staging.BufferBudget(2)
+    resume = asyncio.Event()
+    block = os.urandom(64 << 10)
+    chunk = 128 << 10
+    stalled: list[asyncio.Event] = []
+
+    async def slow(event: asyncio.Event) -> AsyncIterator[bytes]:
+        yield block
+        event.set()
+        await resume.wait()
+        yield block
+
+    async def fast() -> AsyncIterator[bytes]:
+        for _ in range(8):
+            yield block
+
+    def upload(body: AsyncIterator[bytes], name: str, digests: staging.Digests) -> Coroutine[Any, Any, None]:
+        return staging.append(
+            body, tmp_path / name, digests, limit=1 << 20, chunk_size=chunk, fsync=False, budget=budget
+        )
+
+    slow_digests = [staging.Digests(), staging.Digests()]
+    slow_uploads: list[asyncio.Task[None]] = []
+    for i, digests in enumerate(slow_digests):
+        stalled.append(asyncio.Event())
+        slow_uploads.append(asyncio.create_task(upload(slow(stalled[-1]), f"slow{i}.part", digests)))
+        await stalled[-1].wait()
+    fast_digests = staging.Digests()
+    await asyncio.wait_for(upload(fast(), "fast.part", fast_digests), timeout=10)
+    assert fast_digests.offset == (tmp_path / "fast.part").stat().st_size == 8 * len(block)
+
+    resume.set()
+    await asyncio.gather(*slow_uploads)
+    for i, digests in enumerate(slow_digests):
+        assert (tmp_path / f"slow{i}.part").read_bytes() == block * 2
+        assert digests.sha256.hexdigest() == hashlib.sha256(block * 2).hexdigest()
+    assert not budget.exhausted

@@ -678,3 +678,17 @@ async def test_overwriting_handler_replaces_the_published_file(make_store: MakeS
     assert await download(store, "report.txt") == (200, b"version 2, longer")
     listing = await (await store.client.get("/files/")).json()
     assert [(f["name"], f["sha256"]) for f in listing["files"]] == [("report.txt", sha256_hex(b"version 2, longer"))]
+
+
+async def test_many_concurrent_uploads_share_a_two_buffer_budget_and_all_are_verified(make_store: MakeStore) -> None:
+    # Ten uploads, room in memory for two buffers of received bytes: the others wait their turn.
+    store = await make_store(chunk_size=64 << 10, upload_buffer_budget=128 << 10)
+    contents = [random.Random(seed).randbytes(1 << 20) for seed in range(10)]
+    key = await store.register([(f"shared-{i}.bin", data) for i, data in enumerate(contents)])
+
+    results = await asyncio.gather(*(store.put(key, i, data) for i, data in enumerate(contents)))
+
+    assert results == [(200, "File transfer OK")] * len(contents)
+    listed = {f["name"]: f for f in (await (await store.client.get("/files/")).json())["files"]}
+    for i, data in enumerate(contents):
+        assert listed[f"shared-{i}.bin"]["sha256"] == sha256_hex(data)
