@@ -23,7 +23,15 @@ from aiohttp import web
 
 from .config import Settings
 from .errors import DatastoreError, PathNotFound, ServiceUnavailable
-from .handlers.interface import CanClose, CanDelete, CanDescribe, CanList, CanReserveMany, TransferHandler
+from .handlers.interface import (
+    CanClose,
+    CanDelete,
+    CanDescribe,
+    CanList,
+    CanLocateDownload,
+    CanReserveMany,
+    TransferHandler,
+)
 from .identity import Identity
 from .staging import BufferBudget, Digests
 from .transfers import TransferRegistry
@@ -40,6 +48,7 @@ class Mount:
     deleter: CanDelete | None = None
     closer: CanClose | None = None
     reserver: CanReserveMany | None = None
+    locator: CanLocateDownload | None = None
     #: Held across can_upload and add_pending_upload so reservations are atomic.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -54,6 +63,7 @@ class Mount:
             deleter=handler if isinstance(handler, CanDelete) else None,
             closer=handler if isinstance(handler, CanClose) else None,
             reserver=handler if isinstance(handler, CanReserveMany) else None,
+            locator=handler if isinstance(handler, CanLocateDownload) else None,
         )
 
 

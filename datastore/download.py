@@ -7,6 +7,11 @@ Last-Modified, 304, HEAD). The server adds what a file store owes on top:
 attachment`` and ``nosniff`` so that an uploaded page never runs as the
 store's own origin, and it never serves a precompressed sibling (``x.gz``)
 in place of the file asked for.
+
+A small file (``Download.body``, from a handler that can locate downloads)
+asked for whole and unconditionally is answered from memory with
+``web.Response`` and the same headers FileResponse would send; a Range or
+conditional request, or a larger file, goes to FileResponse.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import base64
 import os
 import pathlib
 import stat
+import weakref
+from functools import lru_cache
 from typing import Any
 from urllib.parse import quote
 
@@ -25,7 +32,7 @@ from aiohttp.web_request import BaseRequest
 
 from .context import CONTEXT, prefers_json
 from .errors import FileNotFound, NotFound
-from .handlers.interface import StoredFile
+from .handlers.interface import Download, StoredFile
 from .names import validate_name
 
 
@@ -59,23 +66,60 @@ async def handle_download(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
     mount = ctx.mount(request.match_info["prefix"])
     identity = ctx.identify(request)
-    name = validate_name(request.match_info["name"])
-    path = await mount.handler.get_download_filename(identity, name)
-    st = await asyncio.to_thread(_regular_file_stat, path)
-    size = st.st_size
+    name = _valid_name(request.match_info["name"])
+    if mount.locator is not None:
+        download = await mount.locator.locate_download(identity, name)
+    else:
+        path = await mount.handler.get_download_filename(identity, name)
+        st = await asyncio.to_thread(_regular_file_stat, path)
+        stored = await mount.describer.describe_file(identity, name) if mount.describer is not None else None
+        download = Download(path, st, stored)
+    if download.body is not None and not any(header in request.headers for header in _CONDITIONAL):
+        # A small file, whole, unconditionally: from memory, with the headers FileResponse would send.
+        headers = _PREPARED.get(download)
+        if headers is None:
+            headers = _file_headers(name, download)
+            validators = web.StreamResponse()
+            validators.etag = _etag(download.stat)
+            validators.last_modified = download.stat.st_mtime
+            headers[hdrs.ETAG] = validators.headers[hdrs.ETAG]
+            headers[hdrs.LAST_MODIFIED] = validators.headers[hdrs.LAST_MODIFIED]
+            headers[hdrs.ACCEPT_RANGES] = "bytes"
+            _PREPARED[download] = headers
+        return web.Response(body=download.body, headers=headers)
+    return StoredFileResponse(
+        download.path,
+        chunk_size=ctx.settings.chunk_size,
+        headers=_file_headers(name, download),
+        ignore_range=_if_range_fails(request, download.stat),
+    )
+
+
+def _file_headers(name: str, download: Download) -> dict[str, str]:
+    """What every download answer carries besides the validators FileResponse adds."""
     headers = {
         "Content-Type": "application/octet-stream",
         "Content-Disposition": _attachment(name),
         "X-Content-Type-Options": "nosniff",
         "Cache-Control": "no-cache",
     }
-    if mount.describer is not None:
-        stored = await mount.describer.describe_file(identity, name)
-        if stored is not None and stored.size == size:
-            headers["Repr-Digest"] = repr_digest(stored)
-    return StoredFileResponse(
-        path, chunk_size=ctx.settings.chunk_size, headers=headers, ignore_range=_if_range_fails(request, st)
-    )
+    if download.stored is not None and download.stored.size == download.stat.st_size:
+        headers["Repr-Digest"] = repr_digest(download.stored)
+    return headers
+
+
+#: The headers of small downloads answered from memory, for as long as their handler keeps them.
+_PREPARED: weakref.WeakKeyDictionary[Download, dict[str, str]] = weakref.WeakKeyDictionary()
+
+#: Request headers that make a download partial or conditional: FileResponse answers those.
+_CONDITIONAL = (
+    hdrs.RANGE,
+    hdrs.IF_RANGE,
+    hdrs.IF_MATCH,
+    hdrs.IF_NONE_MATCH,
+    hdrs.IF_MODIFIED_SINCE,
+    hdrs.IF_UNMODIFIED_SINCE,
+)
 
 
 #: The browser page and its assets, shipped in the package.
@@ -180,8 +224,18 @@ def _if_range_fails(request: web.Request, st: os.stat_result) -> bool:
     if_range = request.headers.get(hdrs.IF_RANGE, "").strip()
     if not if_range.startswith(('"', "W/")) or hdrs.RANGE not in request.headers:
         return False
-    # The strong validator aiohttp's FileResponse sends as ETag.
-    return if_range != f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
+    return if_range != f'"{_etag(st)}"'
+
+
+def _etag(st: os.stat_result) -> str:
+    """The strong validator aiohttp's FileResponse sends as ETag (unquoted)."""
+    return f"{st.st_mtime_ns:x}-{st.st_size:x}"
+
+
+@lru_cache(maxsize=4096)
+def _valid_name(name: str) -> str:
+    """``validate_name``, remembered for the names downloaded most (a refused name is not remembered)."""
+    return validate_name(name)
 
 
 def _attachment(name: str) -> str:

@@ -171,6 +171,11 @@ class TransferServer(abc.ABC):
         app.router.add_get("/_static/{asset}", handle_asset)
         app.router.add_get("/_api/v1/transfers/{key}", handle_transfer_status)
         app.router.add_delete("/_api/v1/transfers/{key}", handle_transfer_cancel)
+        # Downloads first: aiohttp tries the /{prefix}... patterns in this order, and
+        # no other one takes GET, HEAD or DELETE of a /{prefix}/{name} path.
+        # Names may hold braces, which aiohttp's default segment pattern excludes.
+        app.router.add_get(f"/{_PREFIX}/{{name:[^/]+}}", handle_download)
+        app.router.add_delete(f"/{_PREFIX}/{{name:[^/]+}}", handle_delete)
         app.router.add_post(f"/{_PREFIX}/manifest", handle_manifest)
         upload_path = f"/{_PREFIX}/{{key}}/{{num}}"
         app.router.add_post(upload_path, handle_upload, expect_handler=upload_expect_handler)
@@ -183,9 +188,6 @@ class TransferServer(abc.ABC):
         app.router.add_route("OPTIONS", f"/{_PREFIX}/", handle_options)
         app.router.add_get(f"/{_PREFIX}/", handle_listing)
         app.router.add_get(f"/{_PREFIX}", handle_add_slash)
-        # Names may hold braces, which aiohttp's default segment pattern excludes.
-        app.router.add_get(f"/{_PREFIX}/{{name:[^/]+}}", handle_download)
-        app.router.add_delete(f"/{_PREFIX}/{{name:[^/]+}}", handle_delete)
         return app
 
     async def _lifecycle(self, app: web.Application) -> AsyncIterator[None]:

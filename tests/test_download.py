@@ -14,10 +14,13 @@ import io
 import os
 import re
 import time
+from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
 from multidict import CIMultiDict
+
+from datastore.handlers.directory import MEMORY_LIMIT, DirectoryHandler
 
 from .conftest import MakeStore
 from .harness import Store, md5_hex, sha256_hex, staged_bytes, start_stalled_upload, until
@@ -445,3 +448,187 @@ async def test_five_mebibyte_file_downloads_intact(make_store: MakeStore) -> Non
         received += len(piece)
     assert received == len(content)
     assert digest.hexdigest() == sha256_hex(content)
+
+
+# -- remembered downloads -----------------------------------------------------
+#
+# A DirectoryHandler remembers a download (record, path, file identity and, for
+# small files, the bytes) once the file has settled; ``settle_ns = 0`` lets these
+# tests see that at once. Whatever happens to the file afterwards must show.
+
+
+async def remembering_store(make_store: MakeStore, **handler_options: object) -> Store:
+    store = await make_store(**handler_options)
+    store.handler.settle_ns = 0
+    return store
+
+
+def count_catalogue_queries(store: Store) -> list[int]:
+    """Count the handler's catalogue round trips from now on (the first item)."""
+    calls = [0]
+    database = store.handler._db
+
+    def counting(method):  # type: ignore[no-untyped-def]
+        async def counted(work):  # type: ignore[no-untyped-def]
+            calls[0] += 1
+            return await method(work)
+
+        return counted
+
+    database.run, database.read = counting(database.run), counting(database.read)
+    return calls
+
+
+async def test_remembered_download_answers_as_the_first_one_without_the_catalogue(make_store: MakeStore) -> None:
+    store = await remembering_store(make_store)
+    await upload(store, "notes.txt", CONTENT)
+    first = await store.client.get("/files/notes.txt")
+    assert await first.read() == CONTENT
+    queries = count_catalogue_queries(store)
+
+    again = await store.client.get("/files/notes.txt")
+    # A conditional request takes FileResponse's path: same headers, from the file on disk.
+    on_disk = await store.client.get("/files/notes.txt", headers={"If-None-Match": '"not-this-one"'})
+
+    assert queries == [0]
+    for response in (again, on_disk):
+        assert response.status == 200
+        assert await response.read() == CONTENT
+        assert response.headers["Content-Length"] == str(len(CONTENT))
+        for name in REPRESENTATION_HEADERS:
+            assert response.headers.get(name) == first.headers.get(name), name
+    assert_digests_of(again.headers["Repr-Digest"], CONTENT)
+
+
+async def test_remembered_download_still_answers_ranges_and_conditions(make_store: MakeStore) -> None:
+    store = await remembering_store(make_store)
+    await upload(store, "notes.txt", CONTENT)
+    etag = (await store.client.get("/files/notes.txt")).headers["ETag"]
+
+    partial = await store.client.get("/files/notes.txt", headers={"Range": "bytes=0-4"})
+    resumed = await store.client.get("/files/notes.txt", headers={"Range": "bytes=5-", "If-Range": etag})
+    unchanged = await store.client.get("/files/notes.txt", headers={"If-None-Match": etag})
+    head = await store.client.head("/files/notes.txt")
+
+    assert (partial.status, await partial.read()) == (206, CONTENT[:5])
+    assert (resumed.status, await resumed.read()) == (206, CONTENT[5:])
+    assert (unchanged.status, await unchanged.read()) == (304, b"")
+    assert head.status == 200
+    assert head.headers["Content-Length"] == str(len(CONTENT))
+    assert head.headers["ETag"] == etag
+
+
+async def test_file_replaced_on_disk_is_never_served_from_memory(make_store: MakeStore) -> None:
+    store = await remembering_store(make_store)
+    await upload(store, "notes.txt", CONTENT)
+    old = await store.client.get("/files/notes.txt")
+    assert await old.read() == CONTENT
+    replacement = store.root / "files" / "replacement.tmp"
+    replacement.write_bytes(CONTENT.upper())  # same size, other bytes, another inode
+    os.replace(replacement, store.root / "files" / "notes.txt")
+
+    response = await store.client.get("/files/notes.txt")
+
+    assert await response.read() == CONTENT.upper()
+    assert response.headers["ETag"] != old.headers["ETag"]
+
+
+def write_at_start(path: Path, data: bytes) -> None:
+    """Overwrite the first bytes of ``path`` in place (same inode, same size)."""
+    with open(path, "r+b") as handle:
+        handle.write(data)
+
+
+async def test_file_rewritten_in_place_is_never_served_from_memory(make_store: MakeStore) -> None:
+    store = await remembering_store(make_store)
+    await upload(store, "notes.txt", CONTENT)
+    assert await (await store.client.get("/files/notes.txt")).read() == CONTENT
+    await asyncio.sleep(0.05)  # past the filesystem's timestamp granularity, as settle_ns ensures
+    await asyncio.to_thread(write_at_start, store.root / "files" / "notes.txt", b"ABCDE")
+
+    response = await store.client.get("/files/notes.txt")
+
+    assert await response.read() == b"ABCDE" + CONTENT[5:]
+
+
+async def test_file_deleted_on_disk_is_not_found_though_remembered(make_store: MakeStore) -> None:
+    store = await remembering_store(make_store)
+    await upload(store, "notes.txt", CONTENT)
+    assert (await store.client.get("/files/notes.txt")).status == 200
+    (store.root / "files" / "notes.txt").unlink()
+
+    response = await store.client.get("/files/notes.txt")
+
+    assert response.status == 404
+    assert CONTENT not in await response.read()
+
+
+async def test_file_deleted_through_the_store_is_not_found_though_remembered(make_store: MakeStore) -> None:
+    store = await remembering_store(make_store)
+    await upload(store, "mine.txt", CONTENT, identity=ADA)
+    assert (await store.client.get("/files/mine.txt")).status == 200
+
+    deleted = await store.client.delete("/files/mine.txt", headers={"X-Client-DN": ADA})
+
+    assert deleted.status == 204
+    assert (await store.client.get("/files/mine.txt")).status == 404
+
+
+async def test_overwritten_file_is_served_with_its_new_bytes_and_digest(make_store: MakeStore, tmp_path: Path) -> None:
+    handler = DirectoryHandler(
+        tmp_path / "root" / "files", catalogue=tmp_path / "state" / "catalogue" / "files.sqlite3", overwrite=True
+    )
+    store = await remembering_store(make_store, handler=handler)
+    await upload(store, "notes.txt", CONTENT)
+    assert await (await store.client.get("/files/notes.txt")).read() == CONTENT
+    newer = CONTENT.upper()
+
+    await upload(store, "notes.txt", newer)
+    response = await store.client.get("/files/notes.txt")
+
+    assert await response.read() == newer
+    assert_digests_of(response.headers["Repr-Digest"], newer)
+
+
+async def test_name_another_process_removed_from_the_catalogue_is_not_served_after_the_ttl(
+    make_store: MakeStore,
+) -> None:
+    store = await remembering_store(make_store)
+    store.handler.catalogue_ttl = 0.2
+    await upload(store, "notes.txt", CONTENT)
+    assert (await store.client.get("/files/notes.txt")).status == 200
+    # Another process sharing the catalogue removed the record; the file stayed.
+    other = DirectoryHandler(store.handler.directory, catalogue=store.handler._db.path)
+    try:
+        await other._db.run(lambda db: db.execute("DELETE FROM files WHERE name = ?", ("notes.txt",)))
+    finally:
+        await other.close()
+    await asyncio.sleep(0.25)
+
+    response = await store.client.get("/files/notes.txt")
+
+    assert response.status == 404
+
+
+async def test_concurrent_downloads_of_a_new_file_share_one_lookup(make_store: MakeStore) -> None:
+    store = await make_store()
+    await upload(store, "notes.txt", CONTENT)
+    queries = count_catalogue_queries(store)
+
+    responses = await asyncio.gather(*(store.client.get("/files/notes.txt") for _ in range(20)))
+
+    assert [await response.read() for response in responses] == [CONTENT] * 20
+    assert queries[0] < 20
+
+
+async def test_remembered_file_above_the_memory_limit_downloads_intact(make_store: MakeStore) -> None:
+    store = await remembering_store(make_store)
+    content = os.urandom(MEMORY_LIMIT + 1)
+    await upload(store, "big.bin", content)
+
+    responses = [await store.client.get("/files/big.bin") for _ in range(2)]
+
+    for response in responses:
+        assert response.status == 200
+        assert await response.read() == content
+        assert_digests_of(response.headers["Repr-Digest"], content)

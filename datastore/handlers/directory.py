@@ -10,22 +10,39 @@ upload replace a published file of exactly the same name.
 
 Only files the catalogue lists as published are ever served: a pending
 upload, a file dropped into the folder by hand, or a half-written file is not.
+
+Downloads (``locate_download``) remember, per name, the catalogue record, the
+resolved path, the file's identity (inode, device, size, mtime, ctime) and,
+for small files, the bytes. Every request checks the file with one
+``lstat``: a file replaced (a new inode), changed, or deleted on disk is
+looked up again, never served from memory. A file is remembered only once its
+ctime is ``settle_ns`` old, so that any later change to it moves the ctime;
+a record is trusted for ``catalogue_ttl`` seconds (another process sharing the
+catalogue may delete a name), and this process forgets a name as soon as it
+publishes or deletes it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
+import stat
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..db import Database
 from ..errors import FileNotFound, InvalidName, NotAuthorized
 from ..identity import Identity
 from ..names import contained_path, fold_name
-from .interface import FileInfo, StoredFile
+from .interface import Download, FileInfo, StoredFile
+
+#: Files up to this size are read into memory and answered from there.
+MEMORY_LIMIT = 64 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -62,6 +79,23 @@ class DirectoryHandler:
             catalogue = self.directory.parent / ".datastore" / "catalogue" / f"{self.directory.name}.sqlite3"
         self.overwrite = overwrite
         self._db = Database(Path(catalogue), _SCHEMA)
+        #: Seconds a remembered catalogue record is trusted before it is read again.
+        self.catalogue_ttl = 1.0
+        #: A file is remembered only when its ctime is at least this old (ns).
+        self.settle_ns = 1_000_000_000
+        #: At most this many names, and this many bytes of small files, are remembered.
+        self.max_remembered = 4096
+        self.max_remembered_bytes = 32 << 20
+        self._remembered: OrderedDict[str, _Remembered] = OrderedDict()
+        self._remembered_bytes = 0
+        #: The lookup now running for a name, shared by the requests that arrive meanwhile.
+        self._lookups: dict[str, asyncio.Future[Download]] = {}
+        cls = type(self)
+        #: A subclass that decides downloads itself is asked on every download.
+        self._own_download_policy = (
+            cls.get_download_filename is DirectoryHandler.get_download_filename
+            and cls.describe_file is DirectoryHandler.describe_file
+        )
 
     async def can_upload(self, identity: Identity, file: FileInfo) -> bool:
         return not await self._refused(identity, [file], reserve=False)
@@ -161,6 +195,7 @@ class DirectoryHandler:
             )
 
         await self._db.run(record)
+        self._forget(file.name)
 
     async def cancel_upload(self, identity: Identity, file: FileInfo) -> None:
         await self._db.run(lambda db: db.execute("DELETE FROM pending WHERE name = ?", (file.name,)))
@@ -172,6 +207,84 @@ class DirectoryHandler:
             return await asyncio.to_thread(contained_path, self.directory, name)
         except InvalidName:
             raise FileNotFound() from None
+
+    async def locate_download(self, identity: Identity, name: str) -> Download:
+        """The path, status, record and (if small) bytes of ``name``: usually without leaving the loop."""
+        if not self._own_download_policy:
+            path = await self.get_download_filename(identity, name)
+            stored = await self.describe_file(identity, name)
+            st, body = await asyncio.to_thread(_open_regular, path, follow_symlinks=True)
+            return Download(path, st, stored, body)
+        remembered = self._remembered.get(name)
+        if remembered is not None:
+            if time.monotonic() - remembered.checked < self.catalogue_ttl:
+                on_disk = _lstat(remembered.download.path)
+                if on_disk is not None and _identity(on_disk) == remembered.identity:
+                    self._remembered.move_to_end(name)
+                    return remembered.download
+            self._forget(name)
+        # Requests for a name that is not remembered share one lookup. One that
+        # joins a lookup begun before it arrived checks the file it found is
+        # still the one on disk, and otherwise looks for itself.
+        lookup = self._lookups.get(name)
+        if lookup is None:
+            lookup = asyncio.create_task(self._look_up(name), name=f"datastore-lookup-{name}")
+            self._lookups[name] = lookup
+            lookup.add_done_callback(lambda done: self._lookup_done(name, done))
+            return await asyncio.shield(lookup)
+        with contextlib.suppress(FileNotFound):
+            download = await asyncio.shield(lookup)
+            on_disk = _lstat(download.path)
+            if on_disk is not None and _identity(on_disk) == _identity(download.stat):
+                return download
+        return await self._look_up(name)
+
+    async def _look_up(self, name: str) -> Download:
+        """Read the record and the file; remember them if this is still the lookup of ``name`` and the file settled."""
+        row = await self._db.read(lambda db: db.execute("SELECT * FROM files WHERE name = ?", (name,)).fetchone())
+        if row is None:
+            raise FileNotFound()
+        path, st, body = await asyncio.to_thread(self._open_published, name)
+        download = Download(path, st, _stored(row), body)
+        # A lookup that publishing or deleting the name made obsolete (``_forget``) is not remembered.
+        settled = time.time_ns() - st.st_ctime_ns >= self.settle_ns
+        if settled and self._lookups.get(name) is asyncio.current_task():
+            self._remember(name, download)
+        return download
+
+    def _lookup_done(self, name: str, lookup: asyncio.Future[Download]) -> None:
+        if self._lookups.get(name) is lookup:
+            del self._lookups[name]
+        if not lookup.cancelled():
+            lookup.exception()  # retrieved: every request that waited for it has it
+
+    def _open_published(self, name: str) -> tuple[Path, os.stat_result, bytes | None]:
+        try:
+            path = contained_path(self.directory, name)
+        except InvalidName:
+            raise FileNotFound() from None
+        return (path, *_open_regular(path))
+
+    def _remember(self, name: str, download: Download) -> None:
+        remembered = _Remembered(download, _identity(download.stat), time.monotonic())
+        if remembered.size > self.max_remembered_bytes:
+            return
+        self._drop(name)
+        self._remembered[name] = remembered
+        self._remembered_bytes += remembered.size
+        while len(self._remembered) > self.max_remembered or self._remembered_bytes > self.max_remembered_bytes:
+            _, oldest = self._remembered.popitem(last=False)
+            self._remembered_bytes -= oldest.size
+
+    def _forget(self, name: str) -> None:
+        """Drop what is remembered of ``name``; a lookup already running is neither shared nor remembered."""
+        self._lookups.pop(name, None)
+        self._drop(name)
+
+    def _drop(self, name: str) -> None:
+        remembered = self._remembered.pop(name, None)
+        if remembered is not None:
+            self._remembered_bytes -= remembered.size
 
     async def describe_file(self, identity: Identity, name: str) -> StoredFile | None:
         row = await self._db.read(lambda db: db.execute("SELECT * FROM files WHERE name = ?", (name,)).fetchone())
@@ -190,9 +303,13 @@ class DirectoryHandler:
             raise NotAuthorized("only the owner may delete a file")
         path = await asyncio.to_thread(contained_path, self.directory, name)
         await self._db.run(lambda db: db.execute("DELETE FROM files WHERE name = ?", (name,)))
+        self._forget(name)
         await asyncio.to_thread(_unlink_if_present, path)
 
     async def close(self) -> None:
+        self._lookups.clear()
+        self._remembered.clear()
+        self._remembered_bytes = 0
         await self._db.close()
 
     def _on_disk(self, names: list[str]) -> set[str]:
@@ -206,6 +323,62 @@ class DirectoryHandler:
     def _path_for_writing(self, name: str) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
         return contained_path(self.directory, name)
+
+
+@dataclass(slots=True)
+class _Remembered:
+    """A download as last found, its file's identity, and when its record was read (monotonic seconds)."""
+
+    download: Download
+    identity: tuple[int, int, int, int, int]
+    checked: float
+
+    @property
+    def size(self) -> int:
+        return len(self.download.body) if self.download.body is not None else 0
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What changes when a file is replaced, written, truncated or touched."""
+    return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    """The status of ``path`` itself (a symlink is not followed), or None if it is gone.
+
+    Runs on the event loop for remembered downloads: one metadata lookup of
+    a file just served, answered from the kernel's inode cache.
+    """
+    try:
+        return os.stat(path, follow_symlinks=False)
+    except OSError:
+        return None
+
+
+def _open_regular(path: Path, *, follow_symlinks: bool = False) -> tuple[os.stat_result, bytes | None]:
+    """The status of the regular file ``path`` and, when small, its bytes (in a worker thread)."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        raise FileNotFound() from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FileNotFound()
+        if st.st_size > MEMORY_LIMIT:
+            return st, None
+        chunks = []
+        left = st.st_size + 1  # one byte more tells a file that grew
+        while left > 0 and (chunk := os.read(fd, left)):
+            chunks.append(chunk)
+            left -= len(chunk)
+        body = b"".join(chunks)
+        if len(body) != st.st_size or _identity(os.fstat(fd)) != _identity(st):
+            return st, None  # changing as we read: sent from disk instead
+        return st, body
+    finally:
+        os.close(fd)
 
 
 def _stored(row: sqlite3.Row) -> StoredFile:

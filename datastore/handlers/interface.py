@@ -13,7 +13,8 @@ for each file is fixed:
   ``complete_upload`` (before the client hears 200), or ``cancel_upload`` on
   any failure. A file whose upload failed is re-gated with ``can_upload`` and
   ``add_pending_upload`` when the client tries again.
-* download: ``get_download_filename``.
+* download: ``get_download_filename`` (or, with the :class:`CanLocateDownload`
+  capability, ``locate_download``).
 
 Every callback receives the :class:`~datastore.identity.Identity` of the
 client (``identity.dn`` as AccessGrid's ``id_token.dn``). Callbacks are
@@ -24,6 +25,7 @@ the server detects them once, when the prefix is registered.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +65,24 @@ class StoredFile:
     owner: str | None
     uploaded_at: float
     owner_authenticated: bool = False
+
+
+@dataclass(frozen=True, slots=True, eq=False, weakref_slot=True)
+class Download:
+    """What a download serves, as :class:`CanLocateDownload` finds it.
+
+    ``stat`` is the file's status as checked for this request; ``stored``
+    its catalogue record, if any (for ``Repr-Digest``); ``body`` its whole
+    content when the file is small enough to answer from memory, else
+    ``None`` (the server sends it from ``path``). A handler may return the
+    same object again while the file is unchanged; the server then reuses
+    what it derived from it (compared by identity).
+    """
+
+    path: Path
+    stat: os.stat_result
+    stored: StoredFile | None
+    body: bytes | None = None
 
 
 @runtime_checkable
@@ -147,6 +167,20 @@ class CanDescribe(Protocol):
 
     async def describe_file(self, identity: Identity, name: str) -> StoredFile | None:
         """The catalogue record of ``name``, or ``None`` if there is none."""
+
+
+@runtime_checkable
+class CanLocateDownload(Protocol):
+    """Capability: find a download's path, status and record in one step.
+
+    Used instead of ``get_download_filename`` (and ``describe_file``) for
+    every ``GET``/``HEAD`` of a file; same contract: FileNotFound (404) for
+    no published regular file, NotAuthorized (403) for an identity that may
+    not read it, never a pending or partial file.
+    """
+
+    async def locate_download(self, identity: Identity, name: str) -> Download:
+        """The published file ``name`` for ``identity`` to download."""
 
 
 @runtime_checkable
