@@ -697,6 +697,8 @@ def make_rows(plan: Plan) -> dict[str, Row]:
         Row("upload_tus", f"upload {size}, tus PATCH 8 MiB chunks (aiohttp), vs nginx PUT (curl)", "MB/s",
             target="≥ 1.2× nginx", check=ratio_at_least(1.2)),
         Row("upload_put_nofsync", f"upload {size}, PUT (curl -T) with fsync off (the cost of durability)", "MB/s"),
+        Row("upload_vs_dd", "verified PUT (curl -T) ÷ the dd row, run by run", "×", target="≥ 0.8",
+            check=median_at_least(0.8)),
         Row("download", f"download {size} (curl), vs nginx GET", "MB/s", target="≥ 1.0× nginx",
             check=ratio_at_least(1.0)),
         Row("small_gets", f"4 KiB GETs, {plan.wrk_connections} connections, {plan.wrk_seconds} s, one process",
@@ -794,6 +796,7 @@ def run(plan: Plan, work: Path, log: Callable[[str], None]) -> dict[str, Row]:
             rehash, patch = resume_after_crash(work, plan.resume_mib * MIB, i)
             rows["resume_rehash"].ours.append(rehash)
             rows["resume_patch"].ours.append(patch)
+            rows["upload_vs_dd"].ours.append(rows["upload_put"].ours[-1] / rows["disk_dd"].ours[-1])
             log("  " + "; ".join(f"{r.id} {r.ours[-1]:.1f}" for r in rows.values() if r.ours))
     finally:
         ours.kill()

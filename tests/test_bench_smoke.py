@@ -14,6 +14,7 @@ ROWS = {
     "upload_put",
     "upload_tus",
     "upload_put_nofsync",
+    "upload_vs_dd",
     "download",
     "small_gets",
     "small_gets_w2",

@@ -161,15 +161,31 @@ async def test_tus_upload_whose_patches_alternate_between_workers_is_verified_an
     assert await downloaded(served, "alternating.bin") == content
 
 
-async def test_patch_on_one_worker_supersedes_a_hanging_patch_on_the_other(served: Served) -> None:
-    content = os.urandom(256 << 10)
+@contextlib.asynccontextmanager
+async def hanging_patch_on_worker_0(
+    served: Served, name: str, content: bytes
+) -> AsyncIterator[tuple[str, asyncio.StreamReader, aiohttp.ClientSession]]:
+    """A transfer of ``content`` whose PATCH hangs on worker 0 after 100 KiB, and a session on worker 1.
+
+    Yields (key, the hanging request's reader, the session); closes both on the way out.
+    """
     reader, writer = await served.raw_on(0)
-    newer = await served.session_on(1)
+    other = await served.session_on(1)
     try:
-        key = await register(newer, "superseded.bin", content)
+        key = await register(other, name, content)
         await stall_patch(writer, served.host, key, len(content), content[: 100 << 10])
         await until(lambda: staged_bytes(served.state / "staging") >= 4 * CHUNK, "worker 0 staged part of the body")
+        yield key, reader, other
+    finally:
+        await other.close()
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
 
+
+async def test_patch_on_one_worker_supersedes_a_hanging_patch_on_the_other(served: Served) -> None:
+    content = os.urandom(256 << 10)
+    async with hanging_patch_on_worker_0(served, "superseded.bin", content) as (key, _reader, newer):
         # The client lost track of the hanging request and starts again from offset 0 on the
         # other worker: the old request is stopped (not waited out: the body timeout is 600 s)
         # and its bytes kept, so the store answers with the offset it really reached.
@@ -182,24 +198,12 @@ async def test_patch_on_one_worker_supersedes_a_hanging_patch_on_the_other(serve
 
         response = await patch(newer, key, reached, content[reached:])
         assert response.status == 204, response.reason
-    finally:
-        await newer.close()
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
     assert await downloaded(served, "superseded.bin") == content
-    del reader
 
 
 async def test_cancel_on_one_worker_stops_the_upload_running_on_the_other(served: Served) -> None:
     content = os.urandom(256 << 10)
-    reader, writer = await served.raw_on(0)
-    other = await served.session_on(1)
-    try:
-        key = await register(other, "cancelled.bin", content)
-        await stall_patch(writer, served.host, key, len(content), content[: 100 << 10])
-        await until(lambda: staged_bytes(served.state / "staging") >= 4 * CHUNK, "worker 0 staged part of the body")
-
+    async with hanging_patch_on_worker_0(served, "cancelled.bin", content) as (key, reader, other):
         async with other.delete(f"/_api/v1/transfers/{key}") as response:
             assert response.status == 200
             assert (await response.json())["state"] == "CANCELLED"
@@ -210,11 +214,6 @@ async def test_cancel_on_one_worker_stops_the_upload_running_on_the_other(served
         await until(lambda: staged_bytes(served.state / "staging") == 0, "the staged bytes are gone")
         response = await patch(other, key, 0, content)
         assert response.status == 410
-    finally:
-        await other.close()
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
 
 
 async def test_killed_worker_is_replaced_and_its_upload_resumes_from_the_staged_bytes(served: Served) -> None:
