@@ -236,11 +236,24 @@ class Ours:
         env = {**os.environ, **OUR_ENV, **self.env}
         cmd = [sys.executable, "-m", "datastore", "serve", "--root", str(self.root), "--port", str(self.port),
                "--workers", str(self.workers)]  # fmt: skip
+        served_before = self._serving_lines()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [*cmd, "--log-level", self.log_level], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO
             )
         wait_http(f"{self.base}/_api/v1/health", self.proc, 30)
+        # With several workers the first answers before the others listen; the serving line
+        # comes once all do (measuring before that would measure one worker).
+        deadline = time.monotonic() + 60
+        while self._serving_lines() == served_before:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError("the store never said it was serving")
+            time.sleep(0.05)
+
+    def _serving_lines(self) -> int:
+        with contextlib.suppress(FileNotFoundError):
+            return self.log_path.read_text(errors="replace").count("datastore: serving ")
+        return 0
 
     @property
     def pid(self) -> int:
