@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -595,6 +596,26 @@ def make_bodies(count: int, size: int) -> tuple[list[bytes], list[tuple[int, str
     return bodies, digests
 
 
+async def idle_connection_cost(server: Any, count: int) -> float:
+    """KiB of server RSS per keep-alive connection left idle after one request (``count`` of them)."""
+    host, port, path = "127.0.0.1", server.port, urlsplit(server.file_url("small.bin")).path
+    before = rss_kib(server.pids())
+    connections = []
+    try:
+        for _ in range(count):
+            reader, writer = await asyncio.open_connection(host, port)
+            connections.append((reader, writer))
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        for reader, _ in connections:
+            head = await reader.readuntil(b"\r\n\r\n")
+            found = re.search(rb"content-length: *(\d+)", head, re.IGNORECASE)
+            await reader.readexactly(int(found[1]) if found else 0)
+        return (rss_kib(server.pids()) - before) / count
+    finally:
+        for _, writer in connections:
+            writer.close()
+
+
 def manifest_rate(ours: Ours, count: int, run: int) -> float:
     files = [{"name": f"m{run}-{i:05d}.bin", "size": 1, "md5": "0" * 32, "sha256": "0" * 64} for i in range(count)]
     body = json.dumps({"files": files}).encode()
@@ -696,6 +717,7 @@ class Plan:
     manifest_files: int
     resume_mib: int
     nginx: bool
+    idle_connections: int = 1000
 
 
 def make_rows(plan: Plan) -> dict[str, Row]:
@@ -722,6 +744,8 @@ def make_rows(plan: Plan) -> dict[str, Row]:
             "MB/s", target="all verified, none failed"),
         Row("concurrent_rss", f"peak RSS during the {plan.concurrent} uploads", "MiB", higher_is_better=False,
             target="< 200 MiB", check=median_at_most(200)),
+        Row("idle_connection_rss", f"RSS per idle keep-alive connection ({plan.idle_connections} open)", "KiB",
+            higher_is_better=False),
         Row("manifest", f"register a {plan.manifest_files}-file JSON manifest", "files/s", target="≥ 20,000 files/s",
             check=median_at_least(20_000)),
         Row("resume_rehash", f"resume after SIGKILL: re-hash {plan.resume_mib} MiB staged (server log)", "s",
@@ -806,6 +830,11 @@ def run(plan: Plan, work: Path, log: Callable[[str], None]) -> dict[str, Row]:
                 if retries:
                     rows["concurrent_upload"].notes.append(f"run {i + 1}: {server.name} answered 503 {retries}×")
             rows["manifest"].ours.append(manifest_rate(ours, plan.manifest_files, i))
+            for server in order:
+                per_connection = asyncio.run(idle_connection_cost(server, plan.idle_connections))
+                (rows["idle_connection_rss"].ours if server is ours else rows["idle_connection_rss"].nginx).append(
+                    per_connection
+                )
             rehash, patch = resume_after_crash(work, plan.resume_mib * MIB, i)
             rows["resume_rehash"].ours.append(rehash)
             rows["resume_patch"].ours.append(patch)
@@ -987,6 +1016,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest_files=1000 if quick else 10_000,
         resume_mib=args.size_mib or (4 if quick else 1024),
         nginx=not args.no_nginx,
+        idle_connections=50 if quick else 1000,
     )
     if plan.runs < 1 or plan.size_mib < 1:
         parser.error("--runs and --size-mib must be positive")

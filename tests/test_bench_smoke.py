@@ -20,6 +20,7 @@ ROWS = {
     "small_gets_w2",
     "concurrent_upload",
     "concurrent_rss",
+    "idle_connection_rss",
     "manifest",
     "resume_rehash",
     "resume_patch",
