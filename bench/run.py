@@ -831,10 +831,16 @@ def run(plan: Plan, work: Path, log: Callable[[str], None]) -> dict[str, Row]:
                     rows["concurrent_upload"].notes.append(f"run {i + 1}: {server.name} answered 503 {retries}×")
             rows["manifest"].ours.append(manifest_rate(ours, plan.manifest_files, i))
             for server in order:
-                per_connection = asyncio.run(idle_connection_cost(server, plan.idle_connections))
-                (rows["idle_connection_rss"].ours if server is ours else rows["idle_connection_rss"].nginx).append(
-                    per_connection
-                )
+                if server is ours:
+                    # A fresh process: one that ran the uploads above has freed memory to reuse.
+                    with restarted(ours) as fresh:
+                        rows["idle_connection_rss"].ours.append(
+                            asyncio.run(idle_connection_cost(fresh, plan.idle_connections))
+                        )
+                else:
+                    rows["idle_connection_rss"].nginx.append(
+                        asyncio.run(idle_connection_cost(server, plan.idle_connections))
+                    )
             rehash, patch = resume_after_crash(work, plan.resume_mib * MIB, i)
             rows["resume_rehash"].ours.append(rehash)
             rows["resume_patch"].ours.append(patch)
