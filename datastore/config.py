@@ -76,7 +76,7 @@ class Settings:
     )
     workers: int = field(
         default=1,
-        metadata={"doc": "Processes serving the same port(s) (SO_REUSEPORT) and sharing the state; 1 to 64."},
+        metadata={"doc": "datastore serve: processes serving the same port(s) (SO_REUSEPORT) and state; 1 to 64."},
     )
     min_free_bytes: int = field(
         default=64 << 20, metadata={"doc": "Free space kept on the store's disk beyond every upload."}
