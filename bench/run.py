@@ -265,13 +265,7 @@ class Ours:
         return [self.pid, *children(self.pid)]
 
     def kill(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
+        stop_process(self.proc, sig)
         self.proc = None
 
     def file_url(self, name: str) -> str:
@@ -343,13 +337,7 @@ http {{
         return [self.proc.pid, *children(self.proc.pid)]
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
+        stop_process(self.proc, signal.SIGQUIT)  # nginx's graceful shutdown
         self.proc = None
 
     def file_url(self, name: str) -> str:
@@ -357,6 +345,18 @@ http {{
 
     def path(self, name: str) -> Path:
         return self.root / name
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, sig: int) -> None:
+    """Send ``sig`` to a running ``proc`` and wait; kill it if it has not ended within 15 s."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=15)
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:

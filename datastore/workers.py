@@ -34,7 +34,7 @@ import queue
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -73,11 +73,17 @@ def run_workers(settings: Settings, log_level: int, on_ready: Callable[[list[str
 
 
 async def _recover(settings: Settings) -> None:
-    state_dir = settings.effective_state_dir
     settings.root.mkdir(parents=True, exist_ok=True)
-    registry = TransferRegistry(state_dir / "transfers.sqlite3")
+    async with _registry(settings) as registry:
+        await recover_uploads(registry, settings.effective_state_dir / "staging")
+
+
+@contextlib.asynccontextmanager
+async def _registry(settings: Settings) -> AsyncIterator[TransferRegistry]:
+    """The shared transfer registry, opened for one piece of the supervisor's work."""
+    registry = TransferRegistry(settings.effective_state_dir / "transfers.sqlite3")
     try:
-        await recover_uploads(registry, state_dir / "staging")
+        yield registry
     finally:
         await registry.close()
 
@@ -223,12 +229,8 @@ class _Supervisor:
             self._start(index)
 
     async def _release(self, worker: str) -> int:
-        state_dir = self.settings.effective_state_dir
-        registry = TransferRegistry(state_dir / "transfers.sqlite3")
-        try:
-            return await recover_worker(registry, state_dir / "staging", worker)
-        finally:
-            await registry.close()
+        async with _registry(self.settings) as registry:
+            return await recover_worker(registry, self.settings.effective_state_dir / "staging", worker)
 
     def _drain_ready(self) -> None:
         with contextlib.suppress(queue.Empty):
