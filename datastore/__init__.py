@@ -20,7 +20,7 @@ from .handlers import (
     StoredFile,
     TransferHandler,
 )
-from .identity import Identity
+from .security.identity import Identity
 from .server import HTTPTransferServer, TransferServer
 
 __version__ = "0.1.0"

@@ -22,12 +22,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .certs import DEFAULT_DIR, CertificateDirectory, CertificateError
 from .cli_client import run_client_command
 from .config import Settings, SettingsError, load_settings, settings_help
 from .handlers.directory import DirectoryHandler
+from .security.certs import DEFAULT_DIR, CertificateDirectory, CertificateError
+from .security.tls import CrlReloader, server_context
 from .server import HTTPSTransferServer, HTTPTransferServer, TransferServer
-from .tls import CrlReloader, server_context
 from .workers import run_workers
 
 

@@ -32,7 +32,7 @@ from .handlers.interface import (
     CanReserveMany,
     TransferHandler,
 )
-from .identity import Identity
+from .security.identity import Identity
 from .staging import BufferBudget, Digests
 from .transfers import TransferRegistry
 

@@ -48,8 +48,8 @@ from .download import handle_asset, handle_delete, handle_download, handle_listi
 from .errors import DatastoreError, FileNotFound, NotAuthorized
 from .handlers.interface import TransferHandler
 from .handlers.legacy import LegacyHandler, LegacyHandlerAdapter
-from .identity import DN_HEADER, Identity, identity_from_header
-from .tls import CrlReloader, identity_from_ssl
+from .security.identity import DN_HEADER, Identity, identity_from_header
+from .security.tls import CrlReloader, identity_from_ssl
 from .transfers import TransferRegistry
 from .tus import handle_create, handle_head, handle_options, handle_patch, handle_terminate
 from .upload import expire_transfers, handle_manifest, handle_upload, upload_expect_handler
@@ -330,7 +330,7 @@ class HTTPTransferServer(TransferServer):
 class HTTPSTransferServer(TransferServer):
     """TLS that requires client certificates; the identity is the verified subject DN.
 
-    ``ssl_context`` should come from :func:`datastore.tls.server_context`.
+    ``ssl_context`` should come from :func:`datastore.security.tls.server_context`.
     The TLS listener uses ``port`` (default: the settings' port);
     ``plain_port`` adds a plain-HTTP listener beside it, in the same process
     and on the same state, as the AccessGrid venue server ran both. A

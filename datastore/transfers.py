@@ -39,8 +39,8 @@ from pathlib import Path
 
 from .db import Database
 from .errors import AlreadyUploaded, TransferCancelled, UploadInProgress
-from .identity import Identity
 from .manifest import Manifest
+from .security.identity import Identity
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS transfers (

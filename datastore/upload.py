@@ -57,8 +57,8 @@ from .errors import (
     UploadInProgress,
 )
 from .handlers.interface import FileInfo
-from .identity import Identity
 from .manifest import Manifest, format_ini_accepted, format_ini_refused, parse_ini, parse_json
+from .security.identity import Identity
 from .staging import Digests
 from .transfers import FileState, Transfer, TransferFile, TransferState
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from datastore.handlers.directory import DirectoryHandler
 from datastore.handlers.interface import FileInfo, StoredFile
-from datastore.identity import Identity
+from datastore.security.identity import Identity
 
 
 class RecordingHandler:

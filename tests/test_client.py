@@ -28,7 +28,6 @@ from typing import Any
 import aiohttp
 import pytest
 
-from datastore.certs import CertificateDirectory
 from datastore.client import (
     Cancelled,
     ClientError,
@@ -43,8 +42,9 @@ from datastore.client import (
 )
 from datastore.config import Settings
 from datastore.handlers.directory import DirectoryHandler
+from datastore.security.certs import CertificateDirectory
+from datastore.security.tls import server_context
 from datastore.server import HTTPSTransferServer, HTTPTransferServer
-from datastore.tls import server_context
 
 from .conftest import MakeStore
 from .harness import Store, sha256_hex

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict
 
-from datastore.identity import Identity
+from datastore.security.identity import Identity
 
 from .conftest import MakeStore
 from .fakes import LegacyDataStore

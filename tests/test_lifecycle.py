@@ -23,7 +23,7 @@ import pytest
 
 from datastore.config import Settings, SettingsError
 from datastore.handlers.interface import FileInfo
-from datastore.identity import Identity
+from datastore.security.identity import Identity
 
 from .conftest import MakeStore
 from .fakes import RecordingHandler

@@ -1,6 +1,6 @@
 """HTTPSTransferServer: client certificates over real TLS handshakes on 127.0.0.1.
 
-Every test mints its certificates at run time with ``datastore.certs`` in
+Every test mints its certificates at run time with ``datastore.security.certs`` in
 tmp_path and starts the server in-process (``HTTPSTransferServer.start``) or
 as ``python -m datastore serve``. ``/files/`` is served by a RecordingHandler,
 so a client refused at the handshake is proven never to reach a handler (and
@@ -38,11 +38,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from datastore.certs import CertificateDirectory, Issued, issue, make_ca, make_crl, make_name, now
 from datastore.config import Settings
 from datastore.handlers.directory import DirectoryHandler
+from datastore.security.certs import CertificateDirectory, Issued, issue, make_ca, make_crl, make_name, now
+from datastore.security.tls import CrlReloader, server_context
 from datastore.server import HTTPSTransferServer
-from datastore.tls import CrlReloader, server_context
 
 from .fakes import RecordingHandler
 from .harness import ini_manifest, json_manifest, parse_legacy_reply

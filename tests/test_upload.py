@@ -31,7 +31,7 @@ import datastore.context
 import datastore.upload
 from datastore.handlers.directory import DirectoryHandler
 from datastore.handlers.interface import FileInfo
-from datastore.identity import Identity
+from datastore.security.identity import Identity
 
 from .conftest import MakeStore
 from .fakes import RecordingHandler

@@ -37,8 +37,8 @@ from pathlib import Path
 
 from ..db import Database
 from ..errors import FileNotFound, InvalidName, NotAuthorized
-from ..identity import Identity
 from ..names import contained_path, fold_name
+from ..security.identity import Identity
 from .interface import Download, FileInfo, StoredFile
 
 #: Files up to this size are read into memory and answered from there.

@@ -16,7 +16,7 @@ for each file is fixed:
 * download: ``get_download_filename`` (or, with the :class:`CanLocateDownload`
   capability, ``locate_download``).
 
-Every callback receives the :class:`~datastore.identity.Identity` of the
+Every callback receives the :class:`~datastore.security.identity.Identity` of the
 client (``identity.dn`` as AccessGrid's ``id_token.dn``). Callbacks are
 coroutines and must not block the event loop; a handler with blocking work
 does it in a thread. Optional capabilities are the small protocols below;
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from ..identity import Identity
+from ..security.identity import Identity
 
 
 @dataclass(frozen=True, slots=True)

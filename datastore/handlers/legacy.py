@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import FileNotFound, NotAuthorized
-from ..identity import Identity
+from ..security.identity import Identity
 from .interface import FileInfo
 
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import NotAuthorized
+from ..errors import NotAuthorized
 from .identity import Identity
 
 log = logging.getLogger(__name__)
