@@ -11,6 +11,7 @@ through a manifest and a transfer key and download by name::
 from .config import Settings, load_settings
 from .errors import DatastoreError, FileNotFound, NotAuthorized
 from .handlers import (
+    CanAuthorize,
     CanDelete,
     CanDescribe,
     CanList,
@@ -20,12 +21,16 @@ from .handlers import (
     StoredFile,
     TransferHandler,
 )
-from .security.identity import Identity
+from .security.identity import Identity, IdentityKind
+from .security.policy import Action, Audience, Policy
 from .server import HTTPTransferServer, TransferServer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Action",
+    "Audience",
+    "CanAuthorize",
     "CanDelete",
     "CanDescribe",
     "CanList",
@@ -35,8 +40,10 @@ __all__ = [
     "FileNotFound",
     "HTTPTransferServer",
     "Identity",
+    "IdentityKind",
     "LegacyHandlerAdapter",
     "NotAuthorized",
+    "Policy",
     "Settings",
     "StoredFile",
     "TransferHandler",

@@ -1,30 +1,160 @@
-"""The control plane under ``/_api/v1/``: health, and the lifecycle of transfers.
+"""The control plane under ``/_api/v1/``: health, who am I, tokens, and the lifecycle of transfers.
+
+``GET /_api/v1/identity`` tells a client who the store takes it for (kind,
+subject, whether it is an administrator, what its token allows).
+``/_api/v1/tokens`` is the administrators' API for bearer tokens: ``GET``
+lists them (never their secrets), ``POST`` issues one (the secret is in the
+answer, once), ``GET``/``DELETE /_api/v1/tokens/{id}`` shows or revokes one.
 
 ``GET /_api/v1/transfers/{key}`` reports a transfer's state (``PENDING``,
 ``IN_PROGRESS``, ``FINISHED``, ``FAILED``, ``CANCELLED``, ``EXPIRED``) with
 each file's name, size, bytes received and state; ``DELETE`` cancels it:
 running uploads stop, staged bytes go, reservations are released, and the
-key accepts nothing more. Only the identity that created a transfer may see
-or cancel it.
+key accepts nothing more. Only the identity that created a transfer (or an
+administrator) may see or cancel it; an anonymous transfer, whoever holds its
+key.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from typing import Any
 
 from aiohttp import web
 
-from .context import CONTEXT, StoreContext
-from .errors import Conflict, IdentityMismatch, TransferExpired, TransferNotFound
+from .context import CONTEXT, StoreContext, identify
+from .errors import (
+    BadRequest,
+    Conflict,
+    IdentityMismatch,
+    NotAuthorized,
+    NotFound,
+    TransferExpired,
+    TransferNotFound,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+from .security.identity import printable
+from .security.tokens import DEFAULT_LIFETIME, TokenError, token_json
+from .timestamps import iso_time
 from .transfers import Transfer, TransferState
-from .upload import cancel_transfer, expire_transfers, iso_time
+from .upload import cancel_transfer, expire_transfers, read_bounded
+
+log = logging.getLogger(__name__)
 
 
 async def handle_health(request: web.Request) -> web.Response:
     """``GET /_api/v1/health``: 200 once the state is open; ``worker`` is the answering worker's number."""
     ctx = request.app[CONTEXT]
     return web.json_response({"status": "ok", "prefixes": sorted(ctx.mounts), "worker": ctx.worker_index})
+
+
+async def handle_identity(request: web.Request) -> web.Response:
+    """``GET /_api/v1/identity``: who the store takes the client for."""
+    identity = await identify(request)
+    grant = identity.grant
+    return web.json_response(
+        {
+            "kind": identity.kind.value,
+            "subject": identity.subject,
+            "issuer": identity.issuer,
+            "dn": identity.dn,
+            "admin": identity.admin,
+            "token": None
+            if grant is None
+            else {
+                "id": grant.token_id,
+                "actions": sorted(grant.actions),
+                "prefixes": None if grant.prefixes is None else sorted(grant.prefixes),
+                "expires_at": iso_time(grant.expires_at),
+            },
+        },
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+#: The largest body the token API reads.
+MAX_TOKEN_REQUEST = 16 << 10
+
+
+async def handle_token_list(request: web.Request) -> web.Response:
+    """``GET /_api/v1/tokens[?all=true]``: active tokens (all with ``all``), newest first."""
+    ctx = await _admin_context(request)
+    every = request.query.get("all", "").lower() in ("1", "true", "yes")
+    now = time.time()
+    records = [r for r in await ctx.tokens.list() if every or r.state(now) == "active"]
+    return web.json_response({"tokens": [token_json(r, now) for r in records]}, headers={"Cache-Control": "no-store"})
+
+
+async def handle_token_create(request: web.Request) -> web.Response:
+    """``POST /_api/v1/tokens`` ``{"subject", "actions", "prefixes"?, "expires_in"?, "description"?}``."""
+    ctx = await _admin_context(request)
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType("send the token request as application/json")
+    body = await read_bounded(request, MAX_TOKEN_REQUEST, ctx.settings.body_timeout)
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        raise BadRequest("the body is not JSON") from None
+    if not isinstance(document, dict):
+        raise BadRequest("the body must be a JSON object")
+    unknown = sorted(set(document) - {"subject", "actions", "prefixes", "expires_in", "description"})
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}")
+    subject, actions = document.get("subject"), document.get("actions", ["read", "upload"])
+    prefixes, lifetime = document.get("prefixes"), document.get("expires_in", DEFAULT_LIFETIME)
+    description = document.get("description", "")
+    if not isinstance(subject, str):
+        raise BadRequest("subject must be a string")
+    if not isinstance(actions, list) or not all(isinstance(a, str) for a in actions):
+        raise BadRequest("actions must be a list of strings")
+    if prefixes is not None and (not isinstance(prefixes, list) or not all(isinstance(p, str) for p in prefixes)):
+        raise BadRequest("prefixes must be a list of strings, or null for every prefix")
+    if isinstance(lifetime, bool) or not isinstance(lifetime, int | float):
+        raise BadRequest("expires_in must be a number of seconds")
+    if not isinstance(description, str):
+        raise BadRequest("description must be a string")
+    try:
+        issued = await ctx.tokens.create(
+            subject, actions, prefixes=prefixes, lifetime=float(lifetime), description=description
+        )
+    except TokenError as exc:
+        raise BadRequest(str(exc)) from None
+    log.info(
+        "token %s issued for %s by %s", issued.record.id, printable(issued.record.subject), await identify(request)
+    )
+    answer = {**token_json(issued.record, time.time()), "token": issued.token}
+    return web.json_response(answer, status=201, headers={"Cache-Control": "no-store"})
+
+
+async def handle_token_show(request: web.Request) -> web.Response:
+    """``GET /_api/v1/tokens/{id}``."""
+    ctx = await _admin_context(request)
+    record = await ctx.tokens.get(request.match_info["id"])
+    if record is None:
+        raise NotFound("no such token")
+    return web.json_response(token_json(record, time.time()), headers={"Cache-Control": "no-store"})
+
+
+async def handle_token_revoke(request: web.Request) -> web.Response:
+    """``DELETE /_api/v1/tokens/{id}``: revoked at once; answers the revoked record."""
+    ctx = await _admin_context(request)
+    record = await ctx.tokens.revoke(request.match_info["id"])
+    if record is None:
+        raise NotFound("no such token")
+    log.info("token %s revoked by %s", record.id, await identify(request))
+    return web.json_response(token_json(record, time.time()), headers={"Cache-Control": "no-store"})
+
+
+async def _admin_context(request: web.Request) -> StoreContext:
+    identity = await identify(request)
+    if identity.anonymous:
+        raise Unauthorized("sign in as an administrator")
+    if not identity.admin:
+        raise NotAuthorized("only administrators may manage tokens")
+    return request.app[CONTEXT]
 
 
 async def handle_transfer_status(request: web.Request) -> web.Response:
@@ -76,12 +206,13 @@ def transfer_status(transfer: Transfer) -> dict[str, Any]:
 
 
 async def _owned_transfer(ctx: StoreContext, request: web.Request) -> Transfer:
-    identity = ctx.identify(request)
+    """The transfer the URL names, if the client owns it (or is an administrator)."""
+    identity = await identify(request)
     key = request.match_info["key"]
     transfer = await ctx.registry.lookup(key)
     if transfer is None:
         raise TransferNotFound()
-    if transfer.owner != identity:
+    if not transfer.manageable_by(identity):
         raise IdentityMismatch()
     if transfer.state is TransferState.OPEN and transfer.expired(time.time()):
         # Its lifetime passed since the last sweep: expire it now, as the sweeper will.

@@ -5,7 +5,8 @@
 HTTP or TLS with client certificates. Settings come from flags, then
 ``DATASTORE_*`` variables, then ``--config`` (TOML); see ``datastore serve
 --help``. ``datastore certs`` makes a CA, server and client certificates,
-revokes them and writes the CRL. ``upload``, ``download``, ``ls``,
+revokes them and writes the CRL. ``datastore tokens`` issues, lists and
+revokes bearer tokens in the store's state directory (also while it runs). ``upload``, ``download``, ``ls``,
 ``status`` and ``cancel`` are the client, with progress bars (rich) and
 ``--json`` for scripts. User errors print one line and exit non-zero (2 for
 a bad command line); no tracebacks.
@@ -14,20 +15,25 @@ a bad command line); no tracebacks.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
 import os
 import ssl
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
 from .cli_client import run_client_command
-from .config import Settings, SettingsError, load_settings, settings_help
+from .config import Settings, SettingsError, load_settings, parse_duration, settings_help
 from .handlers.directory import DirectoryHandler
 from .security.certs import DEFAULT_DIR, CertificateDirectory, CertificateError
 from .security.tls import CrlReloader, server_context
+from .security.tokens import TokenError, TokenStore, bootstrap_admin_token, parse_actions, token_json
 from .server import HTTPSTransferServer, HTTPTransferServer, TransferServer
+from .timestamps import iso_time
 from .workers import run_workers
 
 
@@ -62,6 +68,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, metavar="N", help="processes sharing the port and the state (default 1)")
     serve.add_argument("--config", type=Path, help="TOML file with settings")
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    access = serve.add_argument_group("access")
+    access.add_argument(
+        "--allow",
+        dest="policy",
+        action="append",
+        metavar="ACTION=AUDIENCE",
+        help="open an action of every prefix: list, read or upload = anyone|users|admins, delete = owner|admins "
+        "(repeatable; default: users may list, read and upload, owners delete)",
+    )
+    access.add_argument(
+        "--trust-client-dn",
+        action="store_true",
+        default=None,
+        help="take X-Client-DN headers as identities (AccessGrid 2.x clients on a trusted network only)",
+    )
+    access.add_argument(
+        "--admin-subject",
+        dest="admin_subjects",
+        action="append",
+        metavar="DN",
+        help="a client-certificate subject (RFC 4514) that is an administrator (repeatable)",
+    )
     tls = serve.add_argument_group("TLS with client certificates")
     tls.add_argument("--tls", action="store_true", default=None, help="speak TLS on --port")
     tls.add_argument("--tls-port", type=int, metavar="N", help="add a TLS listener on N beside plain HTTP on --port")
@@ -104,10 +132,42 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("name", metavar="NAME")
     actions.add_parser("crl", help="rewrite crl.pem (before it expires, or after editing revoked.json)")
 
+    tokens = commands.add_parser(
+        "tokens",
+        help="issue, list and revoke bearer tokens",
+        description="Bearer tokens of the store whose state --root, --state-dir or --config name "
+        "(the same settings as serve; the store may be running).",
+    )
+    tokens.add_argument("--root", type=Path, help="the store's root (default ./data)")
+    tokens.add_argument("--state-dir", type=Path, help="the store's state directory (default ROOT/.datastore)")
+    tokens.add_argument("--config", type=Path, help="TOML file with settings")
+    token_actions = tokens.add_subparsers(dest="action", metavar="ACTION")
+    token_actions.required = True
+    create = token_actions.add_parser("create", help="issue a token (printed once, never stored)")
+    create.add_argument("subject", metavar="SUBJECT", help="the identity the token is for, e.g. ada or a DN")
+    create.add_argument(
+        "--actions", default="read,upload", help="comma-separated: read, upload, delete, admin (default read,upload)"
+    )
+    create.add_argument("--prefix", dest="prefixes", action="append", metavar="NAME", help="limit to NAME (repeatable)")
+    create.add_argument(
+        "--expires", default="30d", metavar="DURATION", help="lifetime: 3600, 12h, 30d, 1y (default 30d)"
+    )
+    create.add_argument("--description", default="", help="a note for the list")
+    create.add_argument("--json", action="store_true", help="print the token and its record as JSON")
+    listing_tokens = token_actions.add_parser("ls", help="list tokens (never their secrets)")
+    listing_tokens.add_argument("--all", action="store_true", help="also expired and revoked tokens")
+    listing_tokens.add_argument("--json", action="store_true", help="print the list as JSON")
+    revoke_token = token_actions.add_parser("revoke", help="revoke a token at once")
+    revoke_token.add_argument("id", metavar="ID", help="the token's id (the hex after dst_)")
+
     client_options = argparse.ArgumentParser(add_help=False)
     client_options.add_argument("--cacert", metavar="FILE", help="CA certificate to trust for https (as curl)")
     client_options.add_argument("--cert", metavar="FILE", help="client certificate for the TLS server (as curl)")
     client_options.add_argument("--key", metavar="FILE", help="its private key (as curl)")
+    client_options.add_argument(
+        "--token", metavar="TOKEN", help="bearer token (default: $DATASTORE_TOKEN, or --token-file)"
+    )
+    client_options.add_argument("--token-file", metavar="FILE", help="read the bearer token from FILE")
     client_options.add_argument("--identity", metavar="DN", help="X-Client-DN to assert on plain HTTP")
     client_options.add_argument("--quiet", "-q", action="store_true", help="no progress, only errors")
     client_options.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -142,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(args)
     if args.command == "certs":
         return certs(args)
+    if args.command == "tokens":
+        return tokens(args)
     return run_client_command(args)
 
 
@@ -165,6 +227,9 @@ def serve(args: argparse.Namespace) -> int:
         "tls_key": args.tls_key,
         "tls_client_ca": tuple(args.tls_client_ca) if args.tls_client_ca else None,
         "tls_crl": args.tls_crl,
+        "policy": args.policy,
+        "trust_client_dn": args.trust_client_dn,
+        "admin_subjects": tuple(args.admin_subjects) if args.admin_subjects else None,
     }
     try:
         settings = load_settings(flags, os.environ, args.config)
@@ -172,6 +237,9 @@ def serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"datastore: {exc}", file=sys.stderr)
         return 2
+    token_file = settings.effective_state_dir / ADMIN_TOKEN_FILE
+    if asyncio.run(_bootstrap(settings, token_file)):
+        print(f"datastore: first start: an administrator token is in {token_file} (see: datastore tokens --help)")
 
     def ready(urls: list[str]) -> None:
         for url in urls:
@@ -215,6 +283,79 @@ def make_server(settings: Settings) -> TransferServer:
         )
         server.register_prefix(prefix, handler)
     return server
+
+
+#: Where the first start of a store leaves its administrator token, in the state directory.
+ADMIN_TOKEN_FILE = "admin.token"  # noqa: S105 - a file name, not a secret
+
+
+async def _bootstrap(settings: Settings, path: Path) -> bool:
+    store = TokenStore(settings.effective_state_dir / "tokens.sqlite3")
+    try:
+        return await bootstrap_admin_token(store, path)
+    finally:
+        await store.close()
+
+
+def tokens(args: argparse.Namespace) -> int:
+    """``datastore tokens ACTION``: works on the token store of the state directory directly."""
+    try:
+        settings = load_settings({"root": args.root, "state_dir": args.state_dir}, os.environ, args.config)
+    except SettingsError as exc:
+        print(f"datastore tokens: {exc}", file=sys.stderr)
+        return 2
+    store = TokenStore(settings.effective_state_dir / "tokens.sqlite3")
+
+    async def run() -> int:
+        try:
+            return await _token_command(store, args)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(run())
+    except TokenError as exc:
+        print(f"datastore tokens: {exc}", file=sys.stderr)
+        return 2
+
+
+async def _token_command(store: TokenStore, args: argparse.Namespace) -> int:
+    now = time.time()
+    if args.action == "create":
+        try:
+            lifetime = parse_duration(args.expires)
+        except ValueError as exc:
+            raise TokenError(str(exc)) from None
+        issued = await store.create(
+            args.subject,
+            parse_actions(args.actions),
+            prefixes=args.prefixes,
+            lifetime=lifetime,
+            description=args.description,
+        )
+        if args.json:
+            print(json.dumps({**token_json(issued.record, now), "token": issued.token}, indent=2))
+        else:
+            print(issued.token)
+            print(f"datastore tokens: issued {issued.record.id} for {issued.record.subject!r}", file=sys.stderr)
+        return 0
+    if args.action == "ls":
+        records = [r for r in await store.list() if args.all or r.state(now) == "active"]
+        if args.json:
+            print(json.dumps([token_json(r, now) for r in records], indent=2))
+        for record in [] if args.json else records:
+            where = ",".join(sorted(record.prefixes)) if record.prefixes is not None else "*"
+            print(
+                f"{record.id}  {record.state(now):<7}  {','.join(sorted(record.actions)):<22} {where:<16}"
+                f" expires {iso_time(record.expires_at)}  {record.subject}"
+            )
+        return 0
+    revoked = await store.revoke(args.id)
+    if revoked is None:
+        print(f"datastore tokens: no token {args.id!r}", file=sys.stderr)
+        return 1
+    print(f"revoked {revoked.id} ({revoked.subject})")
+    return 0
 
 
 def certs(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import ssl
 import sys
 from collections.abc import Callable
@@ -48,7 +49,12 @@ def run_client_command(args: argparse.Namespace) -> int:
         "status": _status,
         "cancel": _cancel,
     }[args.command]
-    options: dict[str, Any] = {"ssl": context, "identity": args.identity}
+    try:
+        token = _token(args)
+    except ClientError as exc:
+        print(f"datastore: {exc}", file=sys.stderr)
+        return 2
+    options: dict[str, Any] = {"ssl": context, "identity": args.identity, "token": token}
     if args.command == "upload":
         options["chunk_size"] = args.chunk_size
 
@@ -198,6 +204,19 @@ def _print_status(status: dict[str, Any]) -> None:
     print(f"{status['transfer_key']}  {status['state']}  expires {status['expires_at']}")
     for entry in status["files"]:
         print(f"  {entry['num']:>4}  {entry['state']:<11} {entry['received']:>14}/{entry['size']:<14} {entry['name']}")
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """The bearer token: ``--token``, else ``--token-file``, else ``$DATASTORE_TOKEN``, else none."""
+    if args.token:
+        return str(args.token).strip()
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="ascii") as handle:
+                return handle.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ClientError(f"cannot read the token file {args.token_file}: {exc}") from None
+    return os.environ.get("DATASTORE_TOKEN", "").strip() or None
 
 
 def _progress(console: Console, quiet: bool) -> Progress:

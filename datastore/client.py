@@ -120,7 +120,9 @@ class DataStoreClient:
     """An async client of one server (``url`` is its base, e.g. ``https://host:8443``).
 
     ``ssl`` is an SSLContext (with a client certificate for the TLS server),
-    ``identity`` an ``X-Client-DN`` to assert on plain HTTP.
+    ``token`` a bearer token the store issued (``datastore tokens create``),
+    ``identity`` an ``X-Client-DN`` to assert on plain HTTP (honoured only by
+    a store that trusts the header).
     """
 
     def __init__(
@@ -129,6 +131,7 @@ class DataStoreClient:
         *,
         ssl: ssl.SSLContext | None = None,
         identity: str | None = None,
+        token: str | None = None,
         chunk_size: int = 8 << 20,
         retries: int = 8,
         backoff: float = 0.5,
@@ -138,6 +141,8 @@ class DataStoreClient:
         self.base = url.rstrip("/")
         self._ssl = ssl
         self._headers = {"X-Client-DN": identity} if identity is not None else {}
+        if token is not None:
+            self._headers["Authorization"] = f"Bearer {token}"
         self.chunk_size = chunk_size
         self.retries = retries
         self.backoff = backoff

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .manifest import ManifestLimits
+from .security.policy import Policy, PolicyError, parse_rules, policy_from
 
 _PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SIZE = re.compile(r"^\s*([0-9]+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
@@ -105,6 +106,27 @@ class Settings:
     crl_check_interval: float = field(
         default=30.0, metadata={"doc": "Seconds between checks of the CRL file for changes."}
     )
+    trust_client_dn: bool = field(
+        default=False,
+        metadata={
+            "doc": "Take X-Client-DN headers on plain HTTP as identities (AccessGrid 2.x clients on a trusted "
+            "network only: anyone can write any DN); otherwise the header is ignored."
+        },
+    )
+    policy: Policy = field(
+        default=Policy(),
+        metadata={
+            "doc": "Access policy of every prefix: list, read, upload = anyone|users|admins, delete = owner|admins, "
+            "show_owners, tls_only ([policy] in TOML, [policy.PREFIX] per prefix; --allow read=anyone)."
+        },
+    )
+    prefix_policies: tuple[tuple[str, Policy], ...] = field(
+        default=(), metadata={"doc": "Per-prefix policies ([policy.PREFIX] tables in TOML)."}
+    )
+    admin_subjects: tuple[str, ...] = field(
+        default=(),
+        metadata={"doc": "Client-certificate subjects (RFC 4514, e.g. CN=ada,O=Lab) that are administrators."},
+    )
 
     @property
     def uses_tls(self) -> bool:
@@ -115,6 +137,10 @@ class Settings:
     def effective_state_dir(self) -> Path:
         """The state directory, defaulting to ``ROOT/.datastore``."""
         return self.state_dir if self.state_dir is not None else self.root / ".datastore"
+
+    def policy_for(self, prefix: str) -> Policy:
+        """The access policy of ``prefix``: its own, or the one of every prefix."""
+        return dict(self.prefix_policies).get(prefix, self.policy)
 
     @property
     def manifest_limits(self) -> ManifestLimits:
@@ -144,6 +170,8 @@ class Settings:
             raise SettingsError("use tls (TLS on port) or tls_port (TLS beside plain HTTP), not both")
         if self.tls_port is not None and not 0 <= self.tls_port <= 65535:
             raise SettingsError(f"tls_port must be between 0 and 65535, not {self.tls_port}")
+        for prefix, _ in self.prefix_policies:
+            check_prefix(prefix)
         if self.uses_tls and (self.tls_cert is None or self.tls_key is None or not self.tls_client_ca):
             raise SettingsError("TLS needs a certificate, its key and a client CA (--cert, --key, --client-ca)")
 
@@ -170,16 +198,31 @@ def load_settings(
     values: dict[str, Any] = {}
     if config_file is not None:
         values.update(_from_toml(config_file))
+    # Policy rules from the environment and flags apply on top of the file's [policy] table.
+    rules: list[str] = []
     for name, text in (environ or {}).items():
         if name.startswith("DATASTORE_"):
             key = name.removeprefix("DATASTORE_").lower()
-            if key in _FIELDS:
+            if key == "policy":
+                rules.append(text)
+            elif key in _FIELDS and key != "prefix_policies":
                 values[key] = _convert(key, text)
     for key, value in (flags or {}).items():
-        if value is not None and key in _FIELDS:
+        if value is None or key not in _FIELDS:
+            continue
+        if key == "policy":
+            rules.extend(value if isinstance(value, (list, tuple)) else [value])
+        else:
             values[key] = value
     try:
+        for text in rules:
+            values["policy"] = parse_rules(text, values.get("policy"))
+    except PolicyError as exc:
+        raise SettingsError(str(exc)) from None
+    try:
         return Settings(**values)
+    except PolicyError as exc:
+        raise SettingsError(str(exc)) from None
     except TypeError as exc:  # pragma: no cover - guarded by _FIELDS
         raise SettingsError(str(exc)) from None
 
@@ -209,10 +252,29 @@ def _from_toml(path: Path) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for raw_key, value in table.items():
         key = raw_key.replace("-", "_")
-        if key not in _FIELDS:
+        if key not in _FIELDS or key == "prefix_policies":
             raise SettingsError(f"config file {path}: unknown setting {raw_key!r}")
-        values[key] = _convert(key, value)
+        if key == "policy":
+            values.update(_policies(path, value))
+        else:
+            values[key] = _convert(key, value)
     return values
+
+
+def _policies(path: Path, table: Any) -> dict[str, Any]:
+    """``[policy]`` (every prefix) and its ``[policy.PREFIX]`` sub-tables."""
+    if not isinstance(table, dict):
+        raise SettingsError(f"config file {path}: [policy] must be a table")
+    try:
+        default = policy_from({k: v for k, v in table.items() if not isinstance(v, dict)})
+        per_prefix = tuple(
+            (prefix, policy_from(rules, default, where=f"policy.{prefix}"))
+            for prefix, rules in table.items()
+            if isinstance(rules, dict)
+        )
+    except PolicyError as exc:
+        raise SettingsError(f"config file {path}: {exc}") from None
+    return {"policy": default, "prefix_policies": per_prefix}
 
 
 def _convert(key: str, value: Any) -> Any:
@@ -246,6 +308,18 @@ def _convert(key: str, value: Any) -> Any:
     except ValueError:
         raise SettingsError(f"setting {key}: cannot use {value!r}") from None
     raise SettingsError(f"setting {key}: unsupported type {kind}")  # pragma: no cover
+
+
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([smhdwy]?)\s*$", re.IGNORECASE)
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``"30d"`` -> 2592000.0 (s, m, h, d, w, y); plain numbers are seconds. ValueError otherwise."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a duration such as 3600, 90m, 12h or 30d")
+    return float(match.group(1)) * _SECONDS[match.group(2).lower()]
 
 
 def parse_size(text: str) -> int:

@@ -1,11 +1,16 @@
 """What every request handler of a running store shares: settings, the
-transfer registry, the prefix mounts, the staging directory and the count of
-running uploads.
+transfer registry, the token store, the prefix mounts, the staging directory
+and the count of running uploads; and the identity of each request.
 
 The prefix registry is a plain mapping from prefix to :class:`Mount`, filled
 by ``TransferServer.register_prefix`` before serving; each mount remembers
-which optional handler capabilities were detected at registration, so no
-request ever probes a handler with ``hasattr``.
+its access policy and which optional handler capabilities were detected at
+registration, so no request ever probes a handler with ``hasattr``.
+
+:func:`identify` establishes who a request is from once per request (a
+certificate checked against the CRL, a token checked against the token
+store, a trusted header, or nobody) and :meth:`Mount.authorize` decides
+what that identity may do on the prefix.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +27,9 @@ from typing import Any
 from aiohttp import web
 
 from .config import Settings
-from .errors import DatastoreError, PathNotFound, ServiceUnavailable
+from .errors import DatastoreError, NotAuthorized, PathNotFound, ServiceUnavailable
 from .handlers.interface import (
+    CanAuthorize,
     CanClose,
     CanDelete,
     CanDescribe,
@@ -33,6 +39,8 @@ from .handlers.interface import (
     TransferHandler,
 )
 from .security.identity import Identity
+from .security.policy import Action, Policy
+from .security.tokens import TokenStore
 from .staging import BufferBudget, Digests
 from .transfers import TransferRegistry
 
@@ -43,28 +51,38 @@ class Mount:
 
     prefix: str
     handler: TransferHandler
+    policy: Policy
     lister: CanList | None = None
     describer: CanDescribe | None = None
     deleter: CanDelete | None = None
     closer: CanClose | None = None
     reserver: CanReserveMany | None = None
     locator: CanLocateDownload | None = None
+    authorizer: CanAuthorize | None = None
     #: Held across can_upload and add_pending_upload so reservations are atomic.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @classmethod
-    def detect(cls, prefix: str, handler: TransferHandler) -> Mount:
+    def detect(cls, prefix: str, handler: TransferHandler, policy: Policy) -> Mount:
         """Build a mount, detecting the handler's optional capabilities once."""
         return cls(
             prefix=prefix,
             handler=handler,
+            policy=policy,
             lister=handler if isinstance(handler, CanList) else None,
             describer=handler if isinstance(handler, CanDescribe) else None,
             deleter=handler if isinstance(handler, CanDelete) else None,
             closer=handler if isinstance(handler, CanClose) else None,
             reserver=handler if isinstance(handler, CanReserveMany) else None,
             locator=handler if isinstance(handler, CanLocateDownload) else None,
+            authorizer=handler if isinstance(handler, CanAuthorize) else None,
         )
+
+    async def authorize(self, identity: Identity, action: Action, name: str | None = None) -> None:
+        """Raise 401/403 unless the prefix's policy, and then its handler, let ``identity`` do ``action``."""
+        self.policy.check(identity, action, self.prefix)
+        if self.authorizer is not None and not await self.authorizer.authorize(identity, action.value, name):
+            raise NotAuthorized(f"the store does not let you {action} here")
 
 
 @dataclass(slots=True)
@@ -98,9 +116,11 @@ class StoreContext:
 
     settings: Settings
     registry: TransferRegistry
+    tokens: TokenStore
     mounts: dict[str, Mount]
     staging_dir: Path
-    identify: Callable[[web.Request], Identity]
+    #: Who a request is from (``TransferServer.identify``); call :func:`identify` instead.
+    authenticate: Callable[[web.Request], Awaitable[Identity]]
     #: Shared by every upload: how many buffers of received bytes may wait in memory.
     buffers: BufferBudget
     active_uploads: int = 0
@@ -119,6 +139,8 @@ class StoreContext:
     shared: bool = False
     #: This worker's number (0 to N-1), reported by the health endpoint.
     worker_index: int = 0
+    #: TLS requests under way, so that a CRL reload can cut those of revoked certificates.
+    tls_requests: dict[int, web.Request] = field(default_factory=dict)
 
     def staging_path(self, key: str, num: int) -> Path:
         """Where the bytes of file ``num`` of transfer ``key`` are staged."""
@@ -147,6 +169,18 @@ class StoreContext:
 
 CONTEXT = web.AppKey("datastore.context", StoreContext)
 
+#: Where a request keeps its identity once established.
+_IDENTITY = web.RequestKey("datastore.identity", Identity)
+
+
+async def identify(request: web.Request) -> Identity:
+    """Who ``request`` is from, established once per request; 401/403 for a bad token or certificate."""
+    identity: Identity | None = request.get(_IDENTITY)
+    if identity is None:
+        identity = await request.app[CONTEXT].authenticate(request)
+        request[_IDENTITY] = identity
+    return identity
+
 
 def prefers_json(request: web.Request) -> bool:
     """Whether the client asked for JSON (an ``Accept`` naming application/json)."""
@@ -168,7 +202,11 @@ def render_error(request: web.Request, exc: DatastoreError) -> web.Response:
         bad_field = getattr(exc, "field", None)
         if bad_field is not None:
             body["field"] = bad_field
-        return web.Response(
+        response = web.Response(
             status=exc.status, reason=reason, text=json.dumps(body), content_type="application/json", headers=headers
         )
-    return web.Response(status=exc.status, reason=reason, text=message + "\n", headers=headers)
+    else:
+        response = web.Response(status=exc.status, reason=reason, text=message + "\n", headers=headers)
+    if exc.close_connection:
+        response.force_close()
+    return response

@@ -30,10 +30,12 @@ from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_request import BaseRequest
 
-from .context import CONTEXT, prefers_json
-from .errors import FileNotFound, NotFound
+from .context import CONTEXT, Mount, identify, prefers_json
+from .errors import FileNotFound, NotAuthorized, NotFound
 from .handlers.interface import Download, StoredFile
 from .names import validate_name
+from .security.identity import Identity
+from .security.policy import Action, Audience
 
 
 class StoredFileResponse(web.FileResponse):
@@ -65,8 +67,9 @@ async def handle_download(request: web.Request) -> web.StreamResponse:
     """``GET``/``HEAD /{prefix}/{name}``."""
     ctx = request.app[CONTEXT]
     mount = ctx.mount(request.match_info["prefix"])
-    identity = ctx.identify(request)
+    identity = await identify(request)
     name = _valid_name(request.match_info["name"])
+    await mount.authorize(identity, Action.READ, name)
     if mount.locator is not None:
         download = await mount.locator.locate_download(identity, name)
     else:
@@ -74,6 +77,8 @@ async def handle_download(request: web.Request) -> web.StreamResponse:
         st = await asyncio.to_thread(_regular_file_stat, path)
         stored = await mount.describer.describe_file(identity, name) if mount.describer is not None else None
         download = Download(path, st, stored)
+    if download.stored is not None and _tls_only(mount, download.stored) and not request.secure:
+        raise NotAuthorized("this file was uploaded over TLS and is served over TLS only")
     if download.body is not None and not any(header in request.headers for header in _CONDITIONAL):
         # A small file, whole, unconditionally: from memory, with the headers FileResponse would send.
         headers = _PREPARED.get(download)
@@ -160,28 +165,42 @@ async def handle_listing(request: web.Request) -> web.StreamResponse:
         return web.FileResponse(WEB_DIR / "index.html", headers=PAGE_HEADERS)
     if mount.lister is None:
         raise NotFound("this prefix offers no listing")
-    identity = ctx.identify(request)
+    identity = await identify(request)
+    await mount.authorize(identity, Action.LIST)
     files = await mount.lister.list_files(identity)
     base = request.url.origin()
     return web.json_response(
         {
             "prefix": mount.prefix,
             "files": [
-                {
-                    "name": f.name,
-                    "size": f.size,
-                    "md5": f.md5,
-                    "sha256": f.sha256,
-                    "owner": f.owner,
-                    "owner_authenticated": f.owner_authenticated,
-                    "uploaded_at": f.uploaded_at,
-                    "url": str(base.with_path(f"/{mount.prefix}/{f.name}")),
-                }
+                _listed(f, identity, mount, str(base.with_path(f"/{mount.prefix}/{f.name}")))
                 for f in files
+                if request.secure or not _tls_only(mount, f)
             ],
         },
         headers={"Cache-Control": "no-cache"},
     )
+
+
+def _listed(stored: StoredFile, identity: Identity, mount: Mount, url: str) -> dict[str, object]:
+    """One file of a listing; its owner only for those the policy shows owners to."""
+    shown = mount.policy.shows_owner(identity, stored.owner_id)
+    return {
+        "name": stored.name,
+        "size": stored.size,
+        "md5": stored.md5,
+        "sha256": stored.sha256,
+        "owner": stored.owner if shown else None,
+        "owner_authenticated": stored.owner_authenticated if shown else None,
+        "yours": identity.owns(stored.owner_id),
+        "uploaded_at": stored.uploaded_at,
+        "url": url,
+    }
+
+
+def _tls_only(mount: Mount, stored: StoredFile) -> bool:
+    """Whether ``stored`` came over TLS and the prefix keeps such files off plain HTTP."""
+    return stored.tls and mount.policy.tls_only
 
 
 async def handle_delete(request: web.Request) -> web.Response:
@@ -190,8 +209,15 @@ async def handle_delete(request: web.Request) -> web.Response:
     mount = ctx.mount(request.match_info["prefix"])
     if mount.deleter is None:
         raise web.HTTPMethodNotAllowed("DELETE", ["GET", "HEAD"])
-    identity = ctx.identify(request)
+    identity = await identify(request)
     name = validate_name(request.match_info["name"])
+    await mount.authorize(identity, Action.DELETE, name)
+    if mount.policy.delete is Audience.OWNER and mount.describer is not None:
+        stored = await mount.describer.describe_file(identity, name)
+        if stored is None:
+            raise FileNotFound()
+        if not identity.may_manage(stored.owner_id):
+            raise NotAuthorized("only the owner (or an administrator) may delete a file")
     await mount.deleter.delete_file(identity, name)
     return web.Response(status=204)
 

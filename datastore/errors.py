@@ -13,8 +13,11 @@ The tree::
     │   ├── ManifestError               400  "ConfigParser error: ..." / field errors
     │   ├── InvalidName                 400
     │   └── IncompleteUpload            400  body ended before the declared size
+    ├── Unauthorized                    401  sign in first (no identity where one is needed)
+    │   └── InvalidToken                401  a bearer token unknown, expired or revoked
     ├── NotAuthorized                   403  "Not authorized"
-    │   └── IdentityMismatch            403  key used by another identity
+    │   ├── IdentityMismatch            403  key used by another identity
+    │   └── CertificateRefused          403  client certificate revoked or expired (connection closed)
     ├── NotFound                        404
     │   ├── PathNotFound                404  "Path not found" (unknown prefix)
     │   ├── FileNotFound                404  "File not found"
@@ -55,6 +58,8 @@ class DatastoreError(Exception):
     code: ClassVar[str] = "internal_error"
     #: Extra response headers (e.g. Retry-After).
     headers: ClassVar[dict[str, str]] = {}
+    #: Whether the connection is closed after the answer (nothing more may come over it).
+    close_connection: ClassVar[bool] = False
 
     def __init__(self, detail: str | None = None) -> None:
         self.detail = detail
@@ -99,6 +104,19 @@ class IncompleteUpload(BadRequest):
     code = "incomplete_upload"
 
 
+class Unauthorized(DatastoreError):
+    status = 401
+    reason = "Authentication required"
+    code = "unauthorized"
+    headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": 'Bearer realm="datastore"'}
+
+
+class InvalidToken(Unauthorized):
+    reason = "Invalid token"
+    code = "invalid_token"
+    headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": 'Bearer realm="datastore", error="invalid_token"'}
+
+
 class NotAuthorized(DatastoreError):
     status = 403
     reason = "Not authorized"
@@ -108,6 +126,12 @@ class NotAuthorized(DatastoreError):
 class IdentityMismatch(NotAuthorized):
     reason = "Transfer key belongs to another identity"
     code = "identity_mismatch"
+
+
+class CertificateRefused(NotAuthorized):
+    reason = "Client certificate refused"
+    code = "certificate_refused"
+    close_connection = True
 
 
 class NotFound(DatastoreError):

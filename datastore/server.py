@@ -11,6 +11,11 @@ Routes (prefix names match ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}``; paths that
 start with ``_`` belong to the server)::
 
     GET     /_api/v1/health
+    GET     /_api/v1/identity               who the store takes the client for
+    GET     /_api/v1/tokens                 bearer tokens (administrators)
+    POST    /_api/v1/tokens                 issue one (administrators)
+    GET     /_api/v1/tokens/{id}            show one (administrators)
+    DELETE  /_api/v1/tokens/{id}            revoke one (administrators)
     GET     /_api/v1/transfers/{key}        a transfer's state (owner only)
     DELETE  /_api/v1/transfers/{key}        cancel it
     GET     /_static/{asset}                the browser page's script and style
@@ -30,6 +35,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import ssl
@@ -41,15 +47,26 @@ from urllib.parse import quote
 from aiohttp import web
 
 from . import staging
-from .api import handle_health, handle_transfer_cancel, handle_transfer_status
+from .api import (
+    handle_health,
+    handle_identity,
+    handle_token_create,
+    handle_token_list,
+    handle_token_revoke,
+    handle_token_show,
+    handle_transfer_cancel,
+    handle_transfer_status,
+)
 from .config import Settings, SettingsError, check_prefix
 from .context import CONTEXT, Mount, StoreContext, render_error
 from .download import handle_asset, handle_delete, handle_download, handle_listing
-from .errors import DatastoreError, FileNotFound, NotAuthorized
+from .errors import DatastoreError, FileNotFound, InvalidToken, NotAuthorized
 from .handlers.interface import TransferHandler
 from .handlers.legacy import LegacyHandler, LegacyHandlerAdapter
-from .security.identity import DN_HEADER, Identity, identity_from_header
-from .security.tls import CrlReloader, identity_from_ssl
+from .security.identity import ANONYMOUS, DN_HEADER, Identity, identity_from_header
+from .security.policy import Policy
+from .security.tls import CrlReloader, certificate_identity, normalise_subject, peer_certificate
+from .security.tokens import TokenStore
 from .transfers import TransferRegistry
 from .tus import handle_create, handle_head, handle_options, handle_patch, handle_terminate
 from .upload import expire_transfers, handle_manifest, handle_upload, upload_expect_handler
@@ -87,8 +104,9 @@ class TransferServer(abc.ABC):
     Subclasses decide the listeners (:class:`HTTPTransferServer`: plain
     HTTP; :class:`HTTPSTransferServer`: TLS with client certificates, and
     optionally a plain listener beside it). On a TLS connection the identity
-    is the verified certificate's subject; on a plain one it is the
-    unauthenticated ``X-Client-DN`` header.
+    is the verified certificate; on a plain one a bearer token the store
+    issued, or (only with ``trust_client_dn``) the asserted ``X-Client-DN``
+    header; else the client is anonymous.
     """
 
     def __init__(self, settings: Settings | None = None) -> None:
@@ -100,6 +118,8 @@ class TransferServer(abc.ABC):
         #: its number, and that other processes share the port and the state.
         self.worker_index = 0
         self.shared_state = False
+        #: The contexts of the applications now running (one, unless an embedder runs several).
+        self._contexts: list[StoreContext] = []
 
     @abc.abstractmethod
     def listeners(self) -> list[Listener]:
@@ -107,12 +127,16 @@ class TransferServer(abc.ABC):
 
     # -- prefixes -----------------------------------------------------------
 
-    def register_prefix(self, prefix: str, handler: TransferHandler | LegacyHandler) -> None:
-        """Serve ``prefix`` through ``handler``.
+    def register_prefix(
+        self, prefix: str, handler: TransferHandler | LegacyHandler, *, policy: Policy | None = None
+    ) -> None:
+        """Serve ``prefix`` through ``handler`` under ``policy``.
 
         ``handler`` implements :class:`TransferHandler` or AccessGrid's
         CamelCase interface (wrapped in :class:`LegacyHandlerAdapter`). Its
-        optional capabilities are detected here, once.
+        optional capabilities are detected here, once. ``policy`` defaults to
+        the settings' policy for the prefix (``[policy.PREFIX]``, else
+        ``[policy]``).
         """
         try:
             check_prefix(prefix)
@@ -126,7 +150,9 @@ class TransferServer(abc.ABC):
             modern = LegacyHandlerAdapter(handler)
         else:
             raise TypeError(f"{type(handler).__name__} implements neither TransferHandler nor the AccessGrid interface")
-        self._mounts[prefix] = Mount.detect(prefix, modern)
+        self._mounts[prefix] = Mount.detect(
+            prefix, modern, policy if policy is not None else self.settings.policy_for(prefix)
+        )
 
     def unregister_prefix(self, prefix: str) -> None:
         """Stop serving ``prefix``; running requests finish."""
@@ -139,20 +165,38 @@ class TransferServer(abc.ABC):
 
     # -- identity -----------------------------------------------------------
 
-    def identify(self, request: web.Request) -> Identity:
-        """The identity behind ``request``.
+    async def identify(self, request: web.Request) -> Identity:
+        """The identity behind ``request``, checked anew for every request.
 
-        On TLS, the verified client certificate (``X-Client-DN`` ignored); on
-        plain HTTP, the asserted header. ``request.secure`` is fixed when the
-        request arrives, so a TLS request never falls back to the header.
+        On TLS, the verified client certificate (revocation and expiry
+        checked again; ``Authorization`` and ``X-Client-DN`` ignored). On
+        plain HTTP, a bearer token (401 if it is unknown, expired or
+        revoked), else ``X-Client-DN`` if the operator trusts it, else
+        anonymous. ``request.secure`` is fixed when the request arrives, so a
+        TLS request never falls back to the others.
         """
         if request.secure:
             transport = request.transport
             ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
             if ssl_object is None:
                 raise NotAuthorized("the TLS connection is gone")
-            return identity_from_ssl(ssl_object)
-        return identity_from_header(request.headers.get(DN_HEADER))
+            return self.certificate_identity(ssl_object)
+        authorization = request.headers.get("Authorization")
+        if authorization is not None:
+            scheme, _, token = authorization.strip().partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise InvalidToken("send Authorization: Bearer TOKEN")
+            record = await request.app[CONTEXT].tokens.verify(token.strip())
+            if record is None:
+                raise InvalidToken("the token is unknown, expired or revoked")
+            return record.identity()
+        if self.settings.trust_client_dn:
+            return identity_from_header(request.headers.get(DN_HEADER))
+        return ANONYMOUS
+
+    def certificate_identity(self, ssl_object: object) -> Identity:
+        """The identity of a TLS peer (only the TLS server has any)."""
+        raise NotAuthorized("this server speaks no TLS")
 
     async def reload(self) -> None:  # noqa: B027 - a hook; plain HTTP has nothing to reload
         """Re-read what can change without a restart (SIGHUP). Nothing, for plain HTTP."""
@@ -165,9 +209,16 @@ class TransferServer(abc.ABC):
         Its start-up opens the state directory; its clean-up closes the
         registry and every handler that can be closed.
         """
-        app = web.Application(middlewares=[error_middleware], handler_args={"read_bufsize": READ_BUFSIZE})
+        app = web.Application(
+            middlewares=[error_middleware, tls_request_middleware], handler_args={"read_bufsize": READ_BUFSIZE}
+        )
         app.cleanup_ctx.append(self._lifecycle)
         app.router.add_get("/_api/v1/health", handle_health)
+        app.router.add_get("/_api/v1/identity", handle_identity)
+        app.router.add_get("/_api/v1/tokens", handle_token_list)
+        app.router.add_post("/_api/v1/tokens", handle_token_create)
+        app.router.add_get("/_api/v1/tokens/{id}", handle_token_show)
+        app.router.add_delete("/_api/v1/tokens/{id}", handle_token_revoke)
         app.router.add_get("/_static/{asset}", handle_asset)
         app.router.add_get("/_api/v1/transfers/{key}", handle_transfer_status)
         app.router.add_delete("/_api/v1/transfers/{key}", handle_transfer_cancel)
@@ -195,20 +246,23 @@ class TransferServer(abc.ABC):
         staging_dir = state_dir / "staging"
         await asyncio.to_thread(self.settings.root.mkdir, parents=True, exist_ok=True)
         registry = TransferRegistry(state_dir / "transfers.sqlite3")
+        tokens = TokenStore(state_dir / "tokens.sqlite3")
         if not self.shared_state:
             # With several workers, the supervisor recovered before starting them.
             await recover_uploads(registry, staging_dir)
         ctx = StoreContext(
             settings=self.settings,
             registry=registry,
+            tokens=tokens,
             mounts=self._mounts,
             staging_dir=staging_dir,
-            identify=self.identify,
+            authenticate=self.identify,
             shared=self.shared_state,
             worker_index=self.worker_index,
             buffers=staging.BufferBudget(self.settings.upload_buffer_budget // self.settings.chunk_size),
         )
         app[CONTEXT] = ctx
+        self._contexts.append(ctx)
         tasks = [asyncio.create_task(_sweep(ctx), name="datastore-sweeper")]
         tasks.extend(asyncio.create_task(job, name="datastore-periodic") for job in self.periodic_jobs())
         try:
@@ -219,7 +273,9 @@ class TransferServer(abc.ABC):
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            self._contexts.remove(ctx)
             await registry.close()
+            await tokens.close()
             for mount in list(self._mounts.values()):
                 if mount.closer is not None:
                     await mount.closer.close()
@@ -361,22 +417,45 @@ class HTTPSTransferServer(TransferServer):
             listeners.append(Listener(self.settings.host, self.plain_port))
         return listeners
 
+    def certificate_identity(self, ssl_object: object) -> Identity:
+        return certificate_identity(ssl_object, crl=self.crl, admins=self._admins)
+
+    @functools.cached_property
+    def _admins(self) -> frozenset[str]:
+        return frozenset(normalise_subject(subject) for subject in self.settings.admin_subjects)
+
     async def reload(self) -> None:
-        """Reload the CRL (SIGHUP)."""
-        if self.crl is not None:
-            await asyncio.to_thread(self.crl.reload)
+        """Reload the CRL (SIGHUP), and close the connections of certificates it revokes."""
+        if self.crl is not None and await asyncio.to_thread(self.crl.reload):
+            self._close_revoked()
 
     def periodic_jobs(self) -> list[Coroutine[None, None, None]]:
         if self.crl is None:
             return []
-        return [_watch_crl(self.crl, self.settings.crl_check_interval)]
+        return [self._watch_crl(self.crl, self.settings.crl_check_interval)]
 
+    async def _watch_crl(self, crl: CrlReloader, interval: float) -> None:
+        """Reload the CRL whenever its file changes."""
+        while True:
+            await asyncio.sleep(interval)
+            if await asyncio.to_thread(crl.check):
+                self._close_revoked()
 
-async def _watch_crl(crl: CrlReloader, interval: float) -> None:
-    """Reload the CRL whenever its file changes."""
-    while True:
-        await asyncio.sleep(interval)
-        await asyncio.to_thread(crl.check)
+    def _close_revoked(self) -> None:
+        """Cut the connections whose requests are under way with a certificate the CRL now revokes.
+
+        Idle connections need nothing: their next request is refused (403)
+        and closed by the per-request check.
+        """
+        assert self.crl is not None
+        for ctx in self._contexts:
+            for request in list(ctx.tls_requests.values()):
+                transport = request.transport
+                ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+                der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+                if transport is not None and der and self.crl.is_revoked(peer_certificate(der)):
+                    log.info("closing a connection of a revoked certificate")
+                    transport.abort()
 
 
 def _base_url(listener: Listener) -> str:
@@ -394,6 +473,21 @@ async def handle_add_slash(request: web.Request) -> web.Response:
 
 
 # -- errors -------------------------------------------------------------------
+
+
+@web.middleware
+async def tls_request_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Keep each TLS request in ``StoreContext.tls_requests`` while it runs (see ``_close_revoked``)."""
+    if not request.secure:
+        return await handler(request)
+    requests = request.app[CONTEXT].tls_requests
+    requests[id(request)] = request
+    try:
+        return await handler(request)
+    finally:
+        del requests[id(request)]
 
 
 @web.middleware

@@ -46,8 +46,11 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS transfers (
     key TEXT PRIMARY KEY,
     prefix TEXT NOT NULL,
+    -- The owner once per transfer: its name for display, and its principal
+    -- (kind, subject, issuer: what ownership is compared by; NULL if anonymous).
     owner TEXT,
     owner_authenticated INTEGER NOT NULL,
+    owner_id TEXT,
     state TEXT NOT NULL,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
@@ -92,6 +95,15 @@ def _migrate(db: sqlite3.Connection) -> None:
     for column, declaration in _ADDED_COLUMNS.items():
         if column not in present:
             db.execute(f"ALTER TABLE transfer_files ADD COLUMN {column} {declaration}")
+    if "owner_id" not in {row["name"] for row in db.execute("PRAGMA table_info(transfers)")}:
+        db.execute("ALTER TABLE transfers ADD COLUMN owner_id TEXT")
+        # Before principals, an unauthenticated owner was an X-Client-DN; a certificate's
+        # subject was kept in a form that cannot be compared safely: such transfers are
+        # left to administrators.
+        db.execute(
+            "UPDATE transfers SET owner_id = json_array('asserted', owner)"
+            " WHERE owner IS NOT NULL AND owner_authenticated = 0"
+        )
 
 
 class TransferState(StrEnum):
@@ -158,6 +170,15 @@ class Transfer:
     expires_at: float
     files: tuple[TransferFile, ...]
 
+    def usable_by(self, identity: Identity) -> bool:
+        """Whether ``identity`` may upload under this key: the identity that registered it
+        (an anonymous transfer, by anonymous clients that hold the key)."""
+        return self.owner == identity
+
+    def manageable_by(self, identity: Identity) -> bool:
+        """Whether ``identity`` may see or cancel this transfer: as :meth:`usable_by`, or an administrator."""
+        return identity.admin or self.usable_by(identity)
+
     def expired(self, now: float) -> bool:
         """True once the key's lifetime has passed (or the sweeper expired it)."""
         return self.state is TransferState.EXPIRED or (self.state is TransferState.OPEN and now >= self.expires_at)
@@ -203,9 +224,19 @@ class TransferRegistry:
 
         def insert(db: sqlite3.Connection) -> None:
             db.execute(
-                "INSERT INTO transfers (key, prefix, owner, owner_authenticated, state,"
-                " created_at, updated_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (key, prefix, owner.dn, int(owner.authenticated), transfer.state, now, now, transfer.expires_at),
+                "INSERT INTO transfers (key, prefix, owner, owner_authenticated, owner_id, state,"
+                " created_at, updated_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    key,
+                    prefix,
+                    owner.dn,
+                    int(owner.authenticated),
+                    owner.principal,
+                    transfer.state,
+                    now,
+                    now,
+                    transfer.expires_at,
+                ),
             )
             db.executemany(
                 "INSERT INTO transfer_files (key, num, name, size, md5, sha256, state, updated_at)"
@@ -504,7 +535,7 @@ def _load(db: sqlite3.Connection, key: str) -> Transfer | None:
 
 
 def _transfer(row: sqlite3.Row, files: tuple[TransferFile, ...]) -> Transfer:
-    owner = Identity(dn=row["owner"], authenticated=bool(row["owner_authenticated"]))
+    owner = Identity.from_principal(row["owner_id"], row["owner"])
     return Transfer(
         key=row["key"],
         prefix=row["prefix"],

@@ -28,7 +28,7 @@ from typing import Any
 from aiohttp import web
 
 from . import staging
-from .context import CONTEXT, StoreContext
+from .context import CONTEXT, StoreContext, identify
 from .errors import (
     BadRequest,
     ChecksumMismatch,
@@ -44,6 +44,7 @@ from .errors import (
     UploadFileNotFound,
 )
 from .manifest import single_file
+from .security.policy import Action
 from .staging import Digests
 from .transfers import FileState, Transfer
 from .upload import (
@@ -133,8 +134,9 @@ async def handle_create(request: web.Request) -> web.Response:
     """``POST /{prefix}/``: creation (and creation-with-upload) of a one-file transfer."""
     ctx = request.app[CONTEXT]
     mount = ctx.mount(request.match_info["prefix"])
-    identity = ctx.identify(request)
+    identity = await identify(request)
     _require_tus(request)
+    await mount.authorize(identity, Action.UPLOAD)
     if "Upload-Defer-Length" in request.headers:
         raise BadRequest("Upload-Defer-Length is not supported: send Upload-Length")
     length_text = request.headers.get("Upload-Length")

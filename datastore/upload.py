@@ -27,14 +27,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
 from aiohttp import BodyPartReader, web
 
 from . import staging
-from .context import CONTEXT, Mount, RunningUpload, StoreContext, prefers_json, render_error
+from .context import CONTEXT, Mount, RunningUpload, StoreContext, identify, prefers_json, render_error
 from .errors import (
     AlreadyUploaded,
     BadRequest,
@@ -59,7 +58,9 @@ from .errors import (
 from .handlers.interface import FileInfo
 from .manifest import Manifest, format_ini_accepted, format_ini_refused, parse_ini, parse_json
 from .security.identity import Identity
+from .security.policy import Action
 from .staging import Digests
+from .timestamps import iso_time
 from .transfers import FileState, Transfer, TransferFile, TransferState
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,10 @@ async def handle_manifest(request: web.Request) -> web.Response:
     """``POST /{prefix}/manifest``: register a transfer, answer its key."""
     ctx = request.app[CONTEXT]
     mount = ctx.mount(request.match_info["prefix"])
-    identity = ctx.identify(request)
+    identity = await identify(request)
+    await mount.authorize(identity, Action.UPLOAD)
     as_json = request.content_type == "application/json"
-    body = await _read_bounded(request, ctx.settings.max_manifest_bytes, ctx.settings.body_timeout)
+    body = await read_bounded(request, ctx.settings.max_manifest_bytes, ctx.settings.body_timeout)
     limits = ctx.settings.manifest_limits
     manifest = parse_json(body, limits) if as_json else parse_ini(body, limits)
     try:
@@ -245,7 +247,8 @@ async def resolve_upload(request: web.Request) -> UploadTarget:
     ctx = request.app[CONTEXT]
     prefix = request.match_info["prefix"]
     mount = ctx.mount(prefix)
-    identity = ctx.identify(request)
+    identity = await identify(request)
+    mount.policy.check(identity, Action.UPLOAD, prefix)
     key = request.match_info["key"]
     num_text = request.match_info["num"]
     if not (num_text.isascii() and num_text.isdigit()) or len(num_text) > 9:
@@ -254,7 +257,7 @@ async def resolve_upload(request: web.Request) -> UploadTarget:
     if found is None or found[0].prefix != prefix:
         raise TransferNotFound()
     transfer, file = found
-    if transfer.owner != identity:
+    if not transfer.usable_by(identity):
         raise IdentityMismatch()
     if transfer.state is TransferState.CANCELLED:
         raise TransferCancelled()
@@ -545,17 +548,17 @@ async def _form_file_chunks(request: web.Request, timeout: float, chunk_size: in
                 raise PayloadTooLarge("the form's other fields are too large")
 
 
-async def _read_bounded(request: web.Request, limit: int, timeout: float) -> bytes:
+async def read_bounded(request: web.Request, limit: int, timeout: float) -> bytes:
     """The whole (small) body, refusing more than ``limit`` bytes."""
     length = request.content_length
     if length is not None and length > limit:
-        raise PayloadTooLarge(f"the manifest is {length} bytes, more than the limit of {limit}")
+        raise PayloadTooLarge(f"the body is {length} bytes, more than the limit of {limit}")
     parts: list[bytes] = []
     total = 0
     while chunk := await next_chunk(request.content.readany(), timeout):
         total += len(chunk)
         if total > limit:
-            raise PayloadTooLarge(f"the manifest is more than the limit of {limit} bytes")
+            raise PayloadTooLarge(f"the body is more than the limit of {limit} bytes")
         parts.append(chunk)
     return b"".join(parts)
 
@@ -566,8 +569,3 @@ async def _quietly(call: Awaitable[None], what: str) -> None:
         await call
     except Exception:
         log.exception("%s failed during cleanup", what)
-
-
-def iso_time(timestamp: float) -> str:
-    """``2026-11-23T21:53:34.000Z``."""
-    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

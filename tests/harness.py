@@ -20,7 +20,16 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from datastore.config import Settings
+from datastore.security.policy import Audience, Policy
 from datastore.server import HTTPTransferServer
+
+#: The policy of the stores most tests start: every client may list, read and upload, so that
+#: tests of other behaviour need no credentials; deleting stays the owner's. The defaults are
+#: tested as such in the security tests.
+OPEN_POLICY = Policy(list=Audience.ANYONE, read=Audience.ANYONE, upload=Audience.ANYONE)
+
+#: The same for a ``datastore serve`` process, with X-Client-DN trusted as the tests' identities.
+OPEN_STORE_ENV = {"DATASTORE_TRUST_CLIENT_DN": "true", "DATASTORE_POLICY": "list=anyone,read=anyone,upload=anyone"}
 
 
 def md5_hex(data: bytes) -> str:
@@ -113,7 +122,10 @@ class Store:
 
 
 def make_settings(root: Path, state_dir: Path, **overrides: Any) -> Settings:
-    return Settings(root=root, state_dir=state_dir, port=0, **overrides)
+    """Settings for a test store: open (``OPEN_POLICY``, X-Client-DN trusted) unless ``overrides`` say otherwise."""
+    return Settings(
+        **{"policy": OPEN_POLICY, "trust_client_dn": True, **overrides}, root=root, state_dir=state_dir, port=0
+    )
 
 
 async def start_stalled_upload(
@@ -163,11 +175,13 @@ async def spawn_serve(
     stderr: Any = asyncio.subprocess.DEVNULL,
     urls: int = 1,
     timeout: float = 30.0,
+    open_store: bool = True,
 ) -> tuple[asyncio.subprocess.Process, list[re.Match[str]]]:
     """Start ``python -m datastore serve --port 0 ARGS`` as a user would.
 
     Returns the process once it printed ``urls`` serving lines, with those
-    lines' matches of :data:`SERVING`; the caller stops the process.
+    lines' matches of :data:`SERVING`; the caller stops the process. With
+    ``open_store`` it runs with :data:`OPEN_STORE_ENV` (then ``env``).
     """
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -179,7 +193,7 @@ async def spawn_serve(
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=stderr,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **(OPEN_STORE_ENV if open_store else {}), **(env or {})},
     )
     assert process.stdout is not None
     found: list[re.Match[str]] = []

@@ -197,8 +197,11 @@ async def test_upload_with_an_identity_owns_the_files_and_the_transfer(store: St
     paths = await asyncio.to_thread(write_files, tmp_path, {"ada.txt": b"ada's"})
     upload = await datastore("upload", "--identity", ADA, files_url(store), str(paths[0]))
     assert upload.returncode == 0, upload
-    listing = await datastore("ls", "--json", files_url(store))
-    assert [(entry["name"], entry["owner"]) for entry in json.loads(listing.stdout)] == [("ada.txt", ADA)]
+    listing = await datastore("ls", "--json", "--identity", ADA, files_url(store))
+    assert [(e["name"], e["owner"], e["yours"]) for e in json.loads(listing.stdout)] == [("ada.txt", ADA, True)]
+    # Owners are shown to themselves (and administrators), not to everyone who may list.
+    others = await datastore("ls", "--json", "--identity", BOB, files_url(store))
+    assert [(e["name"], e["owner"], e["yours"]) for e in json.loads(others.stdout)] == [("ada.txt", None, False)]
     mine = await datastore("status", "--identity", ADA, "--json", base_url(store), upload.key)
     assert json.loads(mine.stdout)["state"] == "FINISHED"
     theirs = await datastore("status", "--identity", BOB, base_url(store), upload.key)

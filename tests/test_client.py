@@ -47,7 +47,7 @@ from datastore.security.tls import server_context
 from datastore.server import HTTPSTransferServer, HTTPTransferServer
 
 from .conftest import MakeStore
-from .harness import Store, sha256_hex
+from .harness import Store, make_settings, sha256_hex
 
 CHUNK = 256 << 10  # bytes per PATCH in these tests
 MIB = 1 << 20
@@ -316,7 +316,7 @@ class LiveStore:
 
 def build_live_store(base: Path) -> LiveStore:
     root, state = base / "root", base / "state"
-    server = HTTPTransferServer(Settings(root=root, state_dir=state, host="127.0.0.1", port=0))
+    server = HTTPTransferServer(make_settings(root, state, host="127.0.0.1"))
     server.register_prefix("files", DirectoryHandler(root / "files", catalogue=state / "catalogue" / "files.sqlite3"))
     return LiveStore(server, root)
 

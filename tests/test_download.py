@@ -373,18 +373,19 @@ async def test_listing_describes_each_published_file(make_store: MakeStore) -> N
     await upload(store, "anon.txt", anonymous)
     after = time.time()
 
-    response = await store.client.get("/files/")
+    # Ada lists: she sees that she owns ada.txt; nobody owns an anonymous upload.
+    response = await store.client.get("/files/", headers={"X-Client-DN": ADA})
 
     assert response.status == 200
     assert response.content_type == "application/json"
     files = {entry["name"]: entry for entry in (await response.json())["files"]}
     assert set(files) == {"ada.txt", "anon.txt"}
-    for name, data, owner in (("ada.txt", mine, ADA), ("anon.txt", anonymous, None)):
+    for name, data, owner, yours in (("ada.txt", mine, ADA, True), ("anon.txt", anonymous, None, False)):
         entry = files[name]
         assert entry["size"] == len(data)
         assert entry["md5"] == md5_hex(data)
         assert entry["sha256"] == sha256_hex(data)
-        assert entry["owner"] == owner
+        assert (entry["owner"], entry["yours"]) == (owner, yours)
         assert before <= entry["uploaded_at"] <= after
         assert entry["url"] == str(store.client.make_url(f"/files/{name}"))
         fetched = await store.client.session.get(entry["url"])
@@ -579,11 +580,11 @@ async def test_overwritten_file_is_served_with_its_new_bytes_and_digest(make_sto
         tmp_path / "root" / "files", catalogue=tmp_path / "state" / "catalogue" / "files.sqlite3", overwrite=True
     )
     store = await remembering_store(make_store, handler=handler)
-    await upload(store, "notes.txt", CONTENT)
+    await upload(store, "notes.txt", CONTENT, identity=ADA)
     assert await (await store.client.get("/files/notes.txt")).read() == CONTENT
     newer = CONTENT.upper()
 
-    await upload(store, "notes.txt", newer)
+    await upload(store, "notes.txt", newer, identity=ADA)
     response = await store.client.get("/files/notes.txt")
 
     assert await response.read() == newer

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,19 +38,21 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from datastore.config import Settings
 from datastore.handlers.directory import DirectoryHandler
 from datastore.security.certs import CertificateDirectory, Issued, issue, make_ca, make_crl, make_name, now
+from datastore.security.identity import IdentityKind
 from datastore.security.tls import CrlReloader, server_context
 from datastore.server import HTTPSTransferServer
 
 from .fakes import RecordingHandler
-from .harness import ini_manifest, json_manifest, parse_legacy_reply
+from .harness import OPEN_POLICY, OPEN_STORE_ENV, ini_manifest, json_manifest, make_settings, parse_legacy_reply
 
 PREFIX = "files"  # a RecordingHandler
 SHELF = "shelf"  # a DirectoryHandler (it can delete)
 ORG, UNIT, COUNTRY = "Lab", "Physics", "NZ"
-CA_DN = "/O=Lab/CN=Lab CA"
+#: Issuer and subjects as identities compare them (RFC 4514), and Ada's as legacy handlers read it.
+CA_SUBJECT = "CN=Lab CA,O=Lab"
+ADA_SUBJECT = "CN=ada,OU=Physics,O=Lab,C=NZ"
 ADA_DN = "/C=NZ/O=Lab/OU=Physics/CN=ada"
 BOB_DN = "/C=NZ/O=Lab/OU=Physics/CN=bob"
 DAY = datetime.timedelta(days=1)
@@ -263,7 +265,7 @@ def build_store(pki: Pki, base: Path, plain: bool, settings: Mapping[str, Any]) 
     root, state = base / "root", base / "state"
     context = server_context(pki.certs.path("server", "pem"), pki.certs.path("server", "key"), [pki.ca_pem], pki.crl)
     server = HTTPSTransferServer(
-        Settings(root=root, state_dir=state, host="127.0.0.1", port=0, **settings),
+        make_settings(root, state, host="127.0.0.1", **settings),
         context,
         plain_port=0 if plain else None,
         crl=CrlReloader(context, pki.crl),
@@ -366,10 +368,25 @@ async def test_handler_sees_the_certificate_identity_on_every_callback(store: Tl
         "get_download_filename",
     ]
     seen = {
-        (identity.dn, identity.authenticated, identity.issuer, identity.fingerprint, int(identity.serial or "", 16))
+        (
+            identity.kind,
+            identity.subject,
+            identity.dn,
+            identity.issuer,
+            identity.fingerprint,
+            int(identity.serial or "", 16),
+        )
         for identity in store.handler.identities
     }
-    assert seen == {(ADA_DN, True, CA_DN, ada.fingerprint, ada.certificate.serial_number)}
+    expected = (
+        IdentityKind.CERTIFICATE,
+        ADA_SUBJECT,
+        ADA_DN,
+        CA_SUBJECT,
+        ada.fingerprint,
+        ada.certificate.serial_number,
+    )
+    assert seen == {expected}
 
 
 async def test_catalogue_records_the_certificate_dn_as_owner(store: TlsStore, ada: ClientCert) -> None:
@@ -623,12 +640,29 @@ async def test_owner_can_delete_own_file(store: TlsStore, ada: ClientCert) -> No
 # -- TLS and plain HTTP in one process ---------------------------------------------------------
 
 
-async def test_file_uploaded_over_tls_is_listed_over_plain_http(start_store: StartStore, ada: ClientCert) -> None:
+async def test_file_uploaded_over_tls_is_neither_listed_nor_served_over_plain_http(
+    start_store: StartStore, ada: ClientCert
+) -> None:
     store = await start_store(plain=True)
     assert (store.url.split(":")[0], store.plain_url.split(":")[0]) == ("https", "http")
     await store.upload(ada, "a.dat", b"data")
+    assert (await store.plain("GET", f"/{PREFIX}/")).json()["files"] == []
+    refused = await store.plain("GET", f"/{PREFIX}/a.dat")
+    assert (refused.status, refused.body) == (
+        403,
+        b"Not authorized: this file was uploaded over TLS and is served over TLS only\n",
+    )
+    listing = (await store.request(ada, "GET", f"/{PREFIX}/", headers={"Accept": "application/json"})).json()
+    assert [(f["name"], f["owner"], f["yours"]) for f in listing["files"]] == [("a.dat", ADA_DN, True)]
+
+
+async def test_a_prefix_may_serve_tls_uploads_over_plain_http_too(start_store: StartStore, ada: ClientCert) -> None:
+    store = await start_store(plain=True, policy=replace(OPEN_POLICY, tls_only=False, show_owners=True))
+    await store.upload(ada, "a.dat", b"data")
     listing = (await store.plain("GET", f"/{PREFIX}/")).json()
     assert [(f["name"], f["owner"], f["owner_authenticated"]) for f in listing["files"]] == [("a.dat", ADA_DN, True)]
+    served = await store.plain("GET", f"/{PREFIX}/a.dat")
+    assert (served.status, served.body) == (200, b"data")
 
 
 @pytest.mark.parametrize(
@@ -728,6 +762,7 @@ async def serve(tmp_path: Path) -> AsyncIterator[Serve]:
             *args,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, **OPEN_STORE_ENV},
         )
         served = Served(process)
         started.append(served)

@@ -37,6 +37,7 @@ from .conftest import MakeStore
 from .fakes import RecordingHandler
 from .harness import Store, json_manifest, md5_hex, sha256_hex
 
+ADA = "/O=Lab/CN=Ada"
 #: Upper bound on anything a test awaits from the server.
 WAIT = 10.0
 
@@ -669,11 +670,11 @@ async def test_overwriting_handler_replaces_the_published_file(make_store: MakeS
         tmp_path / "root" / "files", catalogue=tmp_path / "state" / "cat.sqlite3", overwrite=True
     )
     store = await make_store(handler)
-    key = await store.register([("report.txt", b"version 1")])
-    assert await store.put(key, 0, b"version 1") == (200, "File transfer OK")
+    key = await store.register([("report.txt", b"version 1")], identity=ADA)
+    assert await store.put(key, 0, b"version 1", identity=ADA) == (200, "File transfer OK")
 
-    key = await store.register([("report.txt", b"version 2, longer")])
-    assert await store.put(key, 0, b"version 2, longer") == (200, "File transfer OK")
+    key = await store.register([("report.txt", b"version 2, longer")], identity=ADA)
+    assert await store.put(key, 0, b"version 2, longer", identity=ADA) == (200, "File transfer OK")
 
     assert await download(store, "report.txt") == (200, b"version 2, longer")
     listing = await (await store.client.get("/files/")).json()

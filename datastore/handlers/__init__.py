@@ -2,6 +2,7 @@
 
 from .directory import DirectoryHandler
 from .interface import (
+    CanAuthorize,
     CanClose,
     CanDelete,
     CanDescribe,
@@ -16,6 +17,7 @@ from .interface import (
 from .legacy import LegacyHandler, LegacyHandlerAdapter
 
 __all__ = [
+    "CanAuthorize",
     "CanClose",
     "CanDelete",
     "CanDescribe",

@@ -38,7 +38,7 @@ from pathlib import Path
 from ..db import Database
 from ..errors import FileNotFound, InvalidName, NotAuthorized
 from ..names import contained_path, fold_name
-from ..security.identity import Identity
+from ..security.identity import Identity, IdentityKind
 from .interface import Download, FileInfo, StoredFile
 
 #: Files up to this size are read into memory and answered from there.
@@ -53,16 +53,34 @@ CREATE TABLE IF NOT EXISTS files (
     sha256 TEXT NOT NULL,
     owner TEXT,
     owner_authenticated INTEGER NOT NULL DEFAULT 0,
-    uploaded_at REAL NOT NULL
+    uploaded_at REAL NOT NULL,
+    -- The uploader's principal (Identity.principal; NULL: anonymous, nobody owns it),
+    -- and whether the file came over TLS.
+    owner_id TEXT,
+    tls INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS pending (
     name TEXT PRIMARY KEY,
     fold TEXT NOT NULL UNIQUE,
     size INTEGER NOT NULL,
+    -- Not written since owners are kept once per transfer (in the transfer registry).
     owner TEXT,
     reserved_at REAL NOT NULL
 );
 """
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Catalogues from before principals: an unauthenticated owner was an X-Client-DN; a certificate's
+    subject was kept in a form that cannot be compared safely, so its files are left to administrators."""
+    if "owner_id" in {row["name"] for row in db.execute("PRAGMA table_info(files)")}:
+        return
+    db.execute("ALTER TABLE files ADD COLUMN owner_id TEXT")
+    db.execute("ALTER TABLE files ADD COLUMN tls INTEGER NOT NULL DEFAULT 0")
+    db.execute(
+        "UPDATE files SET owner_id = json_array('asserted', owner) WHERE owner IS NOT NULL AND owner_authenticated = 0"
+    )
+    db.execute("UPDATE files SET tls = owner_authenticated")
 
 
 class DirectoryHandler:
@@ -78,7 +96,7 @@ class DirectoryHandler:
         if catalogue is None:
             catalogue = self.directory.parent / ".datastore" / "catalogue" / f"{self.directory.name}.sqlite3"
         self.overwrite = overwrite
-        self._db = Database(Path(catalogue), _SCHEMA)
+        self._db = Database(Path(catalogue), _SCHEMA, _migrate)
         #: Seconds a remembered catalogue record is trusted before it is read again.
         self.catalogue_ttl = 1.0
         #: A file is remembered only when its ctime is at least this old (ns).
@@ -101,12 +119,10 @@ class DirectoryHandler:
         return not await self._refused(identity, [file], reserve=False)
 
     async def add_pending_upload(self, identity: Identity, file: FileInfo) -> None:
-        row = (file.name, fold_name(file.name), file.size, identity.dn, time.time())
+        row = (file.name, fold_name(file.name), file.size, time.time())
         try:
             await self._db.run(
-                lambda db: db.execute(
-                    "INSERT INTO pending (name, fold, size, owner, reserved_at) VALUES (?, ?, ?, ?, ?)", row
-                )
+                lambda db: db.execute("INSERT INTO pending (name, fold, size, reserved_at) VALUES (?, ?, ?, ?)", row)
             )
         except sqlite3.IntegrityError:
             # Another worker process reserved the name since can_upload said yes.
@@ -151,13 +167,16 @@ class DirectoryHandler:
                 if file.name in on_disk or db.execute("SELECT 1 FROM pending WHERE fold = ?", (fold,)).fetchone():
                     refused.append(file.name)
                     continue
-                row = db.execute("SELECT name FROM files WHERE fold = ?", (fold,)).fetchone()
-                if row is not None and not (self.overwrite and row["name"] == file.name):
+                row = db.execute("SELECT name, owner_id FROM files WHERE fold = ?", (fold,)).fetchone()
+                # Only its owner (or an administrator) may replace a file.
+                if row is not None and not (
+                    self.overwrite and row["name"] == file.name and identity.may_manage(row["owner_id"])
+                ):
                     refused.append(file.name)
             if reserve and not refused:
                 db.executemany(
-                    "INSERT INTO pending (name, fold, size, owner, reserved_at) VALUES (?, ?, ?, ?, ?)",
-                    [(f.name, fold_name(f.name), f.size, identity.dn, now) for f in files],
+                    "INSERT INTO pending (name, fold, size, reserved_at) VALUES (?, ?, ?, ?)",
+                    [(f.name, fold_name(f.name), f.size, now) for f in files],
                 )
             return refused
 
@@ -183,14 +202,16 @@ class DirectoryHandler:
             identity.dn,
             int(identity.authenticated),
             time.time(),
+            identity.principal,
+            int(identity.kind is IdentityKind.CERTIFICATE),
         )
 
         def record(db: sqlite3.Connection) -> None:
             db.execute("DELETE FROM pending WHERE name = ?", (file.name,))
             db.execute("DELETE FROM files WHERE name = ?", (file.name,))
             db.execute(
-                "INSERT INTO files (name, fold, size, md5, sha256, owner, owner_authenticated, uploaded_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO files (name, fold, size, md5, sha256, owner, owner_authenticated, uploaded_at,"
+                " owner_id, tls) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 row,
             )
 
@@ -298,9 +319,10 @@ class DirectoryHandler:
         stored = await self.describe_file(identity, name)
         if stored is None:
             raise FileNotFound()
-        # An identity asserted over plain HTTP never matches one a certificate proved.
-        if (stored.owner, stored.owner_authenticated) != (identity.dn, identity.authenticated):
-            raise NotAuthorized("only the owner may delete a file")
+        # Identities are compared by kind, subject and issuer: a DN asserted over plain HTTP
+        # never matches one a certificate proved, and an anonymous upload belongs to nobody.
+        if not identity.may_manage(stored.owner_id):
+            raise NotAuthorized("only the owner (or an administrator) may delete a file")
         path = await asyncio.to_thread(contained_path, self.directory, name)
         await self._db.run(lambda db: db.execute("DELETE FROM files WHERE name = ?", (name,)))
         self._forget(name)
@@ -390,6 +412,8 @@ def _stored(row: sqlite3.Row) -> StoredFile:
         owner=row["owner"],
         uploaded_at=row["uploaded_at"],
         owner_authenticated=bool(row["owner_authenticated"]),
+        owner_id=row["owner_id"],
+        tls=bool(row["tls"]),
     )
 
 

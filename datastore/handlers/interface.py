@@ -54,8 +54,13 @@ class FileInfo:
 class StoredFile:
     """A published file as a catalogue records it.
 
-    ``owner`` is the uploader's DN (``None`` if anonymous);
-    ``owner_authenticated`` says whether a certificate proved it.
+    ``owner_id`` is the uploader as :attr:`Identity.principal
+    <datastore.security.identity.Identity.principal>` stores it (``None``
+    if anonymous: then nobody owns the file, and only an administrator may
+    delete it); ``owner`` is the uploader's name for display (``identity.dn``)
+    and ``owner_authenticated`` whether a certificate or a token proved it.
+    ``tls`` says the file came over TLS (a prefix's policy may then keep it
+    off plain HTTP).
     """
 
     name: str
@@ -65,6 +70,8 @@ class StoredFile:
     owner: str | None
     uploaded_at: float
     owner_authenticated: bool = False
+    owner_id: str | None = None
+    tls: bool = False
 
 
 @dataclass(frozen=True, slots=True, eq=False, weakref_slot=True)
@@ -189,6 +196,19 @@ class CanDelete(Protocol):
 
     async def delete_file(self, identity: Identity, name: str) -> None:
         """Remove ``name``. Raise FileNotFound (404) or NotAuthorized (403)."""
+
+
+@runtime_checkable
+class CanAuthorize(Protocol):
+    """Capability: the handler decides, beyond the prefix's policy, what an identity may do.
+
+    Asked after the policy allowed the request, for ``action`` ``list``,
+    ``read``, ``upload`` or ``delete`` (``name`` is the file, or ``None``
+    for a listing or a whole manifest); false refuses it (403).
+    """
+
+    async def authorize(self, identity: Identity, action: str, name: str | None) -> bool:
+        """Whether ``identity`` may do ``action`` (on ``name``)."""
 
 
 @runtime_checkable
