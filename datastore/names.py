@@ -2,11 +2,19 @@
 reaches the filesystem.
 
 Names in a store are flat: one path segment, portable to every filesystem
-a store may be copied to. ``validate_name`` enforces that (and normalises to
-Unicode NFC, so two names that look the same are the same); ``fold_name``
-gives the key under which names collide on case-insensitive filesystems;
-``contained_path`` joins a validated name to a directory and proves, after
-resolving links, that the result is still a direct child of it.
+a store may be copied to, and shown to people as what it is. ``validate_name``
+enforces that (and normalises to Unicode NFC, so two names that look the same
+are the same): it refuses the reserved characters ``/\\:*?"<>|`` and their
+look-alikes, characters that are invisible or break lines, names that are
+hidden, end in a dot or space, or are Windows device names, including once
+compatibility characters are folded (NFKC, which reads a fullwidth ``CON`` as ``CON``).
+``fold_name`` gives the key under which names collide on case-insensitive
+filesystems; ``contained_path`` joins a validated name to a directory and
+proves, after resolving links, that the result is still a direct child of it.
+
+Character classes come from the ``unicodedata`` of the running Python (Unicode
+14.0 for Python 3.11), so a code point assigned in a later Unicode is refused
+as unassigned until the server runs on a Python that knows it.
 
 Pure apart from ``contained_path``, which resolves symlinks and so reads the
 filesystem (call it from a worker thread).
@@ -27,29 +35,101 @@ MAX_NAME_BYTES = 255
 # be copied to (Windows forbids all of these in file names).
 _FORBIDDEN_CHARS = frozenset('/\\:*?"<>|')
 
-# Device names Windows reserves with any extension ("CON", "nul.txt", "COM1.log").
-_WINDOWS_DEVICE = re.compile(r"^(CON|PRN|AUX|NUL|COM[0-9¹²³]|LPT[0-9¹²³])(\..*)?$", re.IGNORECASE)
+# Look-alikes of the reserved characters that NFKC leaves as they are (those it
+# folds, such as U+FF0F FULLWIDTH SOLIDUS or U+FE68 SMALL REVERSE SOLIDUS, are
+# refused by folding each character). All are in Unicode's confusables.txt
+# (UTS #39) as confusable with the reserved character, and all are symbols or
+# modifiers drawn like it, with no use in a file name but to pass for it.
+# confusables.txt maps more, deliberately not refused here: letters and marks
+# of living scripts (KATAKANA LETTER NO and CJK U+4E3F as "/", the Devanagari
+# and Gujarati visarga as ":", the glottal stop letters as "?", Canadian
+# syllabics as "<" ">") and everyday punctuation (curly quotes and primes as
+# '"', single guillemets as "<" ">"): refusing those would refuse real words.
+_LOOK_ALIKES: dict[str, str] = {
+    "\u2044": "/",  # FRACTION SLASH
+    "\u2215": "/",  # DIVISION SLASH
+    "\u29f8": "/",  # BIG SOLIDUS
+    "\u2216": "\\",  # SET MINUS
+    "\u29f5": "\\",  # REVERSE SOLIDUS OPERATOR
+    "\u29f9": "\\",  # BIG REVERSE SOLIDUS
+    "\u02d0": ":",  # MODIFIER LETTER TRIANGULAR COLON
+    "\u02f8": ":",  # MODIFIER LETTER RAISED COLON
+    "\u0589": ":",  # ARMENIAN FULL STOP
+    "\u05c3": ":",  # HEBREW PUNCTUATION SOF PASUQ
+    "\u2236": ":",  # RATIO
+    "\ua789": ":",  # MODIFIER LETTER COLON
+    "\u2217": "*",  # ASTERISK OPERATOR
+    "\u02c2": "<",  # MODIFIER LETTER LEFT ARROWHEAD
+    "\u02c3": ">",  # MODIFIER LETTER RIGHT ARROWHEAD
+    "\u2223": "|",  # DIVIDES
+}
 
-# Bidirectional overrides and isolates make a name display differently from
-# what it is ("gpj.exe" shown as "exe.jpg"); zero-width characters hide in it.
-_INVISIBLE = frozenset(
-    "\u061c\u180e\u200b\u200c\u200d\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
-    "\u2060\u2061\u2062\u2063\u2064\u2066\u2067\u2068\u2069\ufeff"
+# General categories refused wherever they occur, each with the words that name
+# the rule ("{}" is the code point): controls, format characters (zero-width
+# characters, the bidirectional controls that make "gpj.exe" display as
+# "exe.jpg", the soft hyphen, tags...), surrogates, private-use and unassigned
+# code points (no one can tell what they show), line and paragraph separators,
+# and every space but U+0020.
+_REFUSED_CATEGORIES = {
+    "Cc": "the control character {}",
+    "Cf": "the invisible format character {}",
+    "Cs": "the surrogate {}",
+    "Co": "the private-use character {}",
+    "Cn": "the unassigned code point {}",
+    "Zl": "the line separator {}",
+    "Zp": "the paragraph separator {}",
+    "Zs": "{}, a space other than U+0020",
+}
+
+# Default_Ignorable_Code_Point, as Unicode's DerivedCoreProperties.txt lists it
+# (Unicode 14.0; 4,174 code points): characters a renderer shows as nothing
+# when it has no glyph for them, so they hide in a name. Most are format (Cf)
+# or unassigned (Cn) and refused as such; the others are letters and marks
+# that display as blank: COMBINING GRAPHEME JOINER, the Hangul fillers, the
+# Khmer inherent vowels, the Mongolian free variation selectors and the
+# variation selectors. The whole list is kept, so that a later Unicode that
+# assigns one of its reserved code points (they stay ignorable) changes nothing.
+_DEFAULT_IGNORABLE_RANGES = (
+    (0x00AD, 0x00AD),  # SOFT HYPHEN (Cf)
+    (0x034F, 0x034F),  # COMBINING GRAPHEME JOINER (Mn)
+    (0x061C, 0x061C),  # ARABIC LETTER MARK (Cf)
+    (0x115F, 0x1160),  # HANGUL CHOSEONG FILLER, HANGUL JUNGSEONG FILLER (Lo)
+    (0x17B4, 0x17B5),  # KHMER VOWEL INHERENT AQ, AA (Mn)
+    (0x180B, 0x180F),  # MONGOLIAN FREE VARIATION SELECTORS (Mn), VOWEL SEPARATOR (Cf)
+    (0x200B, 0x200F),  # ZERO WIDTH SPACE .. RIGHT-TO-LEFT MARK (Cf)
+    (0x202A, 0x202E),  # LEFT-TO-RIGHT EMBEDDING .. RIGHT-TO-LEFT OVERRIDE (Cf)
+    (0x2060, 0x206F),  # WORD JOINER .. NOMINAL DIGIT SHAPES (Cf; U+2065 Cn)
+    (0x3164, 0x3164),  # HANGUL FILLER (Lo)
+    (0xFE00, 0xFE0F),  # VARIATION SELECTOR-1 .. 16 (Mn)
+    (0xFEFF, 0xFEFF),  # ZERO WIDTH NO-BREAK SPACE, the byte order mark (Cf)
+    (0xFFA0, 0xFFA0),  # HALFWIDTH HANGUL FILLER (Lo)
+    (0xFFF0, 0xFFF8),  # reserved (Cn)
+    (0x1BCA0, 0x1BCA3),  # SHORTHAND FORMAT LETTER OVERLAP .. UP STEP (Cf)
+    (0x1D173, 0x1D17A),  # MUSICAL SYMBOL BEGIN BEAM .. END PHRASE (Cf)
+    (0xE0000, 0xE0FFF),  # tags (Cf), VARIATION SELECTOR-17 .. 256 (Mn), reserved (Cn)
 )
+_DEFAULT_IGNORABLE = frozenset(chr(cp) for low, high in _DEFAULT_IGNORABLE_RANGES for cp in range(low, high + 1))
 
-# Control (Cc), surrogate (Cs) and line or paragraph separator (Zl, Zp)
-# characters: each breaks a line somewhere or cannot be stored.
-_CONTROL_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+# Device names Windows reserves with any extension, also when spaces stand
+# before it ("CON", "nul.txt", "COM1.log", "CON .txt", "CONIN$").
+_WINDOWS_DEVICE = re.compile(
+    r"(CON|PRN|AUX|NUL|COM[0-9¹²³]|LPT[0-9¹²³]|CONIN\$|CONOUT\$|CLOCK\$) *(?:\..*)?",
+    re.IGNORECASE | re.DOTALL,
+)
 
 
 def validate_name(name: object) -> str:
     """Return ``name`` in NFC form if it is an acceptable flat file name.
 
-    Raises :class:`InvalidName` (400) saying which rule the name breaks:
-    empty, too long, a path separator or reserved character, a control or
-    invisible character, a leading dot (hidden and reserved names such as
-    ``.datastore``), ``.``/``..``, leading or trailing whitespace, a trailing
-    dot, or a Windows device name.
+    Raises :class:`InvalidName` (400) saying which rule the name breaks, and
+    for a character rule which code point (``U+XXXX``): empty, too long, a
+    reserved character ``/\\:*?"<>|`` or a look-alike of one, a control,
+    format, surrogate, private-use or unassigned code point, a line or
+    paragraph separator, a space other than U+0020, another default-ignorable
+    code point, a leading dot (hidden and reserved names such as
+    ``.datastore``; ``.`` and ``..``), a leading or trailing space, a trailing
+    dot, or a Windows device name. The dot and device rules hold for the NFKC
+    form too, which is only checked, never stored.
     """
     if not isinstance(name, str):
         raise InvalidName("name must be a string")
@@ -59,20 +139,55 @@ def validate_name(name: object) -> str:
     if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
         raise InvalidName(f"name is longer than {MAX_NAME_BYTES} bytes")
     for char in name:
-        if char in _FORBIDDEN_CHARS:
-            raise InvalidName(f"name contains the reserved character {char!r}")
-        category = unicodedata.category(char)
-        if category in _CONTROL_CATEGORIES or char in _INVISIBLE:
-            raise InvalidName(f"name contains the control character U+{ord(char):04X}")
-    if name.startswith("."):
-        raise InvalidName("name starts with a dot")
+        _check_character(char)
     if name != name.strip():
-        raise InvalidName("name starts or ends with whitespace")
-    if name.endswith("."):
-        raise InvalidName("name ends with a dot")
-    if _WINDOWS_DEVICE.match(name):
-        raise InvalidName("name is a reserved device name")
+        raise InvalidName("name starts or ends with a space (U+0020)")
+    broken = _broken_dot_or_device_rule(name)
+    if broken is not None:
+        raise InvalidName(broken[0])
+    broken = _broken_dot_or_device_rule(unicodedata.normalize("NFKC", name))
+    if broken is not None:
+        rule, at_end = broken
+        # The name keeps the rule, so a character folded by NFKC broke it:
+        # the first or last one, by which end of the name the rule looks at.
+        folded = next(char for char in (name[::-1] if at_end else name) if unicodedata.normalize("NFKC", char) != char)
+        raise InvalidName(f"{rule} once {_code_point(folded)} is read in its compatibility form (NFKC)")
     return name
+
+
+def _check_character(char: str) -> None:
+    """Raise :class:`InvalidName` if ``char`` may not stand anywhere in a name."""
+    if char in _FORBIDDEN_CHARS:
+        raise InvalidName(f"name contains the reserved character {char!r} ({_code_point(char)})")
+    rule = _REFUSED_CATEGORIES.get(unicodedata.category(char))
+    if rule is not None and char != " ":
+        raise InvalidName("name contains " + rule.format(_code_point(char)))
+    if char in _DEFAULT_IGNORABLE:
+        raise InvalidName(f"name contains the invisible (default-ignorable) character {_code_point(char)}")
+    reserved = _LOOK_ALIKES.get(char) or next(
+        (folded for folded in unicodedata.normalize("NFKC", char) if folded in _FORBIDDEN_CHARS), None
+    )
+    if reserved is not None:
+        raise InvalidName(f"name contains {_code_point(char)}, a look-alike of the reserved character {reserved!r}")
+
+
+def _broken_dot_or_device_rule(name: str) -> tuple[str, bool] | None:
+    """The dot or device rule ``name`` breaks, if any, and whether at its end (else at its start)."""
+    if name.startswith("."):
+        return "name starts with a dot", False
+    if name.endswith("."):
+        return "name ends with a dot", True
+    device = _WINDOWS_DEVICE.fullmatch(name)
+    if device:
+        # Named in ASCII (COM¹ as COM1), as the reason phrase carries only ASCII.
+        return f"name is the Windows device name {unicodedata.normalize('NFKC', device.group(1)).upper()}", False
+    return None
+
+
+def _code_point(char: str) -> str:
+    """``U+XXXX`` and the character's Unicode name, when it has one."""
+    label = unicodedata.name(char, "")
+    return f"U+{ord(char):04X} {label}" if label else f"U+{ord(char):04X}"
 
 
 def fold_name(name: str) -> str:

@@ -3,9 +3,11 @@ good names that must survive a round trip, and download URLs that try to
 reach outside the served folder.
 
 Every bad name is tried three ways: ``validate_name`` directly, in a JSON
-manifest and in an INI manifest (when ConfigParser can carry it unchanged).
-After each attempt the whole test directory, apart from the store's own
-state directory, must be exactly as it was. Download URLs that try to leave
+manifest and in an INI manifest (when ConfigParser can carry it unchanged);
+the invisible, look-alike and device names of the Unicode table two ways,
+``validate_name`` (whose message must name the code point or device) and a
+JSON manifest. After each attempt the whole test directory, apart from the
+store's own state directory, must be exactly as it was. Download URLs that try to leave
 the served folder go over a raw socket, so no client normalises them first,
 and a secret planted just outside the folder must never come back.
 """
@@ -119,6 +121,165 @@ GOOD_NAMES = [
     pytest.param("com10.txt", id="com10-not-device"),
     pytest.param("x" * MAX_NAME_BYTES, id="255-bytes"),
     pytest.param("é" * 127 + "a", id="255-bytes-utf8"),
+    # Other scripts, including letters confusables.txt likens to a reserved
+    # character (KATAKANA LETTER NO to "/"): only symbols are look-alikes.
+    pytest.param("Ελληνικά και русский.txt", id="greek-cyrillic"),
+    pytest.param("한국어 문서.txt", id="hangul-syllables"),
+    pytest.param("עברית.txt", id="hebrew"),
+    pytest.param("العربية.txt", id="arabic"),
+    pytest.param("हिन्दी.txt", id="devanagari-virama"),
+    pytest.param("ノート.txt", id="katakana-no-not-a-slash"),
+    # Emoji of one code point, with a skin-tone modifier, or a flag of two
+    # regional indicators. (Emoji joined by ZERO WIDTH JOINER U+200D, tag
+    # flags and emoji with VARIATION SELECTOR-16 are refused: UNICODE_BAD_NAMES.)
+    pytest.param("👍🏽 ok.txt", id="emoji-skin-tone"),
+    pytest.param("🇫🇷 trip.txt", id="emoji-regional-indicator-flag"),
+    # Punctuation that is not a look-alike of a reserved character.
+    pytest.param("“quoted” \u2039and\u203a «more».txt", id="curly-quotes-and-guillemets"),
+    pytest.param("a\u2013b — c.txt", id="dashes"),
+    pytest.param("to be continued….txt", id="ellipsis-inside"),
+    # Names whose NFKC form differs, but breaks no rule: kept as they are.
+    pytest.param("½ report.txt", id="vulgar-fraction"),
+    pytest.param("ﬁle.txt", id="fi-ligature"),
+    pytest.param("x² + y².txt", id="superscripts"),
+    pytest.param("\uff21\uff22\uff23.txt", id="fullwidth-letters"),
+    pytest.param("ｶﾀｶﾅ.txt", id="halfwidth-katakana"),
+    # Close to a device name, but not one.
+    pytest.param("CONIN.txt", id="conin-without-dollar"),
+    pytest.param("clock.txt", id="clock-without-dollar"),
+    pytest.param("con-notes.txt", id="device-then-dash"),
+]
+
+# Names refused for an invisible character, a look-alike of a reserved
+# character, a dot or device name in the NFKC form, or a device name beyond
+# CON..LPT9, each with what the refusal must name (the code point, or the
+# device). ZERO WIDTH JOINER U+200D is invisible (a format character), so emoji
+# joined by it are refused, as they were before.
+UNICODE_BAD_NAMES = [
+    # Format characters (Cf).
+    pytest.param("a\u00adb", "U+00AD", id="soft-hyphen"),
+    pytest.param("a\u200cb", "U+200C", id="zero-width-non-joiner"),
+    pytest.param("family \U0001f468\u200d\U0001f469\u200d\U0001f467.txt", "U+200D", id="emoji-zwj-sequence"),
+    pytest.param("a\u2066b\u2069", "U+2066", id="left-to-right-isolate"),
+    pytest.param("a\u2064b", "U+2064", id="invisible-plus"),
+    pytest.param("a\u206ab", "U+206A", id="inhibit-symmetric-swapping"),
+    pytest.param("a\u180eb", "U+180E", id="mongolian-vowel-separator"),
+    pytest.param("a\ufff9b\ufffbc", "U+FFF9", id="interlinear-annotation"),
+    pytest.param("a\U0001d173b", "U+1D173", id="musical-begin-beam"),
+    pytest.param("a\U000e0001b", "U+E0001", id="language-tag"),
+    pytest.param(
+        "\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f.txt",
+        "U+E0067",
+        id="emoji-tag-flag",
+    ),
+    # Private-use and unassigned code points.
+    pytest.param("a\ue000b", "U+E000", id="private-use"),
+    pytest.param("a\U000f0000b", "U+F0000", id="supplementary-private-use"),
+    pytest.param("a\u0378b", "U+0378", id="unassigned"),
+    pytest.param("a\U000e0080b", "U+E0080", id="unassigned-default-ignorable"),
+    # Spaces other than U+0020, wherever they stand.
+    pytest.param("a\u00a0b", "U+00A0", id="no-break-space-inside"),
+    pytest.param("a\u2002b", "U+2002", id="en-space"),
+    pytest.param("a\u2003b", "U+2003", id="em-space"),
+    pytest.param("a\u202fb", "U+202F", id="narrow-no-break-space"),
+    pytest.param("a\u3000b", "U+3000", id="ideographic-space-inside"),
+    pytest.param("a\u1680b", "U+1680", id="ogham-space-mark"),
+    # Default-ignorable letters and marks that display as nothing.
+    pytest.param("a\u034fb", "U+034F", id="combining-grapheme-joiner"),
+    pytest.param("\u115f.txt", "U+115F", id="hangul-choseong-filler"),
+    pytest.param("a\u1160b", "U+1160", id="hangul-jungseong-filler"),
+    pytest.param("\u3164", "U+3164", id="hangul-filler-alone"),
+    pytest.param("a\uffa0b", "U+FFA0", id="halfwidth-hangul-filler"),
+    pytest.param("a\u17b4b", "U+17B4", id="khmer-vowel-inherent-aq"),
+    pytest.param("a\u17b5b", "U+17B5", id="khmer-vowel-inherent-aa"),
+    pytest.param("a\u180bb", "U+180B", id="mongolian-free-variation-selector"),
+    pytest.param("a\ufe00b", "U+FE00", id="variation-selector-1"),
+    pytest.param("\u2764\ufe0f.txt", "U+FE0F", id="emoji-variation-selector-16"),
+    pytest.param("a\U000e0100b", "U+E0100", id="variation-selector-17"),
+    # Look-alikes that NFKC folds to a reserved character.
+    pytest.param("..\uff0fx", "U+FF0F", id="fullwidth-solidus"),
+    pytest.param("a\uff3cb", "U+FF3C", id="fullwidth-reverse-solidus"),
+    pytest.param("a\ufe68b", "U+FE68", id="small-reverse-solidus"),
+    pytest.param("C\uff1ax", "U+FF1A", id="fullwidth-colon"),
+    pytest.param("a\ufe55b", "U+FE55", id="small-colon"),
+    pytest.param("a\uff0ab", "U+FF0A", id="fullwidth-asterisk"),
+    pytest.param("a\uff1fb", "U+FF1F", id="fullwidth-question-mark"),
+    pytest.param("\uff02q\uff02", "U+FF02", id="fullwidth-quotation-marks"),
+    pytest.param("\uff1cx\uff1e", "U+FF1C", id="fullwidth-angle-brackets"),
+    pytest.param("a\uff5cb", "U+FF5C", id="fullwidth-vertical-line"),
+    pytest.param("a\u2105b", "U+2105", id="care-of-holds-a-solidus"),
+    # Look-alikes that NFKC leaves alone.
+    pytest.param("..\u2215x", "U+2215", id="division-slash"),
+    pytest.param("1\u20442", "U+2044", id="fraction-slash"),
+    pytest.param("a\u29f8b", "U+29F8", id="big-solidus"),
+    pytest.param("a\u2216b", "U+2216", id="set-minus"),
+    pytest.param("a\u29f5b", "U+29F5", id="reverse-solidus-operator"),
+    pytest.param("a\u29f9b", "U+29F9", id="big-reverse-solidus"),
+    pytest.param("C\u2236x", "U+2236", id="ratio"),
+    pytest.param("C\ua789x", "U+A789", id="modifier-letter-colon"),
+    pytest.param("C\u02f8x", "U+02F8", id="modifier-letter-raised-colon"),
+    pytest.param("C\u02d0x", "U+02D0", id="modifier-letter-triangular-colon"),
+    pytest.param("C\u0589x", "U+0589", id="armenian-full-stop"),
+    pytest.param("C\u05c3x", "U+05C3", id="hebrew-sof-pasuq"),
+    pytest.param("a\u2217b", "U+2217", id="asterisk-operator"),
+    pytest.param("\u02c2x\u02c3", "U+02C2", id="modifier-letter-arrowheads"),
+    pytest.param("a\u2223b", "U+2223", id="divides"),
+    # The dot rules, for the NFKC form.
+    pytest.param("\u2024\u2024", "U+2024", id="one-dot-leaders-as-dotdot"),
+    pytest.param("\u2025", "U+2025", id="two-dot-leader"),
+    pytest.param("\uff0edatastore", "U+FF0E", id="fullwidth-full-stop-leading"),
+    pytest.param("\u2026draft.txt", "U+2026", id="leading-ellipsis"),
+    pytest.param("draft\u2026", "U+2026", id="trailing-ellipsis"),
+    pytest.param("a\ufe52", "U+FE52", id="small-full-stop-trailing"),
+    # The device rule, for the NFKC form.
+    pytest.param("\uff23\uff2f\uff2e", "CON", id="fullwidth-con"),
+    pytest.param("\uff4c\uff50\uff54\uff11.log", "LPT1", id="fullwidth-lpt1"),
+    pytest.param("nul\uff0etxt", "NUL", id="device-fullwidth-full-stop"),
+    # The remaining Windows device names.
+    pytest.param("CONIN$", "CONIN$", id="device-conin"),
+    pytest.param("conout$.txt", "CONOUT$", id="device-conout-extension"),
+    pytest.param("Clock$", "CLOCK$", id="device-clock-mixed-case"),
+    pytest.param("clock$.tar.gz", "CLOCK$", id="device-clock-two-extensions"),
+    pytest.param("CON .txt", "CON", id="device-space-before-extension"),
+    pytest.param("nul   .tar.gz", "NUL", id="device-spaces-before-extensions"),
+    pytest.param("com1  .log", "COM1", id="device-com1-spaces"),
+    pytest.param("LPT\u00b2 .txt", "LPT2", id="device-lpt-superscript-space"),
+]
+
+# One refusal of each kind, word for word: the rule, then the code point.
+REFUSAL_MESSAGES = [
+    pytest.param("a/b", "name contains the reserved character '/' (U+002F SOLIDUS)", id="reserved"),
+    pytest.param("a\x1bb", "name contains the control character U+001B", id="control"),
+    pytest.param("a\u200bb", "name contains the invisible format character U+200B ZERO WIDTH SPACE", id="format"),
+    pytest.param("a\ue000b", "name contains the private-use character U+E000", id="private-use"),
+    pytest.param("a\u0378b", "name contains the unassigned code point U+0378", id="unassigned"),
+    pytest.param("a\u2028b", "name contains the line separator U+2028 LINE SEPARATOR", id="line-separator"),
+    pytest.param("a\u00a0b", "name contains U+00A0 NO-BREAK SPACE, a space other than U+0020", id="space"),
+    pytest.param(
+        "\u3164", "name contains the invisible (default-ignorable) character U+3164 HANGUL FILLER", id="ignorable"
+    ),
+    pytest.param(
+        "a\uff0fb",
+        "name contains U+FF0F FULLWIDTH SOLIDUS, a look-alike of the reserved character '/'",
+        id="look-alike-folded",
+    ),
+    pytest.param(
+        "a\u2215b",
+        "name contains U+2215 DIVISION SLASH, a look-alike of the reserved character '/'",
+        id="look-alike",
+    ),
+    pytest.param(
+        "\u2024\u2024",
+        "name starts with a dot once U+2024 ONE DOT LEADER is read in its compatibility form (NFKC)",
+        id="nfkc-dot",
+    ),
+    pytest.param(
+        "\uff23\uff2f\uff2e",
+        "name is the Windows device name CON once U+FF23 FULLWIDTH LATIN CAPITAL LETTER C"
+        " is read in its compatibility form (NFKC)",
+        id="nfkc-device",
+    ),
+    pytest.param("CON .txt", "name is the Windows device name CON", id="device"),
 ]
 
 
@@ -227,6 +388,23 @@ def test_validate_name_refuses_bad_name(name: str) -> None:
     assert caught.value.status == 400
 
 
+@pytest.mark.parametrize(("name", "culprit"), UNICODE_BAD_NAMES)
+def test_validate_name_refuses_invisible_look_alike_and_device_names_naming_the_culprit(
+    name: str, culprit: str
+) -> None:
+    with pytest.raises(InvalidName) as caught:
+        validate_name(name)
+    assert caught.value.status == 400
+    assert culprit in (caught.value.detail or "")
+
+
+@pytest.mark.parametrize(("name", "message"), REFUSAL_MESSAGES)
+def test_refusal_names_the_rule_and_the_code_point(name: str, message: str) -> None:
+    with pytest.raises(InvalidName) as caught:
+        validate_name(name)
+    assert caught.value.detail == message
+
+
 @pytest.mark.parametrize("name", GOOD_NAMES)
 def test_validate_name_accepts_good_name_unchanged(name: str) -> None:
     assert validate_name(name) == name
@@ -268,6 +446,23 @@ async def test_json_manifest_with_bad_name_is_400_naming_the_field(
     assert response.status == 400, body
     assert body["error"] == "bad_manifest"
     assert body["field"] == "files[0].name"
+    assert snapshot(tmp_path, exclude=store.state_dir) == before
+
+
+@pytest.mark.parametrize(("name", "culprit"), UNICODE_BAD_NAMES)
+async def test_json_manifest_with_invisible_look_alike_or_device_name_is_400_naming_the_field(
+    make_store: MakeStore, tmp_path: Path, name: str, culprit: str
+) -> None:
+    store = await make_store()
+    before = snapshot(tmp_path, exclude=store.state_dir)
+
+    response = await store.client.post("/files/manifest", json=json_manifest([(name, b"x")]))
+
+    body = await response.json()
+    assert response.status == 400, body
+    assert body["error"] == "bad_manifest"
+    assert body["field"] == "files[0].name"
+    assert culprit in body["message"]
     assert snapshot(tmp_path, exclude=store.state_dir) == before
 
 
