@@ -5,7 +5,8 @@ Core protocol (``HEAD`` for the offset, ``PATCH`` to append from it,
 creation-with-upload (``POST /{prefix}/`` makes a one-file transfer through
 the same handler gate as a manifest), termination (``DELETE``), checksum
 (``Upload-Checksum`` per request: md5, sha1, sha256; 460 and the chunk
-discarded on a mismatch) and expiration (``Upload-Expires``).
+discarded on a mismatch) and expiration (``Upload-Expires``). A request
+carrying ``X-HTTP-Method-Override`` is routed as that method (server.py).
 
 Bytes go to the same staging file as a whole-body upload and end the same
 way: when the last byte arrives, the whole file's MD5 and SHA-256 are
