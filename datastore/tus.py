@@ -65,6 +65,8 @@ TUS_VERSION = "1.0.0"
 EXTENSIONS = "creation,creation-with-upload,termination,checksum,expiration"
 OFFSET_CONTENT_TYPE = "application/offset+octet-stream"
 CHECKSUM_ALGORITHMS = {"md5": "md5", "sha1": "sha1", "sha256": "sha256"}
+#: The longest Upload-Metadata a creation may send (UTF-8 bytes); it is kept and sent back on HEAD.
+MAX_METADATA_BYTES = 4096
 
 
 async def handle_options(request: web.Request) -> web.Response:
@@ -101,7 +103,10 @@ async def handle_head(request: web.Request) -> web.Response:
             **_headers(target.transfer),
             "Upload-Offset": str(offset),
             "Upload-Length": str(file.size),
-            "Upload-Metadata": "filename " + base64.b64encode(file.name.encode()).decode(),
+            # As sent at creation; a manifest's file is described by its name.
+            "Upload-Metadata": file.upload_metadata
+            if file.upload_metadata is not None
+            else "filename " + base64.b64encode(file.name.encode()).decode(),
             "Cache-Control": "no-store",
         },
     )
@@ -141,7 +146,8 @@ async def handle_create(request: web.Request) -> web.Response:
     length_text = request.headers.get("Upload-Length")
     if length_text is None:
         raise BadRequest("Upload-Length is required")
-    metadata = _parse_metadata(request.headers.get("Upload-Metadata", ""))
+    raw_metadata = _raw_metadata(request)
+    metadata = _parse_metadata(raw_metadata)
     name = metadata.get("filename") or metadata.get("name")
     if not name:
         raise BadRequest("Upload-Metadata must name the file (filename)")
@@ -153,7 +159,7 @@ async def handle_create(request: web.Request) -> web.Response:
         manifest = single_file(fields, ctx.settings.manifest_limits)
     except ManifestError as exc:
         raise BadRequest(str(exc.detail).replace("upload ", "Upload-Metadata ", 1)) from None
-    transfer, refused = await register_transfer(ctx, mount, identity, manifest)
+    transfer, refused = await register_transfer(ctx, mount, identity, manifest, raw_metadata)
     if transfer is None:
         raise NotAuthorized(f"the store refused {refused[0]!r}")
     headers = {**_headers(transfer), "Location": f"/{mount.prefix}/{transfer.key}/0"}
@@ -333,6 +339,20 @@ def _parse_checksum(text: str | None) -> tuple[Any, bytes] | None:
     except (binascii.Error, ValueError):
         raise BadRequest("Upload-Checksum digest is not base64") from None
     return hashlib.new(CHECKSUM_ALGORITHMS[algorithm], usedforsecurity=False), expected
+
+
+def _raw_metadata(request: web.Request) -> str:
+    """The Upload-Metadata header as sent (several lines joined, as the list they make), bounded.
+
+    It is sent back on HEAD, so it must be printable UTF-8: no control character but tab.
+    """
+    text = ",".join(request.headers.getall("Upload-Metadata", ()))
+    size = len(text.encode("utf-8", "replace"))
+    if size > MAX_METADATA_BYTES:
+        raise BadRequest(f"Upload-Metadata is {size} bytes, more than the limit of {MAX_METADATA_BYTES}")
+    if not text.replace("\t", " ").isprintable():
+        raise BadRequest("Upload-Metadata must be printable UTF-8")
+    return text
 
 
 def _parse_metadata(text: str) -> dict[str, str]:

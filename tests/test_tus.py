@@ -20,6 +20,7 @@ import random
 import re
 import shutil
 import signal
+import sqlite3
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -1392,4 +1393,104 @@ async def test_legacy_post_with_a_method_override_but_no_tus_resumable_is_a_whol
 
 # -- Upload-Metadata: HEAD answers it as sent at creation -----------------------------------------------------------
 
-#: Several pairs, not in the order
+#: Several pairs, not in the order the store would write them, one key without a value, one with an empty value.
+SENT_METADATA = (
+    f"is_confidential,filename {b64('report 2024.pdf')},empty ,note {b64('a note, with a comma')},"
+    f"sha256 {b64(sha256_hex(b'0123456789'))}"
+)
+
+
+async def create_with_metadata(http: Any, metadata: str, length: int = 10) -> Reply:
+    return await send(
+        http, "POST", "/files/", headers={**TUS, "Upload-Length": str(length), "Upload-Metadata": metadata}
+    )
+
+
+async def test_head_answers_upload_metadata_byte_for_byte_as_sent_at_creation(make_store: MakeStore) -> None:
+    store = await make_store()
+    created = await create_with_metadata(store.client, SENT_METADATA)
+    assert created.status == 201
+
+    reply = await head(store.client, created.headers["Location"])
+
+    assert reply.status == 200
+    assert reply.headers["Upload-Metadata"] == SENT_METADATA
+
+
+async def test_head_answers_upload_metadata_of_a_completed_upload(make_store: MakeStore) -> None:
+    store = await make_store()
+    data = b"0123456789"
+    created = await create_with_metadata(store.client, SENT_METADATA)
+    path = created.headers["Location"]
+    assert (await patch(store.client, path, 0, data)).status == 204
+
+    reply = await head(store.client, path)
+
+    assert (reply.status, reply.headers["Upload-Offset"]) == (200, "10")
+    assert reply.headers["Upload-Metadata"] == SENT_METADATA
+    await assert_published(store.client, "report 2024.pdf", data)
+
+
+async def test_upload_metadata_is_kept_across_a_restart(make_store: MakeStore) -> None:
+    store = await make_store()
+    path = (await create_with_metadata(store.client, SENT_METADATA)).headers["Location"]
+    await store.client.close()
+    restarted = await make_store()
+
+    reply = await head(restarted.client, path)
+
+    assert (reply.status, reply.headers["Upload-Metadata"]) == (200, SENT_METADATA)
+
+
+async def test_head_of_a_file_registered_by_a_manifest_answers_its_filename_as_upload_metadata(
+    make_store: MakeStore,
+) -> None:
+    store = await make_store()
+    key = await store.register([("manifest file.txt", b"from a manifest\n")])
+
+    reply = await head(store.client, f"/files/{key}/0")
+
+    assert (reply.status, reply.headers["Upload-Metadata"]) == (200, f"filename {b64('manifest file.txt')}")
+
+
+@pytest.mark.parametrize(("size", "status"), [(4096, 201), (4097, 400)], ids=["at-the-limit", "one-byte-over"])
+async def test_creation_refuses_upload_metadata_longer_than_4_kib_with_400(
+    make_store: MakeStore, size: int, status: int
+) -> None:
+    store = await make_store()
+    named, value = f"filename {b64('long-metadata.bin')}", "A" * 4000
+    key = "k" * (size - len(f"{named}, {value}"))
+    metadata = f"{named},{key} {value}"
+    assert len(metadata.encode()) == size
+
+    reply = await create_with_metadata(store.client, metadata)
+
+    assert reply.status == status
+    if status == 201:
+        assert (await head(store.client, reply.headers["Location"])).headers["Upload-Metadata"] == metadata
+    else:
+        assert "Location" not in reply.headers
+        assert "4096" in reply.reason
+
+
+async def test_state_file_from_before_upload_metadata_gains_the_column_and_keeps_its_transfers(
+    make_store: MakeStore,
+) -> None:
+    """A state file written before Upload-Metadata was kept (no such column) is migrated when the store opens it."""
+    store = await make_store()
+    key = await store.register([("older.txt", b"registered before\n")])
+    await store.client.close()
+    database = sqlite3.connect(store.state_dir / "transfers.sqlite3")
+    try:
+        database.execute("ALTER TABLE transfer_files DROP COLUMN upload_metadata")
+        database.commit()
+    finally:
+        database.close()
+    restarted = await make_store()
+
+    older = await head(restarted.client, f"/files/{key}/0")
+    created = await create_with_metadata(restarted.client, SENT_METADATA)
+    newer = await head(restarted.client, created.headers["Location"])
+
+    assert (older.status, older.headers["Upload-Metadata"]) == (200, f"filename {b64('older.txt')}")
+    assert (created.status, newer.headers["Upload-Metadata"]) == (201, SENT_METADATA)
