@@ -31,6 +31,7 @@ from aiohttp import web
 from . import staging
 from .context import CONTEXT, StoreContext
 from .errors import (
+    AlreadyUploaded,
     BadRequest,
     ChecksumMismatch,
     ChunkChecksumMismatch,
@@ -120,8 +121,26 @@ async def handle_patch(request: web.Request) -> web.Response:
         raise UnsupportedMediaType(f"PATCH needs Content-Type: {OFFSET_CONTENT_TYPE}")
     offset = _parse_offset(request.headers.get("Upload-Offset"))
     checksum = _parse_checksum(request.headers.get("Upload-Checksum"))
-    new_offset = await append_resumable(request, target, offset, checksum)
+    if target.file.state is FileState.PUBLISHED:
+        new_offset = await _patch_complete(request, target, offset, checksum)
+    else:
+        try:
+            new_offset = await append_resumable(request, target, offset, checksum)
+        except AlreadyUploaded:  # another request completed it meanwhile
+            new_offset = await _patch_complete(request, target, offset, checksum)
     return web.Response(status=204, headers={**_headers(target.transfer), "Upload-Offset": str(new_offset)})
+
+
+async def _patch_complete(
+    request: web.Request, target: UploadTarget, offset: int, checksum: tuple[Any, bytes] | None
+) -> int:
+    """A PATCH to a complete upload: one of no bytes at its end changes nothing and is
+    accepted (tus answers 409 only for another offset); any other is 409."""
+    if offset != target.file.size or not await _no_bytes(request, target.ctx.settings.body_timeout):
+        raise AlreadyUploaded()
+    if checksum is not None and checksum[0].digest() != checksum[1]:
+        raise ChunkChecksumMismatch()
+    return offset
 
 
 async def handle_terminate(request: web.Request) -> web.Response:
@@ -353,6 +372,17 @@ def _raw_metadata(request: web.Request) -> str:
     if not text.replace("\t", " ").isprintable():
         raise BadRequest("Upload-Metadata must be printable UTF-8")
     return text
+
+
+async def _no_bytes(request: web.Request, timeout: float) -> bool:
+    """Whether the request's body is empty (reading at most its first chunk)."""
+    if not request.body_exists:
+        return True
+    if request.content_length is not None:
+        return request.content_length == 0
+    async for _chunk in stream_chunks(request, timeout):
+        return False
+    return True
 
 
 def _parse_metadata(text: str) -> dict[str, str]:
