@@ -25,6 +25,7 @@ start with ``_`` belong to the server)::
     HEAD, PATCH, DELETE, OPTIONS
             /{prefix}/{key}/{num}           tus: offset, append, terminate, capabilities
     POST    /{prefix}/                      tus creation of a one-file transfer
+    (a tus request with X-HTTP-Method-Override is routed as the method it names)
     GET     /{prefix}/                      the browser page, or the JSON listing
     GET     /{prefix}/{name}                download (HEAD, Range, 304)
     DELETE  /{prefix}/{name}                delete
@@ -60,7 +61,7 @@ from .api import (
 from .config import Settings, SettingsError, check_prefix
 from .context import CONTEXT, Mount, StoreContext, render_error
 from .download import handle_asset, handle_delete, handle_download, handle_listing
-from .errors import DatastoreError, FileNotFound, InvalidToken, NotAuthorized
+from .errors import BadRequest, DatastoreError, FileNotFound, InvalidToken, NotAuthorized
 from .handlers.interface import TransferHandler
 from .handlers.legacy import LegacyHandler, LegacyHandlerAdapter
 from .security.identity import ANONYMOUS, DN_HEADER, Identity, identity_from_header
@@ -210,7 +211,8 @@ class TransferServer(abc.ABC):
         registry and every handler that can be closed.
         """
         app = web.Application(
-            middlewares=[error_middleware, tls_request_middleware], handler_args={"read_bufsize": READ_BUFSIZE}
+            middlewares=[error_middleware, tls_request_middleware, method_override_middleware],
+            handler_args={"read_bufsize": READ_BUFSIZE},
         )
         app.cleanup_ctx.append(self._lifecycle)
         app.router.add_get("/_api/v1/health", handle_health)
@@ -229,7 +231,7 @@ class TransferServer(abc.ABC):
         app.router.add_delete(f"/{_PREFIX}/{{name:[^/]+}}", handle_delete)
         app.router.add_post(f"/{_PREFIX}/manifest", handle_manifest)
         upload_path = f"/{_PREFIX}/{{key}}/{{num}}"
-        app.router.add_post(upload_path, handle_upload, expect_handler=upload_expect_handler)
+        app.router.add_post(upload_path, handle_upload, expect_handler=_upload_expect_handler)
         app.router.add_put(upload_path, handle_upload, expect_handler=upload_expect_handler)
         app.router.add_route("HEAD", upload_path, handle_head)
         app.router.add_patch(upload_path, handle_patch)
@@ -470,6 +472,57 @@ async def handle_add_slash(request: web.Request) -> web.Response:
     """``GET /{prefix}`` -> ``/{prefix}/``."""
     request.app[CONTEXT].mount(request.match_info["prefix"])
     raise web.HTTPMovedPermanently(location=f"/{request.match_info['prefix']}/")
+
+
+# -- tus's X-HTTP-Method-Override --------------------------------------------
+
+#: What a tus request may name in X-HTTP-Method-Override: the methods tus 1.0.0 uses.
+OVERRIDE_METHODS = ("POST", "HEAD", "PATCH", "DELETE", "OPTIONS")
+
+
+async def _rerouted(request: web.Request) -> web.Request | None:
+    """A tus request naming another method in X-HTTP-Method-Override, as a request of
+    that method routed again by the app's router; None for any other request.
+
+    aiohttp routes a request by its own method before any middleware runs,
+    hence the clone (as aiohttp's ``normalize_path_middleware`` does it).
+    """
+    value = request.headers.get("X-HTTP-Method-Override")
+    if value is None or "Tus-Resumable" not in request.headers:
+        return None
+    method = value.strip().upper()
+    if method == request.method:
+        return None
+    if method not in OVERRIDE_METHODS:
+        raise BadRequest(f"X-HTTP-Method-Override {value!r} is not one of {', '.join(OVERRIDE_METHODS)}")
+    clone = request.clone(method=method)
+    match_info = await request.app.router.resolve(clone)
+    match_info.add_app(request.app)
+    match_info.freeze()
+    clone._match_info = match_info
+    return clone
+
+
+@web.middleware
+async def method_override_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """tus: the server MUST take X-HTTP-Method-Override as the request's method."""
+    rerouted = await _rerouted(request)
+    if rerouted is None:
+        return await handler(request)
+    return await rerouted.match_info.handler(rerouted)
+
+
+async def _upload_expect_handler(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue`` on a POST to an upload URL, answered by the route of the method it overrides to."""
+    try:
+        rerouted = await _rerouted(request)
+    except DatastoreError as exc:
+        return render_error(request, exc)
+    if rerouted is None:
+        return await upload_expect_handler(request)
+    return await rerouted.match_info.expect_handler(rerouted)
 
 
 # -- errors -------------------------------------------------------------------

@@ -78,6 +78,9 @@ CREATE TABLE IF NOT EXISTS transfer_files (
     -- How many times the file was claimed: a worker's cached hash state is
     -- good only if no other request claimed the file after its own.
     claims INTEGER NOT NULL DEFAULT 0,
+    -- A tus creation's Upload-Metadata header as sent (HEAD answers it); NULL
+    -- for the files of a manifest.
+    upload_metadata TEXT,
     PRIMARY KEY (key, num)
 );
 """
@@ -87,6 +90,7 @@ _ADDED_COLUMNS = {
     "claimed_by": "TEXT",
     "stop_request": "TEXT",
     "claims": "INTEGER NOT NULL DEFAULT 0",
+    "upload_metadata": "TEXT",
 }
 
 
@@ -141,6 +145,8 @@ class TransferFile:
     received: int = 0
     error: str | None = None
     updated_at: float = 0.0
+    #: The Upload-Metadata of the tus creation request, as sent; None for a manifest's files.
+    upload_metadata: str | None = None
 
     def public_state(self, transfer_state: TransferState) -> str:
         """The state a client sees for this file."""
@@ -212,12 +218,27 @@ class TransferRegistry:
     def __init__(self, path: Path) -> None:
         self._db = Database(path, _SCHEMA, _migrate)
 
-    async def create(self, prefix: str, owner: Identity, manifest: Manifest, lifetime: float) -> Transfer:
-        """Register an accepted manifest under a new key; every file RESERVED."""
+    async def create(
+        self, prefix: str, owner: Identity, manifest: Manifest, lifetime: float, upload_metadata: str | None = None
+    ) -> Transfer:
+        """Register an accepted manifest under a new key; every file RESERVED.
+
+        ``upload_metadata`` is the Upload-Metadata header of a tus creation (a
+        one-file manifest), kept as sent.
+        """
         key = new_transfer_key()
         now = time.time()
         files = tuple(
-            TransferFile(num, f.name, f.size, f.md5, f.sha256, FileState.RESERVED, updated_at=now)
+            TransferFile(
+                num,
+                f.name,
+                f.size,
+                f.md5,
+                f.sha256,
+                FileState.RESERVED,
+                updated_at=now,
+                upload_metadata=upload_metadata,
+            )
             for num, f in enumerate(manifest.files)
         )
         transfer = Transfer(key, prefix, owner, TransferState.OPEN, now, now, now + lifetime, files)
@@ -239,9 +260,9 @@ class TransferRegistry:
                 ),
             )
             db.executemany(
-                "INSERT INTO transfer_files (key, num, name, size, md5, sha256, state, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(key, f.num, f.name, f.size, f.md5, f.sha256, f.state, now) for f in files],
+                "INSERT INTO transfer_files (key, num, name, size, md5, sha256, state, updated_at, upload_metadata)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(key, f.num, f.name, f.size, f.md5, f.sha256, f.state, now, f.upload_metadata) for f in files],
             )
 
         await self._db.run(insert)
@@ -559,4 +580,5 @@ def _file(row: sqlite3.Row) -> TransferFile:
         received=row["received"],
         error=row["error"],
         updated_at=row["updated_at"],
+        upload_metadata=row["upload_metadata"],
     )

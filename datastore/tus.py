@@ -5,7 +5,8 @@ Core protocol (``HEAD`` for the offset, ``PATCH`` to append from it,
 creation-with-upload (``POST /{prefix}/`` makes a one-file transfer through
 the same handler gate as a manifest), termination (``DELETE``), checksum
 (``Upload-Checksum`` per request: md5, sha1, sha256; 460 and the chunk
-discarded on a mismatch) and expiration (``Upload-Expires``).
+discarded on a mismatch) and expiration (``Upload-Expires``). A request
+carrying ``X-HTTP-Method-Override`` is routed as that method (server.py).
 
 Bytes go to the same staging file as a whole-body upload and end the same
 way: when the last byte arrives, the whole file's MD5 and SHA-256 are
@@ -30,6 +31,7 @@ from aiohttp import web
 from . import staging
 from .context import CONTEXT, StoreContext, identify
 from .errors import (
+    AlreadyUploaded,
     BadRequest,
     ChecksumMismatch,
     ChunkChecksumMismatch,
@@ -65,6 +67,8 @@ TUS_VERSION = "1.0.0"
 EXTENSIONS = "creation,creation-with-upload,termination,checksum,expiration"
 OFFSET_CONTENT_TYPE = "application/offset+octet-stream"
 CHECKSUM_ALGORITHMS = {"md5": "md5", "sha1": "sha1", "sha256": "sha256"}
+#: The longest Upload-Metadata a creation may send (UTF-8 bytes); it is kept and sent back on HEAD.
+MAX_METADATA_BYTES = 4096
 
 
 async def handle_options(request: web.Request) -> web.Response:
@@ -101,7 +105,10 @@ async def handle_head(request: web.Request) -> web.Response:
             **_headers(target.transfer),
             "Upload-Offset": str(offset),
             "Upload-Length": str(file.size),
-            "Upload-Metadata": "filename " + base64.b64encode(file.name.encode()).decode(),
+            # As sent at creation; a manifest's file is described by its name.
+            "Upload-Metadata": file.upload_metadata
+            if file.upload_metadata is not None
+            else "filename " + base64.b64encode(file.name.encode()).decode(),
             "Cache-Control": "no-store",
         },
     )
@@ -115,8 +122,26 @@ async def handle_patch(request: web.Request) -> web.Response:
         raise UnsupportedMediaType(f"PATCH needs Content-Type: {OFFSET_CONTENT_TYPE}")
     offset = _parse_offset(request.headers.get("Upload-Offset"))
     checksum = _parse_checksum(request.headers.get("Upload-Checksum"))
-    new_offset = await append_resumable(request, target, offset, checksum)
+    if target.file.state is FileState.PUBLISHED:
+        new_offset = await _patch_complete(request, target, offset, checksum)
+    else:
+        try:
+            new_offset = await append_resumable(request, target, offset, checksum)
+        except AlreadyUploaded:  # another request completed it meanwhile
+            new_offset = await _patch_complete(request, target, offset, checksum)
     return web.Response(status=204, headers={**_headers(target.transfer), "Upload-Offset": str(new_offset)})
+
+
+async def _patch_complete(
+    request: web.Request, target: UploadTarget, offset: int, checksum: tuple[Any, bytes] | None
+) -> int:
+    """A PATCH to a complete upload: one of no bytes at its end changes nothing and is
+    accepted (tus answers 409 only for another offset); any other is 409."""
+    if offset != target.file.size or not await _no_bytes(request, target.ctx.settings.body_timeout):
+        raise AlreadyUploaded()
+    if checksum is not None and checksum[0].digest() != checksum[1]:
+        raise ChunkChecksumMismatch()
+    return offset
 
 
 async def handle_terminate(request: web.Request) -> web.Response:
@@ -142,7 +167,8 @@ async def handle_create(request: web.Request) -> web.Response:
     length_text = request.headers.get("Upload-Length")
     if length_text is None:
         raise BadRequest("Upload-Length is required")
-    metadata = _parse_metadata(request.headers.get("Upload-Metadata", ""))
+    raw_metadata = _raw_metadata(request)
+    metadata = _parse_metadata(raw_metadata)
     name = metadata.get("filename") or metadata.get("name")
     if not name:
         raise BadRequest("Upload-Metadata must name the file (filename)")
@@ -154,7 +180,7 @@ async def handle_create(request: web.Request) -> web.Response:
         manifest = single_file(fields, ctx.settings.manifest_limits)
     except ManifestError as exc:
         raise BadRequest(str(exc.detail).replace("upload ", "Upload-Metadata ", 1)) from None
-    transfer, refused = await register_transfer(ctx, mount, identity, manifest)
+    transfer, refused = await register_transfer(ctx, mount, identity, manifest, raw_metadata)
     if transfer is None:
         raise NotAuthorized(f"the store refused {refused[0]!r}")
     headers = {**_headers(transfer), "Location": f"/{mount.prefix}/{transfer.key}/0"}
@@ -334,6 +360,31 @@ def _parse_checksum(text: str | None) -> tuple[Any, bytes] | None:
     except (binascii.Error, ValueError):
         raise BadRequest("Upload-Checksum digest is not base64") from None
     return hashlib.new(CHECKSUM_ALGORITHMS[algorithm], usedforsecurity=False), expected
+
+
+def _raw_metadata(request: web.Request) -> str:
+    """The Upload-Metadata header as sent (several lines joined, as the list they make), bounded.
+
+    It is sent back on HEAD, so it must be printable UTF-8: no control character but tab.
+    """
+    text = ",".join(request.headers.getall("Upload-Metadata", ()))
+    size = len(text.encode("utf-8", "replace"))
+    if size > MAX_METADATA_BYTES:
+        raise BadRequest(f"Upload-Metadata is {size} bytes, more than the limit of {MAX_METADATA_BYTES}")
+    if not text.replace("\t", " ").isprintable():
+        raise BadRequest("Upload-Metadata must be printable UTF-8")
+    return text
+
+
+async def _no_bytes(request: web.Request, timeout: float) -> bool:
+    """Whether the request's body is empty (reading at most its first chunk)."""
+    if not request.body_exists:
+        return True
+    if request.content_length is not None:
+        return request.content_length == 0
+    async for _chunk in stream_chunks(request, timeout):
+        return False
+    return True
 
 
 def _parse_metadata(text: str) -> dict[str, str]:

@@ -125,9 +125,11 @@ async def handle_manifest(request: web.Request) -> web.Response:
 
 
 async def register_transfer(
-    ctx: StoreContext, mount: Mount, identity: Identity, manifest: Manifest
+    ctx: StoreContext, mount: Mount, identity: Identity, manifest: Manifest, upload_metadata: str | None = None
 ) -> tuple[Transfer | None, list[str]]:
     """Gate ``manifest`` through the handler and register it: (transfer, []) or (None, refused names).
+
+    ``upload_metadata``: a tus creation's header, kept with the file as sent.
 
     Raises InsufficientStorage (507) if the declared sizes do not fit in
     the free space less what open transfers may still write and the margin.
@@ -155,7 +157,9 @@ async def register_transfer(
             for info in infos[len(reserved_infos) :]:
                 await mount.handler.add_pending_upload(identity, info)
                 reserved_infos.append(info)
-            transfer = await ctx.registry.create(mount.prefix, identity, manifest, ctx.settings.key_lifetime)
+            transfer = await ctx.registry.create(
+                mount.prefix, identity, manifest, ctx.settings.key_lifetime, upload_metadata
+            )
         except BaseException:
             for info in reserved_infos:
                 await _quietly(mount.handler.cancel_upload(identity, info), "cancel_upload")
