@@ -128,8 +128,8 @@ def validate_name(name: object) -> str:
     paragraph separator, a space other than U+0020, another default-ignorable
     code point, a leading dot (hidden and reserved names such as
     ``.datastore``; ``.`` and ``..``), a leading or trailing space, a trailing
-    dot, or a Windows device name. The dot and device rules hold for the NFKC
-    form too, which is only checked, never stored.
+    dot, or a Windows device name. The leading-dot and device rules hold for
+    the NFKC form too, which is only checked, never stored.
     """
     if not isinstance(name, str):
         raise InvalidName("name must be a string")
@@ -145,7 +145,9 @@ def validate_name(name: object) -> str:
     broken = _broken_dot_or_device_rule(name)
     if broken is not None:
         raise InvalidName(broken[0])
-    broken = _broken_dot_or_device_rule(unicodedata.normalize("NFKC", name))
+    # In the compatibility form only what makes a name look hidden, like ".." or like a device:
+    # a trailing "…" is no dot to any filesystem ("to be continued…" is a fine name).
+    broken = _broken_dot_or_device_rule(unicodedata.normalize("NFKC", name), trailing=False)
     if broken is not None:
         rule, at_end = broken
         # The name keeps the rule, so a character folded by NFKC broke it:
@@ -171,11 +173,14 @@ def _check_character(char: str) -> None:
         raise InvalidName(f"name contains {_code_point(char)}, a look-alike of the reserved character {reserved!r}")
 
 
-def _broken_dot_or_device_rule(name: str) -> tuple[str, bool] | None:
-    """The dot or device rule ``name`` breaks, if any, and whether at its end (else at its start)."""
+def _broken_dot_or_device_rule(name: str, *, trailing: bool = True) -> tuple[str, bool] | None:
+    """The dot or device rule ``name`` breaks, if any, and whether at its end (else at its start).
+
+    ``trailing=False`` leaves out the trailing-dot rule (which exists because Windows drops real trailing dots).
+    """
     if name.startswith("."):
         return "name starts with a dot", False
-    if name.endswith("."):
+    if trailing and name.endswith("."):
         return "name ends with a dot", True
     device = _WINDOWS_DEVICE.fullmatch(name)
     if device:
