@@ -75,6 +75,41 @@ async def handle_identity(request: web.Request) -> web.Response:
     )
 
 
+#: The cookie that carries the browser page's token, so that links (downloads) are authorised too.
+SESSION_COOKIE = "datastore_token"
+
+
+async def handle_session_start(request: web.Request) -> web.Response:
+    """``POST /_api/v1/session`` with ``Authorization: Bearer TOKEN``: the browser page signs in.
+
+    The token goes into an HttpOnly, SameSite=Strict session cookie (Secure
+    on TLS), gone when the browser closes; a revoked or expired token stops
+    working in it as anywhere. The answer is the identity, as
+    ``GET /_api/v1/identity``.
+    """
+    identity = await identify(request)
+    authorization = request.headers.get("Authorization", "")
+    if identity.grant is None or not authorization.lower().startswith("bearer "):
+        raise Unauthorized("sign in with Authorization: Bearer TOKEN")
+    response = await handle_identity(request)
+    response.set_cookie(
+        SESSION_COOKIE,
+        authorization.split(" ", 1)[1].strip(),
+        httponly=True,
+        samesite="Strict",
+        secure=request.secure,
+        path="/",
+    )
+    return response
+
+
+async def handle_session_end(request: web.Request) -> web.Response:
+    """``DELETE /_api/v1/session``: the browser page signs out (the token itself stays valid)."""
+    response = web.Response(status=204)
+    response.del_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
 #: The largest body the token API reads.
 MAX_TOKEN_REQUEST = 16 << 10
 

@@ -17,7 +17,8 @@ The tree::
     │   └── InvalidToken                401  a bearer token unknown, expired or revoked
     ├── NotAuthorized                   403  "Not authorized"
     │   ├── IdentityMismatch            403  key used by another identity
-    │   └── CertificateRefused          403  client certificate revoked or expired (connection closed)
+    │   ├── CertificateRefused          403  client certificate revoked or expired (connection closed)
+    │   └── CrossSiteRequest            403  a browser sent a state-changing request for another site
     ├── NotFound                        404
     │   ├── PathNotFound                404  "Path not found" (unknown prefix)
     │   ├── FileNotFound                404  "File not found"
@@ -126,6 +127,11 @@ class NotAuthorized(DatastoreError):
 class IdentityMismatch(NotAuthorized):
     reason = "Transfer key belongs to another identity"
     code = "identity_mismatch"
+
+
+class CrossSiteRequest(NotAuthorized):
+    reason = "Cross-site request refused"
+    code = "cross_site"
 
 
 class CertificateRefused(NotAuthorized):

@@ -12,6 +12,8 @@ start with ``_`` belong to the server)::
 
     GET     /_api/v1/health
     GET     /_api/v1/identity               who the store takes the client for
+    POST    /_api/v1/session                the browser page signs in with a token (a cookie)
+    DELETE  /_api/v1/session                and out
     GET     /_api/v1/tokens                 bearer tokens (administrators)
     POST    /_api/v1/tokens                 issue one (administrators)
     GET     /_api/v1/tokens/{id}            show one (administrators)
@@ -49,8 +51,11 @@ from aiohttp import web
 
 from . import staging
 from .api import (
+    SESSION_COOKIE,
     handle_health,
     handle_identity,
+    handle_session_end,
+    handle_session_start,
     handle_token_create,
     handle_token_list,
     handle_token_revoke,
@@ -61,7 +66,7 @@ from .api import (
 from .config import Settings, SettingsError, check_prefix
 from .context import CONTEXT, Mount, StoreContext, render_error
 from .download import handle_asset, handle_delete, handle_download, handle_listing
-from .errors import BadRequest, DatastoreError, FileNotFound, InvalidToken, NotAuthorized
+from .errors import BadRequest, CrossSiteRequest, DatastoreError, FileNotFound, InvalidToken, NotAuthorized
 from .handlers.interface import TransferHandler
 from .handlers.legacy import LegacyHandler, LegacyHandlerAdapter
 from .security.identity import ANONYMOUS, DN_HEADER, Identity, identity_from_header
@@ -172,9 +177,10 @@ class TransferServer(abc.ABC):
         On TLS, the verified client certificate (revocation and expiry
         checked again; ``Authorization`` and ``X-Client-DN`` ignored). On
         plain HTTP, a bearer token (401 if it is unknown, expired or
-        revoked), else ``X-Client-DN`` if the operator trusts it, else
-        anonymous. ``request.secure`` is fixed when the request arrives, so a
-        TLS request never falls back to the others.
+        revoked) from ``Authorization`` or the browser page's session cookie,
+        else ``X-Client-DN`` if the operator trusts it, else anonymous.
+        ``request.secure`` is fixed when the request arrives, so a TLS
+        request never falls back to the others.
         """
         if request.secure:
             transport = request.transport
@@ -187,10 +193,10 @@ class TransferServer(abc.ABC):
             scheme, _, token = authorization.strip().partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
                 raise InvalidToken("send Authorization: Bearer TOKEN")
-            record = await request.app[CONTEXT].tokens.verify(token.strip())
-            if record is None:
-                raise InvalidToken("the token is unknown, expired or revoked")
-            return record.identity()
+            return await _token_identity(request, token.strip())
+        session = request.cookies.get(SESSION_COOKIE)
+        if session:
+            return await _token_identity(request, session)
         if self.settings.trust_client_dn:
             return identity_from_header(request.headers.get(DN_HEADER))
         return ANONYMOUS
@@ -211,12 +217,14 @@ class TransferServer(abc.ABC):
         registry and every handler that can be closed.
         """
         app = web.Application(
-            middlewares=[error_middleware, tls_request_middleware, method_override_middleware],
+            middlewares=[error_middleware, cross_site_middleware, tls_request_middleware, method_override_middleware],
             handler_args={"read_bufsize": READ_BUFSIZE},
         )
         app.cleanup_ctx.append(self._lifecycle)
         app.router.add_get("/_api/v1/health", handle_health)
         app.router.add_get("/_api/v1/identity", handle_identity)
+        app.router.add_post("/_api/v1/session", handle_session_start)
+        app.router.add_delete("/_api/v1/session", handle_session_end)
         app.router.add_get("/_api/v1/tokens", handle_token_list)
         app.router.add_post("/_api/v1/tokens", handle_token_create)
         app.router.add_get("/_api/v1/tokens/{id}", handle_token_show)
@@ -460,6 +468,13 @@ class HTTPSTransferServer(TransferServer):
                     transport.abort()
 
 
+async def _token_identity(request: web.Request, token: str) -> Identity:
+    record = await request.app[CONTEXT].tokens.verify(token)
+    if record is None:
+        raise InvalidToken("the token is unknown, expired or revoked")
+    return record.identity()
+
+
 def _base_url(listener: Listener) -> str:
     host = f"[{listener.host}]" if ":" in listener.host else listener.host
     return f"{listener.scheme}://{host}:{listener.port}"
@@ -526,6 +541,32 @@ async def _upload_expect_handler(request: web.Request) -> web.StreamResponse | N
 
 
 # -- errors -------------------------------------------------------------------
+
+
+#: Methods that change the store: a browser must not send them on behalf of another site.
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+@web.middleware
+async def cross_site_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Refuse (403) a state-changing request a browser sends from another site or origin.
+
+    A page elsewhere can make a browser POST a form (an INI manifest as
+    text/plain, a multipart upload) with the browser's client certificate or
+    session cookie. Browsers say where a request comes from (``Sec-Fetch-Site``,
+    else ``Origin``); programs, curl and AccessGrid clients send neither, and
+    pass.
+    """
+    if request.method in UNSAFE_METHODS:
+        site = request.headers.get("Sec-Fetch-Site")
+        origin = request.headers.get("Origin")
+        if site is not None and site not in ("same-origin", "none"):
+            raise CrossSiteRequest(f"Sec-Fetch-Site: {site}")
+        if site is None and origin is not None and origin != f"{request.scheme}://{request.host}":
+            raise CrossSiteRequest(f"Origin: {origin[:100]}")
+    return await handler(request)
 
 
 @web.middleware

@@ -590,3 +590,73 @@ async def test_the_tokens_command_refuses_bad_requests_in_one_line(
     code, out, err = await run("tokens", "--root", str(tmp_path), *args)
     assert (code, out) == (2, "")
     assert err.count("\n") == 1 and message in err
+
+
+# -- browsers: the session cookie and requests from other sites ---------------------------------------------------
+
+
+async def test_a_session_cookie_carries_the_token_for_links_and_ends_with_it(make_store: MakeStore) -> None:
+    store = await safe_store(make_store)
+    tokens = store.client.app[CONTEXT].tokens
+    issued = await tokens.create("ada", ["read", "upload"])
+    assert (await upload(store, "a.txt", DATA, bearer(issued.token)))[0] == 200
+    assert (await store.client.post("/_api/v1/session")).status == 401
+
+    signed_in = await store.client.post("/_api/v1/session", headers=bearer(issued.token))
+    assert signed_in.status == 200
+    cookie = signed_in.cookies["datastore_token"]
+    assert (cookie["httponly"], cookie["samesite"], cookie["max-age"]) == (True, "Strict", "")
+    # The client's cookie jar now authorises a plain GET, as a link in the page would.
+    assert (await store.client.get("/files/a.txt")).status == 200
+
+    await tokens.revoke(issued.record.id)
+    assert (await store.client.get("/files/a.txt")).status == 401
+    signed_out = await store.client.delete("/_api/v1/session")
+    assert signed_out.status == 204
+    assert (await store.client.get("/files/a.txt")).status == 401
+    assert "datastore_token" not in {c.key for c in store.client.session.cookie_jar}
+
+
+INI = b"[manifest]\nnum_files = 1\n\n[0]\nname = x.txt\nsize = 3\n"
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        pytest.param({}, 200, id="a-legacy-client-sends-neither"),
+        pytest.param({"Sec-Fetch-Site": "same-origin"}, 200, id="the-page-itself"),
+        pytest.param({"Sec-Fetch-Site": "cross-site", "Origin": "http://evil.example"}, 403, id="cross-site-form"),
+        pytest.param({"Sec-Fetch-Site": "same-site", "Origin": "http://127.0.0.1:1"}, 403, id="same-site-other-port"),
+        pytest.param({"Origin": "http://evil.example"}, 403, id="an-older-browser-sends-only-origin"),
+        pytest.param({"Origin": "null"}, 403, id="a-sandboxed-page"),
+    ],
+)
+async def test_a_browser_cannot_post_a_manifest_for_another_site(
+    make_store: MakeStore, headers: dict[str, str], expected: int
+) -> None:
+    store = await make_store()  # open to anyone: a cross-site page must still not use a visitor's browser
+    response = await store.client.post("/files/manifest", data=INI, headers={"Content-Type": "text/plain", **headers})
+    assert response.status == expected, await response.text()
+    if expected == 403:
+        assert (await response.text()).startswith("Cross-site request refused")
+
+
+async def test_the_pages_own_origin_may_post_without_sec_fetch_site(make_store: MakeStore) -> None:
+    store = await make_store()
+    origin = str(store.client.make_url("/")).rstrip("/")
+    response = await store.client.post(
+        "/files/manifest", data=INI, headers={"Content-Type": "text/plain", "Origin": origin}
+    )
+    assert response.status == 200
+
+
+async def test_a_cross_site_delete_is_refused_even_with_a_valid_session(make_store: MakeStore) -> None:
+    store = await safe_store(make_store)
+    token = await issue(store, "ada", "read", "upload", "delete")
+    assert (await upload(store, "a.txt", DATA, bearer(token)))[0] == 200
+    await store.client.post("/_api/v1/session", headers=bearer(token))
+
+    response = await store.client.delete("/files/a.txt", headers={"Sec-Fetch-Site": "cross-site"})
+
+    assert response.status == 403
+    assert store.served_files() == ["a.txt"]

@@ -17,6 +17,9 @@ import pytest
 from playwright.async_api import Browser, Page, Route, async_playwright, expect
 from playwright.async_api import Error as PlaywrightError
 
+from datastore.context import CONTEXT
+from datastore.security.policy import Policy
+
 from .conftest import MakeStore
 from .harness import Store
 from .test_tls import COUNTRY, ORG, UNIT, Pki, TlsStore, build_store
@@ -144,21 +147,50 @@ async def test_the_drop_zone_opens_the_file_picker_from_the_keyboard(make_store:
         await zone.press("Enter")
     chooser = await waiting.value
     assert chooser.is_multiple()
-    await expect(page.get_by_label("Your identity")).to_be_visible()
+    await expect(page.get_by_label("Token")).to_be_visible()
 
 
-async def test_the_identity_field_is_sent_as_x_client_dn(
+async def test_signing_in_with_a_token_uploads_lists_and_downloads_as_its_subject(
     make_store: MakeStore, browser: Browser, tmp_path: Path
 ) -> None:
-    store = await make_store()
+    store = await make_store(policy=Policy(), trust_client_dn=False)  # the shipped defaults
+    token = (await store.client.app[CONTEXT].tokens.create("ada", ["read", "upload"])).token
     page = await open_page(browser, store)
-    await page.get_by_label("Your identity").fill("/O=Lab/CN=Ada")
-    await page.get_by_label("Your identity").dispatch_event("change")
+    await expect(page.get_by_role("status")).to_have_text("Sign in to see the files.")
 
+    await page.get_by_label("Token").fill(token)
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.locator("#whoami")).to_have_text("Signed in as ada.")
     await page.set_input_files("#file-input", [str(write(tmp_path / "ada.txt", b"by Ada"))])
 
     await expect(page.get_by_role("status")).to_have_text("1 file(s) uploaded.", timeout=30_000)
-    await expect(page.locator("#files tbody tr")).to_contain_text("/O=Lab/CN=Ada")
+    row = page.locator("#files tbody tr")
+    await expect(row).to_contain_text("ada.txt")
+    await expect(row.locator("td.owner")).to_have_text("you")
+    # A plain link downloads it: the session cookie authorises navigations too.
+    async with page.expect_download() as waiting:
+        await page.get_by_role("link", name="ada.txt").click()
+    await (await waiting.value).save_as(tmp_path / "saved.txt")
+    assert (tmp_path / "saved.txt").read_bytes() == b"by Ada"
+    cookies = await page.context.cookies()
+    assert [(c["name"], c["httpOnly"], c["sameSite"]) for c in cookies] == [("datastore_token", True, "Strict")]
+
+    await page.get_by_role("button", name="Sign out").click()
+    await expect(page.get_by_role("status")).to_have_text("Sign in to see the files.")
+    await expect(page.locator("#files tbody tr")).to_have_count(0)
+
+
+async def test_a_link_with_a_token_in_its_fragment_signs_in_and_forgets_the_fragment(
+    make_store: MakeStore, browser: Browser
+) -> None:
+    store = await make_store(policy=Policy(), trust_client_dn=False)
+    token = (await store.client.app[CONTEXT].tokens.create("bob", ["read"])).token
+    page = await (await browser.new_context()).new_page()
+    await page.goto(str(store.client.make_url("/files/")) + f"#token={token}")
+
+    await expect(page.locator("#whoami")).to_have_text("Signed in as bob.")
+    assert token not in page.url
+    await expect(page.locator("#empty")).to_be_visible()
 
 
 async def test_the_page_forbids_foreign_scripts_and_framing(make_store: MakeStore) -> None:
@@ -215,7 +247,8 @@ async def test_the_page_uploads_over_tls_with_a_client_certificate(
     await page.set_input_files("#file-input", [str(write(tmp_path / "signed.txt", b"over mutual TLS"))])
 
     await expect(page.get_by_role("status")).to_have_text("1 file(s) uploaded.", timeout=30_000)
-    await expect(page.locator("#files tbody tr")).to_contain_text(f"/C={COUNTRY}/O={ORG}/OU={UNIT}/CN=ada")
+    await expect(page.locator("#whoami")).to_contain_text(f"/C={COUNTRY}/O={ORG}/OU={UNIT}/CN=ada")
+    await expect(page.locator("#files tbody tr td.owner")).to_have_text("you")
     assert (store.root / TLS_PREFIX / "signed.txt").read_bytes() == b"over mutual TLS"
 
 

@@ -19,11 +19,57 @@ class UploadError extends Error {
   }
 }
 
-function identityHeaders(extra = {}) {
-  const headers = { ...extra };
-  const identity = $("#identity").value.trim();
-  if (identity) headers["X-Client-DN"] = identity;
-  return headers;
+// -- who you are ----------------------------------------------------------------------------
+// A token is exchanged once for a session cookie (HttpOnly: this script never keeps it), so
+// that every request of the page, links to downloads included, carries it. Over https the
+// browser's client certificate is the identity instead.
+
+function showIdentity(who) {
+  const signedIn = who.kind === "token";
+  const text = {
+    anonymous: "Not signed in.",
+    token: `Signed in as ${who.subject}${who.admin ? " (administrator)" : ""}.`,
+    certificate: `Signed in with your certificate: ${who.dn}.`,
+    asserted: `Identified as ${who.dn} (X-Client-DN).`,
+  }[who.kind];
+  $("#whoami").textContent = text || `Signed in as ${who.subject}.`;
+  $("#signout").hidden = !signedIn;
+  $("#signin").hidden = who.kind !== "anonymous";
+}
+
+async function whoAmI() {
+  const response = await fetch("/_api/v1/identity", { headers: { Accept: "application/json" }, cache: "no-store" });
+  if (response.ok) {
+    showIdentity(await response.json());
+    return;
+  }
+  // A session whose token was revoked or expired: sign out, then ask again.
+  if (response.status === 401) {
+    await fetch("/_api/v1/session", { method: "DELETE" });
+    showIdentity({ kind: "anonymous" });
+    return;
+  }
+  say(`Could not tell who you are: ${await errorMessage(response)}`);
+}
+
+async function signIn(token) {
+  const response = await fetch("/_api/v1/session", {
+    method: "POST",
+    headers: { Authorization: `Bearer ${token}`, Accept: "application/json" },
+  });
+  if (!response.ok) {
+    say(`Sign-in failed: ${await errorMessage(response)}`);
+    return;
+  }
+  showIdentity(await response.json());
+  say("");
+  await refreshList();
+}
+
+async function signOut() {
+  await fetch("/_api/v1/session", { method: "DELETE" });
+  showIdentity({ kind: "anonymous" });
+  await refreshList();
 }
 
 function human(bytes) {
@@ -55,9 +101,14 @@ async function errorMessage(response) {
 // -- the file list ------------------------------------------------------------------------
 
 async function refreshList() {
-  const response = await fetch(base, { headers: identityHeaders({ Accept: "application/json" }), cache: "no-store" });
+  const response = await fetch(base, { headers: { Accept: "application/json" }, cache: "no-store" });
   if (!response.ok) {
-    say(`Could not list the files: ${await errorMessage(response)}`);
+    if (response.status === 401) $("#files tbody").replaceChildren();
+    say(
+      response.status === 401
+        ? "Sign in to see the files."
+        : `Could not list the files: ${await errorMessage(response)}`,
+    );
     return;
   }
   const { files } = await response.json();
@@ -72,7 +123,7 @@ async function refreshList() {
       const cells = [
         link,
         human(file.size),
-        file.owner || "anonymous",
+        file.yours ? "you" : file.owner || "—",
         new Date(file.uploaded_at * 1000).toLocaleString(),
         file.sha256,
       ];
@@ -148,7 +199,7 @@ async function uploadFiles(list) {
   }
   const response = await fetch(base + "manifest", {
     method: "POST",
-    headers: identityHeaders({ "Content-Type": "application/json", Accept: "application/json" }),
+    headers: { "Content-Type": "application/json", Accept: "application/json" },
     body: JSON.stringify({ files: entries }),
   });
   if (response.status !== 201) {
@@ -236,7 +287,7 @@ async function withRetries(call, row) {
 async function headOffset(url) {
   let response;
   try {
-    response = await fetch(url, { method: "HEAD", headers: identityHeaders({ "Tus-Resumable": "1.0.0" }), cache: "no-store" });
+    response = await fetch(url, { method: "HEAD", headers: { "Tus-Resumable": "1.0.0" }, cache: "no-store" });
   } catch (error) {
     throw new UploadError("The connection failed", true);
   }
@@ -250,11 +301,11 @@ function patch(url, offset, buffer, checksum, progress) {
   return new Promise((resolve, reject) => {
     const request = new XMLHttpRequest();
     request.open("PATCH", url);
-    const headers = identityHeaders({
+    const headers = {
       "Tus-Resumable": "1.0.0",
       "Content-Type": "application/offset+octet-stream",
       "Upload-Offset": String(offset),
-    });
+    };
     if (checksum) headers["Upload-Checksum"] = `sha256 ${checksum}`;
     for (const [name, value] of Object.entries(headers)) request.setRequestHeader(name, value);
     request.upload.onprogress = (event) => progress(event.loaded);
@@ -286,9 +337,13 @@ function patch(url, offset, buffer, checksum, progress) {
 function start() {
   $("#prefix-name").textContent = `/${prefix}/`;
   document.title = `datastore /${prefix}/`;
-  const identity = $("#identity");
-  identity.value = localStorage.getItem("datastore.identity") || "";
-  identity.addEventListener("change", () => localStorage.setItem("datastore.identity", identity.value.trim()));
+  $("#signin").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const token = $("#token").value.trim();
+    $("#token").value = "";
+    if (token) signIn(token).catch((error) => say(`Sign-in failed: ${error.message}`));
+  });
+  $("#signout").addEventListener("click", () => signOut().catch((error) => say(`Sign-out failed: ${error.message}`)));
 
   const zone = $("#drop-zone");
   const input = $("#file-input");
@@ -314,7 +369,11 @@ function start() {
     input.value = "";
     uploadFiles(files).catch((error) => say(`Upload failed: ${error.message}`));
   });
-  refreshList().catch((error) => say(`Could not list the files: ${error.message}`));
+  // A link such as /files/#token=dst_… signs in (the fragment never reaches a server or a log).
+  const fromLink = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (fromLink) history.replaceState(null, "", location.pathname + location.search);
+  const ready = fromLink ? signIn(fromLink) : whoAmI().then(refreshList);
+  ready.catch((error) => say(`Could not list the files: ${error.message}`));
 }
 
 document.addEventListener("DOMContentLoaded", start);
