@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -37,6 +39,7 @@ import aiohttp
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
 
 from datastore.handlers.directory import DirectoryHandler
 from datastore.security.certs import CertificateDirectory, Issued, issue, make_ca, make_crl, make_name, now
@@ -45,7 +48,15 @@ from datastore.security.tls import CrlReloader, server_context
 from datastore.server import HTTPSTransferServer
 
 from .fakes import RecordingHandler
-from .harness import OPEN_POLICY, OPEN_STORE_ENV, ini_manifest, json_manifest, make_settings, parse_legacy_reply
+from .harness import (
+    OPEN_POLICY,
+    OPEN_STORE_ENV,
+    ini_manifest,
+    json_manifest,
+    make_settings,
+    parse_legacy_reply,
+    until,
+)
 
 PREFIX = "files"  # a RecordingHandler
 SHELF = "shelf"  # a DirectoryHandler (it can delete)
@@ -136,9 +147,10 @@ class Pki:
         ca: Issued | None = None,
         not_before: datetime.datetime | None = None,
         not_after: datetime.datetime | None = None,
+        subject: x509.Name | None = None,
     ) -> ClientCert:
-        """A client certificate with the same kind of subject, signed by ``ca`` (default: this CA)."""
-        subject = make_name(name, organization=ORG, unit=UNIT, country=COUNTRY)
+        """A client certificate with the same kind of subject (or ``subject``), signed by ``ca`` (default: this CA)."""
+        subject = subject or make_name(name, organization=ORG, unit=UNIT, country=COUNTRY)
         issued = issue(ca or self.ca, subject, client=True, not_before=not_before, not_after=not_after)
         cert, key = self.minted / f"{name}.pem", self.minted / f"{name}.key"
         cert.write_bytes(issued.certificate.public_bytes(serialization.Encoding.PEM))
@@ -895,3 +907,254 @@ def test_serve_tls_with_bad_tls_settings_exits_2_with_one_line(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert message in lines[0]
+
+
+# -- promises kept for every request: revocation, expiry, resumption, identities ---------------------------------
+
+#: Upper bound on anything these tests wait for.
+WAIT = 20.0
+
+
+class KeptConnection:
+    """One TLS connection kept open across HTTP/1.1 requests (blocking: use it from a thread)."""
+
+    def __init__(self, port: int, context: ssl.SSLContext, session: ssl.SSLSession | None = None) -> None:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+        try:
+            self.tls = context.wrap_socket(raw, server_hostname="localhost", session=session)
+        except BaseException:
+            raw.close()
+            raise
+
+    def request(self, method: str, path: str) -> tuple[int, str, bytes]:
+        """(status, Connection header, body) of one request without a body on this connection."""
+        self.tls.sendall(f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n".encode())
+        response = http.client.HTTPResponse(self.tls)
+        response.begin()
+        return response.status, response.getheader("Connection", ""), response.read()
+
+    def closed_by_the_server(self) -> bool:
+        try:
+            return self.tls.recv(1) == b""
+        except (ConnectionError, ssl.SSLError):
+            return True
+
+    def close(self) -> None:
+        self.tls.close()
+
+
+async def keep(store: TlsStore, client: ClientCert, version: ssl.TLSVersion | None = None) -> KeptConnection:
+    return await asyncio.to_thread(KeptConnection, store.server.port, store.pki.context(client, version))
+
+
+async def revoke(store: TlsStore, name: str) -> None:
+    await asyncio.to_thread(store.pki.certs.revoke, name)
+    await store.server.reload()
+
+
+async def test_a_connection_opened_before_a_revocation_is_refused_and_closed_at_its_next_request(
+    store: TlsStore, ada: ClientCert
+) -> None:
+    connection = await keep(store, ada)
+    try:
+        assert (await asyncio.to_thread(connection.request, "GET", f"/{PREFIX}/"))[0] == 200
+        await revoke(store, "ada")
+
+        status, closing, body = await asyncio.to_thread(connection.request, "GET", f"/{PREFIX}/")
+
+        assert (status, closing) == (403, "close")
+        assert body == b"Client certificate refused: the client certificate has been revoked\n"
+        assert await asyncio.to_thread(connection.closed_by_the_server)
+    finally:
+        connection.close()
+    assert "ada" not in {identity.dn for identity in store.handler.identities[1:]}
+
+
+async def test_an_upload_under_way_is_cut_when_the_crl_revokes_its_certificate(
+    store: TlsStore, ada: ClientCert
+) -> None:
+    size = 64 << 20
+    key = await store.register(ada, [("big.bin", b"\0" * size)], prefix=SHELF)
+    staging = store.root.parent / "state" / "staging"
+    connection = await keep(store, ada)
+
+    def start_upload() -> None:
+        head = f"PUT /{SHELF}/{key}/0 HTTP/1.1\r\nHost: localhost\r\nContent-Length: {size}\r\n\r\n"
+        connection.tls.sendall(head.encode() + b"\0" * (4 << 20))
+
+    def send_the_rest() -> BaseException | None:
+        try:
+            for _ in range(60):
+                connection.tls.sendall(b"\0" * (1 << 20))
+            response = http.client.HTTPResponse(connection.tls)
+            response.begin()
+        except (ConnectionError, ssl.SSLError, http.client.HTTPException) as error:
+            return error
+        return None
+
+    try:
+        await asyncio.to_thread(start_upload)
+        await until(lambda: staged_size(staging) > 0, "bytes of the upload were staged", timeout=WAIT)
+        await revoke(store, "ada")
+        assert await asyncio.to_thread(send_the_rest) is not None
+    finally:
+        connection.close()
+    await until(lambda: staged_size(staging) == 0, "the staging file was removed", timeout=WAIT)
+    assert not store.published(SHELF, "big.bin")
+
+
+def staged_size(staging: Path) -> int:
+    return sum(entry.stat().st_size for entry in staging.iterdir()) if staging.exists() else 0
+
+
+@pytest.mark.parametrize("version", TLS_VERSIONS)
+async def test_tls_sessions_are_never_resumed_so_a_revoked_certificate_meets_a_full_handshake(
+    store: TlsStore, ada: ClientCert, version: ssl.TLSVersion
+) -> None:
+    context = store.pki.context(ada, version)
+    first = await asyncio.to_thread(KeptConnection, store.server.port, context)
+    assert (await asyncio.to_thread(first.request, "GET", f"/{PREFIX}/"))[0] == 200
+    session = first.tls.session
+    first.close()
+    again = await asyncio.to_thread(KeptConnection, store.server.port, context, session)
+    assert not again.tls.session_reused
+    again.close()
+
+    await revoke(store, "ada")
+
+    def resume() -> None:
+        connection = KeptConnection(store.server.port, context, session)
+        try:
+            connection.request("GET", f"/{PREFIX}/")
+        finally:
+            connection.close()
+
+    with pytest.raises((ConnectionError, ssl.SSLError, http.client.HTTPException)):
+        await asyncio.to_thread(resume)
+
+
+async def test_a_resumed_session_of_a_revoked_certificate_is_refused_by_the_per_request_check(
+    pki: Pki, ada: ClientCert, tmp_path: Path
+) -> None:
+    # An application may hand the server a context of its own, with session tickets on.
+    context = await asyncio.to_thread(
+        server_context, pki.certs.path("server", "pem"), pki.certs.path("server", "key"), [pki.ca_pem], pki.crl
+    )
+    context.options &= ~ssl.OP_NO_TICKET
+    context.num_tickets = 2
+    root = tmp_path / "own-context"
+    crl = await asyncio.to_thread(CrlReloader, context, pki.crl)
+    server = HTTPSTransferServer(make_settings(root, tmp_path / "state"), context, crl=crl)
+    server.register_prefix(PREFIX, DirectoryHandler(root / PREFIX, catalogue=tmp_path / "state" / "catalogue.sqlite3"))
+    await server.start()
+    try:
+        client = pki.context(ada, ssl.TLSVersion.TLSv1_2)
+        first = await asyncio.to_thread(KeptConnection, server.port, client)
+        assert (await asyncio.to_thread(first.request, "GET", f"/{PREFIX}/"))[0] == 200
+        session = first.tls.session
+        first.close()
+        await asyncio.to_thread(pki.certs.revoke, "ada")
+        await server.reload()
+
+        resumed = await asyncio.to_thread(KeptConnection, server.port, client, session)
+        try:
+            assert resumed.tls.session_reused
+            status, closing, _ = await asyncio.to_thread(resumed.request, "GET", f"/{PREFIX}/")
+            assert (status, closing) == (403, "close")
+        finally:
+            resumed.close()
+    finally:
+        await server.stop()
+
+
+async def test_a_certificate_that_expires_while_its_connection_is_open_is_refused_from_then_on(
+    store: TlsStore,
+) -> None:
+    expires = now() + datetime.timedelta(seconds=3)
+    brief = await asyncio.to_thread(store.pki.mint, "brief", not_after=expires)
+    connection = await keep(store, brief)
+    try:
+        assert (await asyncio.to_thread(connection.request, "GET", f"/{PREFIX}/"))[0] == 200
+        await until(lambda: time.time() > expires.timestamp(), "the certificate expired", timeout=WAIT)
+
+        status, _, body = await asyncio.to_thread(connection.request, "GET", f"/{PREFIX}/")
+
+        assert (status, body) == (403, b"Client certificate refused: the client certificate has expired\n")
+    finally:
+        connection.close()
+
+
+def subject(*attributes: tuple[x509.ObjectIdentifier, str]) -> x509.Name:
+    return x509.Name([x509.NameAttribute(oid, value) for oid, value in attributes])
+
+
+async def test_subjects_that_differ_only_in_escaping_are_two_identities(store: TlsStore) -> None:
+    # Written the AccessGrid way, both are /O=Lab/CN=ada/OU=Physics.
+    one = subject((NameOID.ORGANIZATION_NAME, ORG), (NameOID.COMMON_NAME, "ada/OU=Physics"))
+    two = subject(
+        (NameOID.ORGANIZATION_NAME, ORG), (NameOID.COMMON_NAME, "ada"), (NameOID.ORGANIZATIONAL_UNIT_NAME, UNIT)
+    )
+    mallory = await asyncio.to_thread(store.pki.mint, "mallory", subject=one)
+    ada = await asyncio.to_thread(store.pki.mint, "ada-plain", subject=two)
+    await store.upload(ada, "a.dat", b"Ada's", prefix=SHELF)
+
+    assert (await store.request(mallory, "DELETE", f"/{SHELF}/a.dat")).status == 403
+    listing = (await store.request(mallory, "GET", f"/{SHELF}/", headers={"Accept": "application/json"})).json()
+    assert [(f["owner"], f["yours"]) for f in listing["files"]] == [(None, False)]
+    seen = [(await store.request(c, "GET", "/_api/v1/identity")).json() for c in (mallory, ada)]
+    assert [(w["subject"], w["dn"]) for w in seen] == [
+        ("CN=ada/OU=Physics,O=Lab", "/O=Lab/CN=ada\\/OU=Physics"),
+        ("OU=Physics,CN=ada,O=Lab", "/O=Lab/CN=ada/OU=Physics"),
+    ]
+    assert (await store.request(ada, "DELETE", f"/{SHELF}/a.dat")).status == 204
+
+
+async def test_the_same_subject_from_another_trusted_ca_is_another_identity(
+    pki: Pki, ada: ClientCert, tmp_path: Path
+) -> None:
+    other_ca = await asyncio.to_thread(make_ca, make_name("Other CA", organization="Other"))
+    other_ca_pem = tmp_path / "other-ca.pem"
+    other_ca_pem.write_bytes(other_ca.certificate.public_bytes(serialization.Encoding.PEM))
+    twin = await asyncio.to_thread(pki.mint, "ada-twin", ca=other_ca, subject=ada.certificate.subject)
+    context = await asyncio.to_thread(
+        server_context, pki.certs.path("server", "pem"), pki.certs.path("server", "key"), [pki.ca_pem, other_ca_pem]
+    )
+    root, state = tmp_path / "two-cas", tmp_path / "state"
+    server = HTTPSTransferServer(make_settings(root, state), context)
+    handler = RecordingHandler(root / PREFIX, state / "catalogue" / f"{PREFIX}.sqlite3")
+    shelf = DirectoryHandler(root / SHELF, catalogue=state / "catalogue" / f"{SHELF}.sqlite3")
+    server.register_prefix(PREFIX, handler)
+    server.register_prefix(SHELF, shelf)
+    store = TlsStore(server, handler, shelf, pki, root)
+    await server.start()
+    try:
+        await store.upload(ada, "a.dat", b"Ada's", prefix=SHELF)
+        assert (await store.request(twin, "DELETE", f"/{SHELF}/a.dat")).status == 403
+        assert store.published(SHELF, "a.dat")
+        assert (await store.request(ada, "DELETE", f"/{SHELF}/a.dat")).status == 204
+    finally:
+        await server.stop()
+
+
+async def test_an_administrator_named_by_subject_may_delete_anothers_file(
+    start_store: StartStore, ada: ClientCert, pki: Pki
+) -> None:
+    store = await start_store(admin_subjects=(f"CN=root,OU={UNIT},O={ORG},C={COUNTRY}",))
+    root = await asyncio.to_thread(pki.client, "root")
+    await store.upload(ada, "a.dat", b"Ada's", prefix=SHELF)
+
+    assert (await store.request(root, "GET", "/_api/v1/identity")).json()["admin"] is True
+    assert (await store.request(root, "DELETE", f"/{SHELF}/a.dat")).status == 204
+
+
+async def test_control_characters_of_a_subject_never_reach_the_log_raw(
+    store: TlsStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="datastore")
+    eve = await asyncio.to_thread(
+        store.pki.mint, "eve", subject=subject((NameOID.COMMON_NAME, "eve\x1b[2J\nINFO forged line"))
+    )
+    await store.upload(eve, "e.dat", b"Eve's", prefix=SHELF)
+    messages = [record.getMessage() for record in caplog.records if record.name.startswith("datastore")]
+    assert any("eve\\x1b[2J\\nINFO forged line" in message for message in messages), messages
+    assert not any("\x1b" in message or "\n" in message for message in messages)
