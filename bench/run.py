@@ -53,6 +53,8 @@ REPO = HERE.parent
 #: Settings of our server beyond its defaults (fsync stays on, as shipped).
 OUR_ENV = {
     "DATASTORE_MAX_CONCURRENT_UPLOADS": "256",
+    # One client (the bench) runs the 200 concurrent uploads.
+    "DATASTORE_MAX_UPLOADS_PER_CLIENT": "256",
     # The bench uploads and downloads anonymously, as nginx serves them: open the store to that.
     "DATASTORE_POLICY": "list=anyone,read=anyone,upload=anyone",
 }

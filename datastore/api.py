@@ -24,6 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .bodies import read_bounded
 from .context import CONTEXT, StoreContext, identify
 from .errors import (
     BadRequest,
@@ -36,11 +37,11 @@ from .errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from .security.identity import printable
+from .security.logsafe import printable
 from .security.tokens import DEFAULT_LIFETIME, TokenError, token_json
 from .timestamps import iso_time
 from .transfers import Transfer, TransferState
-from .upload import cancel_transfer, expire_transfers, read_bounded
+from .upload import cancel_transfer, expire_transfers
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ async def handle_token_create(request: web.Request) -> web.Response:
     ctx = await _admin_context(request)
     if request.content_type != "application/json":
         raise UnsupportedMediaType("send the token request as application/json")
-    body = await read_bounded(request, MAX_TOKEN_REQUEST, ctx.settings.body_timeout)
+    body = await read_bounded(request, MAX_TOKEN_REQUEST, ctx.settings)
     try:
         document = json.loads(body)
     except (ValueError, RecursionError):

@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import os
+import resource
 import ssl
 import sys
 import time
@@ -30,6 +31,7 @@ from .cli_client import run_client_command
 from .config import Settings, SettingsError, load_settings, parse_duration, settings_help
 from .handlers.directory import DirectoryHandler
 from .security.certs import DEFAULT_DIR, CertificateDirectory, CertificateError
+from .security.logsafe import log_to_stderr
 from .security.tls import CrlReloader, server_context
 from .security.tokens import TokenError, TokenStore, bootstrap_admin_token, parse_actions, token_json
 from .server import HTTPSTransferServer, HTTPTransferServer, TransferServer
@@ -209,10 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     """``datastore serve``."""
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    log_to_stderr(getattr(logging, str(args.log_level).upper(), logging.INFO))
     flags = {
         "root": args.root,
         "state_dir": args.state_dir,
@@ -237,6 +236,7 @@ def serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"datastore: {exc}", file=sys.stderr)
         return 2
+    raise_file_limit()
     token_file = settings.effective_state_dir / ADMIN_TOKEN_FILE
     if asyncio.run(_bootstrap(settings, token_file)):
         print(f"datastore: first start: an administrator token is in {token_file} (see: datastore tokens --help)")
@@ -283,6 +283,19 @@ def make_server(settings: Settings) -> TransferServer:
         )
         server.register_prefix(prefix, handler)
     return server
+
+
+#: The most file descriptors ``serve`` asks for (the hard limit may be far higher).
+FILE_LIMIT = 65536
+
+
+def raise_file_limit() -> None:
+    """Raise this process's soft limit of open files toward its hard limit, as nginx does with
+    worker_rlimit_nofile: the connection cap (max_connections) follows from it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = FILE_LIMIT if hard == resource.RLIM_INFINITY else min(hard, FILE_LIMIT)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 #: Where the first start of a store leaves its administrator token, in the state directory.

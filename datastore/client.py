@@ -232,7 +232,10 @@ class DataStoreClient:
                 raise UploadRefused(403, f"the store refused {', '.join(names)}", names)
             if response.status != 201:
                 raise RequestFailed(response.status, str(body.get("message", response.reason)))
-        return str(body["transfer_key"]), [str(entry["upload_url"]) for entry in body["files"]]
+        key = str(body["transfer_key"])
+        # The upload URLs have one shape: built on the address this client reaches the store at
+        # (which a proxy or a port forward may make other than the one the store answers with).
+        return key, [f"{self.base}/{prefix}/{key}/{entry['num']}" for entry in body["files"]]
 
     async def _resume(self, prefix: str, key: str, files: Sequence[LocalFile]) -> tuple[str, list[str]]:
         status = await self.status(key)

@@ -24,6 +24,7 @@ from typing import Any
 from .manifest import ManifestLimits
 from .security.policy import Policy, PolicyError, parse_rules, policy_from
 
+_PUBLIC_URL = re.compile(r"^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?(/[A-Za-z0-9._~%/-]*)?$")
 _PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SIZE = re.compile(r"^\s*([0-9]+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -44,6 +45,13 @@ class Settings:
     )
     host: str = field(default="127.0.0.1", metadata={"doc": "Address to listen on."})
     port: int = field(default=8006, metadata={"doc": "TCP port to listen on (0 picks a free one)."})
+    public_url: str | None = field(
+        default=None,
+        metadata={
+            "doc": "The store's URL as clients reach it (https://files.example.org), for the URLs it returns; "
+            "default: the address and port each request arrived on (never the Host header)."
+        },
+    )
     prefixes: tuple[str, ...] = field(
         default=("files",), metadata={"doc": "Prefixes served by a DirectoryHandler on ROOT/NAME."}
     )
@@ -74,6 +82,43 @@ class Settings:
     )
     max_concurrent_uploads: int = field(
         default=64, metadata={"doc": "Uploads running at once (per worker); more are answered 503 with Retry-After."}
+    )
+    max_uploads_per_client: int = field(
+        default=8,
+        metadata={"doc": "Uploads one identity (or, anonymous, one address) runs at once, per worker (429 beyond)."},
+    )
+    max_reserved_bytes_per_client: int = field(
+        default=256 << 30,
+        metadata={"doc": "Bytes one identity's open transfers may still write, all together (429 beyond)."},
+    )
+    max_reserved_names_per_client: int = field(
+        default=20_000,
+        metadata={"doc": "Files one identity's open transfers may reserve, all together (429 beyond)."},
+    )
+    max_transfers_per_client: int = field(
+        default=200, metadata={"doc": "Open transfers one identity may hold at once (429 beyond)."}
+    )
+    start_timeout: float = field(
+        default=900.0,
+        metadata={"doc": "Seconds a transfer may wait for its first byte before it expires and its names are free."},
+    )
+    min_upload_rate: int = field(
+        default=1024,
+        metadata={
+            "doc": "Bytes per second an upload (or a manifest) must average over each rate_window (408 below); "
+            "0 turns the check off."
+        },
+    )
+    rate_window: float = field(default=30.0, metadata={"doc": "Seconds over which min_upload_rate is measured."})
+    max_connections: int = field(
+        default=0,
+        metadata={
+            "doc": "Connections open at once, per worker (more get 503 and are closed); 0: from the file-descriptor "
+            "limit, at most 4096."
+        },
+    )
+    max_connections_per_client: int = field(
+        default=256, metadata={"doc": "Connections one address may hold open at once, per worker (503 beyond)."}
     )
     workers: int = field(
         default=1,
@@ -152,10 +197,24 @@ class Settings:
             check_prefix(prefix)
         if not 0 <= self.port <= 65535:
             raise SettingsError(f"port must be between 0 and 65535, not {self.port}")
-        for name in ("max_manifest_bytes", "max_files", "max_concurrent_uploads", "chunk_size", "upload_buffer_budget"):
+        positive = (
+            "max_manifest_bytes",
+            "max_files",
+            "max_concurrent_uploads",
+            "chunk_size",
+            "upload_buffer_budget",
+            "max_uploads_per_client",
+            "max_reserved_bytes_per_client",
+            "max_reserved_names_per_client",
+            "max_transfers_per_client",
+            "max_connections_per_client",
+        )
+        for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
-        for name in ("key_lifetime", "body_timeout", "sweep_interval", "idle_timeout"):
+        if self.max_connections < 0 or self.min_upload_rate < 0:
+            raise SettingsError("max_connections and min_upload_rate must not be negative")
+        for name in ("key_lifetime", "body_timeout", "sweep_interval", "idle_timeout", "start_timeout", "rate_window"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
         if self.max_file_size < 0 or self.min_free_bytes < 0:
@@ -170,6 +229,8 @@ class Settings:
             raise SettingsError("use tls (TLS on port) or tls_port (TLS beside plain HTTP), not both")
         if self.tls_port is not None and not 0 <= self.tls_port <= 65535:
             raise SettingsError(f"tls_port must be between 0 and 65535, not {self.tls_port}")
+        if self.public_url is not None and not _PUBLIC_URL.match(self.public_url):
+            raise SettingsError(f"public_url must be http(s)://HOST[:PORT][/PATH], not {self.public_url!r}")
         for prefix, _ in self.prefix_policies:
             check_prefix(prefix)
         if self.uses_tls and (self.tls_cert is None or self.tls_key is None or not self.tls_client_ca):

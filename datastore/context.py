@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from typing import Any
 from aiohttp import web
 
 from .config import Settings
-from .errors import DatastoreError, NotAuthorized, PathNotFound, ServiceUnavailable
+from .errors import DatastoreError, NotAuthorized, PathNotFound, ServiceUnavailable, TooManyUploads
 from .handlers.interface import (
     CanAuthorize,
     CanClose,
@@ -42,7 +43,7 @@ from .security.identity import Identity
 from .security.policy import Action, Policy
 from .security.tokens import TokenStore
 from .staging import BufferBudget, Digests
-from .transfers import TransferRegistry
+from .transfers import ClientQuota, TransferRegistry
 
 
 @dataclass(slots=True)
@@ -124,6 +125,8 @@ class StoreContext:
     #: Shared by every upload: how many buffers of received bytes may wait in memory.
     buffers: BufferBudget
     active_uploads: int = 0
+    #: Uploads now running in this process, by client (:func:`client_key`).
+    uploads_by_client: Counter[str] = field(default_factory=Counter)
     #: Declared bytes of the uploads now running, counted against free space.
     bytes_in_flight: int = 0
     #: Hash state of resumable uploads, by (key, num), with the number of the
@@ -139,6 +142,8 @@ class StoreContext:
     shared: bool = False
     #: This worker's number (0 to N-1), reported by the health endpoint.
     worker_index: int = 0
+    #: Large manifests parsed at once (in threads): each holds a few dozen MiB while it is parsed.
+    parses: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
     #: TLS requests under way, so that a CRL reload can cut those of revoked certificates.
     tls_requests: dict[int, web.Request] = field(default_factory=dict)
 
@@ -153,24 +158,65 @@ class StoreContext:
         except KeyError:
             raise PathNotFound() from None
 
+    @property
+    def quota(self) -> ClientQuota:
+        """What one client's open transfers may hold at once."""
+        settings = self.settings
+        return ClientQuota(
+            settings.max_transfers_per_client,
+            settings.max_reserved_names_per_client,
+            settings.max_reserved_bytes_per_client,
+        )
+
     @contextmanager
-    def upload_slot(self, size: int) -> Iterator[None]:
-        """Count one running upload of ``size`` bytes; 503 when all slots are taken."""
+    def upload_slot(self, size: int, client: str) -> Iterator[None]:
+        """Count one running upload of ``size`` bytes for ``client``.
+
+        429 when the client already runs as many as it may; 503 when the
+        store runs as many as it may.
+        """
+        limit = self.settings.max_uploads_per_client
+        if self.uploads_by_client[client] >= limit:
+            raise TooManyUploads(f"you are running {limit} uploads, as many as one client may at once")
         if self.active_uploads >= self.settings.max_concurrent_uploads:
             raise ServiceUnavailable()
         self.active_uploads += 1
+        self.uploads_by_client[client] += 1
         self.bytes_in_flight += size
         try:
             yield
         finally:
             self.active_uploads -= 1
             self.bytes_in_flight -= size
+            self.uploads_by_client[client] -= 1
+            if not self.uploads_by_client[client]:
+                del self.uploads_by_client[client]
 
 
 CONTEXT = web.AppKey("datastore.context", StoreContext)
 
 #: Where a request keeps its identity once established.
 _IDENTITY = web.RequestKey("datastore.identity", Identity)
+
+
+def base_url(request: web.Request) -> str:
+    """The URL the store returns links under: ``public_url`` (behind a reverse proxy, say), else the
+    address and port the request arrived on. Never the client's Host header, which anyone may write."""
+    public = request.app[CONTEXT].settings.public_url
+    if public is not None:
+        return public.rstrip("/")
+    scheme = "https" if request.secure else "http"
+    transport = request.transport
+    local = transport.get_extra_info("sockname") if transport is not None else None
+    if not isinstance(local, tuple) or len(local) < 2:
+        return f"{scheme}://localhost"
+    host = f"[{local[0]}]" if ":" in str(local[0]) else str(local[0])
+    return f"{scheme}://{host}:{local[1]}"
+
+
+def client_key(request: web.Request, identity: Identity) -> str:
+    """Whose share of the store a request uses: its identity, or for an anonymous client its address."""
+    return identity.principal or f"address:{request.remote or 'unknown'}"
 
 
 async def identify(request: web.Request) -> Identity:

@@ -30,7 +30,7 @@ from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_request import BaseRequest
 
-from .context import CONTEXT, Mount, identify, prefers_json
+from .context import CONTEXT, Mount, base_url, identify, prefers_json
 from .errors import FileNotFound, NotAuthorized, NotFound
 from .handlers.interface import Download, StoredFile
 from .names import validate_name
@@ -168,12 +168,12 @@ async def handle_listing(request: web.Request) -> web.StreamResponse:
     identity = await identify(request)
     await mount.authorize(identity, Action.LIST)
     files = await mount.lister.list_files(identity)
-    base = request.url.origin()
+    base = base_url(request)
     return web.json_response(
         {
             "prefix": mount.prefix,
             "files": [
-                _listed(f, identity, mount, str(base.with_path(f"/{mount.prefix}/{f.name}")))
+                _listed(f, identity, mount, f"{base}/{mount.prefix}/{quote(f.name, safe='')}")
                 for f in files
                 if request.secure or not _tls_only(mount, f)
             ],

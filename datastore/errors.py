@@ -40,6 +40,8 @@ The tree::
     ├── TusVersionUnsupported           412  missing or unknown Tus-Resumable
     ├── PayloadTooLarge                 413  manifest or body over a limit
     ├── UnsupportedMediaType            415
+    ├── QuotaExceeded                   429  a client's open transfers would hold more than its share
+    │   └── TooManyUploads              429  a client runs as many uploads at once as it may
     ├── ChunkChecksumMismatch           460  tus Upload-Checksum did not match
     ├── ServiceUnavailable              503  too many concurrent uploads
     └── InsufficientStorage             507  a manifest that does not fit on disk (JSON)
@@ -253,6 +255,18 @@ class UnsupportedMediaType(DatastoreError):
     status = 415
     reason = "Unsupported media type"
     code = "unsupported_media_type"
+
+
+class QuotaExceeded(DatastoreError):
+    status = 429
+    reason = "Quota exceeded"
+    code = "quota_exceeded"
+
+
+class TooManyUploads(QuotaExceeded):
+    reason = "Too many uploads at once"
+    code = "too_many_uploads"
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
 
 
 class ChunkChecksumMismatch(DatastoreError):

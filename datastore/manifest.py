@@ -70,13 +70,33 @@ class Manifest:
         return sum(f.size for f in self.files)
 
 
+#: What an INI manifest of N files may hold beyond what N files need: ConfigParser costs about
+#: 10 µs a line and more than that once a file has thousands of sections, so the shape of the
+#: text is bounded before it is parsed. A file takes 4 to 6 lines ([N], name, size, checksum,
+#: a blank line, perhaps sha256); AccessGrid ignored sections it did not know.
+INI_LINES_PER_FILE = 8
+INI_SPARE_LINES = 64
+INI_SPARE_SECTIONS = 8
+
+_NUM_FILES = re.compile(r"^[ \t]*num_files[ \t]*[=:][ \t]*([0-9]{1,9})[ \t]*$", re.MULTILINE | re.IGNORECASE)
+_SECTION = re.compile(r"^[ \t]*\[", re.MULTILINE)
+
+
 def parse_ini(body: bytes, limits: ManifestLimits) -> Manifest:
-    """Parse an AccessGrid INI manifest."""
+    """Parse an AccessGrid INI manifest.
+
+    Before ConfigParser sees it, the text may hold at most
+    :data:`INI_LINES_PER_FILE` lines per declared file (and
+    :data:`INI_SPARE_LINES`) and one section per file (and
+    :data:`INI_SPARE_SECTIONS`), counting ``max_files`` where ``num_files``
+    cannot be found; beyond that, ManifestError naming the bound.
+    """
     try:
         text = body.decode("utf-8-sig")
     except UnicodeDecodeError:
         # Python 2 clients wrote names in the platform's 8-bit encoding.
         text = body.decode("latin-1")
+    _check_shape(text, limits)
     # default_section is set to something no client can write, so that a
     # "[DEFAULT]" section is not silently inherited into every file.
     parser = configparser.ConfigParser(interpolation=None, default_section="\x00", strict=True)
@@ -94,6 +114,19 @@ def parse_ini(body: bytes, limits: ManifestLimits) -> Manifest:
         values = dict(parser.items(section))
         files.append(_file_from_fields(values, where=f"[{section}]", limits=limits))
     return _checked_manifest(files, lambda i: f"[{i}] name")
+
+
+def _check_shape(text: str, limits: ManifestLimits) -> None:
+    declared = _NUM_FILES.search(text)
+    files = min(int(declared[1]) if declared else limits.max_files, limits.max_files)
+    lines = text.count("\n") + 1
+    most_lines = INI_LINES_PER_FILE * (files + 1) + INI_SPARE_LINES
+    if lines > most_lines:
+        raise ManifestError(f"{lines} lines; a manifest of {files} file(s) may have at most {most_lines}")
+    sections = len(_SECTION.findall(text))
+    most_sections = files + 1 + INI_SPARE_SECTIONS
+    if sections > most_sections:
+        raise ManifestError(f"{sections} sections; a manifest of {files} file(s) may have at most {most_sections}")
 
 
 def parse_json(body: bytes, limits: ManifestLimits) -> Manifest:

@@ -40,14 +40,21 @@ import asyncio
 import contextlib
 import functools
 import logging
+import resource
 import signal
 import ssl
+import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from . import staging
 from .api import (
@@ -70,6 +77,7 @@ from .errors import BadRequest, CrossSiteRequest, DatastoreError, FileNotFound, 
 from .handlers.interface import TransferHandler
 from .handlers.legacy import LegacyHandler, LegacyHandlerAdapter
 from .security.identity import ANONYMOUS, DN_HEADER, Identity, identity_from_header
+from .security.logsafe import redact
 from .security.policy import Policy
 from .security.tls import CrlReloader, certificate_identity, normalise_subject, peer_certificate
 from .security.tokens import TokenStore
@@ -86,8 +94,28 @@ _PREFIX = "{prefix:[A-Za-z0-9][A-Za-z0-9._-]{0,127}}"
 #: budget (:class:`staging.BufferBudget`) leaves the rest of its body in the kernel.
 READ_BUFSIZE = 64 << 10
 
-#: One line per request: client, request line, status, bytes, seconds.
-ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tf'
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request: client, request line (keys and tokens cut short), status, bytes, seconds.
+
+    Off, and free, when ``datastore.access`` does not log INFO.
+    """
+
+    def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            '%s "%s %s HTTP/%d.%d" %d %d %.6f',
+            request.remote,
+            request.method,
+            redact(request.raw_path),
+            *request.version,
+            response.status,
+            response.body_length,
+            time,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +246,13 @@ class TransferServer(abc.ABC):
         """
         app = web.Application(
             middlewares=[error_middleware, cross_site_middleware, tls_request_middleware, method_override_middleware],
-            handler_args={"read_bufsize": READ_BUFSIZE},
+            # Whoever runs the app (our runner, a test server, an embedding application) logs requests
+            # through AccessLogger, which never writes a transfer key whole.
+            handler_args={
+                "read_bufsize": READ_BUFSIZE,
+                "access_log_class": AccessLogger,
+                "access_log": logging.getLogger("datastore.access"),
+            },
         )
         app.cleanup_ctx.append(self._lifecycle)
         app.router.add_get("/_api/v1/health", handle_health)
@@ -300,11 +334,10 @@ class TransferServer(abc.ABC):
         """Listen on every listener (port 0 picks a free one)."""
         if self._runner is not None:
             raise RuntimeError("the server is already running")
-        runner = web.AppRunner(
+        runner = StoreRunner(
             self.create_app(),
+            ConnectionGate(connection_cap(self.settings), self.settings.max_connections_per_client),
             keepalive_timeout=self.settings.idle_timeout,
-            access_log=logging.getLogger("datastore.access"),
-            access_log_format=ACCESS_LOG_FORMAT,
         )
         await runner.setup()
         bound = []
@@ -480,6 +513,172 @@ def _base_url(listener: Listener) -> str:
     return f"{listener.scheme}://{host}:{listener.port}"
 
 
+# -- connections ----------------------------------------------------------------
+
+
+def connection_cap(settings: Settings) -> int:
+    """``max_connections``, or from the file-descriptor limit: half of what is left after 128 for
+    the store's own files (each connection may hold a staging file too), at most 4096."""
+    if settings.max_connections:
+        return settings.max_connections
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 4096
+    return max(16, min(4096, (soft - 128) // 2))
+
+
+class ConnectionGate:
+    """Counts open connections, in all and per client address, and refuses those over the caps.
+
+    A refused connection never meets aiohttp: it gets one plain ``503``, its
+    write side is shut, whatever the client still sends is read and dropped
+    (so that closing it does not reset the connection before the client read
+    the answer), and it is closed when the client closes or after
+    :data:`LINGER` seconds. No request, no handler, no traceback; refusals
+    are logged at most once every :data:`REFUSAL_LOG_INTERVAL` seconds, with
+    how many there were.
+    """
+
+    def __init__(self, limit: int, per_client: int) -> None:
+        self.limit, self.per_client = limit, per_client
+        self.open = 0
+        self.by_client: Counter[str] = Counter()
+        #: Refused connections not closed yet; beyond MAX_LINGERING they are closed at once.
+        self.lingering = 0
+        #: Why the last connection was refused.
+        self.why = ""
+        self.refused = 0
+        self._logged_at = -REFUSAL_LOG_INTERVAL
+        self._unlogged = 0
+
+    def admit(self, transport: asyncio.BaseTransport) -> str | None:
+        """The client's address if the connection may stay (counted); None if it is to be refused."""
+        peer = transport.get_extra_info("peername")
+        client = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+        if self.open >= self.limit:
+            self._note_refusal(f"the store holds {self.limit} connections, as many as it may")
+            return None
+        if self.by_client[client] >= self.per_client:
+            self._note_refusal(f"your address holds {self.per_client} connections, as many as one may")
+            return None
+        self.open += 1
+        self.by_client[client] += 1
+        return client
+
+    def release(self, client: str) -> None:
+        """An admitted connection closed."""
+        self.open -= 1
+        self.by_client[client] -= 1
+        if not self.by_client[client]:
+            del self.by_client[client]
+
+    def _note_refusal(self, why: str) -> None:
+        self.why = why
+        self.refused += 1
+        self._unlogged += 1
+        now = time.monotonic()
+        if now - self._logged_at >= REFUSAL_LOG_INTERVAL:
+            log.warning("refused %d connection(s): %s", self._unlogged, why)
+            self._logged_at, self._unlogged = now, 0
+
+
+#: Seconds between two log lines about refused connections.
+REFUSAL_LOG_INTERVAL = 10.0
+#: Seconds a refused connection is read (and dropped) before it is closed, and how many may linger at once.
+LINGER = 2.0
+MAX_LINGERING = 256
+
+
+class _Admission(asyncio.Protocol):
+    """The first protocol of every connection: hands it to aiohttp, or refuses it."""
+
+    def __init__(self, server: GatedServer) -> None:
+        self.server = server
+        self.transport: asyncio.BaseTransport | None = None
+        self._closing: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        gate = self.server.gate
+        client = gate.admit(transport)
+        if client is not None:
+            handler = self.server.make_handler()
+            self.server.clients[handler] = client
+            transport.set_protocol(handler)
+            handler.connection_made(transport)
+            return
+        self.transport = transport
+        body = f"Too many connections: {gate.why}; try again later\n".encode()
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(
+            b"HTTP/1.1 503 Too many connections\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            + f"Content-Length: {len(body)}\r\n".encode()
+            + b"Retry-After: 1\r\nConnection: close\r\n\r\n"
+            + body
+        )
+        if gate.lingering >= MAX_LINGERING:
+            transport.close()
+            return
+        gate.lingering += 1
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._closing = asyncio.get_running_loop().call_later(LINGER, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        """A refused client's request: read and dropped."""
+
+    def eof_received(self) -> bool:
+        return False  # the client is done: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._closing is not None:
+            self._closing.cancel()
+            self.server.gate.lingering -= 1
+
+
+class GatedServer(web.Server):
+    """aiohttp's connection manager, with a :class:`ConnectionGate` in front of it."""
+
+    def __init__(self, gate: ConnectionGate, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = gate
+        #: The address of each admitted connection's handler.
+        self.clients: dict[RequestHandler, str] = {}
+
+    def __call__(self) -> _Admission:  # type: ignore[override]
+        """The protocol of a new connection (asyncio calls this when it accepts one)."""
+        return _Admission(self)
+
+    def make_handler(self) -> RequestHandler:
+        """aiohttp's protocol for an admitted connection."""
+        return super().__call__()
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        client = self.clients.pop(handler, None)
+        if client is not None:
+            self.gate.release(client)
+        super().connection_lost(handler, exc)
+
+
+class StoreRunner(web.AppRunner):
+    """An AppRunner whose server lets in only what its :class:`ConnectionGate` admits."""
+
+    def __init__(self, app: web.Application, gate: ConnectionGate, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.gate = gate
+
+    async def _make_server(self) -> web.Server:
+        made = await super()._make_server()
+        # The same server aiohttp would make (its handler, request factory, keyword arguments), gated.
+        return GatedServer(
+            self.gate,
+            made.request_handler,
+            request_factory=made.request_factory,
+            handler_cancellation=made.handler_cancellation,
+            loop=made._loop,
+            **made._kwargs,
+        )
+
+
 # -- request handlers that belong to no other module --------------------------
 
 
@@ -602,7 +801,7 @@ async def error_middleware(
     except web.HTTPException:
         raise
     except Exception:
-        log.exception("unexpected error in %s %s", request.method, request.path)
+        log.exception("unexpected error in %s %s", request.method, redact(request.path))
         return render_error(request, DatastoreError())
 
 

@@ -27,13 +27,14 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from .errors import PayloadTooLarge
+from .errors import NotEnoughSpace, PayloadTooLarge
+from .security.logsafe import redact
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +124,47 @@ async def append(
     Refuses to grow the file past ``limit`` bytes (PayloadTooLarge). If the
     iterator fails (a dropped connection, a slow client), the bytes that
     arrived before are still written and :class:`ReadFailed` is raised with
-    the cause. ``chunk_hash``, if given, also sees every byte of this call.
-    With a ``budget``, each buffer of about ``chunk_size`` bytes holds one of
-    its slots until it is stored. Whatever happens, the file ends with
-    exactly ``digests.offset`` bytes, flushed (and fsync'd with ``fsync``).
+    the cause. If the disk (or the quota) is full, NotEnoughSpace.
+    ``chunk_hash``, if given, also sees every byte of this call. With a
+    ``budget``, each buffer of about ``chunk_size`` bytes holds one of its
+    slots until it is stored. Whatever happens, the file ends with exactly
+    ``digests.offset`` bytes, flushed (and fsync'd with ``fsync``).
     """
+    with disk_full_refused():
+        await _append(
+            chunks,
+            path,
+            digests,
+            limit=limit,
+            chunk_size=chunk_size,
+            fsync=fsync,
+            chunk_hash=chunk_hash,
+            budget=budget,
+        )
+
+
+@contextlib.contextmanager
+def disk_full_refused() -> Iterator[None]:
+    """Turn a full disk or quota (ENOSPC, EDQUOT) met while writing into NotEnoughSpace."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NotEnoughSpace("the disk filled up during the upload") from None
+        raise
+
+
+async def _append(
+    chunks: AsyncIterator[bytes],
+    path: Path,
+    digests: Digests,
+    *,
+    limit: int,
+    chunk_size: int,
+    fsync: bool,
+    chunk_hash: Any,
+    budget: BufferBudget | None,
+) -> None:
     loop = asyncio.get_running_loop()
     handle = await _open_at(path, digests.offset)
     flusher = Flusher(handle.fileno()) if fsync else None
@@ -252,7 +289,7 @@ async def rehash(path: Path, length: int) -> Digests:
     started = time.monotonic()
     digests = await asyncio.to_thread(_rehash, path, length)
     elapsed = time.monotonic() - started
-    log.info("re-hashed %d staged bytes of %s in %.3f s", length, path.name, elapsed)
+    log.info("re-hashed %d staged bytes of %s in %.3f s", length, redact(path.name), elapsed)
     return digests
 
 
@@ -339,7 +376,7 @@ def unlink_quietly(path: Path) -> None:
     except FileNotFoundError:
         pass
     except OSError as exc:
-        log.warning("could not remove %s: %s", path.name, exc)
+        log.warning("could not remove %s: %s", redact(path.name), redact(str(exc)))
 
 
 async def discard(paths: Iterable[Path]) -> None:

@@ -38,7 +38,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from .db import Database
-from .errors import AlreadyUploaded, TransferCancelled, UploadInProgress
+from .errors import AlreadyUploaded, QuotaExceeded, TransferCancelled, UploadInProgress
 from .manifest import Manifest
 from .security.identity import Identity
 
@@ -99,7 +99,11 @@ def _migrate(db: sqlite3.Connection) -> None:
     for column, declaration in _ADDED_COLUMNS.items():
         if column not in present:
             db.execute(f"ALTER TABLE transfer_files ADD COLUMN {column} {declaration}")
-    if "owner_id" not in {row["name"] for row in db.execute("PRAGMA table_info(transfers)")}:
+    columns = {row["name"] for row in db.execute("PRAGMA table_info(transfers)")}
+    if "client" not in columns:
+        db.execute("ALTER TABLE transfers ADD COLUMN client TEXT")
+    db.execute("CREATE INDEX IF NOT EXISTS transfers_by_client ON transfers (client, state)")
+    if "owner_id" not in columns:
         db.execute("ALTER TABLE transfers ADD COLUMN owner_id TEXT")
         # Before principals, an unauthenticated owner was an X-Client-DN; a certificate's
         # subject was kept in a form that cannot be compared safely: such transfers are
@@ -207,6 +211,42 @@ class Transfer:
         return "IN_PROGRESS"
 
 
+@dataclass(frozen=True, slots=True)
+class ClientQuota:
+    """What one client's open transfers may hold at once: transfers, reserved names, bytes still to come."""
+
+    transfers: int
+    names: int
+    bytes: int
+
+    def check(self, held: tuple[int, int, int], names: int, size: int) -> None:
+        """QuotaExceeded (429, naming the limit) unless ``held`` plus one transfer of ``names`` files and
+        ``size`` bytes fits."""
+        transfers, reserved_names, reserved_bytes = held
+        if transfers + 1 > self.transfers:
+            raise QuotaExceeded(f"you hold {transfers} open transfers; the limit is {self.transfers}")
+        if reserved_names + names > self.names:
+            raise QuotaExceeded(
+                f"your open transfers reserve {reserved_names} names and this one {names}; the limit is {self.names}"
+            )
+        if reserved_bytes + size > self.bytes:
+            raise QuotaExceeded(
+                f"your open transfers may still write {reserved_bytes} bytes and this one {size}; "
+                f"the limit is {self.bytes}"
+            )
+
+
+def _holdings(db: sqlite3.Connection, client: str | None) -> tuple[int, int, int]:
+    """(open transfers, names they reserve, bytes they may still write) of ``client``."""
+    row = db.execute(
+        "SELECT COUNT(DISTINCT t.key), COUNT(f.num), COALESCE(SUM(f.size - f.received), 0) FROM transfers t"
+        " LEFT JOIN transfer_files f ON f.key = t.key AND f.state NOT IN (?, ?)"
+        " WHERE t.client IS ? AND t.state = ?",
+        (FileState.PUBLISHED, FileState.CANCELLED, client, TransferState.OPEN),
+    ).fetchone()
+    return int(row[0]), int(row[1]), int(row[2])
+
+
 def new_transfer_key() -> str:
     """An unguessable transfer key: 160 random bits as 40 hex digits."""
     return secrets.token_hex(20)
@@ -219,12 +259,23 @@ class TransferRegistry:
         self._db = Database(path, _SCHEMA, _migrate)
 
     async def create(
-        self, prefix: str, owner: Identity, manifest: Manifest, lifetime: float, upload_metadata: str | None = None
+        self,
+        prefix: str,
+        owner: Identity,
+        manifest: Manifest,
+        lifetime: float,
+        upload_metadata: str | None = None,
+        *,
+        client: str | None = None,
+        quota: ClientQuota | None = None,
     ) -> Transfer:
         """Register an accepted manifest under a new key; every file RESERVED.
 
         ``upload_metadata`` is the Upload-Metadata header of a tus creation (a
-        one-file manifest), kept as sent.
+        one-file manifest), kept as sent. ``client`` is whose quota the
+        transfer counts against; with a ``quota``, QuotaExceeded (429) if the
+        client's open transfers would then hold more than it allows (checked
+        in the same transaction as the insertion).
         """
         key = new_transfer_key()
         now = time.time()
@@ -244,15 +295,18 @@ class TransferRegistry:
         transfer = Transfer(key, prefix, owner, TransferState.OPEN, now, now, now + lifetime, files)
 
         def insert(db: sqlite3.Connection) -> None:
+            if quota is not None:
+                quota.check(_holdings(db, client), len(files), manifest.total_size)
             db.execute(
-                "INSERT INTO transfers (key, prefix, owner, owner_authenticated, owner_id, state,"
-                " created_at, updated_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO transfers (key, prefix, owner, owner_authenticated, owner_id, client, state,"
+                " created_at, updated_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     key,
                     prefix,
                     owner.dn,
                     int(owner.authenticated),
                     owner.principal,
+                    client,
                     transfer.state,
                     now,
                     now,
@@ -267,6 +321,11 @@ class TransferRegistry:
 
         await self._db.run(insert)
         return transfer
+
+    async def check_quota(self, client: str | None, quota: ClientQuota, names: int, size: int) -> None:
+        """QuotaExceeded (429) unless ``client`` may open one more transfer of ``names`` files and ``size`` bytes."""
+        held = await self._db.read(lambda db: _holdings(db, client))
+        quota.check(held, names, size)
 
     async def lookup(self, key: str) -> Transfer | None:
         """The transfer registered under ``key``, or ``None``."""
@@ -434,13 +493,17 @@ class TransferRegistry:
         """Mark an OPEN transfer CANCELLED; return it as it was, or None if it was not OPEN."""
         return await self._end(key, TransferState.CANCELLED, time.time())
 
-    async def expire_due(self, now: float) -> list[Transfer]:
-        """Mark every OPEN transfer past its lifetime EXPIRED and return them as they were."""
+    async def expire_due(self, now: float, start_timeout: float | None = None) -> list[Transfer]:
+        """Mark EXPIRED every OPEN transfer past its lifetime, or (with ``start_timeout``) that
+        no upload ever began within that many seconds; return them as they were."""
+        never_started = now - start_timeout if start_timeout is not None else float("-inf")
         keys = await self._db.run(
             lambda db: [
                 row["key"]
                 for row in db.execute(
-                    "SELECT key FROM transfers WHERE state = ? AND expires_at <= ?", (TransferState.OPEN, now)
+                    "SELECT key FROM transfers t WHERE state = ? AND (expires_at <= ? OR (created_at <= ?"
+                    " AND NOT EXISTS (SELECT 1 FROM transfer_files f WHERE f.key = t.key AND f.claims > 0)))",
+                    (TransferState.OPEN, now, never_started),
                 )
             ]
         )

@@ -29,15 +29,19 @@ from typing import Any
 from aiohttp import web
 
 from . import staging
-from .context import CONTEXT, StoreContext, identify
+from .bodies import stream_chunks
+from .config import Settings
+from .context import CONTEXT, StoreContext, client_key, identify
 from .errors import (
     AlreadyUploaded,
     BadRequest,
     ChecksumMismatch,
     ChunkChecksumMismatch,
     DatastoreError,
+    InsufficientStorage,
     ManifestError,
     NotAuthorized,
+    NotEnoughSpace,
     OffsetMismatch,
     PayloadTooLarge,
     TransferCancelled,
@@ -56,9 +60,9 @@ from .upload import (
     check_space,
     claimed_upload,
     discard_files,
+    quietly_undo,
     register_transfer,
     resolve_upload,
-    stream_chunks,
 )
 
 log = logging.getLogger(__name__)
@@ -137,7 +141,7 @@ async def _patch_complete(
 ) -> int:
     """A PATCH to a complete upload: one of no bytes at its end changes nothing and is
     accepted (tus answers 409 only for another offset); any other is 409."""
-    if offset != target.file.size or not await _no_bytes(request, target.ctx.settings.body_timeout):
+    if offset != target.file.size or not await _no_bytes(request, target.ctx.settings):
         raise AlreadyUploaded()
     if checksum is not None and checksum[0].digest() != checksum[1]:
         raise ChunkChecksumMismatch()
@@ -180,14 +184,15 @@ async def handle_create(request: web.Request) -> web.Response:
         manifest = single_file(fields, ctx.settings.manifest_limits)
     except ManifestError as exc:
         raise BadRequest(str(exc.detail).replace("upload ", "Upload-Metadata ", 1)) from None
-    transfer, refused = await register_transfer(ctx, mount, identity, manifest, raw_metadata)
+    client = client_key(request, identity)
+    transfer, refused = await register_transfer(ctx, mount, identity, client, manifest, raw_metadata)
     if transfer is None:
         raise NotAuthorized(f"the store refused {refused[0]!r}")
     headers = {**_headers(transfer), "Location": f"/{mount.prefix}/{transfer.key}/0"}
     log.info("tus upload %s… of %r created in /%s for %s", transfer.key[:8], name, mount.prefix, identity)
     if request.content_type == OFFSET_CONTENT_TYPE and (request.content_length or request.body_exists):
         checksum = _parse_checksum(request.headers.get("Upload-Checksum"))
-        target = UploadTarget(ctx, mount, identity, transfer, transfer.files[0])
+        target = UploadTarget(ctx, mount, identity, transfer, transfer.files[0], client)
         try:
             offset = await append_resumable(request, target, 0, checksum)
         except DatastoreError as exc:
@@ -239,7 +244,11 @@ async def append_resumable(
             return digests.offset
         except BaseException as exc:
             offset = digests.offset if digests is not None else received
-            await staging.uncancellable(_after_failure(ctx, upload, exc, finishing=finishing, offset=offset))
+            await staging.uncancellable(
+                quietly_undo(_after_failure(ctx, upload, exc, finishing=finishing, offset=offset))
+            )
+            if isinstance(exc, NotEnoughSpace):  # tus clients are no legacy clients: 507
+                raise InsufficientStorage(exc.detail) from None
             raise
 
 
@@ -251,7 +260,7 @@ async def _append_chunk(
     await ctx.registry.begin_chunk(*upload.place, verifying=chunk_hash is not None)
     try:
         await staging.append(
-            stream_chunks(request, ctx.settings.body_timeout),
+            stream_chunks(request, ctx.settings),
             upload.staging_path,
             digests,
             limit=upload.file.size,
@@ -281,7 +290,8 @@ async def _after_failure(
     if upload.running.stop_reason == "ended":
         await staging.discard([upload.staging_path])
         return
-    if finishing or isinstance(exc, UploadFileNotFound):
+    if finishing or isinstance(exc, UploadFileNotFound | NotEnoughSpace):
+        # A full disk is relieved of what the upload staged: the client starts again later.
         await upload.fail(exc)
     elif not upload.reserved:
         # Re-gating failed: the file stays released.
@@ -376,13 +386,13 @@ def _raw_metadata(request: web.Request) -> str:
     return text
 
 
-async def _no_bytes(request: web.Request, timeout: float) -> bool:
+async def _no_bytes(request: web.Request, settings: Settings) -> bool:
     """Whether the request's body is empty (reading at most its first chunk)."""
     if not request.body_exists:
         return True
     if request.content_length is not None:
         return request.content_length == 0
-    async for _chunk in stream_chunks(request, timeout):
+    async for _chunk in stream_chunks(request, settings):
         return False
     return True
 

@@ -30,24 +30,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 
 from . import staging
-from .context import CONTEXT, Mount, RunningUpload, StoreContext, identify, prefers_json, render_error
+from .bodies import FORM_OVERHEAD, check_form, form_file_chunks, read_bounded, stream_chunks
+from .context import (
+    CONTEXT,
+    Mount,
+    RunningUpload,
+    StoreContext,
+    base_url,
+    client_key,
+    identify,
+    prefers_json,
+    render_error,
+)
 from .errors import (
     AlreadyUploaded,
-    BadRequest,
     ChecksumMismatch,
     DatastoreError,
     FileNumberNotFound,
     IdentityMismatch,
-    IncompleteUpload,
     InsufficientStorage,
     LengthRequired,
     NotAuthorized,
     NotEnoughSpace,
     PayloadTooLarge,
-    RequestTimeout,
     SizeMismatch,
     TransferCancelled,
     TransferExpired,
@@ -58,6 +66,7 @@ from .errors import (
 from .handlers.interface import FileInfo
 from .manifest import Manifest, format_ini_accepted, format_ini_refused, parse_ini, parse_json
 from .security.identity import Identity
+from .security.logsafe import redact
 from .security.policy import Action
 from .staging import Digests
 from .timestamps import iso_time
@@ -66,9 +75,6 @@ from .transfers import FileState, Transfer, TransferFile, TransferState
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-#: Room allowed for the multipart framing around a form's file.
-FORM_OVERHEAD = 64 << 10
 
 
 # -- manifests ------------------------------------------------------------------------------
@@ -81,11 +87,10 @@ async def handle_manifest(request: web.Request) -> web.Response:
     identity = await identify(request)
     await mount.authorize(identity, Action.UPLOAD)
     as_json = request.content_type == "application/json"
-    body = await read_bounded(request, ctx.settings.max_manifest_bytes, ctx.settings.body_timeout)
-    limits = ctx.settings.manifest_limits
-    manifest = parse_json(body, limits) if as_json else parse_ini(body, limits)
+    body = await read_bounded(request, ctx.settings.max_manifest_bytes, ctx.settings)
+    manifest = await parse_manifest(ctx, body, as_json)
     try:
-        transfer, refused = await register_transfer(ctx, mount, identity, manifest)
+        transfer, refused = await register_transfer(ctx, mount, identity, client_key(request, identity), manifest)
     except InsufficientStorage:
         if as_json:
             raise
@@ -107,7 +112,7 @@ async def handle_manifest(request: web.Request) -> web.Response:
     log.info("transfer %s… for /%s: %d file(s) for %s", transfer.key[:8], mount.prefix, len(manifest.files), identity)
     if as_json:
         # Prefix and key are URL-safe by construction, so the URLs are joined as text.
-        base = str(request.url.origin())
+        base = base_url(request)
         uploads = f"{base}/{mount.prefix}/{transfer.key}/"
         return web.json_response(
             {
@@ -124,16 +129,40 @@ async def handle_manifest(request: web.Request) -> web.Response:
     return web.Response(body=format_ini_accepted(transfer.key), content_type="text/plain")
 
 
+#: Manifests larger than this are parsed in a thread, a few at a time (``StoreContext.parses``):
+#: a 10,000-file INI manifest takes ConfigParser about a second.
+PARSE_ON_THE_LOOP = 64 << 10
+
+
+async def parse_manifest(ctx: StoreContext, body: bytes, as_json: bool) -> Manifest:
+    """The manifest in ``body`` (JSON or INI); a large one is parsed off the event loop."""
+    parse = parse_json if as_json else parse_ini
+    if len(body) <= PARSE_ON_THE_LOOP:
+        return parse(body, ctx.settings.manifest_limits)
+    async with ctx.parses:
+        return await asyncio.to_thread(parse, body, ctx.settings.manifest_limits)
+
+
 async def register_transfer(
-    ctx: StoreContext, mount: Mount, identity: Identity, manifest: Manifest, upload_metadata: str | None = None
+    ctx: StoreContext,
+    mount: Mount,
+    identity: Identity,
+    client: str,
+    manifest: Manifest,
+    upload_metadata: str | None = None,
 ) -> tuple[Transfer | None, list[str]]:
     """Gate ``manifest`` through the handler and register it: (transfer, []) or (None, refused names).
 
+    ``client`` is whose quota it counts against (:func:`client_key`);
     ``upload_metadata``: a tus creation's header, kept with the file as sent.
 
-    Raises InsufficientStorage (507) if the declared sizes do not fit in
-    the free space less what open transfers may still write and the margin.
+    Raises QuotaExceeded (429) if the client's open transfers would hold
+    more than its share, InsufficientStorage (507) if the declared sizes do
+    not fit in the free space less what open transfers may still write and
+    the margin.
     """
+    # Checked again where the transfer is inserted; this first look spares the handler's work.
+    await ctx.registry.check_quota(client, ctx.quota, len(manifest.files), manifest.total_size)
     usage = await asyncio.to_thread(shutil.disk_usage, ctx.staging_dir)
     reserved = await ctx.registry.reserved_bytes()
     if manifest.total_size > usage.free - reserved - ctx.settings.min_free_bytes:
@@ -158,7 +187,13 @@ async def register_transfer(
                 await mount.handler.add_pending_upload(identity, info)
                 reserved_infos.append(info)
             transfer = await ctx.registry.create(
-                mount.prefix, identity, manifest, ctx.settings.key_lifetime, upload_metadata
+                mount.prefix,
+                identity,
+                manifest,
+                ctx.settings.key_lifetime,
+                upload_metadata,
+                client=client,
+                quota=ctx.quota,
             )
         except BaseException:
             for info in reserved_infos:
@@ -171,7 +206,21 @@ async def register_transfer(
 
 
 async def handle_upload(request: web.Request) -> web.Response:
-    """``POST``/``PUT /{prefix}/{key}/{num}``: receive, verify and publish one file."""
+    """``POST``/``PUT /{prefix}/{key}/{num}``: receive, verify and publish one file.
+
+    A disk that fills up answers as the manifest would have: 507 for clients
+    that speak JSON, the legacy 405 ``Not enough disk space for upload`` for
+    the others.
+    """
+    try:
+        return await _receive_whole(request)
+    except NotEnoughSpace as exc:
+        if prefers_json(request):
+            raise InsufficientStorage(exc.detail) from None
+        raise
+
+
+async def _receive_whole(request: web.Request) -> web.Response:
     target = await resolve_upload(request)
     ctx = target.ctx
     async with claimed_upload(target, resumable=False) as upload:
@@ -196,7 +245,7 @@ async def handle_upload(request: web.Request) -> web.Response:
                 raise failure.cause from None
             verified = await upload.finish(digests, path)
         except BaseException as exc:
-            await staging.uncancellable(upload.fail(exc))
+            await staging.uncancellable(quietly_undo(upload.fail(exc)))
             raise
     if prefers_json(request):
         return web.json_response(
@@ -240,6 +289,8 @@ class UploadTarget:
     identity: Identity
     transfer: Transfer
     file: TransferFile
+    #: Whose share of the store the upload uses (:func:`client_key`).
+    client: str
 
 
 async def resolve_upload(request: web.Request) -> UploadTarget:
@@ -269,7 +320,7 @@ async def resolve_upload(request: web.Request) -> UploadTarget:
         raise TransferExpired()
     if file is None:
         raise FileNumberNotFound(num_text)
-    return UploadTarget(ctx, mount, identity, transfer, file)
+    return UploadTarget(ctx, mount, identity, transfer, file, client_key(request, identity))
 
 
 @asynccontextmanager
@@ -282,7 +333,7 @@ async def claimed_upload(target: UploadTarget, *, resumable: bool) -> AsyncItera
     request do so too (:func:`_watch_claim`).
     """
     ctx, place = target.ctx, (target.transfer.key, target.file.num)
-    with ctx.upload_slot(target.file.size):
+    with ctx.upload_slot(target.file.size, target.client):
         claiming = asyncio.ensure_future(ctx.registry.claim(*place, ctx.worker))
         try:
             before, number = await asyncio.shield(claiming)
@@ -394,9 +445,10 @@ class FileUpload:
             self.file.sha256 is not None and sha256 != self.file.sha256
         ):
             raise ChecksumMismatch()
-        await staging.uncancellable(
-            asyncio.to_thread(staging.publish, self.staging_path, path, self.ctx.settings.fsync)
-        )
+        with staging.disk_full_refused():  # publishing copies when staging is on another filesystem
+            await staging.uncancellable(
+                asyncio.to_thread(staging.publish, self.staging_path, path, self.ctx.settings.fsync)
+            )
         self._published = path
         verified = FileInfo(self.file.name, digests.offset, md5, sha256)
         await self.mount.handler.complete_upload(self.identity, verified)
@@ -421,10 +473,8 @@ class FileUpload:
             await staging.discard([self.staging_path])
             return
         message = exc.message if isinstance(exc, DatastoreError) else repr(exc)
-        if isinstance(exc, DatastoreError):
-            log.info("upload of %r to /%s failed: %s", self.file.name, self.mount.prefix, message)
-        else:
-            log.warning("upload of %r to /%s failed: %s", self.file.name, self.mount.prefix, message)
+        level = logging.INFO if isinstance(exc, DatastoreError) else logging.WARNING
+        log.log(level, "upload of %r to /%s failed: %s", self.file.name, self.mount.prefix, redact(message))
         self.ctx.digests.pop(self.place, None)
         paths = [self.staging_path] + ([self._published] if self._published is not None else [])
         await staging.discard(paths)
@@ -478,7 +528,7 @@ async def cancel_transfer(ctx: StoreContext, key: str) -> bool:
 async def expire_transfers(ctx: StoreContext, now: float | None = None) -> int:
     """Expire every transfer past its lifetime, release it; forget old records. Returns how many expired."""
     now = time.time() if now is None else now
-    expired = await ctx.registry.expire_due(now)
+    expired = await ctx.registry.expire_due(now, ctx.settings.start_timeout)
     for before in expired:
         log.info("transfer %s… for /%s expired", before.key[:8], before.prefix)
         await discard_files(ctx, before, [f for f in before.files if f.state is not FileState.PUBLISHED])
@@ -496,75 +546,24 @@ def _body_chunks(request: web.Request, size: int, ctx: StoreContext) -> AsyncIte
     if request.method == "POST" and request.content_type == "multipart/form-data":
         if length is not None and length > size + FORM_OVERHEAD:
             raise PayloadTooLarge(f"the form is larger than the {size} bytes the manifest declares")
-        return _form_file_chunks(request, settings.body_timeout, settings.chunk_size)
+        check_form(request)
+        return form_file_chunks(request, settings)
     if length is None:
         raise LengthRequired()
     if length > settings.max_file_size:
         raise PayloadTooLarge(f"{length} bytes, more than the limit of {settings.max_file_size}")
     if length != size:
         raise SizeMismatch()
-    return stream_chunks(request, settings.body_timeout)
+    return stream_chunks(request, settings)
 
 
-async def next_chunk(read: Awaitable[T], timeout: float) -> T:
-    """One read of a body, bounded by ``timeout`` seconds of silence."""
+async def quietly_undo(undo: Awaitable[None]) -> None:
+    """Undo a failed upload; a failure of the undoing (a full disk fails the state's writes too) is
+    logged, so that the client still hears why its upload failed."""
     try:
-        async with asyncio.timeout(timeout):
-            return await read
-    except TimeoutError:
-        raise RequestTimeout(f"no data for {timeout:g} s") from None
-    except DatastoreError:
-        raise
-    except ValueError as exc:  # aiohttp's multipart parser reports bad framing so
-        raise BadRequest(f"malformed body: {exc}") from None
-    except Exception as exc:  # any failure of the transport: the body is cut short
-        raise IncompleteUpload(f"the connection failed: {exc}") from None
-
-
-async def stream_chunks(request: web.Request, timeout: float) -> AsyncIterator[bytes]:
-    """The raw body, as it arrives."""
-    while True:
-        chunk = await next_chunk(request.content.readany(), timeout)
-        if not chunk:
-            return
-        yield chunk
-        del chunk  # not kept alive while the next read waits
-
-
-async def _form_file_chunks(request: web.Request, timeout: float, chunk_size: int) -> AsyncIterator[bytes]:
-    """The bytes of the first file field of a ``multipart/form-data`` body."""
-    reader = await request.multipart()
-    skipped = 0
-    while True:
-        part = await next_chunk(reader.next(), timeout)
-        if part is None:
-            raise BadRequest("the form has no file field")
-        if not isinstance(part, BodyPartReader):
-            raise BadRequest("nested multipart forms are not supported")
-        if part.filename is not None:
-            while chunk := await next_chunk(part.read_chunk(chunk_size), timeout):
-                yield chunk
-            return
-        # A plain field before the file: skip it, within the framing allowance.
-        while chunk := await next_chunk(part.read_chunk(chunk_size), timeout):
-            skipped += len(chunk)
-            if skipped > FORM_OVERHEAD:
-                raise PayloadTooLarge("the form's other fields are too large")
-
-
-async def read_bounded(request: web.Request, limit: int, timeout: float) -> bytes:
-    """The whole (small) body, refusing more than ``limit`` bytes."""
-    length = request.content_length
-    if length is not None and length > limit:
-        raise PayloadTooLarge(f"the body is {length} bytes, more than the limit of {limit}")
-    parts: list[bytes] = []
-    total = 0
-    while chunk := await next_chunk(request.content.readany(), timeout):
-        total += len(chunk)
-        if total > limit:
-            raise PayloadTooLarge(f"the body is more than the limit of {limit} bytes")
-        parts.append(chunk)
-    return b"".join(parts)
+        await undo
+    except Exception:
+        log.exception("cleaning up after a failed upload failed")
 
 
 async def _quietly(call: Awaitable[None], what: str) -> None:

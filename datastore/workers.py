@@ -40,6 +40,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from .config import Settings
+from .security.logsafe import log_to_stderr
 from .server import recover_uploads, recover_worker
 from .transfers import TransferRegistry
 
@@ -53,8 +54,6 @@ RESTART_PAUSE = 0.5
 RESTART_PAUSE_MAX = 30.0
 #: A worker that ran this long before it died was not dying young.
 HEALTHY_AFTER = 30.0
-
-_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def run_workers(settings: Settings, log_level: int, on_ready: Callable[[list[str]], None]) -> int:
@@ -255,7 +254,7 @@ def worker_main(settings: Settings, index: int, log_level: int, ready: Any) -> N
     """The body of worker ``index``: serve until SIGTERM, reporting its URLs on ``ready`` once listening."""
     from .cli import make_server  # the worker builds the server exactly as a single process does
 
-    logging.basicConfig(level=log_level, format=_LOG_FORMAT.replace("%(name)s", f"worker-{index} %(name)s"))
+    log_to_stderr(log_level, f"worker-{index}")
     # Ctrl-C reaches the whole process group; the supervisor decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     server = make_server(settings)

@@ -683,7 +683,7 @@ async def test_overwriting_handler_replaces_the_published_file(make_store: MakeS
 
 async def test_many_concurrent_uploads_share_a_two_buffer_budget_and_all_are_verified(make_store: MakeStore) -> None:
     # Ten uploads, room in memory for two buffers of received bytes: the others wait their turn.
-    store = await make_store(chunk_size=64 << 10, upload_buffer_budget=128 << 10)
+    store = await make_store(chunk_size=64 << 10, upload_buffer_budget=128 << 10, max_uploads_per_client=10)
     contents = [random.Random(seed).randbytes(1 << 20) for seed in range(10)]
     key = await store.register([(f"shared-{i}.bin", data) for i, data in enumerate(contents)])
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from ..errors import BadRequest
+from .logsafe import printable
 
 #: Header that carries the client's asserted identity on plain HTTP.
 DN_HEADER = "X-Client-DN"
@@ -173,10 +174,3 @@ def check_length(value: str, what: str) -> str:
     if len(value.encode("utf-8", "surrogatepass")) > MAX_IDENTITY_BYTES:
         raise BadRequest(f"{what} is longer than {MAX_IDENTITY_BYTES} bytes")
     return value
-
-
-def printable(text: str) -> str:
-    """``text`` with every control or non-printable character escaped (``\\x1b``, ``\\u202e``), for logs."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

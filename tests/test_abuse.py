@@ -1,0 +1,412 @@
+"""No single client can deny the store to the others.
+
+Each test plays one hostile or careless client against a real store on
+loopback (bounded in time and load) and checks two things: the client gets
+a clear refusal (status, reason, the limit), and a well-behaved client is
+still served. Limits tested: the shape of an INI manifest and parsing it off
+the event loop, quotas per identity (open transfers, reserved names and
+bytes, uploads at once), the start timeout of reservations, the minimum
+upload rate, connections in all and per address, and the size of the state
+one manifest may write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import resource
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from datastore.context import CONTEXT
+from datastore.server import HTTPTransferServer
+from datastore.upload import expire_transfers
+
+from .conftest import MakeStore
+from .harness import Store, ini_manifest, json_manifest, make_settings, spawn_serve, until
+
+ADA, BOB = {"X-Client-DN": "/O=Lab/CN=Ada"}, {"X-Client-DN": "/O=Lab/CN=Bob"}
+WAIT = 20.0
+
+
+async def register(store: Store, files: list[tuple[str, bytes]], headers: dict[str, str]) -> aiohttp.ClientResponse:
+    return await store.client.post("/files/manifest", json=json_manifest(files), headers=headers)
+
+
+async def health_latencies(store_url: Callable[[str], Any], until_done: asyncio.Future[Any]) -> list[float]:
+    """How long each health check took, one after another, until ``until_done`` resolves."""
+    latencies = []
+    while not until_done.done():
+        started = time.monotonic()
+        async with store_url("/_api/v1/health") as response:
+            assert response.status == 200
+        latencies.append(time.monotonic() - started)
+    return latencies
+
+
+# -- manifests: bounded before they are parsed, and never parsed on the event loop ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        pytest.param(
+            b"[manifest]\nnum_files = 10000\n" + b"".join(b"[s%d]\n" % i for i in range(50_000)),
+            "50001 sections; a manifest of 10000 file(s) may have at most 10009",
+            id="a-flood-of-sections",
+        ),
+        pytest.param(
+            b"[manifest]\nnum_files = 1\n[0]\nname = a\nsize = 1\n" + b"k = v\n" * 700_000,
+            "700006 lines; a manifest of 1 file(s) may have at most 80",
+            id="a-flood-of-keys",
+        ),
+    ],
+)
+async def test_a_hostile_ini_manifest_is_refused_before_it_is_parsed(
+    make_store: MakeStore, body: bytes, message: str
+) -> None:
+    store = await make_store()
+    started = time.monotonic()
+    response = await store.client.post("/files/manifest", data=io.BytesIO(body))
+    assert response.status == 400
+    assert (await response.text()) == f"ConfigParser error: {message}\n"
+    # Refused from its shape: ConfigParser took tens of seconds over the first.
+    assert time.monotonic() - started < 5
+
+
+async def test_the_event_loop_answers_health_checks_while_large_manifests_are_parsed(make_store: MakeStore) -> None:
+    store = await make_store()
+
+    def manifest(client: int) -> bytes:
+        # The costliest shape the bounds admit: 10,000 files with extra keys, most of a second of
+        # ConfigParser each; three in a row would hold a loop that parsed them for seconds.
+        return b"[manifest]\nnum_files = 10000\n" + b"".join(
+            b"[%d]\nname = c%d-%05d.dat\nsize = 1\nx1 = y\nx2 = y\nx3 = y\nx4 = y\nx5 = y\n" % (i, client, i)
+            for i in range(10_000)
+        )
+
+    posting = asyncio.gather(
+        *(
+            store.client.post("/files/manifest", data=io.BytesIO(manifest(n)), headers={"X-Client-DN": f"/CN={n}"})
+            for n in range(3)
+        )
+    )
+
+    latencies = await health_latencies(store.client.get, posting)
+
+    assert [response.status for response in await posting] == [200, 200, 200]
+    assert latencies, "the manifests were answered before a single health check"
+    assert max(latencies) < 1.0, latencies
+
+
+async def test_a_hostile_manifest_leaves_no_memory_behind(tmp_path: Path) -> None:
+    process, (match,) = await spawn_serve("--root", str(tmp_path / "data"))
+    hostile = b"[manifest]\nnum_files = 1\n" + b"".join(b"[s%d]\n" % i for i in range(900_000))
+    try:
+        async with aiohttp.ClientSession(match["base"]) as http:
+            for _ in range(3):
+                async with http.post("/files/manifest", data=io.BytesIO(hostile[: 8 << 20])) as response:
+                    assert response.status == 400
+        peak = peak_rss_mib(process.pid)
+    finally:
+        process.terminate()
+        await process.wait()
+    # ConfigParser held well over a gigabyte for one such manifest; the store idles near 60 MiB.
+    assert peak < 200, f"peak RSS {peak} MiB"
+
+
+def peak_rss_mib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) // 1024
+    raise AssertionError("no VmHWM")
+
+
+async def test_one_manifest_with_a_long_dn_writes_its_owner_once(make_store: MakeStore) -> None:
+    store = await make_store()
+    state = store.state_dir
+    dn = {"X-Client-DN": "/O=Lab/CN=" + "d" * 1000}
+    before = state_bytes(state)
+    body = json_manifest([(f"f{i:05d}", b"") for i in range(10_000)])
+    response = await store.client.post(
+        "/files/manifest",
+        data=io.BytesIO(json.dumps(body).encode()),
+        headers={**dn, "Content-Type": "application/json"},
+    )
+    assert response.status == 201
+    grown = state_bytes(state) - before
+    # 10,000 names of 6 bytes; the DN alone, once per file, would be 10 MB.
+    assert grown < 8 << 20, f"the state grew by {grown} bytes"
+
+
+def state_bytes(state: Path) -> int:
+    return sum(path.stat().st_size for path in state.rglob("*") if path.is_file())
+
+
+# -- quotas per identity ---------------------------------------------------------------------------------------
+
+
+async def test_open_transfers_per_client_are_limited_and_others_still_register(make_store: MakeStore) -> None:
+    store = await make_store(max_transfers_per_client=2)
+    first = await register(store, [("a1", b"1")], ADA)
+    assert (await register(store, [("a2", b"2")], ADA)).status == 201
+
+    refused = await register(store, [("a3", b"3")], ADA)
+
+    assert refused.status == 429
+    assert (await refused.json())["message"] == "Quota exceeded: you hold 2 open transfers; the limit is 2"
+    assert (await register(store, [("b1", b"1")], BOB)).status == 201
+    # Ada's share comes back as soon as one of hers ends.
+    await store.client.delete(f"/_api/v1/transfers/{(await first.json())['transfer_key']}", headers=ADA)
+    assert (await register(store, [("a3", b"3")], ADA)).status == 201
+
+
+async def test_reserved_names_per_client_are_limited(make_store: MakeStore) -> None:
+    store = await make_store(max_reserved_names_per_client=5)
+    assert (await register(store, [(f"a{i}", b"") for i in range(3)], ADA)).status == 201
+    refused = await register(store, [(f"b{i}", b"") for i in range(3)], ADA)
+    assert refused.status == 429
+    assert "reserve 3 names and this one 3; the limit is 5" in (await refused.json())["message"]
+    # Nothing of the refused manifest stays reserved.
+    assert (await register(store, [(f"b{i}", b"") for i in range(3)], BOB)).status == 201
+
+
+async def test_reserved_bytes_per_client_are_limited_also_for_the_legacy_form(make_store: MakeStore) -> None:
+    store = await make_store(max_reserved_bytes_per_client=1000)
+    assert (await register(store, [("a", b"x" * 600)], ADA)).status == 201
+    refused = await store.client.post("/files/manifest", data=ini_manifest([("b", b"x" * 600)]), headers=ADA)
+    assert refused.status == 429
+    assert "may still write 600 bytes and this one 600; the limit is 1000" in await refused.text()
+    assert (await register(store, [("b", b"x" * 600)], BOB)).status == 201
+
+
+async def test_anonymous_clients_have_a_quota_too(make_store: MakeStore) -> None:
+    store = await make_store(max_transfers_per_client=1)
+    assert (await register(store, [("a", b"1")], {})).status == 201
+    assert (await register(store, [("b", b"2")], {})).status == 429
+    assert (await register(store, [("b", b"2")], ADA)).status == 201
+
+
+async def test_uploads_at_once_per_client_are_limited_and_others_still_upload(make_store: MakeStore) -> None:
+    store = await make_store(max_uploads_per_client=2)
+    key = (await (await register(store, [(f"a{i}", b"x" * 100) for i in range(3)], ADA)).json())["transfer_key"]
+    host, port = "127.0.0.1", store.client.port
+    held = [await hold_upload(host, port, key, num, ADA) for num in (0, 1)]
+    await until(lambda: len(store.staged_files()) >= 2, "two uploads of Ada's hold their slots", timeout=WAIT)
+
+    refused = await store.client.put(f"/files/{key}/2", data=b"x" * 100, headers=ADA)
+
+    assert (refused.status, refused.headers["Retry-After"]) == (429, "1")
+    assert "you are running 2 uploads" in await refused.text()
+    bobs = (await (await register(store, [("b", b"y")], BOB)).json())["transfer_key"]
+    assert (await store.client.put(f"/files/{bobs}/0", data=b"y", headers=BOB)).status == 200
+    for _, writer in held:
+        writer.close()
+
+
+async def hold_upload(
+    host: str, port: int, key: str, num: int, identity: dict[str, str]
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A PUT of 100 declared bytes that sends one and then nothing, as ``identity``."""
+    reader, writer = await asyncio.open_connection(host, port)
+    head = f"PUT /files/{key}/{num} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 100\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in identity.items())
+    writer.write(head.encode() + b"\r\nx")
+    await writer.drain()
+    return reader, writer
+
+
+# -- reservations that never start ------------------------------------------------------------------------------
+
+
+async def test_a_transfer_that_never_starts_expires_after_the_start_timeout_and_frees_its_names(
+    make_store: MakeStore,
+) -> None:
+    store = await make_store(start_timeout=60)
+    idle = (await (await register(store, [("taken.txt", b"x")], ADA)).json())["transfer_key"]
+    started = (await (await register(store, [("begun.txt", b"xy")], ADA)).json())["transfer_key"]
+    tus = {"Tus-Resumable": "1.0.0", "Content-Type": "application/offset+octet-stream", "Upload-Offset": "0", **ADA}
+    assert (await store.client.patch(f"/files/{started}/0", data=b"x", headers=tus)).status == 204
+
+    await expire_transfers(store.client.app[CONTEXT], now=time.time() + 61)
+
+    status = await (await store.client.get(f"/_api/v1/transfers/{idle}", headers=ADA)).json()
+    assert status["state"] == "EXPIRED"
+    assert (await register(store, [("taken.txt", b"x")], BOB)).status == 201
+    begun = await (await store.client.get(f"/_api/v1/transfers/{started}", headers=ADA)).json()
+    assert begun["state"] == "IN_PROGRESS"
+
+
+# -- slow clients -----------------------------------------------------------------------------------------------
+
+
+async def trickle(host: str, port: int, head: bytes, body: bytes, every: float) -> bytes:
+    """Send ``head``, then ``body`` ten bytes at a time every ``every`` seconds, until the server answers."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(head)
+        answer = asyncio.ensure_future(reader.read(4096))
+        for start in range(0, len(body), 10):
+            done, _ = await asyncio.wait([answer], timeout=every)
+            if done:
+                break
+            writer.write(body[start : start + 10])
+            await writer.drain()
+        async with asyncio.timeout(WAIT):
+            return await answer
+    finally:
+        writer.close()
+
+
+async def test_an_upload_slower_than_the_minimum_rate_is_dropped_and_a_fast_one_succeeds(
+    make_store: MakeStore,
+) -> None:
+    store = await make_store(min_upload_rate=1000, rate_window=0.5)
+    data = b"x" * 10_000
+    key = (await (await register(store, [("slow.bin", data), ("fast.bin", data)], ADA)).json())["transfer_key"]
+    head = f"PUT /files/{key}/0 HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
+    head += f"X-Client-DN: {ADA['X-Client-DN']}\r\n\r\n"
+
+    # Ten bytes every 50 ms is 200 bytes a second: never silent for long, always too slow.
+    answer = await trickle("127.0.0.1", store.client.port, head.encode(), data, every=0.05)
+
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert b"less than the minimum of 1000 bytes/s" in answer
+    assert store.staged_files() == []
+    assert (await store.client.put(f"/files/{key}/1", data=data, headers=ADA)).status == 200
+
+
+async def test_a_manifest_trickled_slower_than_the_minimum_rate_is_dropped(make_store: MakeStore) -> None:
+    store = await make_store(min_upload_rate=1000, rate_window=0.5)
+    body = ini_manifest([("a.txt", b"x")])
+    head = f"POST /files/manifest HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body) + 10_000}\r\n\r\n"
+    answer = await trickle("127.0.0.1", store.client.port, head.encode(), body + b"\n" * 10_000, every=0.05)
+    assert answer.startswith(b"HTTP/1.1 408 ")
+
+
+# -- connections ------------------------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def running(tmp_path: Path, **settings: Any) -> AsyncIterator[HTTPTransferServer]:
+    server = HTTPTransferServer(make_settings(tmp_path / "root", tmp_path / "state", **settings))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def open_idle(port: int, count: int) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    return [await asyncio.open_connection("127.0.0.1", port) for _ in range(count)]
+
+
+async def get(port: int, path: str) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        async with asyncio.timeout(WAIT):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+async def test_connections_over_the_cap_get_a_clean_503_and_the_store_serves_again_when_they_go(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running(tmp_path, max_connections=8) as server:
+        idle = await open_idle(server.port, 8)
+        # Each asks something, so that the store has taken every one of them in.
+        for _, writer in idle:
+            writer.write(b"GET /_api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        for reader, _ in idle:
+            assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200 ")
+
+        refused = await get(server.port, "/_api/v1/health")
+
+        assert refused.startswith(b"HTTP/1.1 503 Too many connections\r\n")
+        why = b"Too many connections: the store holds 8 connections, as many as it may; try again later\n"
+        assert refused.endswith(why)
+        idle.pop()[1].close()
+        await until_served(server.port)
+        for _, writer in idle:
+            writer.close()
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+async def until_served(port: int) -> None:
+    """Wait (bounded) until a new connection is served: the server notices a closed one when it reads it."""
+    async with asyncio.timeout(WAIT):
+        while not (await get(port, "/_api/v1/health")).startswith(b"HTTP/1.1 200 "):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+async def test_one_address_may_hold_only_its_share_of_connections(tmp_path: Path) -> None:
+    async with running(tmp_path, max_connections_per_client=3) as server:
+        idle = await open_idle(server.port, 3)
+        for _, writer in idle:
+            writer.write(b"GET /_api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        for reader, _ in idle:
+            assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200 ")
+        refused = await get(server.port, "/_api/v1/health")
+        assert b"your address holds 3 connections, as many as one may" in refused
+        for _, writer in idle:
+            writer.close()
+
+
+def low_file_limit() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+
+async def test_near_the_file_descriptor_limit_the_store_refuses_cleanly_and_logs_no_traceback(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    with log.open("wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "datastore",
+            "serve",
+            "--port",
+            "0",
+            "--root",
+            str(tmp_path / "data"),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
+            preexec_fn=low_file_limit,
+        )
+    try:
+        assert process.stdout is not None
+        port = 0
+        async with asyncio.timeout(WAIT):
+            while not port:
+                line = (await process.stdout.readline()).decode()
+                assert line, "the server exited"
+                if "serving" in line:
+                    port = int(line.split("127.0.0.1:")[1].split("/")[0])
+        # 256 descriptors: the store takes (256 - 128) / 2 = 64 connections and refuses the rest.
+        sockets = await open_idle(port, 150)
+        answers = []
+        for _, writer in sockets:
+            writer.write(b"GET /_api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        for reader, _ in sockets:
+            async with asyncio.timeout(WAIT):
+                answers.append(await reader.readuntil(b"\r\n"))
+        assert answers.count(b"HTTP/1.1 200 OK\r\n") == 64
+        assert answers.count(b"HTTP/1.1 503 Too many connections\r\n") == 150 - 64
+        for _, writer in sockets:
+            writer.close()
+        await until_served(port)
+    finally:
+        process.terminate()
+        await process.wait()
+    output = log.read_text()
+    assert "Traceback" not in output
+    assert output.count("refused") <= 2, output
