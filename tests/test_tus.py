@@ -21,6 +21,7 @@ import re
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ import pytest
 from multidict import CIMultiDictProxy
 from tusclient import client as tus_client
 from yarl import URL
+
+import datastore.staging
+from datastore.context import RunningUpload
 
 from .conftest import MakeStore
 from .fakes import RecordingHandler
@@ -694,6 +698,46 @@ async def test_new_patch_while_the_last_patch_is_publishing_does_not_throw_the_u
         await assert_published(http, "published-meanwhile.bin", data)
         assert isinstance(answered, Reply), answered
         assert (answered.status, answered.headers["Upload-Offset"]) == (204, str(len(data)))
+
+
+async def test_new_patch_once_every_byte_arrived_lets_the_last_patch_publish(
+    make_store: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The retry (HEAD, PATCH) comes after the last PATCH delivered every byte, before the store recorded them."""
+    store = await make_store()
+    data = content(64 * 1024, seed=33)
+    path = await create(store.client, "complete.bin", data)
+    # The last PATCH is held while it makes its bytes durable, until the retry asks it to stop.
+    storing, go_on, asked = threading.Event(), threading.Event(), asyncio.Event()
+    settle, stop = datastore.staging._settle, RunningUpload.stop
+
+    def held_settle(*args: Any) -> Any:
+        storing.set()
+        go_on.wait(WAIT)
+        return settle(*args)
+
+    async def stop_asked(self: RunningUpload, reason: str) -> None:
+        asked.set()
+        await stop(self, reason)
+
+    monkeypatch.setattr(datastore.staging, "_settle", held_settle)
+    monkeypatch.setattr(RunningUpload, "stop", stop_asked)
+
+    last = asyncio.create_task(patch(store.client, path, 0, data))
+    await until(storing.is_set, "the last PATCH stores its bytes", timeout=WAIT)
+    offset = await offset_of(store.client, path)
+    retry = asyncio.create_task(patch(store.client, path, offset, data[offset:]))
+    try:
+        async with asyncio.timeout(WAIT):
+            await asked.wait()
+    finally:
+        go_on.set()
+    answered, retried = await asyncio.gather(last, retry)
+
+    assert (answered.status, answered.headers["Upload-Offset"]) == (204, str(len(data)))
+    assert retried.status == 409
+    assert await offset_of(store.client, path) == len(data)
+    await assert_published(store.client, "complete.bin", data)
 
 
 async def test_dropped_patch_carrying_upload_checksum_keeps_nothing_of_its_chunk(make_store: MakeStore) -> None:
