@@ -42,6 +42,7 @@ from datastore.context import RunningUpload
 from .conftest import MakeStore
 from .fakes import RecordingHandler
 from .harness import Store, ini_manifest, md5_hex, parse_legacy_reply, sha256_hex, spawn_serve, until
+from .waiting import WallClock
 
 #: Upper bound on anything a test awaits from a server or a client process.
 WAIT = 30.0
@@ -809,11 +810,15 @@ async def test_patch_without_a_valid_upload_offset_is_400(make_store: MakeStore,
     assert await offset_of(store.client, path) == 0
 
 
-async def test_upload_whose_key_expired_answers_410_and_its_staged_bytes_go(make_store: MakeStore) -> None:
-    store = await make_store(key_lifetime=2.0, sweep_interval=0.05)
+async def test_upload_whose_key_expired_answers_410_and_its_staged_bytes_go(
+    make_store: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = WallClock(monkeypatch)
+    store = await make_store(key_lifetime=3600.0, sweep_interval=0.05)
     data = content(10_000, seed=30)
     path = await create(store.client, "expiring.bin", data)
     assert (await patch(store.client, path, 0, data[:1000])).status == 204
+    clock.advance(3600.0 + 1)
 
     expired = await eventually(lambda: head(store.client, path), lambda r: r.status != 200, "the key expired")
     refused = await patch(store.client, path, 1000, data[1000:])
