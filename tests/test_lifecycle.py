@@ -7,7 +7,9 @@ behaviour under test (the sweeper), the test polls what a client can observe
 until it shows the expected state, bounded by a deadline. Where a lifetime is
 (a key's, a finished transfer's record), the test moves the wall clock past it
 (:class:`WallClock`) once the transfer is set up, so the lifetime never runs out
-while the test is still preparing it.
+while the test is still preparing it. The disk headroom tests give the store a
+disk whose free space stays put (:func:`disk`): the real one changes under
+other processes.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import shutil
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -633,9 +635,38 @@ async def test_open_transfer_is_not_purged_by_the_retention_time(make_store: Mak
 # -- disk headroom ----------------------------------------------------------------------
 
 
-def margin_leaving(tmp_path: Path, headroom: int) -> int:
-    """min_free_bytes that leaves about ``headroom`` bytes for uploads on tmp_path's disk, as of now."""
-    return shutil.disk_usage(tmp_path).free - headroom
+#: Free bytes on the disk the headroom tests give their store.
+FREE = 64 * MIB
+
+
+class Usage(NamedTuple):
+    """What ``shutil.disk_usage`` answers."""
+
+    total: int
+    used: int
+    free: int
+
+
+@pytest.fixture
+def disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store's disk (everything under tmp_path) has exactly FREE bytes free throughout the test.
+
+    The real disk's free space changes while a test runs (other processes write and delete files),
+    and these tests draw the line between "fits" and "does not fit" within a mebibyte.
+    """
+    real = shutil.disk_usage
+
+    def usage(path: str | Path) -> Usage | tuple[int, int, int]:
+        if Path(path).is_relative_to(tmp_path):
+            return Usage(total=4 * FREE, used=3 * FREE, free=FREE)
+        return real(path)
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+
+
+def margin_leaving(headroom: int) -> int:
+    """min_free_bytes that leaves ``headroom`` bytes for uploads on the disk of :func:`disk`."""
+    return FREE - headroom
 
 
 def sized_json(name: str, size: int) -> dict[str, Any]:
@@ -651,10 +682,11 @@ async def post_json_manifest(store: Store, manifest: Any) -> tuple[int, Any]:
         return response.status, await response.json()
 
 
+@pytest.mark.usefixtures("disk")
 async def test_json_manifest_beyond_the_disk_headroom_is_507_and_reserves_nothing(
     make_store: MakeStore, tmp_path: Path
 ) -> None:
-    store, handler = await start(make_store, tmp_path, min_free_bytes=margin_leaving(tmp_path, MIB))
+    store, handler = await start(make_store, tmp_path, min_free_bytes=margin_leaving(MIB))
 
     code, body = await post_json_manifest(store, sized_json("big.bin", 2 * MIB))
 
@@ -664,10 +696,11 @@ async def test_json_manifest_beyond_the_disk_headroom_is_507_and_reserves_nothin
     assert store.staged_files() == []
 
 
+@pytest.mark.usefixtures("disk")
 async def test_ini_manifest_beyond_the_disk_headroom_is_405_not_enough_disk_space(
     make_store: MakeStore, tmp_path: Path
 ) -> None:
-    store, handler = await start(make_store, tmp_path, min_free_bytes=margin_leaving(tmp_path, MIB))
+    store, handler = await start(make_store, tmp_path, min_free_bytes=margin_leaving(MIB))
 
     async with store.client.post(f"/{store.prefix}/manifest", data=sized_ini("big.bin", 2 * MIB)) as response:
         text = await response.text()
@@ -677,8 +710,9 @@ async def test_ini_manifest_beyond_the_disk_headroom_is_405_not_enough_disk_spac
     assert "add_pending_upload" not in handler.methods()
 
 
+@pytest.mark.usefixtures("disk")
 async def test_manifest_within_the_disk_headroom_is_accepted(make_store: MakeStore, tmp_path: Path) -> None:
-    store, handler = await start(make_store, tmp_path, min_free_bytes=margin_leaving(tmp_path, MIB))
+    store, handler = await start(make_store, tmp_path, min_free_bytes=margin_leaving(MIB))
 
     code, body = await post_json_manifest(store, sized_json("small.bin", 512 * KIB))
 
@@ -687,10 +721,11 @@ async def test_manifest_within_the_disk_headroom_is_accepted(make_store: MakeSto
     assert (await status_of(store, body["transfer_key"]))["state"] == "PENDING"
 
 
+@pytest.mark.usefixtures("disk")
 async def test_open_transfer_reservation_counts_against_the_next_manifest_until_cancelled(
     make_store: MakeStore, tmp_path: Path
 ) -> None:
-    store, _handler = await start(make_store, tmp_path, min_free_bytes=margin_leaving(tmp_path, 3 * MIB // 2))
+    store, _handler = await start(make_store, tmp_path, min_free_bytes=margin_leaving(3 * MIB // 2))
 
     first_code, first = await post_json_manifest(store, sized_json("first.bin", MIB))
     assert first_code == 201, first
