@@ -631,19 +631,24 @@ async def test_new_patches_supersede_old_patches_still_streaming_into_a_real_ser
     root, state_dir = tmp_path / "root", tmp_path / "state"
     staging = state_dir / "staging"
     chunk = 8 << 20
-    data = content(160 << 20, seed=31)
+    rounds, piece = 6, 256 << 10
+    # An old request streams at most three chunks (it declares the whole rest, so it is still
+    # waiting for bytes when it is superseded): however fast the server takes them, no round
+    # gets near the end, and the upload is finished by the last PATCH alone.
+    streamed = 3 * chunk
+    data = content(rounds * (streamed + piece) + 2 * chunk, seed=31)
 
     async with (
         server_process(root, state_dir, tmp_path / "server.log", {"DATASTORE_CHUNK_SIZE": str(chunk)}) as server,
         aiohttp.ClientSession(server.base) as http,
     ):
         path = await create(http, "streaming.bin", data)
-        for _round in range(6):
+        for _round in range(rounds):
             start = await offset_of(http, path)
             old = await start_partial_patch("127.0.0.1", server.port, path, start, len(data) - start, b"")
 
             async def stream(old: RawRequest = old, start: int = start) -> None:
-                for at in range(start, len(data), 1 << 20):
+                for at in range(start, start + streamed, 1 << 20):
                     old.writer.write(data[at : at + (1 << 20)])
                     await old.writer.drain()
 
@@ -655,11 +660,13 @@ async def test_new_patches_supersede_old_patches_still_streaming_into_a_real_ser
                     timeout=WAIT,
                 )
 
-                statuses = await take_over(http, path, data, 256 << 10)
+                statuses = await take_over(http, path, data, piece)
 
                 assert statuses[-1] == 204, statuses
                 assert set(statuses[:-1]) <= {409}, statuses
-                assert await offset_of(http, path) == staged_size(staging, path)
+                offset = await offset_of(http, path)
+                assert start + 2 * chunk + piece <= offset <= start + streamed + piece
+                assert offset == staged_size(staging, path)
             finally:
                 streaming.cancel()
                 await asyncio.gather(streaming, return_exceptions=True)
