@@ -626,11 +626,30 @@ async def test_concurrent_downloads_of_a_new_file_share_one_lookup(make_store: M
     store = await make_store()
     await upload(store, "notes.txt", CONTENT)
     queries = count_catalogue_queries(store)
+    # The lookup is held until all twenty requests have arrived: all of them are under way at once,
+    # however the machine schedules their connections.
+    arrived, everyone = 0, asyncio.Event()
+    locate, read = store.handler.locate_download, store.handler._db.read
+
+    async def arriving(identity, name):  # type: ignore[no-untyped-def]
+        nonlocal arrived
+        arrived += 1
+        if arrived == 20:
+            everyone.set()
+        return await locate(identity, name)
+
+    async def held(work):  # type: ignore[no-untyped-def]
+        async with asyncio.timeout(10):
+            await everyone.wait()
+        return await read(work)
+
+    store.handler.locate_download, store.handler._db.read = arriving, held
 
     responses = await asyncio.gather(*(store.client.get("/files/notes.txt") for _ in range(20)))
 
     assert [await response.read() for response in responses] == [CONTENT] * 20
-    assert queries[0] < 20
+    assert arrived == 20
+    assert queries[0] == 1
 
 
 async def test_remembered_file_above_the_memory_limit_downloads_intact(make_store: MakeStore) -> None:
