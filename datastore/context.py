@@ -97,8 +97,8 @@ class RunningUpload:
     #: the staging file is left to remove) or "superseded" (a newer request of
     #: the same client takes over; keep the bytes).
     stop_reason: str | None = None
-    #: Set once every byte is staged and verification and publishing began:
-    #: from then on the upload is waited for, never cancelled.
+    #: Set once the file's last byte has arrived, or verification and publishing
+    #: began: from then on the upload is waited for, never cancelled.
     finishing: bool = False
 
     async def stop(self, reason: str) -> None:

@@ -826,14 +826,15 @@ async def recover_uploads(registry: TransferRegistry, staging_dir: Path) -> None
 async def recover_worker(registry: TransferRegistry, staging_dir: Path, worker: str) -> int:
     """A worker process died: end its claims, keeping what its uploads really staged.
 
-    As :func:`recover_uploads`, for that worker's files only. Returns how
-    many uploads it was running.
+    As :func:`recover_uploads`, for that worker's files only. Each claim
+    ends together with recording the offset really on disk: until then the
+    file stays claimed (no other worker takes it), and once it is free a
+    HEAD answers the bytes staged. Returns how many uploads it was running.
     """
-    released = await registry.release_worker(worker)
-    live = {(key, num): (received, verifying) for key, num, received, verifying in released}
+    claimed = await registry.claims_of(worker)
+    live = {(key, num): (received, verifying) for key, num, received, verifying in claimed}
     offsets = await asyncio.to_thread(staging.reconcile_files, staging_dir, live)
-    await _record_offsets(registry, live, offsets)
-    return len(released)
+    return await registry.release_worker(worker, offsets)
 
 
 async def _record_offsets(

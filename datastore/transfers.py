@@ -33,6 +33,7 @@ from __future__ import annotations
 import secrets
 import sqlite3
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -399,24 +400,39 @@ class TransferRegistry:
 
         return await self._db.run(ask)
 
-    async def release_worker(self, worker: str) -> list[tuple[str, int, int, bool]]:
-        """A worker process died: its claims end (UPLOADING -> RESERVED, bytes kept).
+    async def claims_of(self, worker: str) -> list[tuple[str, int, int, bool]]:
+        """``(key, num, received, verifying_chunk)`` of each file ``worker`` holds a claim on.
 
-        Returns ``(key, num, received, verifying_chunk)`` of each such file,
-        for :func:`datastore.staging.reconcile` to check against the disk.
+        For a worker that died: :func:`datastore.staging.reconcile_files`
+        checks them against the disk before :meth:`release_worker` ends them.
         """
+        return await self._db.read(
+            lambda db: [
+                (row["key"], row["num"], row["received"], bool(row["verifying_chunk"]))
+                for row in db.execute(
+                    "SELECT key, num, received, verifying_chunk FROM transfer_files WHERE state = ? AND claimed_by = ?",
+                    (FileState.UPLOADING, worker),
+                )
+            ]
+        )
 
-        def release(db: sqlite3.Connection) -> list[tuple[str, int, int, bool]]:
-            rows = db.execute(
-                "SELECT key, num, received, verifying_chunk FROM transfer_files WHERE state = ? AND claimed_by = ?",
-                (FileState.UPLOADING, worker),
-            ).fetchall()
-            db.execute(
-                "UPDATE transfer_files SET state = ?, claimed_by = NULL, stop_request = NULL"
-                " WHERE state = ? AND claimed_by = ?",
-                (FileState.RESERVED, FileState.UPLOADING, worker),
-            )
-            return [(row["key"], row["num"], row["received"], bool(row["verifying_chunk"])) for row in rows]
+    async def release_worker(self, worker: str, offsets: Mapping[tuple[str, int], int]) -> int:
+        """A worker process died: its claims end (UPLOADING -> RESERVED), each file with the
+        ``offsets`` bytes really staged as received. Returns how many claims ended."""
+
+        def release(db: sqlite3.Connection) -> int:
+            now = time.time()
+            ended = 0
+            for (key, num), received in offsets.items():
+                changed = db.execute(
+                    "UPDATE transfer_files SET state = ?, received = ?, verifying_chunk = 0, claimed_by = NULL,"
+                    " stop_request = NULL, updated_at = ? WHERE key = ? AND num = ? AND state = ? AND claimed_by = ?",
+                    (FileState.RESERVED, received, now, key, num, FileState.UPLOADING, worker),
+                ).rowcount
+                if changed:
+                    db.execute("UPDATE transfers SET updated_at = ? WHERE key = ?", (now, key))
+                ended += changed
+            return ended
 
         return await self._db.run(release)
 

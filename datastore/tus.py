@@ -22,6 +22,7 @@ import base64
 import binascii
 import hashlib
 import logging
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
@@ -260,7 +261,7 @@ async def _append_chunk(
     await ctx.registry.begin_chunk(*upload.place, verifying=chunk_hash is not None)
     try:
         await staging.append(
-            stream_chunks(request, ctx.settings),
+            _finishing_once_complete(stream_chunks(request, ctx.settings), upload, digests.offset),
             upload.staging_path,
             digests,
             limit=upload.file.size,
@@ -280,6 +281,23 @@ async def _append_chunk(
     if chunk_hash is not None and before is not None and chunk_hash.digest() != expected:
         await staging.uncancellable(_roll_back(ctx, upload, digests, before))
         raise ChunkChecksumMismatch()
+
+
+async def _finishing_once_complete(
+    chunks: AsyncIterator[bytes], upload: FileUpload, offset: int
+) -> AsyncIterator[bytes]:
+    """``chunks`` (appended at ``offset``); once the file's last byte has arrived the upload is finishing.
+
+    From then on a newer request waits for it to verify and publish the file
+    instead of superseding it. Superseded there, it would stop with every
+    byte staged and the file unpublished, while HEAD answers that the upload
+    is complete (so a tus client sends nothing more).
+    """
+    async for chunk in chunks:
+        offset += len(chunk)
+        if offset >= upload.file.size:
+            upload.running.finishing = True
+        yield chunk
 
 
 async def _after_failure(

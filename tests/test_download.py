@@ -540,11 +540,21 @@ def write_at_start(path: Path, data: bytes) -> None:
         handle.write(data)
 
 
+def filesystem_time_ns(probe: Path) -> int:
+    """The time the filesystem of ``probe`` stamps on a file changed now (its clock ticks coarsely)."""
+    probe.touch()
+    return probe.stat().st_mtime_ns
+
+
 async def test_file_rewritten_in_place_is_never_served_from_memory(make_store: MakeStore) -> None:
     store = await remembering_store(make_store)
     await upload(store, "notes.txt", CONTENT)
     assert await (await store.client.get("/files/notes.txt")).read() == CONTENT
-    await asyncio.sleep(0.05)  # past the filesystem's timestamp granularity, as settle_ns ensures
+    # A rewrite stamped with the same time as the upload could not be told apart (that is what
+    # settle_ns waits out): wait until the filesystem's clock has moved past the file's ctime.
+    changed = (store.root / "files" / "notes.txt").stat().st_ctime_ns
+    probe = store.root.parent / "clock-probe"
+    await until(lambda: filesystem_time_ns(probe) > changed, "the filesystem's clock moved on")
     await asyncio.to_thread(write_at_start, store.root / "files" / "notes.txt", b"ABCDE")
 
     response = await store.client.get("/files/notes.txt")
@@ -598,13 +608,15 @@ async def test_name_another_process_removed_from_the_catalogue_is_not_served_aft
     store.handler.catalogue_ttl = 0.2
     await upload(store, "notes.txt", CONTENT)
     assert (await store.client.get("/files/notes.txt")).status == 200
+    read_by = time.monotonic()  # the store read the record before it answered
     # Another process sharing the catalogue removed the record; the file stayed.
     other = DirectoryHandler(store.handler.directory, catalogue=store.handler._db.path)
     try:
         await other._db.run(lambda db: db.execute("DELETE FROM files WHERE name = ?", ("notes.txt",)))
     finally:
         await other.close()
-    await asyncio.sleep(0.25)
+    # The TTL is the behaviour under test: wait until the clock the store measures it by has passed it.
+    await until(lambda: time.monotonic() - read_by >= store.handler.catalogue_ttl, "the TTL passed")
 
     response = await store.client.get("/files/notes.txt")
 
@@ -615,11 +627,30 @@ async def test_concurrent_downloads_of_a_new_file_share_one_lookup(make_store: M
     store = await make_store()
     await upload(store, "notes.txt", CONTENT)
     queries = count_catalogue_queries(store)
+    # The lookup is held until all twenty requests have arrived: all of them are under way at once,
+    # however the machine schedules their connections.
+    arrived, everyone = 0, asyncio.Event()
+    locate, read = store.handler.locate_download, store.handler._db.read
+
+    async def arriving(identity, name):  # type: ignore[no-untyped-def]
+        nonlocal arrived
+        arrived += 1
+        if arrived == 20:
+            everyone.set()
+        return await locate(identity, name)
+
+    async def held(work):  # type: ignore[no-untyped-def]
+        async with asyncio.timeout(10):
+            await everyone.wait()
+        return await read(work)
+
+    store.handler.locate_download, store.handler._db.read = arriving, held
 
     responses = await asyncio.gather(*(store.client.get("/files/notes.txt") for _ in range(20)))
 
     assert [await response.read() for response in responses] == [CONTENT] * 20
-    assert queries[0] < 20
+    assert arrived == 20
+    assert queries[0] == 1
 
 
 async def test_remembered_file_above_the_memory_limit_downloads_intact(make_store: MakeStore) -> None:

@@ -4,7 +4,12 @@ expiry and purge by the sweeper, and the disk headroom a manifest must fit in.
 Every test runs a real store on loopback with a handler that records what the
 server asks of it. Nothing sleeps to guess at timing: where a timer is the
 behaviour under test (the sweeper), the test polls what a client can observe
-until it shows the expected state, bounded by a deadline.
+until it shows the expected state, bounded by a deadline. Where a lifetime is
+(a key's, a finished transfer's record), the test moves the wall clock past it
+(:class:`WallClock`) once the transfer is set up, so the lifetime never runs out
+while the test is still preparing it. The disk headroom tests give the store a
+disk whose free space stays put (:func:`disk`): the real one changes under
+other processes.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import shutil
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -28,6 +33,7 @@ from datastore.security.identity import Identity
 from .conftest import MakeStore
 from .fakes import RecordingHandler
 from .harness import Store, md5_hex, sha256_hex, staged_bytes, start_stalled_upload, until
+from .waiting import WallClock
 
 ADA = "/O=Lab/CN=Ada"
 MALLORY = "/O=Lab/CN=Mallory"
@@ -490,11 +496,22 @@ async def test_unknown_transfer_key_is_404(
 # -- expiry and purge by the sweeper -----------------------------------------------------
 
 
-async def expired_transfer(store: Store) -> tuple[str, dict[str, bytes], Any]:
-    """Two files registered, one half sent by tus PATCH; returns once the sweeper expired them."""
+#: The key lifetime of the expiry tests: the test moves the clock past it once its transfer is set up.
+KEY_LIFETIME = 3600.0
+
+
+async def start_expiring(make_store: MakeStore, tmp_path: Path) -> tuple[Store, ReleaseWatcher]:
+    """A store whose sweeper runs every 50 ms, with keys that live KEY_LIFETIME seconds."""
+    return await start(make_store, tmp_path, key_lifetime=KEY_LIFETIME, sweep_interval=0.05)
+
+
+async def expired_transfer(store: Store, clock: WallClock) -> tuple[str, dict[str, bytes], Any]:
+    """Two files registered, one half sent by tus PATCH, then the key's lifetime passes on ``clock``;
+    returns once the sweeper expired them."""
     files = {"first.bin": content("first", 32 * KIB), "second.bin": content("second", 8 * KIB)}
     key = await store.register(list(files.items()), identity=ADA)
     assert await patch(store, key, 0, 0, files["first.bin"][: 16 * KIB]) == 204
+    clock.advance(KEY_LIFETIME + 1)
     _code, body = await poll_status(
         store, key, lambda code, body: code == 200 and body["state"] == "EXPIRED", "the sweeper expired the transfer"
     )
@@ -502,11 +519,12 @@ async def expired_transfer(store: Store) -> tuple[str, dict[str, bytes], Any]:
 
 
 async def test_sweeper_expires_an_old_transfer_and_releases_its_staging_and_reservations(
-    make_store: MakeStore, tmp_path: Path
+    make_store: MakeStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store, handler = await start(make_store, tmp_path, key_lifetime=0.5, sweep_interval=0.05)
+    clock = WallClock(monkeypatch)
+    store, handler = await start_expiring(make_store, tmp_path)
 
-    await expired_transfer(store)
+    await expired_transfer(store, clock)
 
     await handler.released(2)
     assert sorted(handler.cancel_calls()) == ["first.bin", "second.bin"]
@@ -515,11 +533,12 @@ async def test_sweeper_expires_an_old_transfer_and_releases_its_staging_and_rese
 
 
 async def test_files_of_an_expired_transfer_show_expired_with_nothing_received(
-    make_store: MakeStore, tmp_path: Path
+    make_store: MakeStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store, _handler = await start(make_store, tmp_path, key_lifetime=0.5, sweep_interval=0.05)
+    clock = WallClock(monkeypatch)
+    store, _handler = await start_expiring(make_store, tmp_path)
 
-    key, files, body = await expired_transfer(store)
+    key, files, body = await expired_transfer(store, clock)
 
     assert file_rows(body) == [
         ("first.bin", len(files["first.bin"]), 0, "EXPIRED"),
@@ -529,9 +548,12 @@ async def test_files_of_an_expired_transfer_show_expired_with_nothing_received(
 
 
 @UPLOAD_METHODS
-async def test_expired_transfer_refuses_uploads_with_410(make_store: MakeStore, tmp_path: Path, method: str) -> None:
-    store, handler = await start(make_store, tmp_path, key_lifetime=0.5, sweep_interval=0.05)
-    key, files, _body = await expired_transfer(store)
+async def test_expired_transfer_refuses_uploads_with_410(
+    make_store: MakeStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    clock = WallClock(monkeypatch)
+    store, handler = await start_expiring(make_store, tmp_path)
+    key, files, _body = await expired_transfer(store, clock)
     await handler.released(2)
 
     for num, data in enumerate(files.values()):
@@ -542,10 +564,11 @@ async def test_expired_transfer_refuses_uploads_with_410(make_store: MakeStore, 
 
 
 async def test_names_of_an_expired_transfer_can_be_uploaded_again_under_a_new_key(
-    make_store: MakeStore, tmp_path: Path
+    make_store: MakeStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store, handler = await start(make_store, tmp_path, key_lifetime=0.5, sweep_interval=0.05)
-    key, files, _body = await expired_transfer(store)
+    clock = WallClock(monkeypatch)
+    store, handler = await start_expiring(make_store, tmp_path)
+    key, files, _body = await expired_transfer(store, clock)
     await handler.released(2)
 
     new_key = await store.register(list(files.items()), identity=ADA)
@@ -577,14 +600,17 @@ async def test_status_says_expired_once_the_key_lifetime_has_passed_before_any_s
 
 
 async def test_finished_transfer_is_purged_after_the_retention_time_and_its_file_stays(
-    make_store: MakeStore, tmp_path: Path
+    make_store: MakeStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store, _handler = await start(make_store, tmp_path, transfer_retention=0.2, sweep_interval=0.05)
+    clock = WallClock(monkeypatch)
+    retention = 3600.0
+    store, _handler = await start(make_store, tmp_path, transfer_retention=retention, sweep_interval=0.05)
     data = content("kept", 4 * KIB)
     key = await store.register([("kept.bin", data)], identity=ADA)
     assert await store.put(key, 0, data, identity=ADA) == (200, "File transfer OK")
     assert (await status_of(store, key))["state"] == "FINISHED"
 
+    clock.advance(retention + 1)
     _code, body = await poll_status(store, key, lambda code, _body: code == 404, "the sweeper purged the record")
 
     assert body["error"] == "unknown_transfer"
@@ -609,9 +635,38 @@ async def test_open_transfer_is_not_purged_by_the_retention_time(make_store: Mak
 # -- disk headroom ----------------------------------------------------------------------
 
 
-def margin_leaving(tmp_path: Path, headroom: int) -> int:
-    """min_free_bytes that leaves about ``headroom`` bytes for uploads on tmp_path's disk, as of now."""
-    return shutil.disk_usage(tmp_path).free - headroom
+#: Free bytes on the disk the headroom tests give their store.
+FREE = 64 * MIB
+
+
+class Usage(NamedTuple):
+    """What ``shutil.disk_usage`` answers."""
+
+    total: int
+    used: int
+    free: int
+
+
+@pytest.fixture
+def disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store's disk (everything under tmp_path) has exactly FREE bytes free throughout the test.
+
+    The real disk's free space changes while a test runs (other processes write and delete files),
+    and these tests draw the line between "fits" and "does not fit" within a mebibyte.
+    """
+    real = shutil.disk_usage
+
+    def usage(path: str | Path) -> Usage | tuple[int, int, int]:
+        if Path(path).is_relative_to(tmp_path):
+            return Usage(total=4 * FREE, used=3 * FREE, free=FREE)
+        return real(path)
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+
+
+def margin_leaving(headroom: int) -> int:
+    """min_free_bytes that leaves ``headroom`` bytes for uploads on the disk of :func:`disk`."""
+    return FREE - headroom
 
 
 def sized_json(name: str, size: int) -> dict[str, Any]:
@@ -627,10 +682,11 @@ async def post_json_manifest(store: Store, manifest: Any) -> tuple[int, Any]:
         return response.status, await response.json()
 
 
+@pytest.mark.usefixtures("disk")
 async def test_json_manifest_beyond_the_disk_headroom_is_507_and_reserves_nothing(
     make_store: MakeStore, tmp_path: Path
 ) -> None:
-    store, handler = await start(make_store, tmp_path, min_free_bytes=margin_leaving(tmp_path, MIB))
+    store, handler = await start(make_store, tmp_path, min_free_bytes=margin_leaving(MIB))
 
     code, body = await post_json_manifest(store, sized_json("big.bin", 2 * MIB))
 
@@ -640,10 +696,11 @@ async def test_json_manifest_beyond_the_disk_headroom_is_507_and_reserves_nothin
     assert store.staged_files() == []
 
 
+@pytest.mark.usefixtures("disk")
 async def test_ini_manifest_beyond_the_disk_headroom_is_405_not_enough_disk_space(
     make_store: MakeStore, tmp_path: Path
 ) -> None:
-    store, handler = await start(make_store, tmp_path, min_free_bytes=margin_leaving(tmp_path, MIB))
+    store, handler = await start(make_store, tmp_path, min_free_bytes=margin_leaving(MIB))
 
     async with store.client.post(f"/{store.prefix}/manifest", data=sized_ini("big.bin", 2 * MIB)) as response:
         text = await response.text()
@@ -653,8 +710,9 @@ async def test_ini_manifest_beyond_the_disk_headroom_is_405_not_enough_disk_spac
     assert "add_pending_upload" not in handler.methods()
 
 
+@pytest.mark.usefixtures("disk")
 async def test_manifest_within_the_disk_headroom_is_accepted(make_store: MakeStore, tmp_path: Path) -> None:
-    store, handler = await start(make_store, tmp_path, min_free_bytes=margin_leaving(tmp_path, MIB))
+    store, handler = await start(make_store, tmp_path, min_free_bytes=margin_leaving(MIB))
 
     code, body = await post_json_manifest(store, sized_json("small.bin", 512 * KIB))
 
@@ -663,10 +721,11 @@ async def test_manifest_within_the_disk_headroom_is_accepted(make_store: MakeSto
     assert (await status_of(store, body["transfer_key"]))["state"] == "PENDING"
 
 
+@pytest.mark.usefixtures("disk")
 async def test_open_transfer_reservation_counts_against_the_next_manifest_until_cancelled(
     make_store: MakeStore, tmp_path: Path
 ) -> None:
-    store, _handler = await start(make_store, tmp_path, min_free_bytes=margin_leaving(tmp_path, 3 * MIB // 2))
+    store, _handler = await start(make_store, tmp_path, min_free_bytes=margin_leaving(3 * MIB // 2))
 
     first_code, first = await post_json_manifest(store, sized_json("first.bin", MIB))
     assert first_code == 201, first

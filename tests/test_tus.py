@@ -22,6 +22,7 @@ import shutil
 import signal
 import sqlite3
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -36,9 +37,13 @@ from multidict import CIMultiDictProxy
 from tusclient import client as tus_client
 from yarl import URL
 
+import datastore.staging
+from datastore.context import RunningUpload
+
 from .conftest import MakeStore
 from .fakes import RecordingHandler
 from .harness import Store, ini_manifest, md5_hex, parse_legacy_reply, sha256_hex, spawn_serve, until
+from .waiting import WallClock
 
 #: Upper bound on anything a test awaits from a server or a client process.
 WAIT = 30.0
@@ -647,19 +652,24 @@ async def test_new_patches_supersede_old_patches_still_streaming_into_a_real_ser
     root, state_dir = tmp_path / "root", tmp_path / "state"
     staging = state_dir / "staging"
     chunk = 8 << 20
-    data = content(160 << 20, seed=31)
+    rounds, piece = 6, 256 << 10
+    # An old request streams at most three chunks (it declares the whole rest, so it is still
+    # waiting for bytes when it is superseded): however fast the server takes them, no round
+    # gets near the end, and the upload is finished by the last PATCH alone.
+    streamed = 3 * chunk
+    data = content(rounds * (streamed + piece) + 2 * chunk, seed=31)
 
     async with (
         server_process(root, state_dir, tmp_path / "server.log", {"DATASTORE_CHUNK_SIZE": str(chunk)}) as server,
         aiohttp.ClientSession(server.base) as http,
     ):
         path = await create(http, "streaming.bin", data)
-        for _round in range(6):
+        for _round in range(rounds):
             start = await offset_of(http, path)
             old = await start_partial_patch("127.0.0.1", server.port, path, start, len(data) - start, b"")
 
             async def stream(old: RawRequest = old, start: int = start) -> None:
-                for at in range(start, len(data), 1 << 20):
+                for at in range(start, start + streamed, 1 << 20):
                     old.writer.write(data[at : at + (1 << 20)])
                     await old.writer.drain()
 
@@ -671,11 +681,13 @@ async def test_new_patches_supersede_old_patches_still_streaming_into_a_real_ser
                     timeout=WAIT,
                 )
 
-                statuses = await take_over(http, path, data, 256 << 10)
+                statuses = await take_over(http, path, data, piece)
 
                 assert statuses[-1] == 204, statuses
                 assert set(statuses[:-1]) <= {409}, statuses
-                assert await offset_of(http, path) == staged_size(staging, path)
+                offset = await offset_of(http, path)
+                assert start + 2 * chunk + piece <= offset <= start + streamed + piece
+                assert offset == staged_size(staging, path)
             finally:
                 streaming.cancel()
                 await asyncio.gather(streaming, return_exceptions=True)
@@ -717,6 +729,46 @@ async def test_new_patch_while_the_last_patch_is_publishing_does_not_throw_the_u
         await assert_published(http, "published-meanwhile.bin", data)
         assert isinstance(answered, Reply), answered
         assert (answered.status, answered.headers["Upload-Offset"]) == (204, str(len(data)))
+
+
+async def test_new_patch_once_every_byte_arrived_lets_the_last_patch_publish(
+    make_store: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The retry (HEAD, PATCH) comes after the last PATCH delivered every byte, before the store recorded them."""
+    store = await make_store()
+    data = content(64 * 1024, seed=33)
+    path = await create(store.client, "complete.bin", data)
+    # The last PATCH is held while it makes its bytes durable, until the retry asks it to stop.
+    storing, go_on, asked = threading.Event(), threading.Event(), asyncio.Event()
+    settle, stop = datastore.staging._settle, RunningUpload.stop
+
+    def held_settle(*args: Any) -> Any:
+        storing.set()
+        go_on.wait(WAIT)
+        return settle(*args)
+
+    async def stop_asked(self: RunningUpload, reason: str) -> None:
+        asked.set()
+        await stop(self, reason)
+
+    monkeypatch.setattr(datastore.staging, "_settle", held_settle)
+    monkeypatch.setattr(RunningUpload, "stop", stop_asked)
+
+    last = asyncio.create_task(patch(store.client, path, 0, data))
+    await until(storing.is_set, "the last PATCH stores its bytes", timeout=WAIT)
+    offset = await offset_of(store.client, path)
+    retry = asyncio.create_task(patch(store.client, path, offset, data[offset:]))
+    try:
+        async with asyncio.timeout(WAIT):
+            await asked.wait()
+    finally:
+        go_on.set()
+    answered, retried = await asyncio.gather(last, retry)
+
+    assert (answered.status, answered.headers["Upload-Offset"]) == (204, str(len(data)))
+    assert retried.status == 409
+    assert await offset_of(store.client, path) == len(data)
+    await assert_published(store.client, "complete.bin", data)
 
 
 async def test_dropped_patch_carrying_upload_checksum_keeps_nothing_of_its_chunk(make_store: MakeStore) -> None:
@@ -788,11 +840,15 @@ async def test_patch_without_a_valid_upload_offset_is_400(make_store: MakeStore,
     assert await offset_of(store.client, path) == 0
 
 
-async def test_upload_whose_key_expired_answers_410_and_its_staged_bytes_go(make_store: MakeStore) -> None:
-    store = await make_store(key_lifetime=2.0, sweep_interval=0.05)
+async def test_upload_whose_key_expired_answers_410_and_its_staged_bytes_go(
+    make_store: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = WallClock(monkeypatch)
+    store = await make_store(key_lifetime=3600.0, sweep_interval=0.05)
     data = content(10_000, seed=30)
     path = await create(store.client, "expiring.bin", data)
     assert (await patch(store.client, path, 0, data[:1000])).status == 204
+    clock.advance(3600.0 + 1)
 
     expired = await eventually(lambda: head(store.client, path), lambda r: r.status != 200, "the key expired")
     refused = await patch(store.client, path, 1000, data[1000:])

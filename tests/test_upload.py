@@ -36,6 +36,7 @@ from datastore.security.identity import Identity
 from .conftest import MakeStore
 from .fakes import RecordingHandler
 from .harness import Store, json_manifest, md5_hex, sha256_hex
+from .waiting import WallClock
 
 ADA = "/O=Lab/CN=Ada"
 #: Upper bound on anything a test awaits from the server.
@@ -595,15 +596,18 @@ async def test_upload_after_the_sweeper_expired_the_key_is_410_and_the_name_is_f
     assert await store.put(fresh, 0, content) == (200, "File transfer OK")
 
 
-async def test_upload_after_the_key_lifetime_passed_is_410(make_store: MakeStore) -> None:
-    store = await make_store(key_lifetime=0.2)
+async def test_upload_after_the_key_lifetime_passed_is_410(
+    make_store: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = WallClock(monkeypatch)
+    store = await make_store(key_lifetime=3600)
     content = b"too late"
     status, body = await post_manifest(store, json_manifest([("late.txt", content)]))
     assert status == 201, body
     expires_at = datetime.fromisoformat(body["expires_at"]).timestamp()
 
-    # The key's own lifetime is the behaviour under test: wait until the clock has passed it.
-    await asyncio.sleep(max(0.0, expires_at - time.time()) + 0.01)
+    # The key's own lifetime is the behaviour under test: the clock moves past it (the sweeper has not run).
+    clock.advance(expires_at + 1 - time.time())
 
     assert await store.put(body["transfer_key"], 0, content) == (410, "Transfer key expired")
     assert "late.txt" not in store.served_files()
@@ -612,17 +616,23 @@ async def test_upload_after_the_key_lifetime_passed_is_410(make_store: MakeStore
 async def test_client_that_stalls_mid_body_gets_408_and_its_upload_is_cleaned_up(
     make_store: MakeStore, recording: WatchedHandler
 ) -> None:
-    store = await make_store(recording, body_timeout=0.3)
+    # Only the stalling request meets the short body timeout: the manifest and the retry go to the
+    # same store restarted with the default one, so a busy machine cannot make them time out too.
+    store = await make_store(recording)
     content = b"slow " * 2000
     key = await store.register([("slow.txt", content)])
+    await store.client.close()
+    impatient = await make_store(recording, body_timeout=0.3)
 
-    async with raw_connection(store) as connection:
+    async with raw_connection(impatient) as connection:
         await connection.send_head("PUT", f"/files/{key}/0", raw_upload_head(len(content)))
         await connection.send(content[: len(content) // 2])
         response = await connection.response()
 
     assert response.status == 408
     assert recording.methods() == ["can_upload", "add_pending_upload", "get_upload_filename", "cancel_upload"]
+    await impatient.client.close()
+    store = await make_store(recording)
     await assert_clean_then_retry(store, recording, key, "slow.txt", content)
 
 
