@@ -292,7 +292,8 @@ def settings_help() -> str:
     """A table of every setting and its default, for ``--help`` and the README."""
     rows = []
     for item in dataclasses.fields(Settings):
-        rows.append(f"  {item.name:<24} {item.metadata['doc']} (default: {item.default!r})")
+        default = str(item.default) if isinstance(item.default, Policy) else repr(item.default)
+        rows.append(f"  {item.name:<24} {item.metadata['doc']} (default: {default})")
     return "\n".join(rows)
 
 

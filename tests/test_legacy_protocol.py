@@ -21,6 +21,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -30,7 +31,7 @@ from datastore.security.identity import Identity
 
 from .conftest import MakeStore
 from .fakes import LegacyDataStore
-from .harness import Store, md5_hex
+from .harness import Store, md5_hex, spawn_serve
 
 #: Upper bound on anything a test awaits from the server.
 WAIT = 10.0
@@ -682,3 +683,29 @@ async def test_owner_can_still_upload_after_another_identity_was_refused(
 
     assert reply.status_line == "HTTP/1.1 200 File transfer OK"
     assert (await get_file(store, "slides.ppt")).body == CONTENT
+
+
+# -- the real command, as a venue operator starts it for AGTk 2.x clients -----------------------------------------
+
+
+async def test_datastore_serve_with_trust_client_dn_speaks_the_legacy_exchange_byte_for_byte(tmp_path: Path) -> None:
+    """No policy flag but --trust-client-dn: the shipped defaults, with the AGTk client's DN as its identity."""
+    process, (match,) = await spawn_serve("--root", str(tmp_path / "data"), "--trust-client-dn", open_store=False)
+    # The raw-socket helpers only need the address, which they read as store.client.host and .port.
+    store: Any = SimpleNamespace(client=SimpleNamespace(host="127.0.0.1", port=int(match["port"])))
+    content = b"venue slides\n" * 500
+    try:
+        reply = await post_manifest(store, agtk_manifest([("slides.ppt", content)]))
+        accepted = ACCEPTED_REPLY.fullmatch(reply.body)
+        assert (reply.status_line, reply.headers["Content-Type"]) == ("HTTP/1.1 200 OK", "text/plain")
+        assert accepted is not None, reply.body
+        uploaded = await post_file(store, accepted.group(1).decode(), 0, content)
+        assert uploaded.status_line == "HTTP/1.1 200 File transfer OK"
+        downloaded = await get_file(store, "slides.ppt", dn=DN)
+        assert (downloaded.status, downloaded.body) == (200, content)
+        # Without a DN the same client is nobody, and the defaults give nobody anything.
+        anonymous = await post_manifest(store, agtk_manifest([("other.ppt", content)]), dn=None)
+        assert anonymous.status == 401
+    finally:
+        process.terminate()
+        await process.wait()

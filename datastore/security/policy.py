@@ -78,6 +78,14 @@ class Policy:
         if self.delete not in (Audience.OWNER, Audience.ADMINS):
             raise PolicyError("delete: use owner (the owner or an administrator) or admins")
 
+    def __str__(self) -> str:
+        """``list=users read=users upload=users delete=owner show_owners=false tls_only=true``."""
+        return " ".join(
+            f"{item.name}={str(value).lower() if isinstance(value, bool) else value}"
+            for item in fields(self)
+            for value in (getattr(self, item.name),)
+        )
+
     def audience(self, action: Action) -> Audience:
         """Who ``action`` is open to."""
         value: Audience = getattr(self, action.value)
