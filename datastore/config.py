@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .manifest import ManifestLimits
-from .security.policy import Policy, PolicyError, parse_rules, policy_from
+from .security.policy import Audience, Policy, PolicyError
 
 _PUBLIC_URL = re.compile(r"^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?(/[A-Za-z0-9._~%/-]*)?$")
 _PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -339,18 +339,57 @@ def _policies(path: Path, table: Any) -> dict[str, Any]:
     return {"policy": default, "prefix_policies": per_prefix}
 
 
+def policy_from(values: Mapping[str, Any], base: Policy | None = None, *, where: str = "policy") -> Policy:
+    """``base`` (default: the safe default) with ``values`` applied; PolicyError naming a bad key or value."""
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in _POLICY_KEYS:
+            raise PolicyError(f"{where}: unknown key {key!r} (use {', '.join(_POLICY_KEYS)})")
+        try:
+            changes[name] = _boolean(value) if name in ("show_owners", "tls_only") else Audience(str(value).lower())
+        except ValueError:
+            expected = "true or false" if name in ("show_owners", "tls_only") else "one of anyone, users, owner, admins"
+            raise PolicyError(f"{where}.{key}: {value!r} is not {expected}") from None
+    try:
+        return dataclasses.replace(base if base is not None else Policy(), **changes)
+    except PolicyError as exc:
+        raise PolicyError(f"{where}: {exc}") from None
+
+
+def parse_rules(text: str, base: Policy | None = None) -> Policy:
+    """``"read=anyone,list=anyone"`` (flags and environment variables) applied to ``base``."""
+    values: dict[str, str] = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise PolicyError(f"policy rule {part.strip()!r}: write ACTION=AUDIENCE, e.g. read=anyone")
+        values[key.strip()] = value.strip()
+    return policy_from(values, base)
+
+
+_POLICY_KEYS = [item.name for item in dataclasses.fields(Policy)]
+
+
+def _boolean(value: Any) -> bool:
+    """``True``, ``"yes"``, ``"on"``, ``1`` … -> True; ValueError for what is neither."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
 def _convert(key: str, value: Any) -> Any:
     kind = _FIELDS[key]
     try:
         if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
+            return _boolean(value)
         if kind == "int":
             if isinstance(value, int) and not isinstance(value, bool):
                 return value

@@ -176,12 +176,14 @@ async def spawn_serve(
     urls: int = 1,
     timeout: float = 30.0,
     open_store: bool = True,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> tuple[asyncio.subprocess.Process, list[re.Match[str]]]:
     """Start ``python -m datastore serve --port 0 ARGS`` as a user would.
 
     Returns the process once it printed ``urls`` serving lines, with those
     lines' matches of :data:`SERVING`; the caller stops the process. With
-    ``open_store`` it runs with :data:`OPEN_STORE_ENV` (then ``env``).
+    ``open_store`` it runs with :data:`OPEN_STORE_ENV` (then ``env``);
+    ``preexec_fn`` runs in the child before the store starts (to lower a limit, say).
     """
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -194,6 +196,7 @@ async def spawn_serve(
         stdout=asyncio.subprocess.PIPE,
         stderr=stderr,
         env={**os.environ, **(OPEN_STORE_ENV if open_store else {}), **(env or {})},
+        preexec_fn=preexec_fn,
     )
     assert process.stdout is not None
     found: list[re.Match[str]] = []
@@ -211,3 +214,62 @@ async def spawn_serve(
         await process.wait()
         raise
     return process, found
+
+
+#: The line the upload command prints first (on standard error): the key to --resume.
+KEY_LINE = re.compile(r"transfer key ([0-9a-f]{40})")
+
+
+@dataclass
+class Ran:
+    """A finished command."""
+
+    args: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def errors(self) -> list[str]:
+        """The lines written to standard error."""
+        return self.stderr.splitlines()
+
+    @property
+    def key(self) -> str:
+        match = KEY_LINE.search(self.stderr)
+        assert match, self.stderr
+        return match[1]
+
+
+async def datastore(*args: str, cwd: Path | None = None, timeout: float = 60.0) -> Ran:
+    """Run ``python -m datastore ARGS`` to the end (failing after ``timeout`` seconds)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "datastore",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=cwd,
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            stdout, stderr = await process.communicate()
+    except TimeoutError:
+        process.kill()
+        await process.communicate()
+        raise AssertionError(f"datastore {' '.join(args)} was still running after {timeout} s") from None
+    assert process.returncode is not None
+    return Ran(args, process.returncode, stdout.decode(), stderr.decode())
+
+
+def assert_one_line_failure(ran: Ran, status: int, line: str | re.Pattern[str]) -> None:
+    """Exit ``status``, nothing on standard output, exactly one line on standard error."""
+    assert ran.returncode == status, ran
+    assert "Traceback" not in ran.stderr
+    assert ran.stdout == ""
+    assert len(ran.errors) == 1, f"expected one line on stderr, got {ran.stderr!r}"
+    if isinstance(line, str):
+        assert ran.errors[0] == line
+    else:
+        assert line.fullmatch(ran.errors[0]), ran.errors[0]

@@ -16,7 +16,6 @@ import asyncio
 import io
 import json
 import resource
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -305,8 +304,19 @@ async def running(tmp_path: Path, **settings: Any) -> AsyncIterator[HTTPTransfer
         await server.stop()
 
 
-async def open_idle(port: int, count: int) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-    return [await asyncio.open_connection("127.0.0.1", port) for _ in range(count)]
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def ask_health(port: int, count: int) -> tuple[list[Connection], list[bytes]]:
+    """Open ``count`` connections, each asking for the health once; they stay open. Their status lines."""
+    connections = [await asyncio.open_connection("127.0.0.1", port) for _ in range(count)]
+    for _, writer in connections:
+        writer.write(b"GET /_api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+    answers = []
+    for reader, _ in connections:
+        async with asyncio.timeout(WAIT):
+            answers.append(await reader.readuntil(b"\r\n"))
+    return connections, answers
 
 
 async def get(port: int, path: str) -> bytes:
@@ -323,12 +333,9 @@ async def test_connections_over_the_cap_get_a_clean_503_and_the_store_serves_aga
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with running(tmp_path, max_connections=8) as server:
-        idle = await open_idle(server.port, 8)
         # Each asks something, so that the store has taken every one of them in.
-        for _, writer in idle:
-            writer.write(b"GET /_api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
-        for reader, _ in idle:
-            assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200 ")
+        idle, answers = await ask_health(server.port, 8)
+        assert answers == [b"HTTP/1.1 200 OK\r\n"] * 8
 
         refused = await get(server.port, "/_api/v1/health")
 
@@ -351,11 +358,8 @@ async def until_served(port: int) -> None:
 
 async def test_one_address_may_hold_only_its_share_of_connections(tmp_path: Path) -> None:
     async with running(tmp_path, max_connections_per_client=3) as server:
-        idle = await open_idle(server.port, 3)
-        for _, writer in idle:
-            writer.write(b"GET /_api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
-        for reader, _ in idle:
-            assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200 ")
+        idle, answers = await ask_health(server.port, 3)
+        assert answers == [b"HTTP/1.1 200 OK\r\n"] * 3
         refused = await get(server.port, "/_api/v1/health")
         assert b"your address holds 3 connections, as many as one may" in refused
         for _, writer in idle:
@@ -369,36 +373,13 @@ def low_file_limit() -> None:
 async def test_near_the_file_descriptor_limit_the_store_refuses_cleanly_and_logs_no_traceback(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     with log.open("wb") as stderr:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "datastore",
-            "serve",
-            "--port",
-            "0",
-            "--root",
-            str(tmp_path / "data"),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=stderr,
-            preexec_fn=low_file_limit,
+        process, (match,) = await spawn_serve(
+            "--root", str(tmp_path / "data"), stderr=stderr, preexec_fn=low_file_limit
         )
+    port = int(match["port"])
     try:
-        assert process.stdout is not None
-        port = 0
-        async with asyncio.timeout(WAIT):
-            while not port:
-                line = (await process.stdout.readline()).decode()
-                assert line, "the server exited"
-                if "serving" in line:
-                    port = int(line.split("127.0.0.1:")[1].split("/")[0])
         # 256 descriptors: the store takes (256 - 128) / 2 = 64 connections and refuses the rest.
-        sockets = await open_idle(port, 150)
-        answers = []
-        for _, writer in sockets:
-            writer.write(b"GET /_api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
-        for reader, _ in sockets:
-            async with asyncio.timeout(WAIT):
-                answers.append(await reader.readuntil(b"\r\n"))
+        sockets, answers = await ask_health(port, 150)
         assert answers.count(b"HTTP/1.1 200 OK\r\n") == 64
         assert answers.count(b"HTTP/1.1 503 Too many connections\r\n") == 150 - 64
         for _, writer in sockets:

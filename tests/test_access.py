@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
+import re
 import sqlite3
 import stat
-import sys
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -30,7 +29,7 @@ from datastore.security.identity import Identity
 from datastore.security.policy import Audience, Policy
 
 from .conftest import MakeStore
-from .harness import OPEN_POLICY, Store, json_manifest, sha256_hex, spawn_serve
+from .harness import OPEN_POLICY, Store, assert_one_line_failure, datastore, json_manifest, sha256_hex, spawn_serve
 
 ADA, BOB = "/O=Lab/CN=Ada", "/O=Lab/CN=Bob"
 DATA = b"the minutes of the meeting\n"
@@ -310,7 +309,7 @@ async def test_whoami_describes_a_token_without_its_secret(make_store: MakeStore
         ["read"],
         ["files"],
     )
-    assert token.split("_")[2] not in json.dumps(who)
+    assert token.split("_", 2)[2] not in json.dumps(who)
 
 
 # -- owners: delete, overwrite, transfers, listings -------------------------------------------------------------
@@ -510,22 +509,6 @@ def test_a_bad_policy_is_refused_naming_the_setting(tmp_path: Path, toml: str, m
 # -- datastore serve and datastore tokens, as an operator runs them ---------------------------------------------
 
 
-async def run(*args: str, env: Mapping[str, str] | None = None) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "datastore",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
-    async with asyncio.timeout(60):
-        out, err = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
-
-
 async def test_the_first_start_leaves_an_administrator_token_in_a_private_file(tmp_path: Path) -> None:
     root = tmp_path / "data"
     process, (match,) = await spawn_serve("--root", str(root), open_store=False, stderr=asyncio.subprocess.PIPE)
@@ -554,21 +537,21 @@ async def test_the_tokens_command_issues_lists_and_revokes_while_the_store_runs(
     root = tmp_path / "data"
     process, (match,) = await spawn_serve("--root", str(root), open_store=False)
     try:
-        code, token, err = await run("tokens", "--root", str(root), "create", "ada", "--actions", "read,upload")
-        assert code == 0, err
-        token = token.strip()
-        code, listed, _ = await run("tokens", "--root", str(root), "ls", "--json")
+        created = await datastore("tokens", "--root", str(root), "create", "ada", "--actions", "read,upload")
+        assert created.returncode == 0, created
+        token = created.stdout.strip()
+        listed = (await datastore("tokens", "--root", str(root), "ls", "--json")).stdout
         ada = next(t for t in json.loads(listed) if t["subject"] == "ada")
         assert (ada["actions"], ada["state"]) == (["read", "upload"], "active")
-        assert token.split("_")[2] not in listed
+        assert token.split("_", 2)[2] not in listed
 
         async with aiohttp.ClientSession() as http:
             data = b"hello"
             manifest = {"files": [{"name": "hello.txt", "size": 5, "sha256": sha256_hex(data)}]}
             async with http.post(f"{match['base']}/files/manifest", json=manifest, headers=bearer(token)) as r:
                 assert r.status == 201
-            code, out, err = await run("tokens", "--root", str(root), "revoke", ada["id"])
-            assert (code, out.strip()) == (0, f"revoked {ada['id']} (ada)"), err
+            revoked = await datastore("tokens", "--root", str(root), "revoke", ada["id"])
+            assert (revoked.returncode, revoked.stdout.strip()) == (0, f"revoked {ada['id']} (ada)"), revoked
             async with http.get(f"{match['base']}/files/", headers=bearer(token)) as r:
                 assert r.status == 401
     finally:
@@ -587,9 +570,8 @@ async def test_the_tokens_command_issues_lists_and_revokes_while_the_store_runs(
 async def test_the_tokens_command_refuses_bad_requests_in_one_line(
     tmp_path: Path, args: list[str], message: str
 ) -> None:
-    code, out, err = await run("tokens", "--root", str(tmp_path), *args)
-    assert (code, out) == (2, "")
-    assert err.count("\n") == 1 and message in err
+    ran = await datastore("tokens", "--root", str(tmp_path), *args)
+    assert_one_line_failure(ran, 2, re.compile(f"datastore tokens: .*{re.escape(message)}.*"))
 
 
 # -- browsers: the session cookie and requests from other sites ---------------------------------------------------

@@ -17,13 +17,12 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from .conftest import MakeStore
-from .harness import Store, sha256_hex, spawn_serve
+from .harness import KEY_LINE, Store, assert_one_line_failure, datastore, sha256_hex, spawn_serve
 from .test_client import (
     ADA,
     BOB,
@@ -38,63 +37,7 @@ from .test_client import (
     write_files,
 )
 
-KEY_LINE = re.compile(r"transfer key ([0-9a-f]{40})")
 ADA_CERT_DN = "/C=NZ/O=Lab/OU=Physics/CN=ada"
-
-
-@dataclass
-class Ran:
-    """A finished command."""
-
-    args: tuple[str, ...]
-    returncode: int
-    stdout: str
-    stderr: str
-
-    @property
-    def errors(self) -> list[str]:
-        """The lines written to standard error."""
-        return self.stderr.splitlines()
-
-    @property
-    def key(self) -> str:
-        match = KEY_LINE.search(self.stderr)
-        assert match, self.stderr
-        return match[1]
-
-
-async def datastore(*args: str, cwd: Path | None = None, timeout: float = 60.0) -> Ran:
-    """Run ``python -m datastore ARGS`` to the end (failing after ``timeout`` seconds)."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "datastore",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=cwd,
-    )
-    try:
-        async with asyncio.timeout(timeout):
-            stdout, stderr = await process.communicate()
-    except TimeoutError:
-        process.kill()
-        await process.communicate()
-        raise AssertionError(f"datastore {' '.join(args)} was still running after {timeout} s") from None
-    assert process.returncode is not None
-    return Ran(args, process.returncode, stdout.decode(), stderr.decode())
-
-
-def assert_one_line_failure(ran: Ran, status: int, line: str | re.Pattern[str]) -> None:
-    """Exit ``status``, nothing on standard output, exactly one line on standard error."""
-    assert ran.returncode == status, ran
-    assert "Traceback" not in ran.stderr
-    assert ran.stdout == ""
-    assert len(ran.errors) == 1, f"expected one line on stderr, got {ran.stderr!r}"
-    if isinstance(line, str):
-        assert ran.errors[0] == line
-    else:
-        assert line.fullmatch(ran.errors[0]), ran.errors[0]
 
 
 @pytest.fixture

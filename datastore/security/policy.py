@@ -24,10 +24,8 @@ over TLS only when a plain listener runs beside it (default: yes).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from enum import StrEnum
-from typing import Any
 
 from ..errors import NotAuthorized, Unauthorized
 from .identity import Identity
@@ -123,53 +121,3 @@ class Policy:
     def shows_owner(self, identity: Identity, owner: str | None) -> bool:
         """Whether a listing names ``owner`` (a stored principal) to ``identity``."""
         return self.show_owners or identity.may_manage(owner)
-
-
-#: What an operator may set in a policy table, with the type of each.
-POLICY_KEYS = {item.name: item.type for item in fields(Policy)}
-
-
-def policy_from(values: Mapping[str, Any], base: Policy | None = None, *, where: str = "policy") -> Policy:
-    """``base`` (default: the safe default) with ``values`` applied; PolicyError naming a bad key or value."""
-    changes: dict[str, Any] = {}
-    for key, value in values.items():
-        name = key.replace("-", "_")
-        if name not in POLICY_KEYS:
-            raise PolicyError(f"{where}: unknown key {key!r} (use {', '.join(POLICY_KEYS)})")
-        if name in ("show_owners", "tls_only"):
-            changes[name] = _boolean(value, f"{where}.{key}")
-        else:
-            try:
-                changes[name] = Audience(str(value).strip().lower())
-            except ValueError:
-                raise PolicyError(
-                    f"{where}.{key}: {value!r} is not one of {', '.join(a.value for a in Audience)}"
-                ) from None
-    try:
-        return replace(base if base is not None else Policy(), **changes)
-    except PolicyError as exc:
-        raise PolicyError(f"{where}: {exc}") from None
-
-
-def parse_rules(text: str, base: Policy | None = None) -> Policy:
-    """``"read=anyone,list=anyone"`` (flags and environment variables) applied to ``base``."""
-    values: dict[str, str] = {}
-    for part in text.split(","):
-        if not part.strip():
-            continue
-        key, sep, value = part.partition("=")
-        if not sep:
-            raise PolicyError(f"policy rule {part.strip()!r}: write ACTION=AUDIENCE, e.g. read=anyone")
-        values[key.strip()] = value.strip()
-    return policy_from(values, base)
-
-
-def _boolean(value: Any, where: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise PolicyError(f"{where}: {value!r} is not true or false")
