@@ -23,7 +23,7 @@ from datastore.context import CONTEXT
 from datastore.security.logsafe import RedactingFormatter
 
 from .conftest import MakeStore
-from .harness import json_manifest, spawn_serve, until
+from .harness import Store, json_manifest, spawn_serve, until
 
 WAIT = 20.0
 KEY = re.compile(r"[0-9a-f]{40}")
@@ -141,31 +141,40 @@ def fill(disk: Path) -> Path:
     return filler
 
 
+async def fill_during_upload(store: Store, disk: Path, head: str, data: bytes) -> tuple[bytes, Path]:
+    """Send ``head`` and the first 4 MiB of ``data``; once bytes are staged, fill ``disk``; send the rest.
+
+    Returns the answer's status line and the file that filled the disk.
+    """
+    reader, writer = await asyncio.open_connection("127.0.0.1", store.client.port)
+    try:
+        writer.write(head.encode() + b"\r\n" + data[: 4 << 20])
+        await writer.drain()
+        await until(lambda: any(f.stat().st_size for f in store.staging.iterdir()), "bytes staged", timeout=WAIT)
+        filler = await asyncio.to_thread(fill, disk)
+        writer.write(data[4 << 20 :])
+        async with asyncio.timeout(WAIT):
+            return await reader.readuntil(b"\r\n"), filler
+    finally:
+        writer.close()
+
+
 @pytest.mark.parametrize(
     ("accept", "expected"),
     [
-        pytest.param({}, b"HTTP/1.1 405 Not enough disk space for upload", id="legacy-client"),
-        pytest.param({"Accept": "application/json"}, b"HTTP/1.1 507 Not enough disk space for upload", id="json"),
+        pytest.param("", b"HTTP/1.1 405 Not enough disk space for upload", id="legacy-client"),
+        pytest.param("Accept: application/json\r\n", b"HTTP/1.1 507 Not enough disk space for upload", id="json"),
     ],
 )
 async def test_a_disk_that_fills_up_mid_upload_refuses_it_and_keeps_nothing(
-    make_store: MakeStore, small_disk: Path, accept: dict[str, str], expected: bytes
+    make_store: MakeStore, small_disk: Path, accept: str, expected: bytes
 ) -> None:
     store = await make_store(root=small_disk / "root", state_dir=small_disk / "state", min_free_bytes=0)
     data = os.urandom(24 << 20)
     key = await store.register([("big.bin", data)])
-    reader, writer = await asyncio.open_connection("127.0.0.1", store.client.port)
-    head = f"PUT /files/{key}/0 HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
-    head += "".join(f"{name}: {value}\r\n" for name, value in accept.items())
-    writer.write(head.encode() + b"\r\n" + data[: 4 << 20])
-    await writer.drain()
-    await until(lambda: sum(f.stat().st_size for f in store.staging.iterdir()) > 0, "bytes staged", timeout=WAIT)
-    filler = await asyncio.to_thread(fill, small_disk)
+    head = f"PUT /files/{key}/0 HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n{accept}"
 
-    writer.write(data[4 << 20 :])
-    async with asyncio.timeout(WAIT):
-        answer = await reader.readuntil(b"\r\n")
-    writer.close()
+    answer, filler = await fill_during_upload(store, small_disk, head, data)
 
     assert answer.startswith(expected)
     await until(lambda: store.staged_files() == [], "the staging file was removed", timeout=WAIT)
@@ -181,20 +190,12 @@ async def test_a_disk_that_fills_up_during_a_tus_patch_answers_507_and_keeps_not
     store = await make_store(root=small_disk / "root", state_dir=small_disk / "state", min_free_bytes=0)
     data = os.urandom(24 << 20)
     key = await store.register([("big.bin", data)])
-    reader, writer = await asyncio.open_connection("127.0.0.1", store.client.port)
     head = (
         f"PATCH /files/{key}/0 HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\nTus-Resumable: 1.0.0\r\n"
-        "Upload-Offset: 0\r\nContent-Type: application/offset+octet-stream\r\n\r\n"
+        "Upload-Offset: 0\r\nContent-Type: application/offset+octet-stream\r\n"
     )
-    writer.write(head.encode() + data[: 4 << 20])
-    await writer.drain()
-    await until(lambda: sum(f.stat().st_size for f in store.staging.iterdir()) > 0, "bytes staged", timeout=WAIT)
-    filler = await asyncio.to_thread(fill, small_disk)
 
-    writer.write(data[4 << 20 :])
-    async with asyncio.timeout(WAIT):
-        answer = await reader.readuntil(b"\r\n")
-    writer.close()
+    answer, filler = await fill_during_upload(store, small_disk, head, data)
 
     assert answer.startswith(b"HTTP/1.1 507 ")
     await until(lambda: store.staged_files() == [], "the staging file was removed", timeout=WAIT)
