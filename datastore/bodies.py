@@ -35,16 +35,19 @@ FORM_OVERHEAD = 64 << 10
 class Pace:
     """Refuses (408) a body that averages less than ``rate`` bytes a second over a ``window``.
 
-    Measured when bytes arrive, so a client that sends a byte and then
-    nothing is caught by the silence timeout instead. ``rate`` 0 measures
-    nothing.
+    Only the time the store spends waiting for the client counts: while the
+    upload waits for a buffer of the budget or for its writes (the store's
+    own backpressure), the client is not being asked for bytes. So a reader
+    times each read of the body (:meth:`read`). A client that sends a byte
+    and then nothing is caught by the silence timeout instead. ``rate`` 0
+    measures nothing.
     """
 
-    __slots__ = ("_bytes", "_rate", "_start", "_window")
+    __slots__ = ("_bytes", "_rate", "_waited", "_window")
 
     def __init__(self, rate: int, window: float) -> None:
         self._rate, self._window = rate, window
-        self._start = time.monotonic()
+        self._waited = 0.0
         self._bytes = 0
 
     @classmethod
@@ -52,21 +55,22 @@ class Pace:
         """The pace the settings ask of every body."""
         return cls(settings.min_upload_rate, settings.rate_window)
 
-    def arrived(self, size: int) -> None:
-        """``size`` more bytes came; RequestTimeout if the window that just ended was too slow."""
-        if not self._rate:
-            return
-        self._bytes += size
-        now = time.monotonic()
-        elapsed = now - self._start
-        if elapsed < self._window:
-            return
-        if self._bytes < self._rate * elapsed:
-            raise RequestTimeout(
-                f"the body came at {self._bytes / elapsed:.0f} bytes/s over {elapsed:.0f} s,"
-                f" less than the minimum of {self._rate} bytes/s"
-            )
-        self._start, self._bytes = now, 0
+    async def read(self, read: Awaitable[bytes], timeout: float) -> bytes:
+        """One read of the body (:func:`next_chunk`); RequestTimeout if the window it ends was too slow."""
+        started = time.monotonic()
+        chunk = await next_chunk(read, timeout)
+        if not self._rate or not chunk:
+            return chunk
+        self._waited += time.monotonic() - started
+        self._bytes += len(chunk)
+        if self._waited >= self._window:
+            if self._bytes < self._rate * self._waited:
+                raise RequestTimeout(
+                    f"the body came at {self._bytes / self._waited:.0f} bytes/s over {self._waited:.0f} s,"
+                    f" less than the minimum of {self._rate} bytes/s"
+                )
+            self._waited, self._bytes = 0.0, 0
+        return chunk
 
 
 async def next_chunk(read: Awaitable[T], timeout: float) -> T:
@@ -88,10 +92,9 @@ async def stream_chunks(request: web.Request, settings: Settings) -> AsyncIterat
     """The raw body, as it arrives."""
     pace = Pace.of(settings)
     while True:
-        chunk = await next_chunk(request.content.readany(), settings.body_timeout)
+        chunk = await pace.read(request.content.readany(), settings.body_timeout)
         if not chunk:
             return
-        pace.arrived(len(chunk))
         yield chunk
         del chunk  # not kept alive while the next read waits
 
@@ -118,13 +121,11 @@ async def form_file_chunks(request: web.Request, settings: Settings) -> AsyncIte
         if not isinstance(part, BodyPartReader):
             raise BadRequest("nested multipart forms are not supported")
         if part.filename is not None:
-            while chunk := await next_chunk(part.read_chunk(chunk_size), timeout):
-                pace.arrived(len(chunk))
+            while chunk := await pace.read(part.read_chunk(chunk_size), timeout):
                 yield chunk
             return
         # A plain field before the file: skip it, within the framing allowance.
-        while chunk := await next_chunk(part.read_chunk(chunk_size), timeout):
-            pace.arrived(len(chunk))
+        while chunk := await pace.read(part.read_chunk(chunk_size), timeout):
             skipped += len(chunk)
             if skipped > FORM_OVERHEAD:
                 raise PayloadTooLarge("the form's other fields are too large")
