@@ -48,6 +48,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from . import staging
 from .api import (
@@ -88,6 +89,33 @@ READ_BUFSIZE = 64 << 10
 
 #: One line per request: client, request line, status, bytes, seconds.
 ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tf'
+
+
+class MalformedRequestFilter(logging.Filter):
+    """One INFO line (at most), not an ERROR with a traceback, for a request aiohttp could not parse.
+
+    aiohttp logs every such request (a NUL byte in a header, a line too long)
+    as an error with its parser's traceback; any client can send them at will,
+    so they would bury the store's real errors. The access log has them too (400).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and exc.code < 500:
+            # aiohttp's message is "Error handling request from %s", with the client's address.
+            client = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            detail = " ".join(str(exc.message).split())[:200]
+            record.msg, record.args = "malformed request from %s: %d %s", (client, exc.code, detail)
+            level = min(record.levelno, logging.INFO)
+            record.levelno, record.levelname = level, logging.getLevelName(level)
+            record.exc_info = record.exc_text = None
+            return logging.getLogger(record.name).isEnabledFor(level)
+        return True
+
+
+#: aiohttp's log of the connections it serves (see MalformedRequestFilter).
+HTTP_LOG = logging.getLogger("datastore.http")
+HTTP_LOG.addFilter(MalformedRequestFilter())
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,6 +333,7 @@ class TransferServer(abc.ABC):
             keepalive_timeout=self.settings.idle_timeout,
             access_log=logging.getLogger("datastore.access"),
             access_log_format=ACCESS_LOG_FORMAT,
+            logger=HTTP_LOG,
         )
         await runner.setup()
         bound = []
