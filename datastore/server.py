@@ -10,6 +10,7 @@ staging left by a crash and starts the sweeper that expires old keys.
 Routes (prefix names match ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}``; paths that
 start with ``_`` belong to the server)::
 
+    GET     /_api/v1/openapi.json           the OpenAPI 3.1 document of all of this (openapi.py)
     GET     /_api/v1/health
     GET     /_api/v1/identity               who the store takes the client for
     POST    /_api/v1/session                the browser page signs in with a token (a cookie)
@@ -64,12 +65,13 @@ from .api import (
     handle_transfer_cancel,
     handle_transfer_status,
 )
-from .config import Settings, SettingsError, check_prefix
+from .config import PREFIX_PATTERN, Settings, SettingsError, check_prefix
 from .context import CONTEXT, Mount, StoreContext, render_error
 from .download import handle_asset, handle_delete, handle_download, handle_listing
 from .errors import BadRequest, CrossSiteRequest, DatastoreError, FileNotFound, InvalidToken, NotAuthorized
 from .handlers.interface import TransferHandler
 from .handlers.legacy import LegacyHandler, LegacyHandlerAdapter
+from .openapi import OPENAPI_PATH, handle_openapi
 from .security.identity import ANONYMOUS, DN_HEADER, Identity, identity_from_header
 from .security.policy import Policy
 from .security.tls import CrlReloader, certificate_identity, normalise_subject, peer_certificate
@@ -80,7 +82,7 @@ from .upload import expire_transfers, handle_manifest, handle_upload, upload_exp
 
 log = logging.getLogger(__name__)
 
-_PREFIX = "{prefix:[A-Za-z0-9][A-Za-z0-9._-]{0,127}}"
+_PREFIX = f"{{prefix:{PREFIX_PATTERN}}}"
 
 #: aiohttp's per-connection read buffer (its default is 256 KiB): a request body's stream
 #: stops reading from the socket beyond twice this. An upload waiting for a buffer of the
@@ -249,6 +251,7 @@ class TransferServer(abc.ABC):
             handler_args={"read_bufsize": READ_BUFSIZE},
         )
         app.cleanup_ctx.append(self._lifecycle)
+        app.router.add_get(OPENAPI_PATH, handle_openapi)
         app.router.add_get("/_api/v1/health", handle_health)
         app.router.add_get("/_api/v1/identity", handle_identity)
         app.router.add_post("/_api/v1/session", handle_session_start)
