@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from typing import Any
 
@@ -153,9 +154,11 @@ async def handle_token_create(request: web.Request) -> web.Response:
     if not isinstance(description, str):
         raise BadRequest("description must be a string")
     try:
-        issued = await ctx.tokens.create(
-            subject, actions, prefixes=prefixes, lifetime=float(lifetime), description=description
-        )
+        seconds = float(lifetime)
+    except OverflowError:  # an integer beyond any float: beyond any lifetime, refused below
+        seconds = math.inf
+    try:
+        issued = await ctx.tokens.create(subject, actions, prefixes=prefixes, lifetime=seconds, description=description)
     except TokenError as exc:
         raise BadRequest(str(exc)) from None
     log.info(

@@ -25,7 +25,9 @@ from .manifest import ManifestLimits
 from .security.policy import Audience, Policy, PolicyError
 
 _PUBLIC_URL = re.compile(r"^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?(/[A-Za-z0-9._~%/-]*)?$")
-_PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: What a prefix name matches (the route patterns and the OpenAPI document use it too).
+PREFIX_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+_PREFIX = re.compile(f"^{PREFIX_PATTERN}$")
 _SIZE = re.compile(r"^\s*([0-9]+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 

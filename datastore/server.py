@@ -10,6 +10,7 @@ staging left by a crash and starts the sweeper that expires old keys.
 Routes (prefix names match ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}``; paths that
 start with ``_`` belong to the server)::
 
+    GET     /_api/v1/openapi.json           the OpenAPI 3.1 document of all of this (openapi.py)
     GET     /_api/v1/health
     GET     /_api/v1/identity               who the store takes the client for
     POST    /_api/v1/session                the browser page signs in with a token (a cookie)
@@ -53,6 +54,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
@@ -70,14 +72,15 @@ from .api import (
     handle_transfer_cancel,
     handle_transfer_status,
 )
-from .config import Settings, SettingsError, check_prefix
+from .config import PREFIX_PATTERN, Settings, SettingsError, check_prefix
 from .context import CONTEXT, Mount, StoreContext, render_error
 from .download import handle_asset, handle_delete, handle_download, handle_listing
 from .errors import BadRequest, CrossSiteRequest, DatastoreError, FileNotFound, InvalidToken, NotAuthorized
 from .handlers.interface import TransferHandler
 from .handlers.legacy import LegacyHandler, LegacyHandlerAdapter
+from .openapi import OPENAPI_PATH, handle_openapi
 from .security.identity import ANONYMOUS, DN_HEADER, Identity, identity_from_header
-from .security.logsafe import redact
+from .security.logsafe import printable, redact
 from .security.policy import Policy
 from .security.tls import CrlReloader, certificate_identity, normalise_subject, peer_certificate
 from .security.tokens import TokenStore
@@ -87,7 +90,7 @@ from .upload import expire_transfers, handle_manifest, handle_upload, upload_exp
 
 log = logging.getLogger(__name__)
 
-_PREFIX = "{prefix:[A-Za-z0-9][A-Za-z0-9._-]{0,127}}"
+_PREFIX = f"{{prefix:{PREFIX_PATTERN}}}"
 
 #: aiohttp's per-connection read buffer (its default is 256 KiB): a request body's stream
 #: stops reading from the socket beyond twice this. An upload waiting for a buffer of the
@@ -116,6 +119,33 @@ class AccessLogger(AbstractAccessLogger):
     @property
     def enabled(self) -> bool:
         return self.logger.isEnabledFor(logging.INFO)
+
+
+class MalformedRequestFilter(logging.Filter):
+    """One INFO line (at most), not an ERROR with a traceback, for a request aiohttp could not parse.
+
+    aiohttp logs every such request (a NUL byte in a header, a line too long)
+    as an error with its parser's traceback; any client can send them at will,
+    so they would bury the store's real errors. The access log has them too (400).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and exc.code < 500:
+            # aiohttp's message is "Error handling request from %s", with the client's address.
+            client = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            detail = redact(printable(" ".join(str(exc.message).split())[:200]))
+            record.msg, record.args = "malformed request from %s: %d %s", (client, exc.code, detail)
+            level = min(record.levelno, logging.INFO)
+            record.levelno, record.levelname = level, logging.getLevelName(level)
+            record.exc_info = record.exc_text = None
+            return logging.getLogger(record.name).isEnabledFor(level)
+        return True
+
+
+#: aiohttp's log of the connections it serves (see MalformedRequestFilter).
+HTTP_LOG = logging.getLogger("datastore.http")
+HTTP_LOG.addFilter(MalformedRequestFilter())
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,9 +282,11 @@ class TransferServer(abc.ABC):
                 "read_bufsize": READ_BUFSIZE,
                 "access_log_class": AccessLogger,
                 "access_log": logging.getLogger("datastore.access"),
+                "logger": HTTP_LOG,
             },
         )
         app.cleanup_ctx.append(self._lifecycle)
+        app.router.add_get(OPENAPI_PATH, handle_openapi)
         app.router.add_get("/_api/v1/health", handle_health)
         app.router.add_get("/_api/v1/identity", handle_identity)
         app.router.add_post("/_api/v1/session", handle_session_start)

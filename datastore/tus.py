@@ -185,14 +185,16 @@ async def handle_create(request: web.Request) -> web.Response:
         manifest = single_file(fields, ctx.settings.manifest_limits)
     except ManifestError as exc:
         raise BadRequest(str(exc.detail).replace("upload ", "Upload-Metadata ", 1)) from None
+    with_upload = request.content_type == OFFSET_CONTENT_TYPE and bool(request.content_length or request.body_exists)
+    # Checked before the transfer exists: a 400 after it would leave its name reserved, with no key to free it.
+    checksum = _parse_checksum(request.headers.get("Upload-Checksum")) if with_upload else None
     client = client_key(request, identity)
     transfer, refused = await register_transfer(ctx, mount, identity, client, manifest, raw_metadata)
     if transfer is None:
         raise NotAuthorized(f"the store refused {refused[0]!r}")
     headers = {**_headers(transfer), "Location": f"/{mount.prefix}/{transfer.key}/0"}
     log.info("tus upload %s… of %r created in /%s for %s", transfer.key[:8], name, mount.prefix, identity)
-    if request.content_type == OFFSET_CONTENT_TYPE and (request.content_length or request.body_exists):
-        checksum = _parse_checksum(request.headers.get("Upload-Checksum"))
+    if with_upload:
         target = UploadTarget(ctx, mount, identity, transfer, transfer.files[0], client)
         try:
             offset = await append_resumable(request, target, 0, checksum)

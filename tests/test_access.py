@@ -277,6 +277,7 @@ async def test_the_admin_api_issues_lists_and_revokes_tokens(make_store: MakeSto
         pytest.param({"subject": "ada", "prefixes": ["../etc"]}, "invalid prefix", id="bad-prefix"),
         pytest.param({"subject": "ada", "expires_in": -1}, "lifetime", id="negative-lifetime"),
         pytest.param({"subject": "ada", "expires_in": 1e12}, "lifetime", id="endless-lifetime"),
+        pytest.param({"subject": "ada", "expires_in": 10**400}, "lifetime", id="lifetime-beyond-any-float"),
         pytest.param({"subject": "ada", "admin": True}, "unknown field 'admin'", id="unknown-field"),
     ],
 )

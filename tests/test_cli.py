@@ -76,6 +76,27 @@ async def test_serve_logs_one_line_per_request(served: Served) -> None:
     assert " 404 " in access[0]
 
 
+async def test_a_request_that_cannot_be_parsed_is_one_log_line_not_a_traceback(served: Served) -> None:
+    url = served.urls["files"]
+    host, port = url.split("/")[2].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /files/ HTTP/1.1\r\nHost: x\r\nX-Bad: a\x00b\r\n\r\n")
+    await writer.drain()
+    async with asyncio.timeout(30):
+        answer = await reader.read()
+    writer.close()
+    assert answer.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request")
+    served.process.send_signal(signal.SIGTERM)
+    assert served.process.stderr is not None
+    async with asyncio.timeout(30):
+        log = (await served.process.stderr.read()).decode()
+    assert "Traceback" not in log
+    assert " ERROR " not in log
+    malformed = [line for line in log.splitlines() if "malformed request from 127.0.0.1: 400 " in line]
+    assert len(malformed) == 1, log
+    assert " INFO datastore.http: " in malformed[0]
+
+
 async def test_state_dir_defaults_under_the_root_and_is_not_servable(served: Served, tmp_path: Path) -> None:
     assert await asyncio.to_thread((tmp_path / "data" / ".datastore" / "transfers.sqlite3").exists)
     async with aiohttp.ClientSession() as session:

@@ -1199,6 +1199,35 @@ async def test_creation_with_upload_answers_the_offset_reached(make_store: MakeS
     assert staged_size(store.staging, path) == 3000
 
 
+async def test_creation_with_upload_and_a_malformed_upload_checksum_is_400_and_creates_nothing(
+    make_store: MakeStore,
+) -> None:
+    store = await make_store()
+    data = b"a file whose checksum header is garbled\n"
+    headers = {**TUS, "Upload-Length": str(len(data)), "Upload-Metadata": upload_metadata("garbled.txt", data)}
+
+    reply = await send(
+        store.client,
+        "POST",
+        "/files/",
+        headers={**headers, "Content-Type": OFFSET_TYPE, "Upload-Checksum": "md5 !!!"},
+        data=data,
+    )
+
+    assert reply.status == 400
+    assert "Location" not in reply.headers
+    # Nothing holds the name: the same creation with a good checksum goes through.
+    again = await send(
+        store.client,
+        "POST",
+        "/files/",
+        headers={**headers, "Content-Type": OFFSET_TYPE, "Upload-Checksum": checksum_header("md5", data)},
+        data=data,
+    )
+    assert (again.status, again.headers["Upload-Offset"]) == (201, str(len(data)))
+    await assert_published(store.client, "garbled.txt", data)
+
+
 async def test_creation_with_upload_of_a_whole_small_file_publishes_it(make_store: MakeStore) -> None:
     store = await make_store()
     data = b"a whole small file in the creation request\n"
