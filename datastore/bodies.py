@@ -16,15 +16,16 @@ a body over its limit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TypeVar
 
 from aiohttp import BodyPartReader, hdrs, web
 from aiohttp.helpers import parse_mimetype
 
 from .config import Settings
-from .errors import BadRequest, DatastoreError, IncompleteUpload, PayloadTooLarge, RequestTimeout
+from .errors import BadRequest, DatastoreError, IncompleteUpload, PayloadTooLarge, RequestTimeout, TooManyManifests
 
 T = TypeVar("T")
 
@@ -131,8 +132,40 @@ async def form_file_chunks(request: web.Request, settings: Settings) -> AsyncIte
                 raise PayloadTooLarge("the form's other fields are too large")
 
 
-async def read_bounded(request: web.Request, limit: int, settings: Settings) -> bytes:
-    """The whole (small) body, refusing more than ``limit`` bytes."""
+class MemoryBudget:
+    """Bytes of whole bodies held in memory at once (manifests being read, or waiting to be parsed).
+
+    Bodies take their share as their bytes arrive, so a client that trickles
+    holds only what it sent; one that would go past the budget gets 503 with
+    ``Retry-After``, and nothing waits unbounded with a body in memory.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[Callable[[int], None]]:
+        """A ``take(size)`` that charges this budget, all of it given back on leaving."""
+        taken = 0
+
+        def take(size: int) -> None:
+            nonlocal taken
+            if self.used + size > self.limit:
+                raise TooManyManifests(f"the store holds {self.used} bytes of manifests, near its limit; try again")
+            self.used += size
+            taken += size
+
+        try:
+            yield take
+        finally:
+            self.used -= taken
+
+
+async def read_bounded(
+    request: web.Request, limit: int, settings: Settings, take: Callable[[int], None] | None = None
+) -> bytes:
+    """The whole (small) body, refusing more than ``limit`` bytes; ``take`` charges each piece to a budget."""
     length = request.content_length
     if length is not None and length > limit:
         raise PayloadTooLarge(f"the body is {length} bytes, more than the limit of {limit}")
@@ -142,5 +175,7 @@ async def read_bounded(request: web.Request, limit: int, settings: Settings) -> 
         total += len(chunk)
         if total > limit:
             raise PayloadTooLarge(f"the body is more than the limit of {limit} bytes")
+        if take is not None:
+            take(len(chunk))
         parts.append(chunk)
     return b"".join(parts)

@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DN",
         help="a client-certificate subject (RFC 4514) that is an administrator (repeatable)",
     )
+    access.add_argument(
+        "--admin-issuer",
+        metavar="DN",
+        help="the issuer (RFC 4514) of the administrators' certificates (default: the one client CA)",
+    )
     tls = serve.add_argument_group("TLS with client certificates")
     tls.add_argument("--tls", action="store_true", default=None, help="speak TLS on --port")
     tls.add_argument("--tls-port", type=int, metavar="N", help="add a TLS listener on N beside plain HTTP on --port")
@@ -229,6 +234,7 @@ def serve(args: argparse.Namespace) -> int:
         "policy": args.policy,
         "trust_client_dn": args.trust_client_dn,
         "admin_subjects": tuple(args.admin_subjects) if args.admin_subjects else None,
+        "admin_issuer": args.admin_issuer,
     }
     try:
         settings = load_settings(flags, os.environ, args.config)
@@ -270,10 +276,15 @@ def make_server(settings: Settings) -> TransferServer:
         except (OSError, ssl.SSLError, ValueError) as exc:
             raise SettingsError(f"cannot load the TLS files: {exc}") from None
         crl = CrlReloader(context, settings.tls_crl) if settings.tls_crl is not None else None
-        if settings.tls:
-            server = HTTPSTransferServer(settings, context, crl=crl)
-        else:
-            server = HTTPSTransferServer(settings, context, port=settings.tls_port, plain_port=settings.port, crl=crl)
+        try:
+            if settings.tls:
+                server = HTTPSTransferServer(settings, context, crl=crl)
+            else:
+                server = HTTPSTransferServer(
+                    settings, context, port=settings.tls_port, plain_port=settings.port, crl=crl
+                )
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
     else:
         server = HTTPTransferServer(settings)
     catalogues = settings.effective_state_dir / "catalogue"

@@ -39,6 +39,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 import aiohttp
+from yarl import URL
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +142,7 @@ class DataStoreClient:
         self.base = url.rstrip("/")
         self._ssl = ssl
         self._headers = {"X-Client-DN": identity} if identity is not None else {}
-        if token is not None:
-            self._headers["Authorization"] = f"Bearer {token}"
+        self._token = token
         self.chunk_size = chunk_size
         self.retries = retries
         self.backoff = backoff
@@ -152,8 +152,18 @@ class DataStoreClient:
 
     async def __aenter__(self) -> DataStoreClient:
         connector = aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else True)
-        self._session = aiohttp.ClientSession(connector=connector, headers=self._headers, timeout=self._timeout)
+        self._session = aiohttp.ClientSession(
+            connector=connector, headers=self._headers, timeout=self._timeout, middlewares=(self._authorize,)
+        )
         return self
+
+    async def _authorize(
+        self, request: aiohttp.ClientRequest, send: aiohttp.ClientHandlerType
+    ) -> aiohttp.ClientResponse:
+        """Add the token to requests for this store's origin only: a URL elsewhere never sees it."""
+        if self._token is not None and request.url.origin() == URL(self.base).origin():
+            request.headers["Authorization"] = f"Bearer {self._token}"
+        return await send(request)
 
     async def __aexit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None

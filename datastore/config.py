@@ -23,6 +23,7 @@ from typing import Any
 
 from .manifest import ManifestLimits
 from .security.policy import Audience, Policy, PolicyError
+from .security.tls import normalise_subject
 
 _PUBLIC_URL = re.compile(r"^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?(/[A-Za-z0-9._~%/-]*)?$")
 #: What a prefix name matches (the route patterns and the OpenAPI document use it too).
@@ -60,6 +61,13 @@ class Settings:
     overwrite: bool = field(default=False, metadata={"doc": "Whether an upload may replace a file of the same name."})
     max_manifest_bytes: int = field(default=8 << 20, metadata={"doc": "Largest manifest body accepted (413 beyond)."})
     max_files: int = field(default=10_000, metadata={"doc": "Most files one manifest may list (413 beyond)."})
+    max_manifest_memory: int = field(
+        default=64 << 20,
+        metadata={
+            "doc": "Bytes of manifests being read or waiting to be parsed at once, per worker (503 beyond; at "
+            "least max_manifest_bytes)."
+        },
+    )
     max_file_size: int = field(default=64 << 30, metadata={"doc": "Largest single file accepted (413 beyond)."})
     key_lifetime: float = field(
         default=24 * 3600.0, metadata={"doc": "Seconds a transfer key stays valid (410 afterwards)."}
@@ -153,6 +161,10 @@ class Settings:
     crl_check_interval: float = field(
         default=30.0, metadata={"doc": "Seconds between checks of the CRL file for changes."}
     )
+    tls_handshake_timeout: float = field(
+        default=10.0,
+        metadata={"doc": "Seconds a client may take over its TLS handshake (its connection counts meanwhile)."},
+    )
     trust_client_dn: bool = field(
         default=False,
         metadata={
@@ -173,6 +185,13 @@ class Settings:
     admin_subjects: tuple[str, ...] = field(
         default=(),
         metadata={"doc": "Client-certificate subjects (RFC 4514, e.g. CN=ada,O=Lab) that are administrators."},
+    )
+    admin_issuer: str | None = field(
+        default=None,
+        metadata={
+            "doc": "The issuer (RFC 4514) of the administrators' certificates; default: the one client CA "
+            "(required with several)."
+        },
     )
 
     @property
@@ -202,6 +221,7 @@ class Settings:
         positive = (
             "max_manifest_bytes",
             "max_files",
+            "max_manifest_memory",
             "max_concurrent_uploads",
             "chunk_size",
             "upload_buffer_budget",
@@ -214,9 +234,19 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
+        if self.max_manifest_memory < self.max_manifest_bytes:
+            raise SettingsError("max_manifest_memory must be at least max_manifest_bytes")
         if self.max_connections < 0 or self.min_upload_rate < 0:
             raise SettingsError("max_connections and min_upload_rate must not be negative")
-        for name in ("key_lifetime", "body_timeout", "sweep_interval", "idle_timeout", "start_timeout", "rate_window"):
+        for name in (
+            "key_lifetime",
+            "body_timeout",
+            "sweep_interval",
+            "idle_timeout",
+            "start_timeout",
+            "rate_window",
+            "tls_handshake_timeout",
+        ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
         if self.max_file_size < 0 or self.min_free_bytes < 0:
@@ -231,6 +261,13 @@ class Settings:
             raise SettingsError("use tls (TLS on port) or tls_port (TLS beside plain HTTP), not both")
         if self.tls_port is not None and not 0 <= self.tls_port <= 65535:
             raise SettingsError(f"tls_port must be between 0 and 65535, not {self.tls_port}")
+        for name in (*self.admin_subjects, *([self.admin_issuer] if self.admin_issuer is not None else [])):
+            try:
+                normalise_subject(name)
+            except ValueError:
+                raise SettingsError(
+                    f"{name!r} is no RFC 4514 name (write CN=ada,O=Lab, the most specific first)"
+                ) from None
         if self.public_url is not None and not _PUBLIC_URL.match(self.public_url):
             raise SettingsError(f"public_url must be http(s)://HOST[:PORT][/PATH], not {self.public_url!r}")
         for prefix, _ in self.prefix_policies:

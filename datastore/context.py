@@ -16,6 +16,7 @@ what that identity may do on the prefix.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
 from collections import Counter
@@ -27,6 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .bodies import MemoryBudget
 from .config import Settings
 from .errors import DatastoreError, NotAuthorized, PathNotFound, ServiceUnavailable, TooManyUploads
 from .handlers.interface import (
@@ -142,10 +144,10 @@ class StoreContext:
     shared: bool = False
     #: This worker's number (0 to N-1), reported by the health endpoint.
     worker_index: int = 0
-    #: Large manifests parsed at once (in threads): each holds a few dozen MiB while it is parsed.
+    #: Manifests parsed at once in threads (ConfigParser holds the GIL: more would starve the loop).
     parses: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
-    #: TLS requests under way, so that a CRL reload can cut those of revoked certificates.
-    tls_requests: dict[int, web.Request] = field(default_factory=dict)
+    #: Bytes of manifests read or waiting to be parsed (``max_manifest_memory``); set from the settings.
+    manifest_memory: MemoryBudget = field(default_factory=lambda: MemoryBudget(0))
 
     def staging_path(self, key: str, num: int) -> Path:
         """Where the bytes of file ``num`` of transfer ``key`` are staged."""
@@ -215,8 +217,20 @@ def base_url(request: web.Request) -> str:
 
 
 def client_key(request: web.Request, identity: Identity) -> str:
-    """Whose share of the store a request uses: its identity, or for an anonymous client its address."""
-    return identity.principal or f"address:{request.remote or 'unknown'}"
+    """Whose share of the store a request uses: a proved identity (certificate, token), else the network
+    the request comes from: its IPv4 address, or its IPv6 /64 (one host's usual allocation). An
+    asserted DN is not a share of its own: a client could write a new one for every request."""
+    if identity.authenticated and identity.principal is not None:
+        return identity.principal
+    try:
+        address = ipaddress.ip_address(request.remote or "")
+    except ValueError:
+        return f"address:{request.remote or 'unknown'}"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return f"address:{address.ipv4_mapped}"
+        return f"address:{ipaddress.ip_network((address, 64), strict=False)}"
+    return f"address:{address}"
 
 
 async def identify(request: web.Request) -> Identity:

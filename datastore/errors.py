@@ -44,6 +44,7 @@ The tree::
     │   └── TooManyUploads              429  a client runs as many uploads at once as it may
     ├── ChunkChecksumMismatch           460  tus Upload-Checksum did not match
     ├── ServiceUnavailable              503  too many concurrent uploads
+    │   └── TooManyManifests            503  the manifests in memory fill their budget
     └── InsufficientStorage             507  a manifest that does not fit on disk (JSON)
 """
 
@@ -280,6 +281,11 @@ class ServiceUnavailable(DatastoreError):
     reason = "Too many concurrent uploads"
     code = "busy"
     headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
+
+
+class TooManyManifests(ServiceUnavailable):
+    reason = "Too many manifests at once"
+    code = "busy"
 
 
 class InsufficientStorage(DatastoreError):

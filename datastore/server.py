@@ -39,10 +39,10 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-import functools
 import logging
 import resource
 import signal
+import socket
 import ssl
 import time
 from collections import Counter
@@ -72,6 +72,7 @@ from .api import (
     handle_transfer_cancel,
     handle_transfer_status,
 )
+from .bodies import MemoryBudget
 from .config import PREFIX_PATTERN, Settings, SettingsError, check_prefix
 from .context import CONTEXT, Mount, StoreContext, render_error
 from .download import handle_asset, handle_delete, handle_download, handle_listing
@@ -82,7 +83,7 @@ from .openapi import OPENAPI_PATH, handle_openapi
 from .security.identity import ANONYMOUS, DN_HEADER, Identity, identity_from_header
 from .security.logsafe import printable, redact
 from .security.policy import Policy
-from .security.tls import CrlReloader, certificate_identity, normalise_subject, peer_certificate
+from .security.tls import CrlReloader, administrators, certificate_identity, peer_certificate
 from .security.tokens import TokenStore
 from .transfers import TransferRegistry
 from .tus import handle_create, handle_head, handle_options, handle_patch, handle_terminate
@@ -236,7 +237,9 @@ class TransferServer(abc.ABC):
         checked again; ``Authorization`` and ``X-Client-DN`` ignored). On
         plain HTTP, a bearer token (401 if it is unknown, expired or
         revoked) from ``Authorization`` or the browser page's session cookie,
-        else ``X-Client-DN`` if the operator trusts it, else anonymous.
+        else ``X-Client-DN`` if the operator trusts it (never from a browser:
+        a page of any site that a DNS name rebinds to this store could send
+        one), else anonymous.
         ``request.secure`` is fixed when the request arrives, so a TLS
         request never falls back to the others.
         """
@@ -255,7 +258,7 @@ class TransferServer(abc.ABC):
         session = request.cookies.get(SESSION_COOKIE)
         if session:
             return await _token_identity(request, session)
-        if self.settings.trust_client_dn:
+        if self.settings.trust_client_dn and not from_a_browser(request):
             return identity_from_header(request.headers.get(DN_HEADER))
         return ANONYMOUS
 
@@ -275,7 +278,7 @@ class TransferServer(abc.ABC):
         registry and every handler that can be closed.
         """
         app = web.Application(
-            middlewares=[error_middleware, cross_site_middleware, tls_request_middleware, method_override_middleware],
+            middlewares=[error_middleware, cross_site_middleware, method_override_middleware],
             # Whoever runs the app (our runner, a test server, an embedding application) logs requests
             # through AccessLogger, which never writes a transfer key whole.
             handler_args={
@@ -336,6 +339,7 @@ class TransferServer(abc.ABC):
             shared=self.shared_state,
             worker_index=self.worker_index,
             buffers=staging.BufferBudget(self.settings.upload_buffer_budget // self.settings.chunk_size),
+            manifest_memory=MemoryBudget(self.settings.max_manifest_memory),
         )
         app[CONTEXT] = ctx
         self._contexts.append(ctx)
@@ -369,21 +373,22 @@ class TransferServer(abc.ABC):
         runner = StoreRunner(
             self.create_app(),
             ConnectionGate(connection_cap(self.settings), self.settings.max_connections_per_client),
+            self.settings.tls_handshake_timeout,
             keepalive_timeout=self.settings.idle_timeout,
         )
         await runner.setup()
+        gated = runner.server
+        assert isinstance(gated, GatedServer)
         bound = []
         try:
             for listener in self.listeners():
-                site = web.TCPSite(
-                    runner,
-                    listener.host,
-                    listener.port,
-                    ssl_context=listener.ssl_context,
-                    reuse_port=self.shared_state or None,
-                )
-                await site.start()
-                port = runner.addresses[-1][1]
+                # Every listener accepts plain TCP, so that the gate counts a connection from its first
+                # moment; a TLS listener's handshake follows admission (GatedServer.tls).
+                sock = bind_socket(listener.host, listener.port, reuse_port=self.shared_state)
+                port = int(sock.getsockname()[1])
+                if listener.ssl_context is not None:
+                    gated.tls[port] = listener.ssl_context
+                await web.SockSite(runner, sock).start()
                 bound.append(Listener(listener.host, port, listener.ssl_context))
         except BaseException:
             await runner.cleanup()
@@ -485,6 +490,8 @@ class HTTPSTransferServer(TransferServer):
         self.tls_port = port if port is not None else self.settings.port
         self.plain_port = plain_port
         self.crl = crl
+        #: The (subject, issuer) pairs of administrators' certificates; ValueError if they cannot be told.
+        self._admins = administrators(ssl_context, self.settings.admin_subjects, self.settings.admin_issuer)
 
     def listeners(self) -> list[Listener]:
         listeners = [Listener(self.settings.host, self.tls_port, self.ssl_context)]
@@ -494,10 +501,6 @@ class HTTPSTransferServer(TransferServer):
 
     def certificate_identity(self, ssl_object: object) -> Identity:
         return certificate_identity(ssl_object, crl=self.crl, admins=self._admins)
-
-    @functools.cached_property
-    def _admins(self) -> frozenset[str]:
-        return frozenset(normalise_subject(subject) for subject in self.settings.admin_subjects)
 
     async def reload(self) -> None:
         """Reload the CRL (SIGHUP), and close the connections of certificates it revokes."""
@@ -517,20 +520,21 @@ class HTTPSTransferServer(TransferServer):
                 self._close_revoked()
 
     def _close_revoked(self) -> None:
-        """Cut the connections whose requests are under way with a certificate the CRL now revokes.
+        """Cut every connection of a certificate the CRL now revokes, whatever it is doing (an upload,
+        a download, waiting for its next request).
 
-        Idle connections need nothing: their next request is refused (403)
-        and closed by the per-request check.
+        This needs the connections, which the store's own runner keeps (``start``, ``run``); under
+        another runner the per-request check still refuses the next request of such a connection.
         """
         assert self.crl is not None
-        for ctx in self._contexts:
-            for request in list(ctx.tls_requests.values()):
-                transport = request.transport
-                ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-                der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-                if transport is not None and der and self.crl.is_revoked(peer_certificate(der)):
-                    log.info("closing a connection of a revoked certificate")
-                    transport.abort()
+        server = self._runner.server if self._runner is not None else None
+        for handler in list(server.clients) if isinstance(server, GatedServer) else []:
+            transport = handler.transport
+            ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+            if transport is not None and der and self.crl.is_revoked(peer_certificate(der)):
+                log.info("closing a connection of a revoked certificate")
+                transport.abort()
 
 
 async def _token_identity(request: web.Request, token: str) -> Identity:
@@ -546,6 +550,24 @@ def _base_url(listener: Listener) -> str:
 
 
 # -- connections ----------------------------------------------------------------
+
+
+def bind_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
+    """A TCP socket bound to ``host``:``port`` (0: a free one), not yet listening.
+
+    With ``reuse_port`` (``serve --workers N``), other processes may bind the same port.
+    """
+    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(info[0], socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(info[4])
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def connection_cap(settings: Settings) -> int:
@@ -622,21 +644,33 @@ MAX_LINGERING = 256
 
 
 class _Admission(asyncio.Protocol):
-    """The first protocol of every connection: hands it to aiohttp, or refuses it."""
+    """The first protocol of every connection: hands it to aiohttp (after TLS, on a TLS port), or refuses it."""
 
     def __init__(self, server: GatedServer) -> None:
         self.server = server
         self.transport: asyncio.BaseTransport | None = None
         self._closing: asyncio.TimerHandle | None = None
+        #: While a TLS handshake runs: the client the connection counts for (released once, if it fails).
+        self._handshaking: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         gate = self.server.gate
         client = gate.admit(transport)
+        local = transport.get_extra_info("sockname")
+        context = self.server.tls.get(local[1]) if isinstance(local, tuple) and len(local) > 1 else None
+        if client is not None and context is not None:
+            assert isinstance(transport, asyncio.Transport)
+            transport.pause_reading()  # the client's hello is for the handshake
+            self._handshaking = client
+            task = asyncio.get_running_loop().create_task(self._secure(transport, context, client))
+            self.server.handshakes.add(task)
+            task.add_done_callback(self.server.handshakes.discard)
+            return
         if client is not None:
-            handler = self.server.make_handler()
-            self.server.clients[handler] = client
-            transport.set_protocol(handler)
-            handler.connection_made(transport)
+            self.server.admit(transport, client)
+            return
+        if context is not None:
+            transport.close()  # no HTTP before TLS: a refusal cannot be said
             return
         self.transport = transport
         body = f"Too many connections: {gate.why}; try again later\n".encode()
@@ -665,16 +699,45 @@ class _Admission(asyncio.Protocol):
         if self._closing is not None:
             self._closing.cancel()
             self.server.gate.lingering -= 1
+        self._end_handshake()
+
+    async def _secure(self, transport: asyncio.Transport, context: ssl.SSLContext, client: str) -> None:
+        handler = self.server.make_handler()
+        try:
+            secured = await asyncio.get_running_loop().start_tls(
+                transport, handler, context, server_side=True, ssl_handshake_timeout=self.server.handshake_timeout
+            )
+        except Exception as exc:  # a failed or abandoned handshake: refused, never logged as an error
+            log.debug("TLS handshake failed: %s", exc)
+            transport.abort()
+            self._end_handshake()
+            return
+        if secured is None or self._handshaking is None:  # the connection closed meanwhile
+            self._end_handshake()
+            return
+        self._handshaking = None
+        self.server.admit(secured, client, handler)
+
+    def _end_handshake(self) -> None:
+        if self._handshaking is not None:
+            self.server.gate.release(self._handshaking)
+            self._handshaking = None
 
 
 class GatedServer(web.Server):
     """aiohttp's connection manager, with a :class:`ConnectionGate` in front of it."""
 
-    def __init__(self, gate: ConnectionGate, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, gate: ConnectionGate, handshake_timeout: float, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.gate = gate
+        #: Seconds a client may take over its TLS handshake (asyncio's own default is a minute).
+        self.handshake_timeout = handshake_timeout
         #: The address of each admitted connection's handler.
         self.clients: dict[RequestHandler, str] = {}
+        #: The TLS context of each listening port that speaks TLS (set as the listeners start).
+        self.tls: dict[int, ssl.SSLContext] = {}
+        #: TLS handshakes under way.
+        self.handshakes: set[asyncio.Task[None]] = set()
 
     def __call__(self) -> _Admission:  # type: ignore[override]
         """The protocol of a new connection (asyncio calls this when it accepts one)."""
@@ -683,6 +746,13 @@ class GatedServer(web.Server):
     def make_handler(self) -> RequestHandler:
         """aiohttp's protocol for an admitted connection."""
         return super().__call__()
+
+    def admit(self, transport: asyncio.BaseTransport, client: str, handler: RequestHandler | None = None) -> None:
+        """Hand an admitted connection (counted for ``client``) to aiohttp."""
+        handler = handler if handler is not None else self.make_handler()
+        self.clients[handler] = client
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
 
     def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
         client = self.clients.pop(handler, None)
@@ -694,15 +764,17 @@ class GatedServer(web.Server):
 class StoreRunner(web.AppRunner):
     """An AppRunner whose server lets in only what its :class:`ConnectionGate` admits."""
 
-    def __init__(self, app: web.Application, gate: ConnectionGate, **kwargs: Any) -> None:
+    def __init__(self, app: web.Application, gate: ConnectionGate, handshake_timeout: float, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self.gate = gate
+        self.handshake_timeout = handshake_timeout
 
     async def _make_server(self) -> web.Server:
         made = await super()._make_server()
         # The same server aiohttp would make (its handler, request factory, keyword arguments), gated.
         return GatedServer(
             self.gate,
+            self.handshake_timeout,
             made.request_handler,
             request_factory=made.request_factory,
             handler_cancellation=made.handler_cancellation,
@@ -774,6 +846,11 @@ async def _upload_expect_handler(request: web.Request) -> web.StreamResponse | N
 # -- errors -------------------------------------------------------------------
 
 
+def from_a_browser(request: web.Request) -> bool:
+    """Whether a browser sent ``request`` (it says where a request comes from; AccessGrid clients never do)."""
+    return "Sec-Fetch-Site" in request.headers or "Origin" in request.headers
+
+
 #: Methods that change the store: a browser must not send them on behalf of another site.
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -798,21 +875,6 @@ async def cross_site_middleware(
         if site is None and origin is not None and origin != f"{request.scheme}://{request.host}":
             raise CrossSiteRequest(f"Origin: {origin[:100]}")
     return await handler(request)
-
-
-@web.middleware
-async def tls_request_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Keep each TLS request in ``StoreContext.tls_requests`` while it runs (see ``_close_revoked``)."""
-    if not request.secure:
-        return await handler(request)
-    requests = request.app[CONTEXT].tls_requests
-    requests[id(request)] = request
-    try:
-        return await handler(request)
-    finally:
-        del requests[id(request)]
 
 
 @web.middleware

@@ -107,11 +107,12 @@ def _migrate(db: sqlite3.Connection) -> None:
     if "owner_id" not in columns:
         db.execute("ALTER TABLE transfers ADD COLUMN owner_id TEXT")
         # Before principals, an unauthenticated owner was an X-Client-DN; a certificate's
-        # subject was kept in a form that cannot be compared safely: such transfers are
-        # left to administrators.
+        # subject was kept in a form that cannot be compared safely: such a transfer gets a
+        # certificate principal with no issuer, which no certificate has, so only
+        # administrators manage it (NULL would read as anonymous, usable by anyone with the key).
         db.execute(
-            "UPDATE transfers SET owner_id = json_array('asserted', owner)"
-            " WHERE owner IS NOT NULL AND owner_authenticated = 0"
+            "UPDATE transfers SET owner_id = CASE WHEN owner_authenticated = 0 THEN json_array('asserted', owner)"
+            " ELSE json_array('certificate', owner, '') END WHERE owner IS NOT NULL"
         )
 
 

@@ -41,7 +41,7 @@ from typing import Any
 
 from .config import Settings
 from .security.logsafe import log_to_stderr
-from .server import recover_uploads, recover_worker
+from .server import bind_socket, recover_uploads, recover_worker
 from .transfers import TransferRegistry
 
 log = logging.getLogger(__name__)
@@ -101,12 +101,8 @@ def _hold_ports(settings: Settings) -> tuple[list[socket.socket], Settings]:
 
 
 def _hold(host: str, port: int, holders: list[socket.socket]) -> int:
-    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    holder = socket.socket(info[0], socket.SOCK_STREAM)
+    holder = bind_socket(host, port, reuse_port=True)
     holders.append(holder)
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    holder.bind(info[4])
     return int(holder.getsockname()[1])
 
 

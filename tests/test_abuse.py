@@ -32,8 +32,14 @@ from datastore.upload import expire_transfers
 from .conftest import MakeStore
 from .harness import Store, ini_manifest, json_manifest, make_settings, spawn_serve, until
 
-ADA, BOB = {"X-Client-DN": "/O=Lab/CN=Ada"}, {"X-Client-DN": "/O=Lab/CN=Bob"}
 WAIT = 20.0
+
+
+async def people(store: Store) -> tuple[dict[str, str], dict[str, str]]:
+    """Ada's and Bob's credentials: tokens, proved identities, each with a share of their own."""
+    tokens = store.client.app[CONTEXT].tokens
+    ada, bob = [(await tokens.create(name, ["read", "upload"])).token for name in ("ada", "bob")]
+    return {"Authorization": f"Bearer {ada}"}, {"Authorization": f"Bearer {bob}"}
 
 
 async def register(store: Store, files: list[tuple[str, bytes]], headers: dict[str, str]) -> aiohttp.ClientResponse:
@@ -82,7 +88,7 @@ async def test_a_hostile_ini_manifest_is_refused_before_it_is_parsed(
 
 
 async def test_the_event_loop_answers_health_checks_while_large_manifests_are_parsed(make_store: MakeStore) -> None:
-    store = await make_store()
+    store = await make_store(max_reserved_names_per_client=30_000)  # three clients of one address
 
     def manifest(client: int) -> bytes:
         # The costliest shape the bounds admit: 10,000 files with extra keys, most of a second of
@@ -104,6 +110,49 @@ async def test_the_event_loop_answers_health_checks_while_large_manifests_are_pa
     assert [response.status for response in await posting] == [200, 200, 200]
     assert latencies, "the manifests were answered before a single health check"
     assert max(latencies) < 1.0, latencies
+
+
+async def test_many_small_costly_manifests_are_parsed_off_the_loop(make_store: MakeStore) -> None:
+    store = await make_store()
+    # Under 64 KiB, yet about 9,500 sections: a tenth of a second of ConfigParser each, refused in the end.
+    body = b"[manifest]\nnum_files = 10000\n" + b"".join(b"[%d]\n" % i for i in range(9_500))
+    assert len(body) < 64 << 10
+
+    async def flood() -> list[int]:
+        return [(await store.client.post("/files/manifest", data=body)).status for _ in range(3)]
+
+    posting = asyncio.gather(*(flood() for _ in range(8)))
+    latencies = await health_latencies(store.client.get, posting)
+
+    assert {status for statuses in await posting for status in statuses} == {400}
+    assert max(latencies) < 1.0, latencies
+
+
+async def test_manifests_in_memory_are_bounded_and_the_next_one_is_told_to_come_back(make_store: MakeStore) -> None:
+    store = await make_store(max_manifest_bytes=32 << 10, max_manifest_memory=64 << 10)
+    held = []
+    for _ in range(2):  # two manifests of 32 KiB, each one byte short of done: 64 KiB held
+        reader, writer = await asyncio.open_connection("127.0.0.1", store.client.port)
+        writer.write(b"POST /files/manifest HTTP/1.1\r\nHost: x\r\nContent-Length: 32768\r\n\r\n" + b"#" * 32767)
+        await writer.drain()
+        held.append((reader, writer))
+    body = ini_manifest([("a.txt", b"a")])
+    try:
+        async with asyncio.timeout(WAIT):
+            while True:  # the two bodies reach the store on their own time; ask until they have
+                refused = await store.client.post("/files/manifest", data=body)
+                if refused.status != 200:
+                    break
+                await asyncio.sleep(0.01)
+        assert (refused.status, refused.headers["Retry-After"]) == (503, "1")
+        assert (await refused.text()).startswith("Too many manifests at once: the store holds")
+    finally:
+        for _, writer in held:
+            writer.close()
+    # Once the held bodies are dropped (the store notices their closed connections), manifests come in again.
+    async with asyncio.timeout(WAIT):
+        while (await store.client.post("/files/manifest", data=ini_manifest([("b.txt", b"b")]))).status != 200:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
 
 
 async def test_a_hostile_manifest_leaves_no_memory_behind(tmp_path: Path) -> None:
@@ -155,58 +204,65 @@ def state_bytes(state: Path) -> int:
 
 async def test_open_transfers_per_client_are_limited_and_others_still_register(make_store: MakeStore) -> None:
     store = await make_store(max_transfers_per_client=2)
-    first = await register(store, [("a1", b"1")], ADA)
-    assert (await register(store, [("a2", b"2")], ADA)).status == 201
+    ada, bob = await people(store)
+    first = await register(store, [("a1", b"1")], ada)
+    assert (await register(store, [("a2", b"2")], ada)).status == 201
 
-    refused = await register(store, [("a3", b"3")], ADA)
+    refused = await register(store, [("a3", b"3")], ada)
 
     assert refused.status == 429
     assert (await refused.json())["message"] == "Quota exceeded: you hold 2 open transfers; the limit is 2"
-    assert (await register(store, [("b1", b"1")], BOB)).status == 201
+    assert (await register(store, [("b1", b"1")], bob)).status == 201
     # Ada's share comes back as soon as one of hers ends.
-    await store.client.delete(f"/_api/v1/transfers/{(await first.json())['transfer_key']}", headers=ADA)
-    assert (await register(store, [("a3", b"3")], ADA)).status == 201
+    await store.client.delete(f"/_api/v1/transfers/{(await first.json())['transfer_key']}", headers=ada)
+    assert (await register(store, [("a3", b"3")], ada)).status == 201
 
 
 async def test_reserved_names_per_client_are_limited(make_store: MakeStore) -> None:
     store = await make_store(max_reserved_names_per_client=5)
-    assert (await register(store, [(f"a{i}", b"") for i in range(3)], ADA)).status == 201
-    refused = await register(store, [(f"b{i}", b"") for i in range(3)], ADA)
+    ada, bob = await people(store)
+    assert (await register(store, [(f"a{i}", b"") for i in range(3)], ada)).status == 201
+    refused = await register(store, [(f"b{i}", b"") for i in range(3)], ada)
     assert refused.status == 429
     assert "reserve 3 names and this one 3; the limit is 5" in (await refused.json())["message"]
     # Nothing of the refused manifest stays reserved.
-    assert (await register(store, [(f"b{i}", b"") for i in range(3)], BOB)).status == 201
+    assert (await register(store, [(f"b{i}", b"") for i in range(3)], bob)).status == 201
 
 
 async def test_reserved_bytes_per_client_are_limited_also_for_the_legacy_form(make_store: MakeStore) -> None:
     store = await make_store(max_reserved_bytes_per_client=1000)
-    assert (await register(store, [("a", b"x" * 600)], ADA)).status == 201
-    refused = await store.client.post("/files/manifest", data=ini_manifest([("b", b"x" * 600)]), headers=ADA)
+    ada, bob = await people(store)
+    assert (await register(store, [("a", b"x" * 600)], ada)).status == 201
+    refused = await store.client.post("/files/manifest", data=ini_manifest([("b", b"x" * 600)]), headers=ada)
     assert refused.status == 429
     assert "may still write 600 bytes and this one 600; the limit is 1000" in await refused.text()
-    assert (await register(store, [("b", b"x" * 600)], BOB)).status == 201
+    assert (await register(store, [("b", b"x" * 600)], bob)).status == 201
 
 
-async def test_anonymous_clients_have_a_quota_too(make_store: MakeStore) -> None:
-    store = await make_store(max_transfers_per_client=1)
+async def test_anonymous_clients_and_asserted_dns_share_their_addresss_quota(make_store: MakeStore) -> None:
+    store = await make_store(max_transfers_per_client=1)  # and X-Client-DN trusted (make_settings)
+    ada, _ = await people(store)
     assert (await register(store, [("a", b"1")], {})).status == 201
     assert (await register(store, [("b", b"2")], {})).status == 429
-    assert (await register(store, [("b", b"2")], ADA)).status == 201
+    # A DN written into a header is no share of its own: a client could write a new one every time.
+    assert (await register(store, [("b", b"2")], {"X-Client-DN": "/CN=someone else"})).status == 429
+    assert (await register(store, [("b", b"2")], ada)).status == 201
 
 
 async def test_uploads_at_once_per_client_are_limited_and_others_still_upload(make_store: MakeStore) -> None:
     store = await make_store(max_uploads_per_client=2)
-    key = (await (await register(store, [(f"a{i}", b"x" * 100) for i in range(3)], ADA)).json())["transfer_key"]
+    ada, bob = await people(store)
+    key = (await (await register(store, [(f"a{i}", b"x" * 100) for i in range(3)], ada)).json())["transfer_key"]
     host, port = "127.0.0.1", store.client.port
-    held = [await hold_upload(host, port, key, num, ADA) for num in (0, 1)]
+    held = [await hold_upload(host, port, key, num, ada) for num in (0, 1)]
     await until(lambda: len(store.staged_files()) >= 2, "two uploads of Ada's hold their slots", timeout=WAIT)
 
-    refused = await store.client.put(f"/files/{key}/2", data=b"x" * 100, headers=ADA)
+    refused = await store.client.put(f"/files/{key}/2", data=b"x" * 100, headers=ada)
 
     assert (refused.status, refused.headers["Retry-After"]) == (429, "1")
     assert "you are running 2 uploads" in await refused.text()
-    bobs = (await (await register(store, [("b", b"y")], BOB)).json())["transfer_key"]
-    assert (await store.client.put(f"/files/{bobs}/0", data=b"y", headers=BOB)).status == 200
+    bobs = (await (await register(store, [("b", b"y")], bob)).json())["transfer_key"]
+    assert (await store.client.put(f"/files/{bobs}/0", data=b"y", headers=bob)).status == 200
     for _, writer in held:
         writer.close()
 
@@ -230,17 +286,18 @@ async def test_a_transfer_that_never_starts_expires_after_the_start_timeout_and_
     make_store: MakeStore,
 ) -> None:
     store = await make_store(start_timeout=60)
-    idle = (await (await register(store, [("taken.txt", b"x")], ADA)).json())["transfer_key"]
-    started = (await (await register(store, [("begun.txt", b"xy")], ADA)).json())["transfer_key"]
-    tus = {"Tus-Resumable": "1.0.0", "Content-Type": "application/offset+octet-stream", "Upload-Offset": "0", **ADA}
+    ada, bob = await people(store)
+    idle = (await (await register(store, [("taken.txt", b"x")], ada)).json())["transfer_key"]
+    started = (await (await register(store, [("begun.txt", b"xy")], ada)).json())["transfer_key"]
+    tus = {"Tus-Resumable": "1.0.0", "Content-Type": "application/offset+octet-stream", "Upload-Offset": "0", **ada}
     assert (await store.client.patch(f"/files/{started}/0", data=b"x", headers=tus)).status == 204
 
     await expire_transfers(store.client.app[CONTEXT], now=time.time() + 61)
 
-    status = await (await store.client.get(f"/_api/v1/transfers/{idle}", headers=ADA)).json()
+    status = await (await store.client.get(f"/_api/v1/transfers/{idle}", headers=ada)).json()
     assert status["state"] == "EXPIRED"
-    assert (await register(store, [("taken.txt", b"x")], BOB)).status == 201
-    begun = await (await store.client.get(f"/_api/v1/transfers/{started}", headers=ADA)).json()
+    assert (await register(store, [("taken.txt", b"x")], bob)).status == 201
+    begun = await (await store.client.get(f"/_api/v1/transfers/{started}", headers=ada)).json()
     assert begun["state"] == "IN_PROGRESS"
 
 
@@ -269,10 +326,11 @@ async def test_an_upload_slower_than_the_minimum_rate_is_dropped_and_a_fast_one_
     make_store: MakeStore,
 ) -> None:
     store = await make_store(min_upload_rate=1000, rate_window=0.5)
+    ada, _ = await people(store)
     data = b"x" * 10_000
-    key = (await (await register(store, [("slow.bin", data), ("fast.bin", data)], ADA)).json())["transfer_key"]
+    key = (await (await register(store, [("slow.bin", data), ("fast.bin", data)], ada)).json())["transfer_key"]
     head = f"PUT /files/{key}/0 HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
-    head += f"X-Client-DN: {ADA['X-Client-DN']}\r\n\r\n"
+    head += f"Authorization: {ada['Authorization']}\r\n\r\n"
 
     # Ten bytes every 50 ms is 200 bytes a second: never silent for long, always too slow.
     answer = await trickle("127.0.0.1", store.client.port, head.encode(), data, every=0.05)
@@ -280,7 +338,7 @@ async def test_an_upload_slower_than_the_minimum_rate_is_dropped_and_a_fast_one_
     assert answer.startswith(b"HTTP/1.1 408 ")
     assert b"less than the minimum of 1000 bytes/s" in answer
     assert store.staged_files() == []
-    assert (await store.client.put(f"/files/{key}/1", data=data, headers=ADA)).status == 200
+    assert (await store.client.put(f"/files/{key}/1", data=data, headers=ada)).status == 200
 
 
 async def test_a_manifest_trickled_slower_than_the_minimum_rate_is_dropped(make_store: MakeStore) -> None:

@@ -643,3 +643,69 @@ async def test_a_cross_site_delete_is_refused_even_with_a_valid_session(make_sto
 
     assert response.status == 403
     assert store.served_files() == ["a.txt"]
+
+
+# -- what a second look found -----------------------------------------------------------------------------------
+
+
+async def test_an_admin_token_cannot_be_limited_to_prefixes(make_store: MakeStore) -> None:
+    store = await safe_store(make_store)
+    admin = bearer(await issue(store, "root", "admin"))
+    response = await store.client.post(
+        "/_api/v1/tokens", json={"subject": "bob", "actions": ["admin"], "prefixes": ["dropbox"]}, headers=admin
+    )
+    assert response.status == 400
+    assert "an admin token is for every prefix" in (await response.json())["message"]
+
+
+async def test_a_browser_never_gets_an_identity_from_x_client_dn(make_store: MakeStore) -> None:
+    # A page of any site that DNS rebinds to a trusted store could otherwise write any DN.
+    store = await safe_store(make_store, trust_client_dn=True)
+    from_page = {"X-Client-DN": ADA, "Sec-Fetch-Site": "same-origin"}
+    assert (await upload(store, "a.txt", DATA, from_page))[0] == 401
+    who = await (await store.client.get("/_api/v1/identity", headers={"X-Client-DN": ADA, "Origin": "x"})).json()
+    assert who["kind"] == "anonymous"
+    assert (await upload(store, "a.txt", DATA, {"X-Client-DN": ADA}))[0] == 200
+
+
+async def test_with_overwrite_a_file_the_catalogue_does_not_know_is_replaced_only_by_an_administrator(
+    make_store: MakeStore, tmp_path: Path
+) -> None:
+    folder = tmp_path / "root" / "files"
+    folder.mkdir(parents=True)
+    (folder / "operator.cfg").write_bytes(b"put here by the operator\n")
+    handler = DirectoryHandler(folder, catalogue=tmp_path / "cat.sqlite3", overwrite=True)
+    store = await safe_store(make_store, handler=handler)
+    ada = bearer(await issue(store, "ada", "read", "upload"))
+
+    refused = await store.client.post("/files/manifest", json=json_manifest([("operator.cfg", b"EVIL!")]), headers=ada)
+
+    assert refused.status == 403
+    assert (folder / "operator.cfg").read_bytes() == b"put here by the operator\n"
+    root = bearer(await issue(store, "root", "admin"))
+    assert (await upload(store, "operator.cfg", b"new settings\n", root))[0] == 200
+
+
+def test_transfers_and_files_of_old_certificate_owners_belong_to_nobody_after_the_migration(tmp_path: Path) -> None:
+    """Before principals, a certificate's owner was stored in a form no certificate has now."""
+    from datastore.transfers import _migrate as migrate_transfers
+
+    with sqlite3.connect(tmp_path / "old.sqlite3") as db:
+        db.row_factory = sqlite3.Row
+        db.execute(
+            "CREATE TABLE transfers (key TEXT PRIMARY KEY, prefix TEXT, owner TEXT, owner_authenticated INTEGER,"
+            " state TEXT, created_at REAL, updated_at REAL, expires_at REAL)"
+        )
+        db.execute("CREATE TABLE transfer_files (key TEXT, num INTEGER, name TEXT)")
+        db.executemany(
+            "INSERT INTO transfers VALUES (?, 'files', ?, ?, 'OPEN', 0, 0, 9e9)",
+            [("a" * 40, "/O=Lab/CN=ada", 1), ("b" * 40, "/O=Lab/CN=bob", 0), ("c" * 40, None, 0)],
+        )
+        migrate_transfers(db)
+        owners = {
+            row["key"][0]: Identity.from_principal(row["owner_id"], row["owner"])
+            for row in db.execute("SELECT * FROM transfers")
+        }
+    assert owners["a"] != Identity.from_principal(None) and owners["a"].issuer == ""
+    assert owners["b"] == Identity.asserted("/O=Lab/CN=bob")
+    assert owners["c"].anonymous

@@ -180,7 +180,7 @@ async def test_signing_in_with_a_token_uploads_lists_and_downloads_as_its_subjec
     await expect(page.locator("#files tbody tr")).to_have_count(0)
 
 
-async def test_a_link_with_a_token_in_its_fragment_signs_in_and_forgets_the_fragment(
+async def test_a_link_with_a_token_fills_in_the_sign_in_and_forgets_the_fragment(
     make_store: MakeStore, browser: Browser
 ) -> None:
     store = await make_store(policy=Policy(), trust_client_dn=False)
@@ -188,8 +188,13 @@ async def test_a_link_with_a_token_in_its_fragment_signs_in_and_forgets_the_frag
     page = await (await browser.new_context()).new_page()
     await page.goto(str(store.client.make_url("/files/")) + f"#token={token}")
 
-    await expect(page.locator("#whoami")).to_have_text("Signed in as bob.")
+    await expect(page.get_by_role("status")).to_have_text("This link carries a token: press Sign in to use it.")
     assert token not in page.url
+    # Nobody is signed in by a link alone: that takes the person's own press.
+    await expect(page.locator("#whoami")).to_have_text("Not signed in.")
+    assert await page.context.cookies() == []
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.locator("#whoami")).to_have_text("Signed in as bob.")
     await expect(page.locator("#empty")).to_be_visible()
 
 

@@ -27,6 +27,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from datastore.client import (
     Cancelled,
@@ -914,3 +916,24 @@ async def test_tls_upload_and_download_with_a_client_certificate(tmp_path: Path)
     assert (downloaded.verified, downloaded.sha256) == (True, sha256_hex(data))
     assert await asyncio.to_thread((dest / "secure.bin").read_bytes) == data
     assert await asyncio.to_thread((tls.root / "files" / "secure.bin").read_bytes) == data
+
+
+async def test_the_token_goes_only_to_the_store_it_was_given_for(store: Store, tmp_path: Path) -> None:
+    seen: list[str | None] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        return web.Response(body=b"a file from elsewhere")
+
+    app = web.Application()
+    app.router.add_get("/file.txt", elsewhere)
+    other = TestServer(app)
+    await other.start_server()
+    try:
+        async with DataStoreClient(
+            str(store.client.make_url("/")).rstrip("/"), token="dst_0123456789ab_" + "A" * 43
+        ) as client:
+            await client.download(str(other.make_url("/file.txt")), tmp_path / "file.txt")
+    finally:
+        await other.close()
+    assert seen == [None]

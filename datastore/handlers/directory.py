@@ -77,8 +77,11 @@ def _migrate(db: sqlite3.Connection) -> None:
         return
     db.execute("ALTER TABLE files ADD COLUMN owner_id TEXT")
     db.execute("ALTER TABLE files ADD COLUMN tls INTEGER NOT NULL DEFAULT 0")
+    # As in the transfer registry: a certificate's old subject form matches no certificate, so its files
+    # are the administrators' to delete or replace.
     db.execute(
-        "UPDATE files SET owner_id = json_array('asserted', owner) WHERE owner IS NOT NULL AND owner_authenticated = 0"
+        "UPDATE files SET owner_id = CASE WHEN owner_authenticated = 0 THEN json_array('asserted', owner)"
+        " ELSE json_array('certificate', owner, '') END WHERE owner IS NOT NULL"
     )
     db.execute("UPDATE files SET tls = owner_authenticated")
 
@@ -156,18 +159,21 @@ class DirectoryHandler:
 
     async def _refused(self, identity: Identity, files: Sequence[FileInfo], *, reserve: bool) -> list[str]:
         """The names of ``files`` that may not be uploaded; with ``reserve``, reserve all if there are none."""
-        # A file put into the folder by other means is not clobbered either.
-        on_disk = set() if self.overwrite else await asyncio.to_thread(self._on_disk, [f.name for f in files])
+        # A file put into the folder by other means belongs to nobody: only an administrator replaces it.
+        on_disk = await asyncio.to_thread(self._on_disk, [f.name for f in files])
         now = time.time()
 
         def check(db: sqlite3.Connection) -> list[str]:
             refused = []
             for file in files:
                 fold = fold_name(file.name)
-                if file.name in on_disk or db.execute("SELECT 1 FROM pending WHERE fold = ?", (fold,)).fetchone():
+                if db.execute("SELECT 1 FROM pending WHERE fold = ?", (fold,)).fetchone():
                     refused.append(file.name)
                     continue
                 row = db.execute("SELECT name, owner_id FROM files WHERE fold = ?", (fold,)).fetchone()
+                if row is None and file.name in on_disk and not (self.overwrite and identity.admin):
+                    refused.append(file.name)
+                    continue
                 # Only its owner (or an administrator) may replace a file.
                 if row is not None and not (
                     self.overwrite and row["name"] == file.name and identity.may_manage(row["owner_id"])

@@ -32,7 +32,7 @@ import os
 import re
 import ssl
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -181,7 +181,7 @@ def certificate_identity(
     ssl_object: Any,
     *,
     crl: CrlReloader | None = None,
-    admins: Iterable[str] = (),
+    admins: Collection[tuple[str, str]] = (),
     now: float | None = None,
 ) -> Identity:
     """The authenticated identity of the verified peer of ``ssl_object``, checked for this request.
@@ -189,8 +189,8 @@ def certificate_identity(
     Raises CertificateRefused (403, and the connection is closed) if the
     certificate has expired, is not yet valid, or the CRL revokes it;
     NotAuthorized if the peer presented no certificate (which a context from
-    :func:`server_context` never lets through). ``admins`` are RFC 4514
-    subjects made administrators (see :func:`normalise_subject`).
+    :func:`server_context` never lets through). ``admins`` are the (subject,
+    issuer) pairs made administrators (:func:`administrators`).
     """
     der = ssl_object.getpeercert(binary_form=True)
     if not der:
@@ -208,10 +208,30 @@ def certificate_identity(
         peer.subject,
         peer.issuer,
         dn=peer.dn,
-        admin=peer.subject in admins,
+        admin=(peer.subject, peer.issuer) in admins,
         serial=f"{peer.serial:X}",
         fingerprint=peer.fingerprint,
     )
+
+
+def administrators(context: ssl.SSLContext, subjects: Iterable[str], issuer: str | None) -> frozenset[tuple[str, str]]:
+    """The (subject, issuer) pairs of the administrators' certificates.
+
+    ``issuer`` defaults to the subject of the context's one client CA: with
+    several, a subject alone would let any of them mint an administrator, so
+    ValueError asks for the issuer.
+    """
+    names = [normalise_subject(subject) for subject in subjects]
+    if not names:
+        return frozenset()
+    if issuer is None:
+        authorities = {x509.load_der_x509_certificate(der).subject for der in context.get_ca_certs(binary_form=True)}
+        if len(authorities) != 1:
+            raise ValueError(
+                "with several client CAs, name the issuer of the administrators' certificates (admin_issuer)"
+            )
+        issuer = next(iter(authorities)).rfc4514_string()
+    return frozenset((name, normalise_subject(issuer)) for name in names)
 
 
 def normalise_subject(text: str) -> str:

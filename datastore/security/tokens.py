@@ -255,6 +255,9 @@ def _new_record(
             raise TokenError(str(exc)) from None
         if not allowed:
             raise TokenError("name at least one prefix, or none for every prefix")
+        if "admin" in chosen:
+            # An administrator manages tokens and everyone's files and transfers: no prefix bounds that.
+            raise TokenError("an admin token is for every prefix: leave out the prefixes")
     if not 0 < lifetime <= MAX_LIFETIME:
         raise TokenError(f"the lifetime must be between 1 second and {MAX_LIFETIME / 86400:g} days")
     if len(description) > 200 or not description.isprintable():

@@ -371,11 +371,19 @@ function start() {
     input.value = "";
     uploadFiles(files).catch((error) => say(`Upload failed: ${error.message}`));
   });
-  // A link such as /files/#token=dst_… signs in (the fragment never reaches a server or a log).
+  // A link such as /files/#token=dst_… fills in the token (the fragment never reaches a server or a
+  // log); signing in with it stays the person's own act, so that no link swaps a session silently.
   const fromLink = new URLSearchParams(location.hash.slice(1)).get("token");
   if (fromLink) history.replaceState(null, "", location.pathname + location.search);
-  const ready = fromLink ? signIn(fromLink) : whoAmI().then(refreshList);
-  ready.catch((error) => say(`Could not list the files: ${error.message}`));
+  whoAmI()
+    .then(() => {
+      if (!fromLink) return refreshList();
+      $("#signin").hidden = false;
+      $("#token").value = fromLink;
+      say("This link carries a token: press Sign in to use it.");
+      return undefined;
+    })
+    .catch((error) => say(`Could not list the files: ${error.message}`));
 }
 
 document.addEventListener("DOMContentLoaded", start);
