@@ -40,8 +40,9 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from .config import Settings
+from .connections import bind_socket
 from .security.logsafe import log_to_stderr
-from .server import bind_socket, recover_uploads, recover_worker
+from .server import recover_uploads, recover_worker
 from .transfers import TransferRegistry
 
 log = logging.getLogger(__name__)
