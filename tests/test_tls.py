@@ -1112,16 +1112,22 @@ async def test_subjects_that_differ_only_in_escaping_are_two_identities(store: T
     assert (await store.request(ada, "DELETE", f"/{SHELF}/a.dat")).status == 204
 
 
-async def test_the_same_subject_from_another_trusted_ca_is_another_identity(
-    pki: Pki, ada: ClientCert, tmp_path: Path
-) -> None:
-    other_ca = await asyncio.to_thread(make_ca, make_name("Other CA", organization="Other"))
-    other_ca_pem = tmp_path / "other-ca.pem"
+async def twin_from_another_ca(pki: Pki, client: ClientCert, tmp_path: Path) -> tuple[ClientCert, ssl.SSLContext]:
+    """A certificate with ``client``'s subject from a second CA, and a server context that trusts both CAs."""
+    other_ca = await asyncio.to_thread(make_ca, make_name("Partner CA", organization="Partner"))
+    other_ca_pem = tmp_path / "partner-ca.pem"
     other_ca_pem.write_bytes(other_ca.certificate.public_bytes(serialization.Encoding.PEM))
-    twin = await asyncio.to_thread(pki.mint, "ada-twin", ca=other_ca, subject=ada.certificate.subject)
+    twin = await asyncio.to_thread(pki.mint, "twin", ca=other_ca, subject=client.certificate.subject)
     context = await asyncio.to_thread(
         server_context, pki.certs.path("server", "pem"), pki.certs.path("server", "key"), [pki.ca_pem, other_ca_pem]
     )
+    return twin, context
+
+
+async def test_the_same_subject_from_another_trusted_ca_is_another_identity(
+    pki: Pki, ada: ClientCert, tmp_path: Path
+) -> None:
+    twin, context = await twin_from_another_ca(pki, ada, tmp_path)
     root, state = tmp_path / "two-cas", tmp_path / "state"
     server = HTTPSTransferServer(make_settings(root, state), context)
     handler = RecordingHandler(root / PREFIX, state / "catalogue" / f"{PREFIX}.sqlite3")
@@ -1166,13 +1172,7 @@ async def test_control_characters_of_a_subject_never_reach_the_log_raw(
 async def test_an_administrators_subject_from_another_trusted_ca_is_no_administrator(
     pki: Pki, ada: ClientCert, tmp_path: Path
 ) -> None:
-    other_ca = await asyncio.to_thread(make_ca, make_name("Partner CA", organization="Partner"))
-    other_ca_pem = tmp_path / "partner-ca.pem"
-    other_ca_pem.write_bytes(other_ca.certificate.public_bytes(serialization.Encoding.PEM))
-    twin = await asyncio.to_thread(pki.mint, "ada-twin", ca=other_ca, subject=ada.certificate.subject)
-    context = await asyncio.to_thread(
-        server_context, pki.certs.path("server", "pem"), pki.certs.path("server", "key"), [pki.ca_pem, other_ca_pem]
-    )
+    twin, context = await twin_from_another_ca(pki, ada, tmp_path)
     root, state = tmp_path / "two-cas", tmp_path / "state"
     # With two client CAs a subject alone would let either mint an administrator: the issuer must be named.
     with pytest.raises(ValueError, match="name the issuer of the administrators' certificates"):
