@@ -109,8 +109,7 @@ def check_form(request: web.Request) -> None:
 
 
 async def form_file_chunks(request: web.Request, settings: Settings) -> AsyncIterator[bytes]:
-    """The bytes of the first file field of a ``multipart/form-data`` body (see :func:`check_form`)."""
-    check_form(request)
+    """The bytes of the first file field of a ``multipart/form-data`` body that :func:`check_form` passed."""
     reader = await request.multipart()
     pace = Pace.of(settings)
     timeout, chunk_size = settings.body_timeout, settings.chunk_size
