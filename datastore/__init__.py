@@ -21,9 +21,9 @@ from .handlers import (
     StoredFile,
     TransferHandler,
 )
+from .http.server import HTTPTransferServer, TransferServer
 from .security.identity import Identity, IdentityKind
 from .security.policy import Action, Audience, Policy
-from .server import HTTPTransferServer, TransferServer
 
 __version__ = "0.1.0"
 

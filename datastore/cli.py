@@ -20,23 +20,20 @@ import json
 import logging
 import os
 import resource
-import ssl
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .cli_client import run_client_command
+from .client.commands import run_client_command
 from .config import Settings, SettingsError, load_settings, parse_duration, settings_help
-from .handlers.directory import DirectoryHandler
+from .http.server import make_server
+from .http.workers import run_workers
+from .protocol.timestamps import iso_time
 from .security.certs import DEFAULT_DIR, CertificateDirectory, CertificateError
 from .security.logsafe import log_to_stderr
-from .security.tls import CrlReloader, server_context
 from .security.tokens import TokenError, TokenStore, bootstrap_admin_token, parse_actions, token_json
-from .server import HTTPSTransferServer, HTTPTransferServer, TransferServer
-from .timestamps import iso_time
-from .workers import run_workers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,39 +258,6 @@ def serve(args: argparse.Namespace) -> int:
         print(f"datastore: cannot listen on {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr)
         return 1
     return 0
-
-
-def make_server(settings: Settings) -> TransferServer:
-    """The server the settings describe, with a DirectoryHandler for every prefix.
-
-    Raises SettingsError when the TLS files cannot be loaded.
-    """
-    server: TransferServer
-    if settings.uses_tls:
-        assert settings.tls_cert is not None and settings.tls_key is not None
-        try:
-            context = server_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca, settings.tls_crl)
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            raise SettingsError(f"cannot load the TLS files: {exc}") from None
-        crl = CrlReloader(context, settings.tls_crl) if settings.tls_crl is not None else None
-        try:
-            if settings.tls:
-                server = HTTPSTransferServer(settings, context, crl=crl)
-            else:
-                server = HTTPSTransferServer(
-                    settings, context, port=settings.tls_port, plain_port=settings.port, crl=crl
-                )
-        except ValueError as exc:
-            raise SettingsError(str(exc)) from None
-    else:
-        server = HTTPTransferServer(settings)
-    catalogues = settings.effective_state_dir / "catalogue"
-    for prefix in settings.prefixes:
-        handler = DirectoryHandler(
-            settings.root / prefix, catalogue=catalogues / f"{prefix}.sqlite3", overwrite=settings.overwrite
-        )
-        server.register_prefix(prefix, handler)
-    return server
 
 
 #: The most file descriptors ``serve`` asks for (the hard limit may be far higher).

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .manifest import ManifestLimits
+from .protocol.manifest import ManifestLimits
 from .security.policy import Audience, Policy, PolicyError
 from .security.tls import normalise_subject
 

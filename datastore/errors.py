@@ -3,7 +3,7 @@
 Each class carries the HTTP status and the reason phrase a client receives.
 The reasons of the AccessGrid protocol are kept word for word, because legacy
 clients log them; the server renders these exceptions in exactly one place
-(the error middleware in ``server.py``), as the status line's reason phrase and
+(the error middleware in ``http/server.py``), as the status line's reason phrase and
 a one-line ``text/plain`` body, or as JSON when the client asked for JSON.
 
 The tree::

@@ -10,7 +10,7 @@ import pytest
 from blockbuster import BlockBuster, blockbuster_ctx
 
 from datastore.handlers.directory import DirectoryHandler
-from datastore.server import HTTPTransferServer
+from datastore.http.server import HTTPTransferServer
 
 from .harness import Store, make_settings
 

@@ -20,8 +20,8 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from datastore.config import Settings
+from datastore.http.server import HTTPTransferServer
 from datastore.security.policy import Audience, Policy
-from datastore.server import HTTPTransferServer
 
 #: The policy of the stores most tests start: every client may list, read and upload, so that
 #: tests of other behaviour need no credentials; deleting stays the owner's. The defaults are

@@ -25,9 +25,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from datastore.context import CONTEXT
-from datastore.server import HTTPTransferServer
-from datastore.upload import expire_transfers
+from datastore.http.context import CONTEXT
+from datastore.http.server import HTTPTransferServer
+from datastore.http.upload import expire_transfers
 
 from .conftest import MakeStore
 from .harness import Store, ini_manifest, json_manifest, make_settings, spawn_serve, until

@@ -17,7 +17,7 @@ import pytest
 from playwright.async_api import Browser, Page, Route, async_playwright, expect
 from playwright.async_api import Error as PlaywrightError
 
-from datastore.context import CONTEXT
+from datastore.http.context import CONTEXT
 from datastore.security.policy import Policy
 
 from .conftest import MakeStore

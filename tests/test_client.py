@@ -30,7 +30,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from datastore.client import (
+from datastore.client.client import (
     Cancelled,
     ClientError,
     DataStoreClient,
@@ -44,9 +44,9 @@ from datastore.client import (
 )
 from datastore.config import Settings
 from datastore.handlers.directory import DirectoryHandler
+from datastore.http.server import HTTPSTransferServer, HTTPTransferServer
 from datastore.security.certs import CertificateDirectory
 from datastore.security.tls import server_context
-from datastore.server import HTTPSTransferServer, HTTPTransferServer
 
 from .conftest import MakeStore
 from .harness import Store, make_settings, sha256_hex

@@ -19,7 +19,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from datastore.context import CONTEXT
+from datastore.http.context import CONTEXT
 from datastore.security.logsafe import RedactingFormatter
 
 from .conftest import MakeStore

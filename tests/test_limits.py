@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from datastore.server import HTTPTransferServer
+from datastore.http.server import HTTPTransferServer
 
 from .conftest import MakeStore
 from .harness import ini_manifest, json_manifest, make_settings

@@ -1,4 +1,4 @@
-"""datastore.manifest on its own: parsing INI and JSON manifests and formatting
+"""datastore.protocol.manifest on its own: parsing INI and JSON manifests and formatting
 the legacy replies, byte for byte.
 
 No server: these call the pure functions with the bodies clients send and
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from datastore.errors import ManifestError, PayloadTooLarge
-from datastore.manifest import (
+from datastore.protocol.manifest import (
     Manifest,
     ManifestFile,
     ManifestLimits,

@@ -27,7 +27,7 @@ import pytest
 from yarl import URL
 
 from datastore.errors import InvalidName
-from datastore.names import MAX_NAME_BYTES, validate_name
+from datastore.protocol.names import MAX_NAME_BYTES, validate_name
 
 from .conftest import MakeStore
 from .harness import Store, ini_manifest, json_manifest, md5_hex, parse_legacy_reply

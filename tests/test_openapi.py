@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from openapi_spec_validator import validate
 
-from datastore.openapi import OPENAPI_PATH
+from datastore.http.openapi import OPENAPI_PATH
 from datastore.security.policy import Policy
 
 from .conftest import MakeStore

@@ -17,9 +17,9 @@ from typing import Any
 
 import aiohttp
 
-from datastore.context import CONTEXT
 from datastore.handlers.directory import DirectoryHandler
-from datastore.upload import expire_transfers
+from datastore.http.context import CONTEXT
+from datastore.http.upload import expire_transfers
 
 from .conftest import MakeStore
 from .harness import Store, json_manifest, spawn_serve, staged_bytes, start_stalled_upload, until

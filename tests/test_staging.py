@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from datastore import staging
+from datastore.storage import staging
 
 
 def test_failed_background_flush_is_raised_when_the_file_is_closed() -> None:

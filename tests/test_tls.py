@@ -43,10 +43,10 @@ from cryptography.x509.oid import NameOID
 
 from datastore.config import SettingsError
 from datastore.handlers.directory import DirectoryHandler
+from datastore.http.server import HTTPSTransferServer
 from datastore.security.certs import CertificateDirectory, Issued, issue, make_ca, make_crl, make_name, now
 from datastore.security.identity import IdentityKind
 from datastore.security.tls import CrlReloader, server_context
-from datastore.server import HTTPSTransferServer
 
 from .fakes import RecordingHandler
 from .harness import (

@@ -37,8 +37,8 @@ from multidict import CIMultiDictProxy
 from tusclient import client as tus_client
 from yarl import URL
 
-import datastore.staging
-from datastore.context import RunningUpload
+import datastore.storage.staging
+from datastore.http.context import RunningUpload
 
 from .conftest import MakeStore
 from .fakes import RecordingHandler
@@ -740,7 +740,7 @@ async def test_new_patch_once_every_byte_arrived_lets_the_last_patch_publish(
     path = await create(store.client, "complete.bin", data)
     # The last PATCH is held while it makes its bytes durable, until the retry asks it to stop.
     storing, go_on, asked = threading.Event(), threading.Event(), asyncio.Event()
-    settle, stop = datastore.staging._settle, RunningUpload.stop
+    settle, stop = datastore.storage.staging._settle, RunningUpload.stop
 
     def held_settle(*args: Any) -> Any:
         storing.set()
@@ -751,7 +751,7 @@ async def test_new_patch_once_every_byte_arrived_lets_the_last_patch_publish(
         asked.set()
         await stop(self, reason)
 
-    monkeypatch.setattr(datastore.staging, "_settle", held_settle)
+    monkeypatch.setattr(datastore.storage.staging, "_settle", held_settle)
     monkeypatch.setattr(RunningUpload, "stop", stop_asked)
 
     last = asyncio.create_task(patch(store.client, path, 0, data))

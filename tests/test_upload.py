@@ -27,8 +27,8 @@ import aiohttp
 import pytest
 from yarl import URL
 
-import datastore.context
-import datastore.upload
+import datastore.http.context
+import datastore.http.upload
 from datastore.handlers.directory import DirectoryHandler
 from datastore.handlers.interface import FileInfo
 from datastore.security.identity import Identity
@@ -585,9 +585,9 @@ async def test_upload_after_the_sweeper_expired_the_key_is_410_and_the_name_is_f
     store = await make_store(recording, key_lifetime=3600)
     content = b"late"
     key = await store.register([("late.txt", content)])
-    ctx = store.client.app[datastore.context.CONTEXT]
+    ctx = store.client.app[datastore.http.context.CONTEXT]
 
-    assert await datastore.upload.expire_transfers(ctx, now=time.time() + 7200) == 1
+    assert await datastore.http.upload.expire_transfers(ctx, now=time.time() + 7200) == 1
 
     assert recording.methods() == ["can_upload", "add_pending_upload", "cancel_upload"]
     assert await store.put(key, 0, content) == (410, "Transfer key expired")

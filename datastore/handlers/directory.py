@@ -35,10 +35,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..db import Database
 from ..errors import FileNotFound, InvalidName, NotAuthorized
-from ..names import contained_path, fold_name
+from ..protocol.names import contained_path, fold_name
 from ..security.identity import Identity, IdentityKind
+from ..state.database import Database
 from .interface import Download, FileInfo, StoredFile
 
 #: Files up to this size are read into memory and answered from there.

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import SettingsError, check_prefix
-from ..db import Database
 from ..errors import DatastoreError
-from ..timestamps import iso_time
+from ..protocol.timestamps import iso_time
+from ..state.database import Database
 from .identity import Grant, Identity, IdentityKind, check_length
 
 #: What a token may be issued for.

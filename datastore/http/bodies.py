@@ -24,8 +24,8 @@ from typing import TypeVar
 from aiohttp import BodyPartReader, hdrs, web
 from aiohttp.helpers import parse_mimetype
 
-from .config import Settings
-from .errors import BadRequest, DatastoreError, IncompleteUpload, PayloadTooLarge, RequestTimeout, TooManyManifests
+from ..config import Settings
+from ..errors import BadRequest, DatastoreError, IncompleteUpload, PayloadTooLarge, RequestTimeout, TooManyManifests
 
 T = TypeVar("T")
 

@@ -26,7 +26,7 @@ import re
 import unicodedata
 from pathlib import Path
 
-from .errors import InvalidName
+from ..errors import InvalidName
 
 #: Longest name accepted, in UTF-8 bytes (the common filesystem limit).
 MAX_NAME_BYTES = 255

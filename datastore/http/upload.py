@@ -32,20 +32,7 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from . import staging
-from .bodies import FORM_OVERHEAD, check_form, form_file_chunks, read_bounded, stream_chunks
-from .context import (
-    CONTEXT,
-    Mount,
-    RunningUpload,
-    StoreContext,
-    base_url,
-    client_key,
-    identify,
-    prefers_json,
-    render_error,
-)
-from .errors import (
+from ..errors import (
     AlreadyUploaded,
     ChecksumMismatch,
     DatastoreError,
@@ -63,14 +50,27 @@ from .errors import (
     UploadFileNotFound,
     UploadInProgress,
 )
-from .handlers.interface import FileInfo
-from .manifest import Manifest, format_ini_accepted, format_ini_refused, parse_ini, parse_json
-from .security.identity import Identity
-from .security.logsafe import redact
-from .security.policy import Action
-from .staging import Digests
-from .timestamps import iso_time
-from .transfers import FileState, Transfer, TransferFile, TransferState
+from ..handlers.interface import FileInfo
+from ..protocol.manifest import Manifest, format_ini_accepted, format_ini_refused, parse_ini, parse_json
+from ..protocol.timestamps import iso_time
+from ..security.identity import Identity
+from ..security.logsafe import redact
+from ..security.policy import Action
+from ..state.transfers import FileState, Transfer, TransferFile, TransferState
+from ..storage import staging
+from ..storage.staging import Digests
+from .bodies import FORM_OVERHEAD, check_form, form_file_chunks, read_bounded, stream_chunks
+from .context import (
+    CONTEXT,
+    Mount,
+    RunningUpload,
+    StoreContext,
+    base_url,
+    client_key,
+    identify,
+    prefers_json,
+    render_error,
+)
 
 log = logging.getLogger(__name__)
 

@@ -53,7 +53,18 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from . import staging
+from ..config import PREFIX_PATTERN, Settings, SettingsError, check_prefix
+from ..errors import BadRequest, CrossSiteRequest, DatastoreError, FileNotFound, InvalidToken, NotAuthorized
+from ..handlers.directory import DirectoryHandler
+from ..handlers.interface import TransferHandler
+from ..handlers.legacy import LegacyHandler, LegacyHandlerAdapter
+from ..security.identity import ANONYMOUS, DN_HEADER, Identity, identity_from_header
+from ..security.logsafe import redact
+from ..security.policy import Policy
+from ..security.tls import CrlReloader, administrators, certificate_identity, peer_certificate, server_context
+from ..security.tokens import TokenStore
+from ..state.transfers import TransferRegistry
+from ..storage import staging
 from .api import (
     SESSION_COOKIE,
     handle_health,
@@ -68,20 +79,10 @@ from .api import (
     handle_transfer_status,
 )
 from .bodies import MemoryBudget
-from .config import PREFIX_PATTERN, Settings, SettingsError, check_prefix
 from .connections import HTTP_LOG, AccessLogger, ConnectionGate, GatedServer, StoreRunner, bind_socket, connection_cap
 from .context import CONTEXT, Mount, StoreContext, render_error
 from .download import handle_asset, handle_delete, handle_download, handle_listing
-from .errors import BadRequest, CrossSiteRequest, DatastoreError, FileNotFound, InvalidToken, NotAuthorized
-from .handlers.interface import TransferHandler
-from .handlers.legacy import LegacyHandler, LegacyHandlerAdapter
 from .openapi import OPENAPI_PATH, handle_openapi
-from .security.identity import ANONYMOUS, DN_HEADER, Identity, identity_from_header
-from .security.logsafe import redact
-from .security.policy import Policy
-from .security.tls import CrlReloader, administrators, certificate_identity, peer_certificate
-from .security.tokens import TokenStore
-from .transfers import TransferRegistry
 from .tus import handle_create, handle_head, handle_options, handle_patch, handle_terminate
 from .upload import expire_transfers, handle_manifest, handle_upload, upload_expect_handler
 
@@ -125,7 +126,7 @@ class TransferServer(abc.ABC):
         self._mounts: dict[str, Mount] = {}
         self._runner: web.AppRunner | None = None
         self._bound: list[Listener] = []
-        #: Set by ``serve --workers N`` (datastore.workers) in each worker process:
+        #: Set by ``serve --workers N`` (datastore.http.workers) in each worker process:
         #: its number, and that other processes share the port and the state.
         self.worker_index = 0
         self.shared_state = False
@@ -659,3 +660,36 @@ async def _sweep(ctx: StoreContext) -> None:
             await expire_transfers(ctx)
         except Exception:
             log.exception("sweeping expired transfers failed")
+
+
+def make_server(settings: Settings) -> TransferServer:
+    """The server the settings describe, with a DirectoryHandler for every prefix.
+
+    Raises SettingsError when the TLS files cannot be loaded.
+    """
+    server: TransferServer
+    if settings.uses_tls:
+        assert settings.tls_cert is not None and settings.tls_key is not None
+        try:
+            context = server_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca, settings.tls_crl)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise SettingsError(f"cannot load the TLS files: {exc}") from None
+        crl = CrlReloader(context, settings.tls_crl) if settings.tls_crl is not None else None
+        try:
+            if settings.tls:
+                server = HTTPSTransferServer(settings, context, crl=crl)
+            else:
+                server = HTTPSTransferServer(
+                    settings, context, port=settings.tls_port, plain_port=settings.port, crl=crl
+                )
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
+    else:
+        server = HTTPTransferServer(settings)
+    catalogues = settings.effective_state_dir / "catalogue"
+    for prefix in settings.prefixes:
+        handler = DirectoryHandler(
+            settings.root / prefix, catalogue=catalogues / f"{prefix}.sqlite3", overwrite=settings.overwrite
+        )
+        server.register_prefix(prefix, handler)
+    return server

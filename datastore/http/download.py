@@ -30,12 +30,12 @@ from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_request import BaseRequest
 
+from ..errors import FileNotFound, NotAuthorized, NotFound
+from ..handlers.interface import Download, StoredFile
+from ..protocol.names import validate_name
+from ..security.identity import Identity
+from ..security.policy import Action, Audience
 from .context import CONTEXT, Mount, base_url, identify, prefers_json
-from .errors import FileNotFound, NotAuthorized, NotFound
-from .handlers.interface import Download, StoredFile
-from .names import validate_name
-from .security.identity import Identity
-from .security.policy import Action, Audience
 
 
 class StoredFileResponse(web.FileResponse):

@@ -28,10 +28,9 @@ from typing import Any
 
 from aiohttp import web
 
-from .bodies import MemoryBudget
-from .config import Settings
-from .errors import DatastoreError, NotAuthorized, PathNotFound, ServiceUnavailable, TooManyUploads
-from .handlers.interface import (
+from ..config import Settings
+from ..errors import DatastoreError, NotAuthorized, PathNotFound, ServiceUnavailable, TooManyUploads
+from ..handlers.interface import (
     CanAuthorize,
     CanClose,
     CanDelete,
@@ -41,11 +40,12 @@ from .handlers.interface import (
     CanReserveMany,
     TransferHandler,
 )
-from .security.identity import Identity
-from .security.policy import Action, Policy
-from .security.tokens import TokenStore
-from .staging import BufferBudget, Digests
-from .transfers import ClientQuota, TransferRegistry
+from ..security.identity import Identity
+from ..security.policy import Action, Policy
+from ..security.tokens import TokenStore
+from ..state.transfers import ClientQuota, TransferRegistry
+from ..storage.staging import BufferBudget, Digests
+from .bodies import MemoryBudget
 
 
 @dataclass(slots=True)

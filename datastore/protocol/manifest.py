@@ -31,7 +31,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from .errors import InvalidName, ManifestError, PayloadTooLarge
+from ..errors import InvalidName, ManifestError, PayloadTooLarge
 from .names import fold_name, validate_name
 
 _MD5 = re.compile(r"^[0-9a-fA-F]{32}$")

@@ -38,10 +38,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from .db import Database
-from .errors import AlreadyUploaded, QuotaExceeded, TransferCancelled, UploadInProgress
-from .manifest import Manifest
-from .security.identity import Identity
+from ..errors import AlreadyUploaded, QuotaExceeded, TransferCancelled, UploadInProgress
+from ..protocol.manifest import Manifest
+from ..security.identity import Identity
+from .database import Database
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS transfers (
@@ -404,7 +404,7 @@ class TransferRegistry:
     async def claims_of(self, worker: str) -> list[tuple[str, int, int, bool]]:
         """``(key, num, received, verifying_chunk)`` of each file ``worker`` holds a claim on.
 
-        For a worker that died: :func:`datastore.staging.reconcile_files`
+        For a worker that died: :func:`datastore.storage.staging.reconcile_files`
         checks them against the disk before :meth:`release_worker` ends them.
         """
         return await self._db.read(

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from .errors import NotEnoughSpace, PayloadTooLarge
-from .security.logsafe import redact
+from ..errors import NotEnoughSpace, PayloadTooLarge
+from ..security.logsafe import redact
 
 log = logging.getLogger(__name__)
 

@@ -29,11 +29,8 @@ from typing import Any
 
 from aiohttp import web
 
-from . import staging
-from .bodies import stream_chunks
-from .config import Settings
-from .context import CONTEXT, StoreContext, client_key, identify
-from .errors import (
+from ..config import Settings
+from ..errors import (
     AlreadyUploaded,
     BadRequest,
     ChecksumMismatch,
@@ -50,10 +47,13 @@ from .errors import (
     UnsupportedMediaType,
     UploadFileNotFound,
 )
-from .manifest import single_file
-from .security.policy import Action
-from .staging import Digests
-from .transfers import FileState, Transfer
+from ..protocol.manifest import single_file
+from ..security.policy import Action
+from ..state.transfers import FileState, Transfer
+from ..storage import staging
+from ..storage.staging import Digests
+from .bodies import stream_chunks
+from .context import CONTEXT, StoreContext, client_key, identify
 from .upload import (
     CLAIM_WATCH_INTERVAL,
     FileUpload,

@@ -39,11 +39,11 @@ from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from .config import Settings
+from ..config import Settings
+from ..security.logsafe import log_to_stderr
+from ..state.transfers import TransferRegistry
 from .connections import bind_socket
-from .security.logsafe import log_to_stderr
-from .server import recover_uploads, recover_worker
-from .transfers import TransferRegistry
+from .server import make_server, recover_uploads, recover_worker
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,6 @@ class _Supervisor:
 
 def worker_main(settings: Settings, index: int, log_level: int, ready: Any) -> None:
     """The body of worker ``index``: serve until SIGTERM, reporting its URLs on ``ready`` once listening."""
-    from .cli import make_server  # the worker builds the server exactly as a single process does
 
     log_to_stderr(log_level, f"worker-{index}")
     # Ctrl-C reaches the whole process group; the supervisor decides when workers stop.

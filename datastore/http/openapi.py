@@ -22,12 +22,12 @@ from typing import Any
 
 from aiohttp import web
 
+from ..config import PREFIX_PATTERN, Settings
+from ..errors import DatastoreError
+from ..security.identity import DN_HEADER, MAX_IDENTITY_BYTES, IdentityKind
+from ..security.tokens import ACTIONS, MAX_LIFETIME
 from .api import MAX_TOKEN_REQUEST
-from .config import PREFIX_PATTERN, Settings
 from .context import CONTEXT
-from .errors import DatastoreError
-from .security.identity import DN_HEADER, MAX_IDENTITY_BYTES, IdentityKind
-from .security.tokens import ACTIONS, MAX_LIFETIME
 from .tus import CHECKSUM_ALGORITHMS, EXTENSIONS, MAX_METADATA_BYTES, OFFSET_CONTENT_TYPE, TUS_VERSION
 
 #: Where the document is served.
@@ -50,7 +50,7 @@ async def handle_openapi(request: web.Request) -> web.Response:
 
 def build_document(settings: Settings, prefixes: list[str]) -> Object:
     """The whole document for a store with ``settings`` serving ``prefixes`` (``servers`` left empty)."""
-    from . import __version__  # the package's own module is complete by the time a request comes
+    from .. import __version__  # the package's own module is complete by the time a request comes
 
     return {
         "openapi": "3.1.0",

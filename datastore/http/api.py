@@ -25,9 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .bodies import read_bounded
-from .context import CONTEXT, StoreContext, identify
-from .errors import (
+from ..errors import (
     BadRequest,
     Conflict,
     IdentityMismatch,
@@ -38,10 +36,12 @@ from .errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from .security.logsafe import printable
-from .security.tokens import DEFAULT_LIFETIME, TokenError, token_json
-from .timestamps import iso_time
-from .transfers import Transfer, TransferState
+from ..protocol.timestamps import iso_time
+from ..security.logsafe import printable
+from ..security.tokens import DEFAULT_LIFETIME, TokenError, token_json
+from ..state.transfers import Transfer, TransferState
+from .bodies import read_bounded
+from .context import CONTEXT, StoreContext, identify
 from .upload import cancel_transfer, expire_transfers
 
 log = logging.getLogger(__name__)

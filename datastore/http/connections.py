@@ -1,6 +1,6 @@
 """Connections: who may connect, how many at once, TLS handshakes, and what is logged of them.
 
-Every listener of :class:`~datastore.server.TransferServer` accepts plain
+Every listener of :class:`~datastore.http.server.TransferServer` accepts plain
 TCP, so that a connection counts from its first moment: the
 :class:`ConnectionGate` admits it (``max_connections`` in all,
 ``max_connections_per_client`` per address) or refuses it with a plain
@@ -29,8 +29,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from .config import Settings
-from .security.logsafe import printable, redact
+from ..config import Settings
+from ..security.logsafe import printable, redact
 
 log = logging.getLogger(__name__)
 

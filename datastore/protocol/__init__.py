@@ -1,0 +1,1 @@
+"""Pure protocol code: manifests, names, timestamps. No aiohttp, no disk, no state."""
