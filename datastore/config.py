@@ -26,6 +26,7 @@ from .security.policy import Audience, Policy, PolicyError
 from .security.tls import normalise_subject
 
 _PUBLIC_URL = re.compile(r"^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?(/[A-Za-z0-9._~%/-]*)?$")
+_HOOK_URL = re.compile(r"^https?://[^\s/?#]+(/[^\s#]*)?$")
 #: What a prefix name matches (the route patterns and the OpenAPI document use it too).
 PREFIX_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 _PREFIX = re.compile(f"^{PREFIX_PATTERN}$")
@@ -45,6 +46,13 @@ class Settings:
     state_dir: Path | None = field(
         default=None,
         metadata={"doc": "Transfer state, catalogues and staging; default ROOT/.datastore (never servable)."},
+    )
+    state_url: str | None = field(
+        default=None,
+        metadata={
+            "doc": "Where transfers, leases and events are kept: sqlite:///PATH; default the SQLite file "
+            "transfers.sqlite3 in the state directory."
+        },
     )
     host: str = field(default="127.0.0.1", metadata={"doc": "Address to listen on."})
     port: int = field(default=8006, metadata={"doc": "TCP port to listen on (0 picks a free one)."})
@@ -78,6 +86,28 @@ class Settings:
     )
     sweep_interval: float = field(
         default=60.0, metadata={"doc": "Seconds between sweeps that expire keys and forget old records."}
+    )
+    event_retention: float = field(
+        default=24 * 3600.0,
+        metadata={"doc": "Seconds events are kept for clients that catch up (Last-Event-ID) and for webhooks."},
+    )
+    lease_time: float = field(
+        default=30.0,
+        metadata={
+            "doc": "Seconds an upload's hold on its file lasts unless renewed (it is, while the upload runs): a "
+            "process that dies frees its files after this long."
+        },
+    )
+    hook_urls: tuple[str, ...] = field(
+        default=(),
+        metadata={"doc": "URLs every event is POSTed to as JSON, at least once, retried with backoff (--hook-url)."},
+    )
+    hook_backlog: int = field(
+        default=100_000,
+        metadata={"doc": "Events a webhook may fall behind by; beyond, its oldest are skipped (and logged)."},
+    )
+    hook_timeout: float = field(
+        default=10.0, metadata={"doc": "Seconds a webhook receiver has to answer one delivery."}
     )
     body_timeout: float = field(
         default=60.0,
@@ -204,6 +234,13 @@ class Settings:
         """The state directory, defaulting to ``ROOT/.datastore``."""
         return self.state_dir if self.state_dir is not None else self.root / ".datastore"
 
+    @property
+    def effective_state_url(self) -> str:
+        """The state store's URL, defaulting to the SQLite file in the state directory."""
+        if self.state_url is not None:
+            return self.state_url
+        return f"sqlite:///{(self.effective_state_dir / 'transfers.sqlite3').absolute()}"
+
     def policy_for(self, prefix: str) -> Policy:
         """The access policy of ``prefix``: its own, or the one of every prefix."""
         return dict(self.prefix_policies).get(prefix, self.policy)
@@ -230,6 +267,7 @@ class Settings:
             "max_reserved_names_per_client",
             "max_transfers_per_client",
             "max_connections_per_client",
+            "hook_backlog",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -246,6 +284,9 @@ class Settings:
             "start_timeout",
             "rate_window",
             "tls_handshake_timeout",
+            "event_retention",
+            "lease_time",
+            "hook_timeout",
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
@@ -268,6 +309,11 @@ class Settings:
                 raise SettingsError(
                     f"{name!r} is no RFC 4514 name (write CN=ada,O=Lab, the most specific first)"
                 ) from None
+        for url in self.hook_urls:
+            if not _HOOK_URL.match(url):
+                raise SettingsError(f"hook_urls: {url!r} is no http(s) URL")
+        if self.state_url is not None and not self.state_url.startswith("sqlite:///"):
+            raise SettingsError(f"state_url must be sqlite:///PATH, not {self.state_url!r}")
         if self.public_url is not None and not _PUBLIC_URL.match(self.public_url):
             raise SettingsError(f"public_url must be http(s)://HOST[:PORT][/PATH], not {self.public_url!r}")
         for prefix, _ in self.prefix_policies:

@@ -27,7 +27,6 @@ import pytest
 
 from datastore.http.context import CONTEXT
 from datastore.http.server import HTTPTransferServer
-from datastore.http.upload import expire_transfers
 
 from .conftest import MakeStore
 from .harness import Store, ini_manifest, json_manifest, make_settings, spawn_serve, until
@@ -292,7 +291,7 @@ async def test_a_transfer_that_never_starts_expires_after_the_start_timeout_and_
     tus = {"Tus-Resumable": "1.0.0", "Content-Type": "application/offset+octet-stream", "Upload-Offset": "0", **ada}
     assert (await store.client.patch(f"/files/{started}/0", data=b"x", headers=tus)).status == 204
 
-    await expire_transfers(store.client.app[CONTEXT], now=time.time() + 61)
+    await store.client.app[CONTEXT].lifecycle.expire(now=time.time() + 61)
 
     status = await (await store.client.get(f"/_api/v1/transfers/{idle}", headers=ada)).json()
     assert status["state"] == "EXPIRED"

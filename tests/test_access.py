@@ -688,7 +688,7 @@ async def test_with_overwrite_a_file_the_catalogue_does_not_know_is_replaced_onl
 
 def test_transfers_and_files_of_old_certificate_owners_belong_to_nobody_after_the_migration(tmp_path: Path) -> None:
     """Before principals, a certificate's owner was stored in a form no certificate has now."""
-    from datastore.state.transfers import _migrate as migrate_transfers
+    from datastore.state.sqlite import _migrate as migrate_transfers
 
     with sqlite3.connect(tmp_path / "old.sqlite3") as db:
         db.row_factory = sqlite3.Row

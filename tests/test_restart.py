@@ -19,7 +19,6 @@ import aiohttp
 
 from datastore.handlers.directory import DirectoryHandler
 from datastore.http.context import CONTEXT
-from datastore.http.upload import expire_transfers
 
 from .conftest import MakeStore
 from .harness import Store, json_manifest, spawn_serve, staged_bytes, start_stalled_upload, until
@@ -181,7 +180,7 @@ async def test_transfer_key_expiry_is_kept_across_restart(make_store: MakeStore)
 
     # The new start gives new keys a far longer life; the old key keeps its own deadline.
     store = await restart(store, make_store, key_lifetime=10.0**9)
-    expired = await expire_transfers(store.client.app[CONTEXT], now=time.time() + 10**6)
+    expired = await store.client.app[CONTEXT].lifecycle.expire(now=time.time() + 10**6)
 
     assert expired == 1
     status, _reason = await store.put(key, 0, content)
@@ -192,7 +191,7 @@ async def test_transfer_key_expired_before_restart_stays_expired(make_store: Mak
     store = await make_store()
     content = b"late\n"
     key = await store.register([("late.txt", content)])
-    assert await expire_transfers(store.client.app[CONTEXT], now=time.time() + 10**6) == 1
+    assert await store.client.app[CONTEXT].lifecycle.expire(now=time.time() + 10**6) == 1
 
     store = await restart(store, make_store)
 

@@ -38,7 +38,7 @@ from tusclient import client as tus_client
 from yarl import URL
 
 import datastore.storage.staging
-from datastore.http.context import RunningUpload
+from datastore.lifecycle.machine import RunningUpload
 
 from .conftest import MakeStore
 from .fakes import RecordingHandler
@@ -747,7 +747,7 @@ async def test_new_patch_once_every_byte_arrived_lets_the_last_patch_publish(
         go_on.wait(WAIT)
         return settle(*args)
 
-    async def stop_asked(self: RunningUpload, reason: str) -> None:
+    async def stop_asked(self: RunningUpload, reason: Any) -> None:
         asked.set()
         await stop(self, reason)
 

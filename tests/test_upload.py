@@ -28,7 +28,6 @@ import pytest
 from yarl import URL
 
 import datastore.http.context
-import datastore.http.upload
 from datastore.handlers.directory import DirectoryHandler
 from datastore.handlers.interface import FileInfo
 from datastore.security.identity import Identity
@@ -587,7 +586,7 @@ async def test_upload_after_the_sweeper_expired_the_key_is_410_and_the_name_is_f
     key = await store.register([("late.txt", content)])
     ctx = store.client.app[datastore.http.context.CONTEXT]
 
-    assert await datastore.http.upload.expire_transfers(ctx, now=time.time() + 7200) == 1
+    assert await ctx.lifecycle.expire(now=time.time() + 7200) == 1
 
     assert recording.methods() == ["can_upload", "add_pending_upload", "cancel_upload"]
     assert await store.put(key, 0, content) == (410, "Transfer key expired")

@@ -36,13 +36,13 @@ from ..errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from ..lifecycle.states import TransferState
 from ..protocol.timestamps import iso_time
 from ..security.logsafe import printable
 from ..security.tokens import DEFAULT_LIFETIME, TokenError, token_json
-from ..state.transfers import Transfer, TransferState
+from ..state.interface import Transfer
 from .bodies import read_bounded
 from .context import CONTEXT, StoreContext, identify
-from .upload import cancel_transfer, expire_transfers
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +212,8 @@ async def handle_transfer_cancel(request: web.Request) -> web.Response:
     if transfer.state is TransferState.EXPIRED:
         raise TransferExpired()
     if transfer.state is TransferState.OPEN:
-        await cancel_transfer(ctx, transfer.key)
-    after = await ctx.registry.lookup(transfer.key)
+        await ctx.lifecycle.cancel(transfer.key)
+    after = await ctx.state.get(transfer.key)
     assert after is not None
     return web.json_response(transfer_status(after))
 
@@ -248,15 +248,15 @@ async def _owned_transfer(ctx: StoreContext, request: web.Request) -> Transfer:
     """The transfer the URL names, if the client owns it (or is an administrator)."""
     identity = await identify(request)
     key = request.match_info["key"]
-    transfer = await ctx.registry.lookup(key)
+    transfer = await ctx.state.get(key)
     if transfer is None:
         raise TransferNotFound()
     if not transfer.manageable_by(identity):
         raise IdentityMismatch()
     if transfer.state is TransferState.OPEN and transfer.expired(time.time()):
         # Its lifetime passed since the last sweep: expire it now, as the sweeper will.
-        await expire_transfers(ctx)
-        transfer = await ctx.registry.lookup(key)
+        await ctx.lifecycle.expire()
+        transfer = await ctx.state.get(key)
         if transfer is None:
             raise TransferNotFound()
     return transfer

@@ -1,11 +1,6 @@
-"""What every request handler of a running store shares: settings, the
-transfer registry, the token store, the prefix mounts, the staging directory
-and the count of running uploads; and the identity of each request.
-
-The prefix registry is a plain mapping from prefix to :class:`Mount`, filled
-by ``TransferServer.register_prefix`` before serving; each mount remembers
-its access policy and which optional handler capabilities were detected at
-registration, so no request ever probes a handler with ``hasattr``.
+"""What every request handler of a running store shares: settings, the lifecycle (and through it
+the state store and the prefix mounts), the token store and the event bus; and the identity of
+each request.
 
 :func:`identify` establishes who a request is from once per request (a
 certificate checked against the CRL, a token checked against the token
@@ -18,99 +13,21 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-import os
-from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from ..config import Settings
-from ..errors import DatastoreError, NotAuthorized, PathNotFound, ServiceUnavailable, TooManyUploads
-from ..handlers.interface import (
-    CanAuthorize,
-    CanClose,
-    CanDelete,
-    CanDescribe,
-    CanList,
-    CanLocateDownload,
-    CanReserveMany,
-    TransferHandler,
-)
+from ..errors import DatastoreError
+from ..handlers.mounts import Mount
+from ..lifecycle.events import EventBus
+from ..lifecycle.machine import Lifecycle
 from ..security.identity import Identity
-from ..security.policy import Action, Policy
 from ..security.tokens import TokenStore
-from ..state.transfers import ClientQuota, TransferRegistry
-from ..storage.staging import BufferBudget, Digests
+from ..state.interface import StateStore
 from .bodies import MemoryBudget
-
-
-@dataclass(slots=True)
-class Mount:
-    """A registered prefix: its handler and the capabilities it offers."""
-
-    prefix: str
-    handler: TransferHandler
-    policy: Policy
-    lister: CanList | None = None
-    describer: CanDescribe | None = None
-    deleter: CanDelete | None = None
-    closer: CanClose | None = None
-    reserver: CanReserveMany | None = None
-    locator: CanLocateDownload | None = None
-    authorizer: CanAuthorize | None = None
-    #: Held across can_upload and add_pending_upload so reservations are atomic.
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    @classmethod
-    def detect(cls, prefix: str, handler: TransferHandler, policy: Policy) -> Mount:
-        """Build a mount, detecting the handler's optional capabilities once."""
-        return cls(
-            prefix=prefix,
-            handler=handler,
-            policy=policy,
-            lister=handler if isinstance(handler, CanList) else None,
-            describer=handler if isinstance(handler, CanDescribe) else None,
-            deleter=handler if isinstance(handler, CanDelete) else None,
-            closer=handler if isinstance(handler, CanClose) else None,
-            reserver=handler if isinstance(handler, CanReserveMany) else None,
-            locator=handler if isinstance(handler, CanLocateDownload) else None,
-            authorizer=handler if isinstance(handler, CanAuthorize) else None,
-        )
-
-    async def authorize(self, identity: Identity, action: Action, name: str | None = None) -> None:
-        """Raise 401/403 unless the prefix's policy, and then its handler, let ``identity`` do ``action``."""
-        self.policy.check(identity, action, self.prefix)
-        if self.authorizer is not None and not await self.authorizer.authorize(identity, action.value, name):
-            raise NotAuthorized(f"the store does not let you {action} here")
-
-
-@dataclass(slots=True)
-class RunningUpload:
-    """An upload request now writing a file of a transfer, in this process."""
-
-    task: asyncio.Task[Any]
-    resumable: bool
-    #: Set by whoever cancels the task: "terminated" (cleanup is theirs),
-    #: "ended" (another worker ended the claim and released the file; only
-    #: the staging file is left to remove) or "superseded" (a newer request of
-    #: the same client takes over; keep the bytes).
-    stop_reason: str | None = None
-    #: Set once the file's last byte has arrived, or verification and publishing
-    #: began: from then on the upload is waited for, never cancelled.
-    finishing: bool = False
-
-    async def stop(self, reason: str) -> None:
-        """Stop the request (or, once it is finishing, let it finish) and wait for it."""
-        if self.task.done():
-            return
-        if not self.finishing:
-            self.stop_reason = reason
-            self.task.cancel()
-        await asyncio.wait([self.task])
 
 
 @dataclass(slots=True)
@@ -118,30 +35,13 @@ class StoreContext:
     """State shared by the request handlers of one application."""
 
     settings: Settings
-    registry: TransferRegistry
+    #: Every state change of a transfer goes through it; its state store answers the reads.
+    lifecycle: Lifecycle
     tokens: TokenStore
-    mounts: dict[str, Mount]
-    staging_dir: Path
     #: Who a request is from (``TransferServer.identify``); call :func:`identify` instead.
     authenticate: Callable[[web.Request], Awaitable[Identity]]
-    #: Shared by every upload: how many buffers of received bytes may wait in memory.
-    buffers: BufferBudget
-    active_uploads: int = 0
-    #: Uploads now running in this process, by client (:func:`client_key`).
-    uploads_by_client: Counter[str] = field(default_factory=Counter)
-    #: Declared bytes of the uploads now running, counted against free space.
-    bytes_in_flight: int = 0
-    #: Hash state of resumable uploads, by (key, num), with the number of the
-    #: claim it was built under; rebuilt from the staged bytes when missing
-    #: (after a restart) or stale (another worker appended since).
-    digests: dict[tuple[str, int], tuple[int, Digests]] = field(default_factory=dict)
-    running: dict[tuple[str, int], RunningUpload] = field(default_factory=dict)
-    #: This process's name in the registry's claims.
-    worker: str = field(default_factory=lambda: str(os.getpid()))
-    #: Whether other worker processes share the state (``serve --workers N``):
-    #: then running uploads watch their claims, so that another worker can
-    #: stop them, and a superseding request asks the claim's worker to stop.
-    shared: bool = False
+    #: The events this application announces, for its SSE streams.
+    events: EventBus
     #: This worker's number (0 to N-1), reported by the health endpoint.
     worker_index: int = 0
     #: Manifests parsed at once in threads (ConfigParser holds the GIL: more would starve the loop).
@@ -149,50 +49,19 @@ class StoreContext:
     #: Bytes of manifests read or waiting to be parsed (``max_manifest_memory``); set from the settings.
     manifest_memory: MemoryBudget = field(default_factory=lambda: MemoryBudget(0))
 
-    def staging_path(self, key: str, num: int) -> Path:
-        """Where the bytes of file ``num`` of transfer ``key`` are staged."""
-        return self.staging_dir / f"{key}.{num}.part"
+    @property
+    def state(self) -> StateStore:
+        """The state store (for reads: every change goes through the lifecycle)."""
+        return self.lifecycle.state
+
+    @property
+    def mounts(self) -> dict[str, Mount]:
+        """The registered prefixes."""
+        return self.lifecycle.mounts
 
     def mount(self, prefix: str) -> Mount:
         """The mount of ``prefix``; PathNotFound (404) if there is none."""
-        try:
-            return self.mounts[prefix]
-        except KeyError:
-            raise PathNotFound() from None
-
-    @property
-    def quota(self) -> ClientQuota:
-        """What one client's open transfers may hold at once."""
-        settings = self.settings
-        return ClientQuota(
-            settings.max_transfers_per_client,
-            settings.max_reserved_names_per_client,
-            settings.max_reserved_bytes_per_client,
-        )
-
-    @contextmanager
-    def upload_slot(self, size: int, client: str) -> Iterator[None]:
-        """Count one running upload of ``size`` bytes for ``client``.
-
-        429 when the client already runs as many as it may; 503 when the
-        store runs as many as it may.
-        """
-        limit = self.settings.max_uploads_per_client
-        if self.uploads_by_client[client] >= limit:
-            raise TooManyUploads(f"you are running {limit} uploads, as many as one client may at once")
-        if self.active_uploads >= self.settings.max_concurrent_uploads:
-            raise ServiceUnavailable()
-        self.active_uploads += 1
-        self.uploads_by_client[client] += 1
-        self.bytes_in_flight += size
-        try:
-            yield
-        finally:
-            self.active_uploads -= 1
-            self.bytes_in_flight -= size
-            self.uploads_by_client[client] -= 1
-            if not self.uploads_by_client[client]:
-                del self.uploads_by_client[client]
+        return self.lifecycle.mount(prefix)
 
 
 CONTEXT = web.AppKey("datastore.context", StoreContext)

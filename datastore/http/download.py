@@ -32,10 +32,11 @@ from aiohttp.web_request import BaseRequest
 
 from ..errors import FileNotFound, NotAuthorized, NotFound
 from ..handlers.interface import Download, StoredFile
+from ..handlers.mounts import Mount
 from ..protocol.names import validate_name
 from ..security.identity import Identity
 from ..security.policy import Action, Audience
-from .context import CONTEXT, Mount, base_url, identify, prefers_json
+from .context import CONTEXT, base_url, identify, prefers_json
 
 
 class StoredFileResponse(web.FileResponse):
@@ -212,13 +213,15 @@ async def handle_delete(request: web.Request) -> web.Response:
     identity = await identify(request)
     name = validate_name(request.match_info["name"])
     await mount.authorize(identity, Action.DELETE, name)
+    stored = await mount.describer.describe_file(identity, name) if mount.describer is not None else None
     if mount.policy.delete is Audience.OWNER and mount.describer is not None:
-        stored = await mount.describer.describe_file(identity, name)
         if stored is None:
             raise FileNotFound()
         if not identity.may_manage(stored.owner_id):
             raise NotAuthorized("only the owner (or an administrator) may delete a file")
     await mount.deleter.delete_file(identity, name)
+    owner = (stored.owner, stored.owner_id) if stored is not None else (identity.dn, identity.principal)
+    await ctx.lifecycle.deleted(mount, name, *owner, stored.size if stored is not None else None)
     return web.Response(status=204)
 
 

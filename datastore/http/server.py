@@ -6,7 +6,7 @@ itself. The server owns the URL shapes (aiohttp's router), establishes who
 each request is from (``TransferServer.identify``: a certificate, a token, a
 trusted header, or nobody), refuses state changes a browser sends for
 another site, turns every :class:`~datastore.errors.DatastoreError` into a
-response in one middleware, and on start-up opens the transfer registry and
+response in one middleware, and on start-up opens the state store (through the lifecycle) and
 token store in the state directory, clears staging left by a crash and
 starts the sweeper that expires old keys. What a connection may do before
 it carries a request is ``connections.py``'s.
@@ -44,11 +44,11 @@ import abc
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import quote
 
 from aiohttp import web
@@ -58,13 +58,16 @@ from ..errors import BadRequest, CrossSiteRequest, DatastoreError, FileNotFound,
 from ..handlers.directory import DirectoryHandler
 from ..handlers.interface import TransferHandler
 from ..handlers.legacy import LegacyHandler, LegacyHandlerAdapter
+from ..handlers.mounts import Mount
+from ..lifecycle.events import Callback, EventBus
+from ..lifecycle.machine import Lifecycle, holder_id
+from ..lifecycle.states import Event
 from ..security.identity import ANONYMOUS, DN_HEADER, Identity, identity_from_header
 from ..security.logsafe import redact
 from ..security.policy import Policy
 from ..security.tls import CrlReloader, administrators, certificate_identity, peer_certificate, server_context
 from ..security.tokens import TokenStore
-from ..state.transfers import TransferRegistry
-from ..storage import staging
+from ..state import open_state
 from .api import (
     SESSION_COOKIE,
     handle_health,
@@ -80,15 +83,19 @@ from .api import (
 )
 from .bodies import MemoryBudget
 from .connections import HTTP_LOG, AccessLogger, ConnectionGate, GatedServer, StoreRunner, bind_socket, connection_cap
-from .context import CONTEXT, Mount, StoreContext, render_error
+from .context import CONTEXT, StoreContext, render_error
 from .download import handle_asset, handle_delete, handle_download, handle_listing
 from .openapi import OPENAPI_PATH, handle_openapi
 from .tus import handle_create, handle_head, handle_options, handle_patch, handle_terminate
-from .upload import expire_transfers, handle_manifest, handle_upload, upload_expect_handler
+from .upload import handle_manifest, handle_upload, upload_expect_handler
 
 log = logging.getLogger(__name__)
 
 _PREFIX = f"{{prefix:{PREFIX_PATTERN}}}"
+
+#: Seconds between looks at the event log for other processes' events (this process's are read at once).
+EVENT_POLL = 5.0
+EVENT_POLL_SHARED = 0.2
 
 #: aiohttp's per-connection read buffer (its default is 256 KiB): a request body's stream
 #: stops reading from the socket beyond twice this. An upload waiting for a buffer of the
@@ -132,6 +139,8 @@ class TransferServer(abc.ABC):
         self.shared_state = False
         #: The contexts of the applications now running (one, unless an embedder runs several).
         self._contexts: list[StoreContext] = []
+        #: The events of the store, for subscribers (:meth:`subscribe`) and the SSE streams.
+        self.events = EventBus()
 
     @abc.abstractmethod
     def listeners(self) -> list[Listener]:
@@ -169,6 +178,20 @@ class TransferServer(abc.ABC):
     def unregister_prefix(self, prefix: str) -> None:
         """Stop serving ``prefix``; running requests finish."""
         self._mounts.pop(prefix, None)
+
+    def subscribe(self, callback: Callback, prefix: str | None = None) -> Callable[[], None]:
+        """Call ``callback(event)`` after every committed change of the store (or of ``prefix``), in
+        order, once each; returns a function that unsubscribes.
+
+        ``callback`` may be a plain or a coroutine function. It runs in a task of its own: a slow
+        one never slows an upload (it is dropped, with a logged warning, once it falls far behind),
+        and one that raises is logged and called again with the next event.
+        """
+
+        def wants(event: Event) -> bool:
+            return prefix is None or event.prefix == prefix
+
+        return self.events.subscribe(callback, wants)
 
     def lookup_prefix(self, prefix: str) -> TransferHandler | None:
         """The handler registered for ``prefix``, if any."""
@@ -269,28 +292,34 @@ class TransferServer(abc.ABC):
 
     async def _lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         state_dir = self.settings.effective_state_dir
-        staging_dir = state_dir / "staging"
         await asyncio.to_thread(self.settings.root.mkdir, parents=True, exist_ok=True)
-        registry = TransferRegistry(state_dir / "transfers.sqlite3")
+        state = open_state(self.settings.effective_state_url)
         tokens = TokenStore(state_dir / "tokens.sqlite3")
+        lifecycle = Lifecycle(
+            self.settings,
+            state,
+            self._mounts,
+            state_dir / "staging",
+            holder=holder_id(os.getpid()),
+            shared=self.shared_state,
+            on_change=self.events.wake,
+        )
         if not self.shared_state:
             # With several workers, the supervisor recovered before starting them.
-            await recover_uploads(registry, staging_dir)
+            await lifecycle.recover()
         ctx = StoreContext(
             settings=self.settings,
-            registry=registry,
+            lifecycle=lifecycle,
             tokens=tokens,
-            mounts=self._mounts,
-            staging_dir=staging_dir,
             authenticate=self.identify,
-            shared=self.shared_state,
+            events=self.events,
             worker_index=self.worker_index,
-            buffers=staging.BufferBudget(self.settings.upload_buffer_budget // self.settings.chunk_size),
             manifest_memory=MemoryBudget(self.settings.max_manifest_memory),
         )
         app[CONTEXT] = ctx
         self._contexts.append(ctx)
-        tasks = [asyncio.create_task(_sweep(ctx), name="datastore-sweeper")]
+        await self.events.start(state, poll_interval=EVENT_POLL_SHARED if self.shared_state else EVENT_POLL)
+        tasks = [asyncio.create_task(_sweep(lifecycle), name="datastore-sweeper")]
         tasks.extend(asyncio.create_task(job, name="datastore-periodic") for job in self.periodic_jobs())
         try:
             yield
@@ -300,8 +329,9 @@ class TransferServer(abc.ABC):
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await self.events.stop()
             self._contexts.remove(ctx)
-            await registry.close()
+            await state.close()
             await tokens.close()
             for mount in list(self._mounts.values()):
                 if mount.closer is not None:
@@ -612,52 +642,13 @@ async def error_middleware(
         return render_error(request, DatastoreError())
 
 
-# -- state --------------------------------------------------------------------
-
-
-async def recover_uploads(registry: TransferRegistry, staging_dir: Path) -> None:
-    """After a start: no upload is running; staged bytes of open transfers are kept.
-
-    Each live staging file keeps what is really on disk (fsync'd), a chunk
-    still awaiting its checksum is cut back, and the registry records the
-    resulting offsets; staging files of nothing live are removed.
-    """
-    interrupted = await registry.recover()
-    live = {(key, num): (received, verifying) for key, num, received, verifying in await registry.resumable_files()}
-    offsets = await asyncio.to_thread(staging.reconcile, staging_dir, live)
-    await _record_offsets(registry, live, offsets)
-    if interrupted:
-        log.info("%d upload(s) were interrupted by a restart; they resume from the staged bytes", interrupted)
-
-
-async def recover_worker(registry: TransferRegistry, staging_dir: Path, worker: str) -> int:
-    """A worker process died: end its claims, keeping what its uploads really staged.
-
-    As :func:`recover_uploads`, for that worker's files only. Each claim
-    ends together with recording the offset really on disk: until then the
-    file stays claimed (no other worker takes it), and once it is free a
-    HEAD answers the bytes staged. Returns how many uploads it was running.
-    """
-    claimed = await registry.claims_of(worker)
-    live = {(key, num): (received, verifying) for key, num, received, verifying in claimed}
-    offsets = await asyncio.to_thread(staging.reconcile_files, staging_dir, live)
-    return await registry.release_worker(worker, offsets)
-
-
-async def _record_offsets(
-    registry: TransferRegistry, live: dict[tuple[str, int], tuple[int, bool]], offsets: dict[tuple[str, int], int]
-) -> None:
-    for (key, num), offset in offsets.items():
-        if offset != live[(key, num)][0]:
-            await registry.set_received(key, num, offset)
-
-
-async def _sweep(ctx: StoreContext) -> None:
-    """Every ``sweep_interval``: expire keys past their lifetime, forget old records."""
+async def _sweep(lifecycle: Lifecycle) -> None:
+    """Every ``sweep_interval``: expire keys past their lifetime, reap files whose lease ran out,
+    forget old records and events."""
     while True:
-        await asyncio.sleep(ctx.settings.sweep_interval)
+        await asyncio.sleep(lifecycle.settings.sweep_interval)
         try:
-            await expire_transfers(ctx)
+            await lifecycle.sweep()
         except Exception:
             log.exception("sweeping expired transfers failed")
 

@@ -17,12 +17,10 @@ an upload whose old request is still hanging takes over from it.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
 import logging
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
@@ -45,26 +43,17 @@ from ..errors import (
     TransferCancelled,
     TusVersionUnsupported,
     UnsupportedMediaType,
-    UploadFileNotFound,
 )
+from ..lifecycle.machine import FileUpload, UploadTarget
+from ..lifecycle.states import FileState
 from ..protocol.manifest import single_file
 from ..security.policy import Action
-from ..state.transfers import FileState, Transfer
+from ..state.interface import Transfer
 from ..storage import staging
 from ..storage.staging import Digests
 from .bodies import stream_chunks
 from .context import CONTEXT, StoreContext, client_key, identify
-from .upload import (
-    CLAIM_WATCH_INTERVAL,
-    FileUpload,
-    UploadTarget,
-    check_space,
-    claimed_upload,
-    discard_files,
-    quietly_undo,
-    register_transfer,
-    resolve_upload,
-)
+from .upload import resolve_upload
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +84,7 @@ async def handle_options(request: web.Request) -> web.Response:
 async def handle_head(request: web.Request) -> web.Response:
     """``HEAD /{prefix}/{key}/{num}``: the offset the upload is at."""
     target = await resolve_upload(request)
-    file = target.file
+    file = await request.app[CONTEXT].lifecycle.settled(target)
     if file.state is FileState.CANCELLED:
         raise TransferCancelled("this upload was terminated")
     if file.state is FileState.PUBLISHED:
@@ -142,7 +131,7 @@ async def _patch_complete(
 ) -> int:
     """A PATCH to a complete upload: one of no bytes at its end changes nothing and is
     accepted (tus answers 409 only for another offset); any other is 409."""
-    if offset != target.file.size or not await _no_bytes(request, target.ctx.settings):
+    if offset != target.file.size or not await _no_bytes(request, request.app[CONTEXT].settings):
         raise AlreadyUploaded()
     if checksum is not None and checksum[0].digest() != checksum[1]:
         raise ChunkChecksumMismatch()
@@ -153,10 +142,7 @@ async def handle_terminate(request: web.Request) -> web.Response:
     """``DELETE /{prefix}/{key}/{num}``: termination; staged bytes go, the reservation is released."""
     target = await resolve_upload(request)
     _require_tus(request)
-    ctx = target.ctx
-    before = await ctx.registry.terminate_file(target.transfer.key, target.file.num)
-    await discard_files(ctx, target.transfer, [before])
-    log.info("upload %s…/%d of /%s terminated", target.transfer.key[:8], target.file.num, target.mount.prefix)
+    await request.app[CONTEXT].lifecycle.terminate(target.transfer, target.file.num)
     return web.Response(status=204, headers={"Tus-Resumable": TUS_VERSION})
 
 
@@ -189,19 +175,19 @@ async def handle_create(request: web.Request) -> web.Response:
     # Checked before the transfer exists: a 400 after it would leave its name reserved, with no key to free it.
     checksum = _parse_checksum(request.headers.get("Upload-Checksum")) if with_upload else None
     client = client_key(request, identity)
-    transfer, refused = await register_transfer(ctx, mount, identity, client, manifest, raw_metadata)
+    transfer, refused = await ctx.lifecycle.register(mount, identity, client, manifest, raw_metadata)
     if transfer is None:
         raise NotAuthorized(f"the store refused {refused[0]!r}")
     headers = {**_headers(transfer), "Location": f"/{mount.prefix}/{transfer.key}/0"}
     log.info("tus upload %s… of %r created in /%s for %s", transfer.key[:8], name, mount.prefix, identity)
     if with_upload:
-        target = UploadTarget(ctx, mount, identity, transfer, transfer.files[0], client)
+        target = UploadTarget(mount, identity, transfer, transfer.files[0], client)
         try:
             offset = await append_resumable(request, target, 0, checksum)
         except DatastoreError as exc:
             # The upload exists either way; the client learns its offset and resumes.
             log.info("creation-with-upload of %r stopped: %s", name, exc.message)
-            found = await ctx.registry.lookup_file(transfer.key, 0)
+            found = await ctx.state.get_file(transfer.key, 0)
             offset = found[1].received if found is not None and found[1] is not None else 0
         headers["Upload-Offset"] = str(offset)
     return web.Response(status=201, headers=headers)
@@ -217,11 +203,11 @@ async def append_resumable(
     checksum did not match, which is cut off); only a failed verification of
     the whole file discards the upload and releases its reservation.
     """
-    ctx = target.ctx
-    place = (target.transfer.key, target.file.num)
-    await _supersede(ctx, place)
-    async with claimed_upload(target, resumable=True) as upload:
-        received = upload.before.received if upload.reserved else 0
+    ctx = request.app[CONTEXT]
+    lifecycle = ctx.lifecycle
+    await lifecycle.supersede(target.place)
+    async with lifecycle.claimed(target, resumable=True) as upload:
+        received = upload.resumed_at
         finishing = False
         digests: Digests | None = None
         try:
@@ -233,8 +219,8 @@ async def append_resumable(
             if length is not None and received + length > target.file.size:
                 raise PayloadTooLarge(f"{received} + {length} bytes is more than Upload-Length {target.file.size}")
             path = await upload.upload_path()
-            await check_space(ctx)
-            digests = await _digests_at(ctx, upload, received)
+            await lifecycle.check_space()
+            digests = await upload.digests_at(received)
             await _append_chunk(request, ctx, upload, digests, checksum)
             if digests.offset < target.file.size:
                 await upload.pause(digests.offset)
@@ -247,9 +233,7 @@ async def append_resumable(
             return digests.offset
         except BaseException as exc:
             offset = digests.offset if digests is not None else received
-            await staging.uncancellable(
-                quietly_undo(_after_failure(ctx, upload, exc, finishing=finishing, offset=offset))
-            )
+            await upload.end(exc, resumable=True, finishing=finishing, offset=offset)
             if isinstance(exc, NotEnoughSpace):  # tus clients are no legacy clients: 507
                 raise InsufficientStorage(exc.detail) from None
             raise
@@ -260,18 +244,9 @@ async def _append_chunk(
 ) -> None:
     chunk_hash, expected = checksum if checksum is not None else (None, b"")
     before = digests.copy() if chunk_hash is not None else None
-    await ctx.registry.begin_chunk(*upload.place, verifying=chunk_hash is not None)
+    await upload.begin_chunk(verifying=chunk_hash is not None)
     try:
-        await staging.append(
-            _finishing_once_complete(stream_chunks(request, ctx.settings), upload, digests.offset),
-            upload.staging_path,
-            digests,
-            limit=upload.file.size,
-            chunk_size=ctx.settings.chunk_size,
-            fsync=ctx.settings.fsync,
-            chunk_hash=chunk_hash,
-            budget=ctx.buffers,
-        )
+        await upload.append(stream_chunks(request, ctx.settings), digests, chunk_hash=chunk_hash)
     except staging.ReadFailed as failure:
         if before is not None:
             await staging.uncancellable(_roll_back(ctx, upload, digests, before))
@@ -285,86 +260,9 @@ async def _append_chunk(
         raise ChunkChecksumMismatch()
 
 
-async def _finishing_once_complete(
-    chunks: AsyncIterator[bytes], upload: FileUpload, offset: int
-) -> AsyncIterator[bytes]:
-    """``chunks`` (appended at ``offset``); once the file's last byte has arrived the upload is finishing.
-
-    From then on a newer request waits for it to verify and publish the file
-    instead of superseding it. Superseded there, it would stop with every
-    byte staged and the file unpublished, while HEAD answers that the upload
-    is complete (so a tus client sends nothing more).
-    """
-    async for chunk in chunks:
-        offset += len(chunk)
-        if offset >= upload.file.size:
-            upload.running.finishing = True
-        yield chunk
-
-
-async def _after_failure(
-    ctx: StoreContext, upload: FileUpload, exc: BaseException, *, finishing: bool, offset: int
-) -> None:
-    if upload.running.stop_reason == "terminated":
-        return
-    if upload.running.stop_reason == "ended":
-        await staging.discard([upload.staging_path])
-        return
-    if finishing or isinstance(exc, UploadFileNotFound | NotEnoughSpace):
-        # A full disk is relieved of what the upload staged: the client starts again later.
-        await upload.fail(exc)
-    elif not upload.reserved:
-        # Re-gating failed: the file stays released.
-        message = exc.message if isinstance(exc, DatastoreError) else repr(exc)
-        await ctx.registry.release(*upload.place, message, ctx.worker)
-    else:
-        await upload.pause(offset)
-
-
-async def _digests_at(ctx: StoreContext, upload: FileUpload, offset: int) -> Digests:
-    """The hash state of the first ``offset`` staged bytes: cached, or re-hashed after a restart."""
-    cached = ctx.digests.get(upload.place)
-    if cached is not None and cached[1].offset == offset:
-        return cached[1]
-    digests = Digests() if offset == 0 else await staging.rehash(upload.staging_path, offset)
-    ctx.digests[upload.place] = (upload.claim, digests)
-    return digests
-
-
 async def _roll_back(ctx: StoreContext, upload: FileUpload, digests: Digests, before: Digests) -> None:
     await staging.truncate(upload.staging_path, before.offset, ctx.settings.fsync)
     digests.restore(before)
-
-
-async def _supersede(ctx: StoreContext, place: tuple[str, int]) -> None:
-    """Stop an older resumable request for the same upload that is still hanging.
-
-    One that is already verifying and publishing the complete file is waited
-    for instead; the newer request then finds the file published (409).
-    """
-    running = ctx.running.get(place)
-    if running is not None:
-        if running.resumable:
-            await running.stop("superseded")
-        return
-    if not ctx.shared:
-        return
-    # Another worker may hold the claim: ask it to stop, and wait (bounded) until it has.
-    holder = await ctx.registry.request_stop(*place, "superseded")
-    if holder is None or holder == ctx.worker:
-        return
-    deadline = asyncio.get_running_loop().time() + SUPERSEDE_WAIT
-    while asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(SUPERSEDE_POLL)
-        status = await ctx.registry.claim_status(*place)
-        if status is None or status[0] is not FileState.UPLOADING or status[1] != holder:
-            return
-    # Still claimed (a whole-body upload, or one publishing): the claim answers 409.
-
-
-#: How long a request waits for another worker's upload it superseded to stop, and how often it looks.
-SUPERSEDE_WAIT = 4 * CLAIM_WATCH_INTERVAL + 1.0
-SUPERSEDE_POLL = 0.05
 
 
 def _require_tus(request: web.Request) -> None:

@@ -40,10 +40,11 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from ..config import Settings
+from ..lifecycle.machine import Lifecycle, holder_id
 from ..security.logsafe import log_to_stderr
-from ..state.transfers import TransferRegistry
+from ..state import open_state
 from .connections import bind_socket
-from .server import make_server, recover_uploads, recover_worker
+from .server import make_server
 
 log = logging.getLogger(__name__)
 
@@ -74,18 +75,18 @@ def run_workers(settings: Settings, log_level: int, on_ready: Callable[[list[str
 
 async def _recover(settings: Settings) -> None:
     settings.root.mkdir(parents=True, exist_ok=True)
-    async with _registry(settings) as registry:
-        await recover_uploads(registry, settings.effective_state_dir / "staging")
+    async with _lifecycle(settings) as lifecycle:
+        await lifecycle.recover()
 
 
 @contextlib.asynccontextmanager
-async def _registry(settings: Settings) -> AsyncIterator[TransferRegistry]:
-    """The shared transfer registry, opened for one piece of the supervisor's work."""
-    registry = TransferRegistry(settings.effective_state_dir / "transfers.sqlite3")
+async def _lifecycle(settings: Settings) -> AsyncIterator[Lifecycle]:
+    """The shared state's lifecycle, opened for one piece of the supervisor's work."""
+    state = open_state(settings.effective_state_url)
     try:
-        yield registry
+        yield Lifecycle(settings, state, {}, settings.effective_state_dir / "staging", holder=holder_id(os.getpid()))
     finally:
-        await registry.close()
+        await state.close()
 
 
 def _hold_ports(settings: Settings) -> tuple[list[socket.socket], Settings]:
@@ -207,7 +208,8 @@ class _Supervisor:
         log.warning("worker %d (pid %s) exited with status %s; starting another", index, process.pid, process.exitcode)
         process.join()
         try:
-            released = asyncio.run(self._release(str(process.pid)))
+            assert process.pid is not None
+            released = asyncio.run(self._release(holder_id(process.pid)))
         except Exception:
             log.exception("releasing the uploads of worker %d failed", index)
         else:
@@ -224,9 +226,10 @@ class _Supervisor:
         if not self.stopping:
             self._start(index)
 
-    async def _release(self, worker: str) -> int:
-        async with _registry(self.settings) as registry:
-            return await recover_worker(registry, self.settings.effective_state_dir / "staging", worker)
+    async def _release(self, holder: str) -> int:
+        """A worker died: its leases end now (they would run out by themselves, but later)."""
+        async with _lifecycle(self.settings) as lifecycle:
+            return await lifecycle.recover_holder(holder)
 
     def _drain_ready(self) -> None:
         with contextlib.suppress(queue.Empty):

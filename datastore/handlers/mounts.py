@@ -1,0 +1,62 @@
+"""Mounts: a registered prefix, its handler, its access policy and the handler's optional
+capabilities, detected once at registration so that no request ever probes a handler with
+``hasattr``."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from ..errors import NotAuthorized
+from ..security.identity import Identity
+from ..security.policy import Action, Policy
+from .interface import (
+    CanAuthorize,
+    CanClose,
+    CanDelete,
+    CanDescribe,
+    CanList,
+    CanLocateDownload,
+    CanReserveMany,
+    TransferHandler,
+)
+
+
+@dataclass(slots=True)
+class Mount:
+    """A registered prefix: its handler and the capabilities it offers."""
+
+    prefix: str
+    handler: TransferHandler
+    policy: Policy
+    lister: CanList | None = None
+    describer: CanDescribe | None = None
+    deleter: CanDelete | None = None
+    closer: CanClose | None = None
+    reserver: CanReserveMany | None = None
+    locator: CanLocateDownload | None = None
+    authorizer: CanAuthorize | None = None
+    #: Held across can_upload and add_pending_upload so reservations are atomic.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @classmethod
+    def detect(cls, prefix: str, handler: TransferHandler, policy: Policy) -> Mount:
+        """Build a mount, detecting the handler's optional capabilities once."""
+        return cls(
+            prefix=prefix,
+            handler=handler,
+            policy=policy,
+            lister=handler if isinstance(handler, CanList) else None,
+            describer=handler if isinstance(handler, CanDescribe) else None,
+            deleter=handler if isinstance(handler, CanDelete) else None,
+            closer=handler if isinstance(handler, CanClose) else None,
+            reserver=handler if isinstance(handler, CanReserveMany) else None,
+            locator=handler if isinstance(handler, CanLocateDownload) else None,
+            authorizer=handler if isinstance(handler, CanAuthorize) else None,
+        )
+
+    async def authorize(self, identity: Identity, action: Action, name: str | None = None) -> None:
+        """Raise 401/403 unless the prefix's policy, and then its handler, let ``identity`` do ``action``."""
+        self.policy.check(identity, action, self.prefix)
+        if self.authorizer is not None and not await self.authorizer.authorize(identity, action.value, name):
+            raise NotAuthorized(f"the store does not let you {action} here")

@@ -1,0 +1,741 @@
+"""The lifecycle: the one place where transfers and their files change state.
+
+Registering a manifest, claiming a file, staging its bytes, verifying, publishing, pausing,
+interrupting, failing, terminating, cancelling, expiring, reaping the files of a dead process and
+announcing deletions are methods here; each stored change is one step of the transition table in
+``states.py``, made through the state store (``state/interface.py``), which appends the step's
+events in the same transaction. The HTTP adapters (``http/upload.py``, ``http/tus.py``,
+``http/api.py``) only translate requests into these calls and their results into responses; nothing
+here knows of aiohttp.
+
+An upload holds its file by a lease that it renews while it runs (:meth:`Lifecycle.claimed`); with
+other processes sharing the state the same watch lets another process stop it (a cancellation, a
+termination, a newer request superseding it). Whatever stops an attempt, :meth:`FileUpload.end`
+decides in one place what is kept: a whole-body upload is all or nothing; a resumable one keeps the
+bytes that reached the disk, unless the whole file failed verification.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import Settings
+from ..errors import (
+    BadRequest,
+    ChecksumMismatch,
+    ChunkChecksumMismatch,
+    DatastoreError,
+    IncompleteUpload,
+    InsufficientStorage,
+    LengthRequired,
+    NotAuthorized,
+    NotEnoughSpace,
+    OffsetMismatch,
+    PathNotFound,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceUnavailable,
+    SizeMismatch,
+    TooManyUploads,
+    TransferCancelled,
+    UploadFileNotFound,
+)
+from ..handlers.interface import FileInfo
+from ..handlers.mounts import Mount
+from ..protocol.manifest import Manifest
+from ..security.identity import Identity
+from ..security.logsafe import redact
+from ..state.interface import (
+    Claim,
+    ClientQuota,
+    LeaseExpired,
+    StagedFile,
+    StateStore,
+    Transfer,
+    TransferFile,
+)
+from ..storage import staging
+from ..storage.staging import BufferBudget, Digests
+from .states import EventType, FileState, NewEvent, StopReason
+
+log = logging.getLogger(__name__)
+
+#: Seconds between a running upload's looks at its lease, when other processes share the state.
+CLAIM_WATCH_INTERVAL = 0.5
+#: How long a request waits for another process's upload it superseded to stop, and how often it looks.
+SUPERSEDE_WAIT = 4 * CLAIM_WATCH_INTERVAL + 1.0
+SUPERSEDE_POLL = 0.05
+#: At most one ``file.progress`` event per file in this many seconds.
+PROGRESS_INTERVAL = 1.0
+
+#: Failures that end an attempt, by the reason they give (the first match wins).
+_REASONS: tuple[tuple[type[BaseException], StopReason], ...] = (
+    (IncompleteUpload, StopReason.CONNECTION_LOST),
+    (RequestTimeout, StopReason.TOO_SLOW),
+    (SizeMismatch, StopReason.SIZE_MISMATCH),
+    (ChecksumMismatch, StopReason.CHECKSUM_MISMATCH),
+    (ChunkChecksumMismatch, StopReason.CHUNK_CHECKSUM_MISMATCH),
+    (OffsetMismatch, StopReason.OFFSET_MISMATCH),
+    (PayloadTooLarge, StopReason.TOO_LARGE),
+    (NotEnoughSpace, StopReason.DISK_FULL),
+    (InsufficientStorage, StopReason.DISK_FULL),
+    (UploadFileNotFound, StopReason.REFUSED),
+    (NotAuthorized, StopReason.REFUSED),
+    (TransferCancelled, StopReason.CANCELLED),
+    (BadRequest, StopReason.BAD_REQUEST),
+    (LengthRequired, StopReason.BAD_REQUEST),
+    (asyncio.CancelledError, StopReason.CONNECTION_LOST),
+    (ConnectionError, StopReason.CONNECTION_LOST),
+)
+
+
+def holder_id(pid: int) -> str:
+    """Who the process ``pid`` is in the leases it holds."""
+    return str(pid)
+
+
+def stop_reason(exc: BaseException) -> StopReason:
+    """Why ``exc`` stopped an upload attempt."""
+    for kind, reason in _REASONS:
+        if isinstance(exc, kind):
+            return reason
+    return StopReason.BAD_REQUEST if isinstance(exc, DatastoreError) else StopReason.SERVER_ERROR
+
+
+@dataclass(slots=True)
+class RunningUpload:
+    """An upload request now writing a file of a transfer, in this process."""
+
+    task: asyncio.Task[Any]
+    resumable: bool
+    #: Set by whoever cancels the task: TERMINATED (the canceller cleans up), ENDED_ELSEWHERE
+    #: (another process ended the lease; only the staging file is left to remove) or SUPERSEDED
+    #: (a newer request of the same client takes over; the bytes are kept).
+    stop_reason: StopReason | None = None
+    #: Set once the file's last byte has arrived: from then on the upload is waited for, never cancelled.
+    finishing: bool = False
+
+    async def stop(self, reason: StopReason) -> None:
+        """Stop the request (or, once it is finishing, let it finish) and wait for it."""
+        if self.task.done():
+            return
+        if not self.finishing:
+            self.stop_reason = reason
+            self.task.cancel()
+        await asyncio.wait([self.task])
+
+
+@dataclass(frozen=True, slots=True)
+class UploadTarget:
+    """The transfer and file an upload names, resolved for one client."""
+
+    mount: Mount
+    identity: Identity
+    transfer: Transfer
+    file: TransferFile
+    #: Whose share of the store the upload uses (a proved identity, else the client's network).
+    client: str
+
+    @property
+    def place(self) -> tuple[str, int]:
+        """(key, num)."""
+        return (self.transfer.key, self.file.num)
+
+
+@dataclass(slots=True)
+class Lifecycle:
+    """Every transition of the transfers of one store, and what this process knows of its running uploads."""
+
+    settings: Settings
+    state: StateStore
+    mounts: dict[str, Mount]
+    staging_dir: Path
+    #: Who this process is in the leases it holds.
+    holder: str
+    #: Whether other processes share the state (``serve --workers N``): then running uploads watch
+    #: their leases often, so that another process can stop them.
+    shared: bool = False
+    #: Called after every change this process commits (the event bus reads the new events).
+    on_change: Callable[[], None] = lambda: None
+    buffers: BufferBudget = field(init=False)
+    active_uploads: int = 0
+    #: Uploads now running in this process, by client.
+    uploads_by_client: Counter[str] = field(default_factory=Counter)
+    #: Declared bytes of the uploads now running, counted against free space.
+    bytes_in_flight: int = 0
+    #: Hash state of resumable uploads, by (key, num), with the number of the claim it was built
+    #: under; rebuilt from the staged bytes when missing (after a restart) or stale (another
+    #: process appended since).
+    digests: dict[tuple[str, int], tuple[int, Digests]] = field(default_factory=dict)
+    running: dict[tuple[str, int], RunningUpload] = field(default_factory=dict)
+    #: When each running upload last announced its progress, and how far it was.
+    progress_at: dict[tuple[str, int], float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.buffers = BufferBudget(self.settings.upload_buffer_budget // self.settings.chunk_size)
+
+    # -- what the store holds ---------------------------------------------------------------
+
+    def staging_path(self, key: str, num: int) -> Path:
+        """Where the bytes of file ``num`` of transfer ``key`` are staged."""
+        return self.staging_dir / f"{key}.{num}.part"
+
+    def mount(self, prefix: str) -> Mount:
+        """The mount of ``prefix``; PathNotFound (404) if there is none."""
+        try:
+            return self.mounts[prefix]
+        except KeyError:
+            raise PathNotFound() from None
+
+    @property
+    def quota(self) -> ClientQuota:
+        """What one client's open transfers may hold at once."""
+        settings = self.settings
+        return ClientQuota(
+            settings.max_transfers_per_client,
+            settings.max_reserved_names_per_client,
+            settings.max_reserved_bytes_per_client,
+        )
+
+    async def check_quota(self, client: str, names: int, size: int) -> None:
+        """QuotaExceeded (429) unless ``client`` may open one more transfer of ``names`` files and ``size`` bytes."""
+        self.quota.check(await self.state.holdings(client), names, size)
+
+    @contextlib.contextmanager
+    def upload_slot(self, size: int, client: str) -> Iterator[None]:
+        """Count one running upload of ``size`` bytes for ``client``: 429 when the client already runs as
+        many as it may, 503 when the store runs as many as it may."""
+        limit = self.settings.max_uploads_per_client
+        if self.uploads_by_client[client] >= limit:
+            raise TooManyUploads(f"you are running {limit} uploads, as many as one client may at once")
+        if self.active_uploads >= self.settings.max_concurrent_uploads:
+            raise ServiceUnavailable()
+        self.active_uploads += 1
+        self.uploads_by_client[client] += 1
+        self.bytes_in_flight += size
+        try:
+            yield
+        finally:
+            self.active_uploads -= 1
+            self.bytes_in_flight -= size
+            self.uploads_by_client[client] -= 1
+            if not self.uploads_by_client[client]:
+                del self.uploads_by_client[client]
+
+    async def check_space(self) -> None:
+        """405 when the running uploads would not leave the configured margin free."""
+        usage = await asyncio.to_thread(shutil.disk_usage, self.staging_dir)
+        if usage.free - self.settings.min_free_bytes < self.bytes_in_flight:
+            raise NotEnoughSpace()
+
+    # -- registering ------------------------------------------------------------------------
+
+    async def register(
+        self,
+        mount: Mount,
+        identity: Identity,
+        client: str,
+        manifest: Manifest,
+        upload_metadata: str | None = None,
+    ) -> tuple[Transfer | None, list[str]]:
+        """Gate ``manifest`` through the handler and register it: (transfer, []) or (None, refused names).
+
+        ``client`` is whose quota it counts against; ``upload_metadata``: a tus creation's header,
+        kept with the file as sent. Raises QuotaExceeded (429) if the client's open transfers would
+        hold more than its share, InsufficientStorage (507) if the declared sizes do not fit in the
+        free space less what open transfers may still write and the margin.
+        """
+        # Checked again where the transfer is inserted; this first look spares the handler's work.
+        await self.check_quota(client, len(manifest.files), manifest.total_size)
+        usage = await asyncio.to_thread(shutil.disk_usage, self.staging_dir)
+        available = usage.free - await self.state.reserved_bytes() - self.settings.min_free_bytes
+        if manifest.total_size > available:
+            raise InsufficientStorage(f"{manifest.total_size} bytes declared, {max(0, available)} available")
+        infos = [FileInfo(f.name, f.size, f.md5, f.sha256) for f in manifest.files]
+        async with mount.lock:
+            reserved: list[FileInfo] = []
+            if mount.reserver is not None:
+                refused = await mount.reserver.reserve_many(identity, infos)
+                if refused:
+                    return None, refused
+                reserved = list(infos)
+            else:
+                refused = [info.name for info in infos if not await mount.handler.can_upload(identity, info)]
+                if refused:
+                    return None, refused
+            try:
+                for info in infos[len(reserved) :]:
+                    await mount.handler.add_pending_upload(identity, info)
+                    reserved.append(info)
+                transfer = await self.state.create(
+                    mount.prefix,
+                    identity,
+                    manifest.files,
+                    lifetime=self.settings.key_lifetime,
+                    now=time.time(),
+                    upload_metadata=upload_metadata,
+                    client=client,
+                    quota=self.quota,
+                )
+            except BaseException:
+                for info in reserved:
+                    await _quietly(mount.handler.cancel_upload(identity, info), "cancel_upload")
+                raise
+        self.on_change()
+        return transfer, []
+
+    # -- uploading --------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def claimed(self, target: UploadTarget, *, resumable: bool) -> AsyncIterator[FileUpload]:
+        """Take an upload slot and the file's lease for the current request.
+
+        While inside, the request's task is registered as the file's running upload, so that a
+        cancellation, termination or expiry can stop it, and a watch renews the lease (and, with
+        other processes sharing the state, lets their requests stop it too).
+        """
+        place = target.place
+        with self.upload_slot(target.file.size, target.client):
+            claiming = asyncio.ensure_future(self._claim(place))
+            try:
+                claim = await asyncio.shield(claiming)
+            except asyncio.CancelledError:
+                # Cancelled while the claim ran in the database thread: give it back, or the file
+                # would stay "uploading" until its lease ran out.
+                with contextlib.suppress(Exception):
+                    taken = await claiming
+                    await staging.uncancellable(
+                        self.state.restore(*place, self.holder, released=taken.before.state is FileState.RELEASED)
+                    )
+                raise
+            self.on_change()
+            cached = self.digests.get(place)
+            if cached is not None:
+                # This process's hash state stays good only if no other request claimed the file since.
+                if cached[0] == claim.number - 1:
+                    self.digests[place] = (claim.number, cached[1])
+                else:
+                    del self.digests[place]
+            task = asyncio.current_task()
+            assert task is not None
+            running = RunningUpload(task, resumable)
+            self.running[place] = running
+            self.progress_at[place] = time.monotonic()
+            watch = asyncio.create_task(self._keep_lease(place, running))
+            try:
+                yield FileUpload(self, target, claim.before, claim.number, running)
+            finally:
+                watch.cancel()
+                if self.running.get(place) is running:
+                    del self.running[place]
+                    self.progress_at.pop(place, None)
+
+    async def _claim(self, place: tuple[str, int]) -> Claim:
+        lease = self.settings.lease_time
+        try:
+            return await self.state.claim(*place, self.holder, lease=lease, now=time.time())
+        except LeaseExpired as expired:
+            # Its holder is gone: what it staged is reconciled with the disk, then the file is free.
+            await self.reap(expired.staged)
+            return await self.state.claim(*place, self.holder, lease=lease, now=time.time())
+
+    async def _keep_lease(self, place: tuple[str, int], running: RunningUpload) -> None:
+        """Renew the lease while ``running`` runs, and stop it when another process ends the lease
+        or asks it to stop.
+
+        A file no longer UPLOADING under this holder's lease was terminated, cancelled or expired
+        elsewhere, and that process cleans up (ENDED_ELSEWHERE); a stop request SUPERSEDED comes
+        from a newer request of the same client in another process, and only a resumable upload
+        heeds it.
+        """
+        lease = self.settings.lease_time
+        interval = CLAIM_WATCH_INTERVAL if self.shared else lease / 3
+        renewed = time.monotonic()
+        while not running.task.done():
+            await asyncio.sleep(interval)
+            try:
+                if time.monotonic() - renewed >= lease / 3:
+                    status = await self.state.renew(*place, self.holder, lease=lease, now=time.time())
+                    renewed = time.monotonic()
+                else:
+                    status = await self.state.status(*place)
+            except Exception:
+                log.exception("renewing the lease of an upload failed")
+                continue
+            if running.finishing:
+                return
+            if status is None or status.state is not FileState.UPLOADING or status.holder != self.holder:
+                running.stop_reason = StopReason.ENDED_ELSEWHERE
+                running.task.cancel()
+                return
+            if status.stop_request == StopReason.SUPERSEDED and running.resumable:
+                running.stop_reason = StopReason.SUPERSEDED
+                running.task.cancel()
+                return
+
+    async def supersede(self, place: tuple[str, int]) -> None:
+        """Stop an older resumable request for the same upload that is still hanging.
+
+        One that is already verifying and publishing the complete file is waited for instead; the
+        newer request then finds the file published (409).
+        """
+        running = self.running.get(place)
+        if running is not None:
+            if running.resumable:
+                await running.stop(StopReason.SUPERSEDED)
+            return
+        if not self.shared:
+            return
+        # Another process may hold the lease: ask it to stop, and wait (bounded) until it has.
+        holder = await self.state.request_stop(*place, StopReason.SUPERSEDED)
+        if holder is None or holder == self.holder:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SUPERSEDE_WAIT
+        while loop.time() < deadline:
+            await asyncio.sleep(SUPERSEDE_POLL)
+            status = await self.state.status(*place)
+            if status is None or status.state is not FileState.UPLOADING or status.holder != holder:
+                return
+        # Still held (a whole-body upload, or one publishing): the claim answers 409.
+
+    async def progress(self, upload: FileUpload, received: int) -> None:
+        """Announce how far ``upload`` got, at most once every PROGRESS_INTERVAL."""
+        now = time.monotonic()
+        if now - self.progress_at.get(upload.place, now) < PROGRESS_INTERVAL:
+            return
+        self.progress_at[upload.place] = now
+        transfer, file = upload.transfer, upload.file
+        event = NewEvent(
+            EventType.FILE_PROGRESS,
+            transfer.prefix,
+            transfer.key,
+            file.num,
+            file.name,
+            transfer.owner.dn,
+            transfer.owner.principal,
+            bytes=received,
+            size=file.size,
+        )
+        try:
+            await self.state.append([event], now=time.time())
+        except Exception:
+            log.exception("recording the progress of an upload failed")
+            return
+        self.on_change()
+
+    # -- stopping uploads: cancel, terminate, expire, reap -----------------------------------
+
+    async def cancel(self, key: str) -> bool:
+        """Cancel an open transfer: False if it was not open."""
+        ended = await self.state.cancel(key, now=time.time())
+        if ended is None:
+            return False
+        self.on_change()
+        await self._discard(ended.transfer, ended.files)
+        log.info("transfer %s… for /%s cancelled", key[:8], ended.transfer.prefix)
+        return True
+
+    async def terminate(self, transfer: Transfer, num: int) -> None:
+        """tus termination of one file: its staged bytes go, its reservation is released."""
+        before = await self.state.terminate(transfer.key, num)
+        self.on_change()
+        await self._discard(transfer, (before,))
+        log.info("upload %s…/%d of /%s terminated", transfer.key[:8], num, transfer.prefix)
+
+    async def expire(self, now: float | None = None) -> int:
+        """Expire every transfer past its lifetime (or never started in time) and release it. Returns
+        how many expired."""
+        now = time.time() if now is None else now
+        expired = await self.state.expire_due(now, self.settings.start_timeout)
+        if expired:
+            self.on_change()
+        for ended in expired:
+            log.info("transfer %s… for /%s expired", ended.transfer.key[:8], ended.transfer.prefix)
+            await self._discard(ended.transfer, ended.files)
+        return len(expired)
+
+    async def sweep(self, now: float | None = None) -> int:
+        """The periodic work: expire transfers, reap files whose lease ran out, forget old records
+        and events. Returns how many transfers expired."""
+        now = time.time() if now is None else now
+        expired = await self.expire(now)
+        for staged in await self.state.expired_leases(now):
+            await self.reap(staged)
+        await self.state.purge(now - self.settings.transfer_retention)
+        await self.state.prune_events(now - self.settings.event_retention)
+        return expired
+
+    async def _discard(self, transfer: Transfer, files: tuple[TransferFile, ...] | list[TransferFile]) -> None:
+        """Stop ``files`` of a transfer the state has just ended, and release them.
+
+        Running uploads of these files in this process are cancelled and waited for (one already
+        publishing is let finish); their staged bytes are removed; the handler's reservations are
+        cancelled.
+        """
+        places = [(transfer.key, f.num) for f in files]
+        await asyncio.gather(*(self.running[p].stop(StopReason.TERMINATED) for p in places if p in self.running))
+        for place in places:
+            self.digests.pop(place, None)
+        await staging.discard(self.staging_path(*place) for place in places)
+        mount = self.mounts.get(transfer.prefix)
+        if mount is None:
+            return
+        for file in files:
+            if file.state in (FileState.RESERVED, FileState.UPLOADING):
+                info = FileInfo(file.name, file.size, file.md5, file.sha256)
+                await _quietly(mount.handler.cancel_upload(transfer.owner, info), "cancel_upload")
+
+    async def reap(self, staged: StagedFile) -> bool:
+        """A file's holder is gone (its lease ran out, or its process died): keep what it really staged."""
+        if staged.holder is None:
+            return False
+        offsets = await asyncio.to_thread(
+            staging.reconcile_files, self.staging_dir, {(staged.key, staged.num): (staged.received, staged.verifying)}
+        )
+        received = offsets[(staged.key, staged.num)]
+        reaped = await self.state.reap(staged.key, staged.num, staged.holder, received=received, now=time.time())
+        if reaped:
+            self.on_change()
+            log.info(
+                "the upload %s…/%d held by %s was left: it resumes from byte %d",
+                staged.key[:8],
+                staged.num,
+                staged.holder,
+                received,
+            )
+        return reaped
+
+    async def settled(self, target: UploadTarget) -> TransferFile:
+        """``target``'s file as it stands once a lease that ran out is reaped (so that its offset is
+        what its dead holder really staged)."""
+        if target.file.state is not FileState.UPLOADING:
+            return target.file
+        for staged in await self.state.expired_leases(time.time()):
+            if (staged.key, staged.num) == target.place:
+                await self.reap(staged)
+                found = await self.state.get_file(*target.place)
+                if found is not None and found[1] is not None:
+                    return found[1]
+        return target.file
+
+    async def recover_holder(self, holder: str) -> int:
+        """A process that held leases died: end them now, keeping what its uploads really staged.
+        Returns how many uploads it was running."""
+        reaped = 0
+        for staged in await self.state.claims_of(holder):
+            reaped += await self.reap(staged)
+        return reaped
+
+    async def recover(self) -> None:
+        """At the start of the only process using the state: no upload is running; the staged bytes
+        of open transfers are kept.
+
+        Each live staging file keeps what is really on disk (fsync'd), a chunk still awaiting its
+        checksum is cut back, and the state records the resulting offsets; staging files of nothing
+        live are removed.
+        """
+        interrupted = await self.state.recover()
+        live = {(f.key, f.num): (f.received, f.verifying) for f in await self.state.staged_files()}
+        offsets = await asyncio.to_thread(staging.reconcile, self.staging_dir, live)
+        for (key, num), offset in offsets.items():
+            if offset != live[(key, num)][0]:
+                await self.state.set_received(key, num, offset)
+        if interrupted:
+            log.info("%d upload(s) were interrupted by a restart; they resume from the staged bytes", interrupted)
+
+    # -- published files ----------------------------------------------------------------------
+
+    async def deleted(self, mount: Mount, name: str, owner: str | None, owner_id: str | None, size: int | None) -> None:
+        """Announce that a published file was deleted."""
+        event = NewEvent(EventType.FILE_DELETED, mount.prefix, name=name, owner=owner, owner_id=owner_id, size=size)
+        await self.state.append([event], now=time.time())
+        self.on_change()
+
+
+class FileUpload:
+    """One claimed upload attempt of one file: everything between the claim and the answer."""
+
+    def __init__(
+        self, lifecycle: Lifecycle, target: UploadTarget, before: TransferFile, claim: int, running: RunningUpload
+    ) -> None:
+        self.lifecycle = lifecycle
+        self.mount = target.mount
+        self.identity = target.identity
+        self.transfer = target.transfer
+        self.file = target.file
+        self.before = before
+        #: The number of this request's claim on the file (see ``Lifecycle.digests``).
+        self.claim = claim
+        self.running = running
+        self.info = FileInfo(self.file.name, self.file.size, self.file.md5, self.file.sha256)
+        #: Whether the handler holds a reservation this upload answers for.
+        self.reserved = before.state is FileState.RESERVED
+        self.staging_path = lifecycle.staging_path(self.transfer.key, self.file.num)
+        self._published: Path | None = None
+
+    @property
+    def place(self) -> tuple[str, int]:
+        """(key, num)."""
+        return (self.transfer.key, self.file.num)
+
+    @property
+    def resumed_at(self) -> int:
+        """The offset this attempt starts from: the staged bytes, unless an earlier attempt failed."""
+        return self.before.received if self.reserved else 0
+
+    async def regate(self) -> None:
+        """A failed earlier attempt released the reservation: take it again."""
+        async with self.mount.lock:
+            if not await self.mount.handler.can_upload(self.identity, self.info):
+                raise NotAuthorized("the store no longer accepts this file")
+            await self.mount.handler.add_pending_upload(self.identity, self.info)
+        self.reserved = True
+
+    async def upload_path(self) -> Path:
+        """The handler's final path for the file; 404 if it refuses."""
+        path = await self.mount.handler.get_upload_filename(self.identity, self.info)
+        if path is None:
+            raise UploadFileNotFound()
+        return path
+
+    async def digests_at(self, offset: int) -> Digests:
+        """The hash state of the first ``offset`` staged bytes: cached, or re-hashed after a restart."""
+        cache = self.lifecycle.digests
+        cached = cache.get(self.place)
+        if cached is not None and cached[1].offset == offset:
+            return cached[1]
+        digests = Digests() if offset == 0 else await staging.rehash(self.staging_path, offset)
+        cache[self.place] = (self.claim, digests)
+        return digests
+
+    async def begin_chunk(self, *, verifying: bool) -> None:
+        """A resumable request starts appending; whether its chunk is checksummed (a crash cuts its
+        unverified bytes off)."""
+        await self.lifecycle.state.begin_chunk(*self.place, verifying=verifying)
+
+    async def track(self, chunks: AsyncIterator[bytes], offset: int) -> AsyncIterator[bytes]:
+        """``chunks`` (appended at ``offset``), announcing progress; once the file's last byte has
+        arrived the upload is finishing.
+
+        From then on a newer request (or a cancellation) waits for it to verify and publish the
+        file instead of stopping it: stopped there, it would leave every byte staged and the file
+        unpublished, while HEAD answers that the upload is complete.
+        """
+        async for chunk in chunks:
+            offset += len(chunk)
+            if offset >= self.file.size:
+                self.running.finishing = True
+            yield chunk
+            await self.lifecycle.progress(self, offset)
+
+    async def append(self, chunks: AsyncIterator[bytes], digests: Digests, *, chunk_hash: Any = None) -> None:
+        """Stage ``chunks`` at ``digests.offset`` (see :func:`staging.append`)."""
+        settings = self.lifecycle.settings
+        await staging.append(
+            self.track(chunks, digests.offset),
+            self.staging_path,
+            digests,
+            limit=self.file.size,
+            chunk_size=settings.chunk_size,
+            fsync=settings.fsync,
+            chunk_hash=chunk_hash,
+            budget=self.lifecycle.buffers,
+        )
+
+    async def finish(self, digests: Digests, path: Path) -> FileInfo:
+        """Verify the staged file against the manifest, publish it, record it."""
+        self.running.finishing = True
+        if digests.offset != self.file.size:
+            raise SizeMismatch(f"received {digests.offset} bytes, the manifest declares {self.file.size}")
+        md5, sha256 = digests.md5.hexdigest(), digests.sha256.hexdigest()
+        if (self.file.md5 is not None and md5 != self.file.md5) or (
+            self.file.sha256 is not None and sha256 != self.file.sha256
+        ):
+            raise ChecksumMismatch()
+        state, holder = self.lifecycle.state, self.lifecycle.holder
+        if not await staging.uncancellable(state.begin_publish(*self.place, holder)):
+            raise TransferCancelled("the upload was cancelled")
+        with staging.disk_full_refused():  # publishing copies when staging is on another filesystem
+            await staging.uncancellable(
+                asyncio.to_thread(staging.publish, self.staging_path, path, self.lifecycle.settings.fsync)
+            )
+        self._published = path
+        verified = FileInfo(self.file.name, digests.offset, md5, sha256)
+        await self.mount.handler.complete_upload(self.identity, verified)
+        if not await staging.uncancellable(state.publish(*self.place, holder, md5=md5, sha256=sha256)):
+            # The lease was lost meanwhile (this process stalled past it): the file is not ours to publish.
+            raise TransferCancelled("the upload's hold on the file ran out before it was published")
+        self.lifecycle.on_change()
+        self.lifecycle.digests.pop(self.place, None)
+        log.info("published /%s/%s (%d bytes) for %s", self.mount.prefix, self.file.name, self.file.size, self.identity)
+        return verified
+
+    async def pause(self, received: int) -> None:
+        """A resumable request ends as planned with ``received`` bytes staged; the client goes on later."""
+        lifecycle = self.lifecycle
+        await lifecycle.progress(self, received)
+        await lifecycle.state.pause(*self.place, lifecycle.holder, received=received)
+
+    async def end(self, exc: BaseException, *, resumable: bool, finishing: bool = False, offset: int = 0) -> None:
+        """The attempt failed with ``exc``: the one place that decides what is kept.
+
+        Nothing to do for an upload stopped by a termination (whose caller cleans up); only the
+        staging file to remove when another process ended the lease. A whole-body upload, a
+        resumable one whose complete file failed (``finishing``), or one the handler or the disk
+        refused, is undone: staged and published bytes removed, the reservation cancelled, the
+        file RELEASED. A resumable upload that failed otherwise keeps its ``offset`` bytes staged.
+        A failure while undoing is logged, so that the client still hears why its upload failed.
+        """
+        try:
+            await staging.uncancellable(self._end(exc, resumable=resumable, finishing=finishing, offset=offset))
+        except Exception:
+            log.exception("cleaning up after a failed upload failed")
+
+    async def _end(self, exc: BaseException, *, resumable: bool, finishing: bool, offset: int) -> None:
+        lifecycle = self.lifecycle
+        if self.running.stop_reason is StopReason.TERMINATED:
+            return
+        if self.running.stop_reason is StopReason.ENDED_ELSEWHERE:
+            lifecycle.digests.pop(self.place, None)
+            await staging.discard([self.staging_path])
+            return
+        reason = self.running.stop_reason or stop_reason(exc)
+        message = exc.message if isinstance(exc, DatastoreError) else repr(exc)
+        if not resumable or finishing or isinstance(exc, UploadFileNotFound | NotEnoughSpace):
+            # A full disk is relieved of what the upload staged: the client starts again later.
+            level = logging.INFO if isinstance(exc, DatastoreError) else logging.WARNING
+            log.log(level, "upload of %r to /%s failed: %s", self.file.name, self.mount.prefix, redact(message))
+            lifecycle.digests.pop(self.place, None)
+            paths = [self.staging_path] + ([self._published] if self._published is not None else [])
+            await staging.discard(paths)
+            if self.reserved:
+                await _quietly(self.mount.handler.cancel_upload(self.identity, self.info), "cancel_upload")
+            await lifecycle.state.fail(*self.place, lifecycle.holder, reason=reason, message=message)
+        elif not self.reserved:
+            # Re-gating failed: the file stays released.
+            await lifecycle.state.fail(*self.place, lifecycle.holder, reason=reason, message=message)
+        elif reason is StopReason.OFFSET_MISMATCH:
+            # Refused before a byte was read: the attempt goes on with the client's next request.
+            await lifecycle.state.pause(*self.place, lifecycle.holder, received=offset)
+        else:
+            await lifecycle.state.interrupt(*self.place, lifecycle.holder, received=offset, reason=reason)
+        lifecycle.on_change()
+
+
+async def _quietly(call: Awaitable[None], what: str) -> None:
+    """Run a handler callback during cleanup; a failure there is logged, not raised."""
+    try:
+        await call
+    except Exception:
+        log.exception("%s failed during cleanup", what)

@@ -1,0 +1,758 @@
+"""The SQLite backend of the state store (``interface.py``): the embedded default, one file in the
+state directory shared by the processes of ``serve --workers N``.
+
+Each method is one ``BEGIN IMMEDIATE`` transaction on the database thread (``database.py``), so
+writers are serialised across processes and the event ids, which SQLite assigns in that order,
+grow in commit order. Every state change is an UPDATE guarded by the states the transition table
+lets it leave (``lifecycle.states.sources``) and, for an upload's steps, by the lease's holder; the
+events of the step are inserted in the same transaction.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from ..errors import AlreadyUploaded, TransferCancelled, UploadInProgress
+from ..lifecycle.states import (
+    FINAL_FILE_STATES,
+    Event,
+    EventType,
+    FileState,
+    NewEvent,
+    Step,
+    StopReason,
+    Subject,
+    TransferState,
+    events_of,
+    sources,
+    target,
+)
+from ..protocol.manifest import ManifestFile
+from ..security.identity import Identity
+from .database import Database
+from .interface import (
+    Claim,
+    ClaimStatus,
+    ClientQuota,
+    Ended,
+    Holdings,
+    LeaseExpired,
+    StagedFile,
+    Transfer,
+    TransferFile,
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS transfers (
+    key TEXT PRIMARY KEY,
+    prefix TEXT NOT NULL,
+    -- The owner once per transfer: its name for display, and its principal
+    -- (kind, subject, issuer: what ownership is compared by; NULL if anonymous).
+    owner TEXT,
+    owner_authenticated INTEGER NOT NULL,
+    owner_id TEXT,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS transfers_by_state ON transfers (state, expires_at);
+CREATE TABLE IF NOT EXISTS transfer_files (
+    key TEXT NOT NULL REFERENCES transfers (key) ON DELETE CASCADE,
+    num INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    md5 TEXT,
+    sha256 TEXT,
+    state TEXT NOT NULL,
+    received INTEGER NOT NULL DEFAULT 0,
+    -- 1 while a request whose chunk carries Upload-Checksum is appending:
+    -- after a crash its unverified bytes are cut off.
+    verifying_chunk INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    updated_at REAL NOT NULL,
+    -- The lease of an UPLOADING file: who holds it, until when, and what another
+    -- process asks of the holder ('superseded': a newer request takes over).
+    claimed_by TEXT,
+    stop_request TEXT,
+    -- How many times the file was claimed: a process's cached hash state is
+    -- good only if no other request claimed the file after its own.
+    claims INTEGER NOT NULL DEFAULT 0,
+    -- A tus creation's Upload-Metadata header as sent (HEAD answers it); NULL
+    -- for the files of a manifest.
+    upload_metadata TEXT,
+    PRIMARY KEY (key, num)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    type TEXT NOT NULL,
+    prefix TEXT NOT NULL,
+    key TEXT,
+    num INTEGER,
+    name TEXT,
+    owner TEXT,
+    owner_id TEXT,
+    bytes INTEGER,
+    size INTEGER,
+    md5 TEXT,
+    sha256 TEXT,
+    reason TEXT
+);
+CREATE INDEX IF NOT EXISTS events_by_time ON events (time);
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    until REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cursors (
+    name TEXT PRIMARY KEY,
+    position INTEGER NOT NULL
+);
+"""
+
+#: Columns added after the first release, for files created before them.
+_ADDED_COLUMNS = {
+    "claimed_by": "TEXT",
+    "stop_request": "TEXT",
+    "claims": "INTEGER NOT NULL DEFAULT 0",
+    "upload_metadata": "TEXT",
+    # When the lease of an UPLOADING file runs out.
+    "lease_until": "REAL",
+    # 1 from a file.started until the attempt ends (interrupted, failed, completed).
+    "in_attempt": "INTEGER NOT NULL DEFAULT 0",
+    # 1 once the holder began publishing the verified file: cancelling the transfer lets it finish.
+    "publishing": "INTEGER NOT NULL DEFAULT 0",
+}
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    present = {row["name"] for row in db.execute("PRAGMA table_info(transfer_files)")}
+    for column, declaration in _ADDED_COLUMNS.items():
+        if column not in present:
+            db.execute(f"ALTER TABLE transfer_files ADD COLUMN {column} {declaration}")
+    columns = {row["name"] for row in db.execute("PRAGMA table_info(transfers)")}
+    if "client" not in columns:
+        db.execute("ALTER TABLE transfers ADD COLUMN client TEXT")
+    db.execute("CREATE INDEX IF NOT EXISTS transfers_by_client ON transfers (client, state)")
+    if "owner_id" not in columns:
+        db.execute("ALTER TABLE transfers ADD COLUMN owner_id TEXT")
+        # Before principals, an unauthenticated owner was an X-Client-DN; a certificate's
+        # subject was kept in a form that cannot be compared safely: such a transfer gets a
+        # certificate principal with no issuer, which no certificate has, so only
+        # administrators manage it (NULL would read as anonymous, usable by anyone with the key).
+        db.execute(
+            "UPDATE transfers SET owner_id = CASE WHEN owner_authenticated = 0 THEN json_array('asserted', owner)"
+            " ELSE json_array('certificate', owner, '') END WHERE owner IS NOT NULL"
+        )
+
+
+def new_transfer_key() -> str:
+    """An unguessable transfer key: 160 random bits as 40 hex digits."""
+    return secrets.token_hex(20)
+
+
+def _in(states: Sequence[str]) -> str:
+    return "(" + ", ".join("?" * len(states)) + ")"
+
+
+_OPEN_FILE_STATES = tuple(state for state in FileState if state not in FINAL_FILE_STATES)
+
+
+class SqliteState:
+    """The state store in one SQLite file (see :mod:`datastore.state.interface` for the contracts)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = Database(path, _SCHEMA, _migrate)
+
+    # -- transfers ------------------------------------------------------------------------------
+
+    async def create(
+        self,
+        prefix: str,
+        owner: Identity,
+        files: Sequence[ManifestFile],
+        *,
+        lifetime: float,
+        now: float,
+        upload_metadata: str | None = None,
+        client: str | None = None,
+        quota: ClientQuota | None = None,
+    ) -> Transfer:
+        key = new_transfer_key()
+        records = tuple(
+            TransferFile(
+                num,
+                f.name,
+                f.size,
+                f.md5,
+                f.sha256,
+                FileState.RESERVED,
+                updated_at=now,
+                upload_metadata=upload_metadata,
+            )
+            for num, f in enumerate(files)
+        )
+        transfer = Transfer(key, prefix, owner, TransferState.OPEN, now, now, now + lifetime, records)
+
+        def insert(db: sqlite3.Connection) -> None:
+            if quota is not None:
+                quota.check(_holdings(db, client), len(records), sum(f.size for f in records))
+            db.execute(
+                "INSERT INTO transfers (key, prefix, owner, owner_authenticated, owner_id, client, state,"
+                " created_at, updated_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    key,
+                    prefix,
+                    owner.dn,
+                    int(owner.authenticated),
+                    owner.principal,
+                    client,
+                    transfer.state,
+                    now,
+                    now,
+                    transfer.expires_at,
+                ),
+            )
+            db.executemany(
+                "INSERT INTO transfer_files (key, num, name, size, md5, sha256, state, updated_at, upload_metadata)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(key, f.num, f.name, f.size, f.md5, f.sha256, f.state, now, f.upload_metadata) for f in records],
+            )
+            total = sum(f.size for f in records)
+            _insert_events(
+                db,
+                [
+                    NewEvent(
+                        EventType.TRANSFER_CREATED, prefix, key, owner=owner.dn, owner_id=owner.principal, size=total
+                    )
+                ],
+                now,
+            )
+
+        await self._db.run(insert)
+        return transfer
+
+    async def holdings(self, client: str | None) -> Holdings:
+        return await self._db.read(lambda db: _holdings(db, client))
+
+    async def get(self, key: str) -> Transfer | None:
+        return await self._db.read(lambda db: _load(db, key))
+
+    async def get_file(self, key: str, num: int) -> tuple[Transfer, TransferFile | None] | None:
+        def load(db: sqlite3.Connection) -> tuple[Transfer, TransferFile | None] | None:
+            row = db.execute("SELECT * FROM transfers WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                return None
+            file_row = db.execute("SELECT * FROM transfer_files WHERE key = ? AND num = ?", (key, num)).fetchone()
+            return _transfer(row, ()), (_file(file_row) if file_row is not None else None)
+
+        return await self._db.read(load)
+
+    # -- leases on files ------------------------------------------------------------------------
+
+    async def claim(self, key: str, num: int, holder: str, *, lease: float, now: float) -> Claim:
+        def claim(db: sqlite3.Connection) -> Claim:
+            row = _file_row(db, key, num)
+            before = _file(row)
+            if before.state is FileState.UPLOADING:
+                if row["lease_until"] is not None and row["lease_until"] <= now:
+                    raise LeaseExpired(_staged(row))
+                raise UploadInProgress()
+            if before.state is FileState.PUBLISHED:
+                raise AlreadyUploaded()
+            if before.state is FileState.CANCELLED:
+                raise TransferCancelled("this upload was terminated")
+            assert before.state in sources(Step.CLAIM)
+            db.execute(
+                "UPDATE transfer_files SET state = ?, claimed_by = ?, lease_until = ?, stop_request = NULL,"
+                " claims = claims + 1, in_attempt = 1, updated_at = ? WHERE key = ? AND num = ?",
+                (FileState.UPLOADING, holder, now + lease, now, key, num),
+            )
+            if not row["in_attempt"]:
+                _insert_events(db, events_of(Step.CLAIM, _subject(db, key, row), bytes=before.received), now)
+            return Claim(before, row["claims"] + 1)
+
+        return await self._db.run(claim)
+
+    async def renew(self, key: str, num: int, holder: str, *, lease: float, now: float) -> ClaimStatus | None:
+        def renew(db: sqlite3.Connection) -> ClaimStatus | None:
+            db.execute(
+                "UPDATE transfer_files SET lease_until = ? WHERE key = ? AND num = ? AND state = ? AND claimed_by = ?",
+                (now + lease, key, num, FileState.UPLOADING, holder),
+            )
+            return _status(db, key, num)
+
+        return await self._db.run(renew)
+
+    async def status(self, key: str, num: int) -> ClaimStatus | None:
+        return await self._db.read(lambda db: _status(db, key, num))
+
+    async def request_stop(self, key: str, num: int, reason: StopReason) -> str | None:
+        def ask(db: sqlite3.Connection) -> str | None:
+            row = db.execute(
+                "SELECT claimed_by FROM transfer_files WHERE key = ? AND num = ? AND state = ?",
+                (key, num, FileState.UPLOADING),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE transfer_files SET stop_request = ? WHERE key = ? AND num = ?", (reason, key, num))
+            return str(row["claimed_by"])
+
+        return await self._db.run(ask)
+
+    async def restore(self, key: str, num: int, holder: str, *, released: bool) -> bool:
+        step = Step.RESTORE_RELEASED if released else Step.RESTORE
+        return await self._end_lease(key, num, holder, step, {})
+
+    async def pause(self, key: str, num: int, holder: str, *, received: int) -> bool:
+        values = {"received": received, "verifying_chunk": 0, "error": None}
+        return await self._end_lease(key, num, holder, Step.PAUSE, values)
+
+    async def interrupt(self, key: str, num: int, holder: str, *, received: int, reason: StopReason) -> bool:
+        values = {"received": received, "verifying_chunk": 0, "error": None, "in_attempt": 0}
+        return await self._end_lease(key, num, holder, Step.INTERRUPT, values, reason=reason, progress=received)
+
+    async def fail(self, key: str, num: int, holder: str, *, reason: StopReason, message: str) -> bool:
+        values = {"received": 0, "verifying_chunk": 0, "error": message, "in_attempt": 0}
+        return await self._end_lease(key, num, holder, Step.FAIL, values, reason=reason, progress=0)
+
+    async def reap(self, key: str, num: int, holder: str, *, received: int, now: float) -> bool:
+        values = {"received": received, "verifying_chunk": 0, "in_attempt": 0}
+        return await self._end_lease(
+            key, num, holder, Step.REAP, values, reason=StopReason.LEASE_EXPIRED, progress=received, now=now
+        )
+
+    async def begin_publish(self, key: str, num: int, holder: str) -> bool:
+        def begin(db: sqlite3.Connection) -> bool:
+            return bool(
+                db.execute(
+                    "UPDATE transfer_files SET publishing = 1"
+                    " WHERE key = ? AND num = ? AND state = ? AND claimed_by = ?",
+                    (key, num, FileState.UPLOADING, holder),
+                ).rowcount
+            )
+
+        return await self._db.run(begin)
+
+    async def publish(self, key: str, num: int, holder: str, *, md5: str, sha256: str) -> bool:
+        def publish(db: sqlite3.Connection) -> bool:
+            now = time.time()
+            changed = db.execute(
+                "UPDATE transfer_files SET state = ?, md5 = ?, sha256 = ?, received = size, verifying_chunk = 0,"
+                " error = NULL, claimed_by = NULL, lease_until = NULL, stop_request = NULL, in_attempt = 0,"
+                " publishing = 0, updated_at = ? WHERE key = ? AND num = ? AND claimed_by = ?"
+                f" AND state IN {_in(sources(Step.PUBLISH))}",
+                (FileState.PUBLISHED, md5, sha256, now, key, num, holder, *sources(Step.PUBLISH)),
+            ).rowcount
+            if not changed:
+                return False
+            finished = db.execute(
+                "UPDATE transfers SET updated_at = ?, state = ? WHERE key = ? AND state = ? AND NOT EXISTS"
+                " (SELECT 1 FROM transfer_files WHERE key = ? AND state != ?)",
+                (now, TransferState.FINISHED, key, TransferState.OPEN, key, FileState.PUBLISHED),
+            ).rowcount
+            if not finished:
+                db.execute("UPDATE transfers SET updated_at = ? WHERE key = ?", (now, key))
+            row = _file_row(db, key, num)
+            events = events_of(
+                Step.PUBLISH,
+                _subject(db, key, row),
+                transfer_after=TransferState.FINISHED if finished else None,
+                bytes=row["size"],
+                md5=md5,
+                sha256=sha256,
+            )
+            _insert_events(db, events, now)
+            return True
+
+        return await self._db.run(publish)
+
+    async def terminate(self, key: str, num: int) -> TransferFile:
+        def terminate(db: sqlite3.Connection) -> TransferFile:
+            now = time.time()
+            row = _file_row(db, key, num)
+            before = _file(row)
+            if before.state is FileState.PUBLISHED or row["publishing"]:
+                raise AlreadyUploaded()
+            if before.state not in sources(Step.TERMINATE):
+                return before
+            db.execute(
+                "UPDATE transfer_files SET state = ?, received = 0, claimed_by = NULL, lease_until = NULL,"
+                " stop_request = NULL, in_attempt = 0, updated_at = ? WHERE key = ? AND num = ?",
+                (FileState.CANCELLED, now, key, num),
+            )
+            open_left = db.execute(
+                f"SELECT COUNT(*) FROM transfer_files WHERE key = ? AND state IN {_in(_OPEN_FILE_STATES)}",
+                (key, *_OPEN_FILE_STATES),
+            ).fetchone()[0]
+            after: TransferState | None = None
+            if open_left == 0:
+                # Even if every other file was published: one of its files will never come.
+                changed = db.execute(
+                    "UPDATE transfers SET state = ?, updated_at = ? WHERE key = ? AND state = ?",
+                    (TransferState.CANCELLED, now, key, TransferState.OPEN),
+                ).rowcount
+                after = TransferState.CANCELLED if changed else None
+            else:
+                db.execute("UPDATE transfers SET updated_at = ? WHERE key = ?", (now, key))
+            _insert_events(
+                db,
+                events_of(Step.TERMINATE, _subject(db, key, row), transfer_after=after, reason=StopReason.TERMINATED),
+                now,
+            )
+            return before
+
+        return await self._db.run(terminate)
+
+    async def cancel(self, key: str, *, now: float) -> Ended | None:
+        return await self._db.run(lambda db: _end(db, key, Step.CANCEL, TransferState.CANCELLED, now))
+
+    async def expire_due(self, now: float, start_timeout: float | None = None) -> list[Ended]:
+        never_started = now - start_timeout if start_timeout is not None else float("-inf")
+
+        def expire(db: sqlite3.Connection) -> list[Ended]:
+            keys = [
+                row["key"]
+                for row in db.execute(
+                    "SELECT key FROM transfers t WHERE state = ? AND (expires_at <= ? OR (created_at <= ?"
+                    " AND NOT EXISTS (SELECT 1 FROM transfer_files f WHERE f.key = t.key AND f.claims > 0)))",
+                    (TransferState.OPEN, now, never_started),
+                )
+            ]
+            ended = (_end(db, key, Step.EXPIRE, TransferState.EXPIRED, now) for key in keys)
+            return [transfer for transfer in ended if transfer is not None]
+
+        return await self._db.run(expire)
+
+    async def begin_chunk(self, key: str, num: int, *, verifying: bool) -> None:
+        await self._update_file(key, num, verifying_chunk=int(verifying))
+
+    async def set_received(self, key: str, num: int, received: int) -> None:
+        await self._update_file(key, num, received=received, verifying_chunk=0)
+
+    async def claims_of(self, holder: str) -> list[StagedFile]:
+        return await self._db.read(
+            lambda db: [
+                _staged(row)
+                for row in db.execute(
+                    "SELECT * FROM transfer_files WHERE state = ? AND claimed_by = ?", (FileState.UPLOADING, holder)
+                )
+            ]
+        )
+
+    async def expired_leases(self, now: float) -> list[StagedFile]:
+        return await self._db.read(
+            lambda db: [
+                _staged(row)
+                for row in db.execute(
+                    "SELECT * FROM transfer_files WHERE state = ? AND lease_until <= ?", (FileState.UPLOADING, now)
+                )
+            ]
+        )
+
+    async def staged_files(self) -> list[StagedFile]:
+        return await self._db.read(
+            lambda db: [
+                _staged(row)
+                for row in db.execute(
+                    "SELECT f.* FROM transfer_files f JOIN transfers t USING (key)"
+                    " WHERE t.state = ? AND f.state IN (?, ?)",
+                    (TransferState.OPEN, FileState.RESERVED, FileState.UPLOADING),
+                )
+            ]
+        )
+
+    async def recover(self) -> int:
+        return await self._db.run(
+            lambda db: (
+                db.execute(
+                    "UPDATE transfer_files SET state = ?, claimed_by = NULL, lease_until = NULL, stop_request = NULL"
+                    " WHERE state = ?",
+                    (FileState.RESERVED, FileState.UPLOADING),
+                ).rowcount
+            )
+        )
+
+    async def reserved_bytes(self) -> int:
+        return await self._db.read(
+            lambda db: db.execute(
+                "SELECT COALESCE(SUM(f.size - f.received), 0) FROM transfer_files f JOIN transfers t USING (key)"
+                f" WHERE t.state = ? AND f.state IN {_in(_OPEN_FILE_STATES)}",
+                (TransferState.OPEN, *_OPEN_FILE_STATES),
+            ).fetchone()[0]
+        )
+
+    async def purge(self, before: float) -> int:
+        return await self._db.run(
+            lambda db: (
+                db.execute(
+                    "DELETE FROM transfers WHERE state != ? AND updated_at < ?", (TransferState.OPEN, before)
+                ).rowcount
+            )
+        )
+
+    # -- the event log --------------------------------------------------------------------------
+
+    async def append(self, events: Sequence[NewEvent], *, now: float) -> list[Event]:
+        return await self._db.run(lambda db: _insert_events(db, events, now))
+
+    async def events_after(self, last_id: int, *, limit: int) -> list[Event]:
+        return await self._db.read(
+            lambda db: [
+                _event(row)
+                for row in db.execute("SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?", (last_id, limit))
+            ]
+        )
+
+    async def last_event_id(self) -> int:
+        return await self._db.read(lambda db: int(db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]))
+
+    async def prune_events(self, before: float) -> int:
+        # AUTOINCREMENT: ids of deleted events are never handed out again.
+        return await self._db.run(lambda db: db.execute("DELETE FROM events WHERE time < ?", (before,)).rowcount)
+
+    # -- named leases and cursors ---------------------------------------------------------------
+
+    async def acquire(self, name: str, holder: str, *, lease: float, now: float) -> bool:
+        def acquire(db: sqlite3.Connection) -> bool:
+            changed = db.execute(
+                "INSERT INTO leases (name, holder, until) VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE"
+                " SET holder = excluded.holder, until = excluded.until WHERE leases.holder = excluded.holder"
+                " OR leases.until <= ?",
+                (name, holder, now + lease, now),
+            ).rowcount
+            return bool(changed)
+
+        return await self._db.run(acquire)
+
+    async def release(self, name: str, holder: str) -> None:
+        await self._db.run(lambda db: db.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder)))
+
+    async def cursor(self, name: str) -> int | None:
+        def read(db: sqlite3.Connection) -> int | None:
+            row = db.execute("SELECT position FROM cursors WHERE name = ?", (name,)).fetchone()
+            return None if row is None else int(row[0])
+
+        return await self._db.read(read)
+
+    async def set_cursor(self, name: str, position: int) -> None:
+        await self._db.run(
+            lambda db: db.execute(
+                "INSERT INTO cursors (name, position) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET position = excluded.position",
+                (name, position),
+            )
+        )
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    async def _end_lease(
+        self,
+        key: str,
+        num: int,
+        holder: str,
+        step: Step,
+        values: Mapping[str, object],
+        *,
+        reason: StopReason | None = None,
+        progress: int | None = None,
+        now: float | None = None,
+    ) -> bool:
+        """Make ``step`` on a file ``holder`` leases, ending the lease; append its events."""
+        states = sources(step)
+        (after,) = {target(state, step) for state in states}
+        columns = "".join(f"{name} = ?, " for name in values)
+
+        def end(db: sqlite3.Connection) -> bool:
+            at = time.time() if now is None else now
+            row = db.execute("SELECT * FROM transfer_files WHERE key = ? AND num = ?", (key, num)).fetchone()
+            changed = db.execute(
+                f"UPDATE transfer_files SET {columns}state = ?, claimed_by = NULL, lease_until = NULL,"
+                f" stop_request = NULL, publishing = 0, updated_at = ? WHERE key = ? AND num = ? AND claimed_by = ?"
+                f" AND state IN {_in(states)}",
+                (*values.values(), after, at, key, num, holder, *states),
+            ).rowcount
+            if not changed:
+                return False
+            db.execute("UPDATE transfers SET updated_at = ? WHERE key = ?", (at, key))
+            _insert_events(db, events_of(step, _subject(db, key, row), bytes=progress, reason=reason), at)
+            return True
+
+        return await self._db.run(end)
+
+    async def _update_file(self, key: str, num: int, **values: object) -> None:
+        columns = ", ".join(f"{name} = ?" for name in values)
+
+        def update(db: sqlite3.Connection) -> None:
+            now = time.time()
+            db.execute(
+                f"UPDATE transfer_files SET {columns}, updated_at = ? WHERE key = ? AND num = ?",
+                (*values.values(), now, key, num),
+            )
+            db.execute("UPDATE transfers SET updated_at = ? WHERE key = ?", (now, key))
+
+        await self._db.run(update)
+
+
+def _holdings(db: sqlite3.Connection, client: str | None) -> Holdings:
+    row = db.execute(
+        "SELECT COUNT(DISTINCT t.key), COUNT(f.num), COALESCE(SUM(f.size - f.received), 0) FROM transfers t"
+        f" LEFT JOIN transfer_files f ON f.key = t.key AND f.state IN {_in(_OPEN_FILE_STATES)}"
+        " WHERE t.client IS ? AND t.state = ?",
+        (*_OPEN_FILE_STATES, client, TransferState.OPEN),
+    ).fetchone()
+    return Holdings(int(row[0]), int(row[1]), int(row[2]))
+
+
+def _end(db: sqlite3.Connection, key: str, step: Step, state: TransferState, now: float) -> Ended | None:
+    """End an OPEN transfer (cancel, expire): it and its open files but one being published; its event."""
+    before = _load(db, key)
+    if before is None or before.state is not TransferState.OPEN:
+        return None
+    db.execute("UPDATE transfers SET state = ?, updated_at = ? WHERE key = ?", (state, now, key))
+    ending = f"key = ? AND publishing = 0 AND state IN {_in(sources(step))}"
+    nums = {row[0] for row in db.execute(f"SELECT num FROM transfer_files WHERE {ending}", (key, *sources(step)))}
+    db.execute(
+        "UPDATE transfer_files SET state = ?, received = 0, verifying_chunk = 0, claimed_by = NULL,"
+        f" lease_until = NULL, stop_request = NULL, in_attempt = 0, updated_at = ? WHERE {ending}",
+        (FileState.CANCELLED, now, key, *sources(step)),
+    )
+    subject = Subject(before.prefix, key, before.owner.dn, before.owner.principal)
+    reason = StopReason.CANCELLED if step is Step.CANCEL else StopReason.EXPIRED
+    _insert_events(db, events_of(step, subject, transfer_after=state, reason=reason), now)
+    return Ended(before, tuple(f for f in before.files if f.num in nums))
+
+
+def _insert_events(db: sqlite3.Connection, events: Sequence[NewEvent], now: float) -> list[Event]:
+    stored = []
+    for e in events:
+        cursor = db.execute(
+            "INSERT INTO events (time, type, prefix, key, num, name, owner, owner_id, bytes, size, md5, sha256, reason)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                now,
+                e.type,
+                e.prefix,
+                e.key,
+                e.num,
+                e.name,
+                e.owner,
+                e.owner_id,
+                e.bytes,
+                e.size,
+                e.md5,
+                e.sha256,
+                e.reason,
+            ),
+        )
+        assert cursor.lastrowid is not None
+        stored.append(
+            Event(
+                e.type,
+                e.prefix,
+                e.key,
+                e.num,
+                e.name,
+                e.owner,
+                e.owner_id,
+                e.bytes,
+                e.size,
+                e.md5,
+                e.sha256,
+                e.reason,
+                id=cursor.lastrowid,
+                time=now,
+            )
+        )
+    return stored
+
+
+def _event(row: sqlite3.Row) -> Event:
+    return Event(
+        type=EventType(row["type"]),
+        prefix=row["prefix"],
+        key=row["key"],
+        num=row["num"],
+        name=row["name"],
+        owner=row["owner"],
+        owner_id=row["owner_id"],
+        bytes=row["bytes"],
+        size=row["size"],
+        md5=row["md5"],
+        sha256=row["sha256"],
+        reason=row["reason"],
+        id=row["id"],
+        time=row["time"],
+    )
+
+
+def _subject(db: sqlite3.Connection, key: str, file_row: sqlite3.Row) -> Subject:
+    row = db.execute("SELECT prefix, owner, owner_id FROM transfers WHERE key = ?", (key,)).fetchone()
+    return Subject(
+        row["prefix"], key, row["owner"], row["owner_id"], file_row["num"], file_row["name"], file_row["size"]
+    )
+
+
+def _file_row(db: sqlite3.Connection, key: str, num: int) -> sqlite3.Row:
+    row = db.execute("SELECT * FROM transfer_files WHERE key = ? AND num = ?", (key, num)).fetchone()
+    if row is None:
+        raise LookupError(f"no file {num} in transfer {key[:8]}…")
+    return row  # type: ignore[no-any-return]
+
+
+def _status(db: sqlite3.Connection, key: str, num: int) -> ClaimStatus | None:
+    row = db.execute(
+        "SELECT state, claimed_by, lease_until, stop_request FROM transfer_files WHERE key = ? AND num = ?", (key, num)
+    ).fetchone()
+    if row is None:
+        return None
+    return ClaimStatus(FileState(row["state"]), row["claimed_by"], row["lease_until"], row["stop_request"])
+
+
+def _staged(row: sqlite3.Row) -> StagedFile:
+    return StagedFile(row["key"], row["num"], row["received"], bool(row["verifying_chunk"]), row["claimed_by"])
+
+
+def _load(db: sqlite3.Connection, key: str) -> Transfer | None:
+    row = db.execute("SELECT * FROM transfers WHERE key = ?", (key,)).fetchone()
+    if row is None:
+        return None
+    files = db.execute("SELECT * FROM transfer_files WHERE key = ? ORDER BY num", (key,)).fetchall()
+    return _transfer(row, tuple(_file(f) for f in files))
+
+
+def _transfer(row: sqlite3.Row, files: tuple[TransferFile, ...]) -> Transfer:
+    return Transfer(
+        key=row["key"],
+        prefix=row["prefix"],
+        owner=Identity.from_principal(row["owner_id"], row["owner"]),
+        state=TransferState(row["state"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        expires_at=row["expires_at"],
+        files=files,
+    )
+
+
+def _file(row: sqlite3.Row) -> TransferFile:
+    return TransferFile(
+        num=row["num"],
+        name=row["name"],
+        size=row["size"],
+        md5=row["md5"],
+        sha256=row["sha256"],
+        state=FileState(row["state"]),
+        received=row["received"],
+        error=row["error"],
+        updated_at=row["updated_at"],
+        upload_metadata=row["upload_metadata"],
+    )
