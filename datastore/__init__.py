@@ -15,6 +15,7 @@ from .handlers import (
     CanDelete,
     CanDescribe,
     CanList,
+    CanObserve,
     DirectoryHandler,
     FileInfo,
     LegacyHandlerAdapter,
@@ -22,6 +23,7 @@ from .handlers import (
     TransferHandler,
 )
 from .http.server import HTTPTransferServer, TransferServer
+from .lifecycle.states import Event, EventType
 from .security.identity import Identity, IdentityKind
 from .security.policy import Action, Audience, Policy
 
@@ -34,8 +36,11 @@ __all__ = [
     "CanDelete",
     "CanDescribe",
     "CanList",
+    "CanObserve",
     "DatastoreError",
     "DirectoryHandler",
+    "Event",
+    "EventType",
     "FileInfo",
     "FileNotFound",
     "HTTPTransferServer",

@@ -52,6 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--root", type=Path, help="directory holding one folder per prefix (default ./data)")
     serve.add_argument("--state-dir", type=Path, help="transfer state and catalogues (default ROOT/.datastore)")
+    serve.add_argument(
+        "--state",
+        dest="state_url",
+        metavar="URL",
+        help="the state store (default sqlite:///STATE_DIR/transfers.sqlite3)",
+    )
+    serve.add_argument(
+        "--hook-url",
+        dest="hook_urls",
+        action="append",
+        metavar="URL",
+        help="POST every event to URL as JSON (repeatable)",
+    )
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8006)")
     serve.add_argument(
@@ -196,6 +209,17 @@ def build_parser() -> argparse.ArgumentParser:
         )
         command.add_argument("url", metavar="URL", help="the server's (or a prefix's) URL")
         command.add_argument("transfer_key", metavar="KEY")
+    watch = commands.add_parser(
+        "watch",
+        parents=[client_options],
+        help="print the store's events as they happen",
+        description="Follow the store's events live (those of the prefixes you may list), reconnecting "
+        "after a dropped connection without missing or repeating one. Stop with Ctrl-C.",
+    )
+    watch.add_argument("url", metavar="URL", help="the server's URL (or a prefix's: then only its events)")
+    watch.add_argument("--prefix", help="only this prefix's events")
+    watch.add_argument("--transfer", metavar="KEY", help="only this transfer's events (you must own it)")
+    watch.add_argument("--after", type=int, metavar="ID", help="first the events after this id")
     return parser
 
 
@@ -217,6 +241,8 @@ def serve(args: argparse.Namespace) -> int:
     flags = {
         "root": args.root,
         "state_dir": args.state_dir,
+        "state_url": args.state_url,
+        "hook_urls": tuple(args.hook_urls) if args.hook_urls else None,
         "host": args.host,
         "port": args.port,
         "prefixes": tuple(args.prefixes) if args.prefixes else None,

@@ -483,6 +483,8 @@ def _convert(key: str, value: Any) -> Any:
             return float(value)
         if kind == "str":
             return str(value)
+        if kind == "str | None":
+            return None if value in (None, "") else str(value)
         if kind == "int | None":
             return None if value in (None, "") else int(value)
         if kind in ("Path", "Path | None"):

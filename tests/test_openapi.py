@@ -106,6 +106,11 @@ database = "none"
 [phases.stateful]
 enabled = false
 
+# The event streams never end by themselves (test_events.py follows them).
+[[operations]]
+include-tag = "events"
+enabled = false
+
 [checks]
 enabled = false
 not_a_server_error.enabled = true

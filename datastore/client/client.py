@@ -31,7 +31,7 @@ import logging
 import os
 import re
 import ssl
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -40,6 +40,8 @@ from urllib.parse import quote, unquote, urlsplit
 
 import aiohttp
 from yarl import URL
+
+from .events import read_events
 
 log = logging.getLogger(__name__)
 
@@ -445,6 +447,53 @@ class DataStoreClient:
     async def cancel(self, key: str) -> dict[str, Any]:
         """Cancel transfer ``key``; returns its final state."""
         return await self._transfer("DELETE", key)
+
+    async def events(
+        self,
+        prefix: str | None = None,
+        *,
+        key: str | None = None,
+        after: int | None = None,
+        reconnect: bool = True,
+        on_reconnect: Callable[[int | None, BaseException], Any] | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Follow the store's events live (of ``prefix``, or of transfer ``key``), as dicts; never ends.
+
+        With ``after``, the events after that id come first. A dropped connection is opened again
+        after a growing pause (``reconnect``), asking for the events after the last one received
+        (``Last-Event-ID``): none is missed or repeated. ``on_reconnect(last_id, error)`` hears of
+        each. A refusal (401, 403, 404) raises RequestFailed at once.
+        """
+        if key is not None:
+            url = f"{self.base}/_api/v1/transfers/{quote(key, safe='')}/events"
+        else:
+            url = f"{self.base}/_api/v1/events" + (f"?prefix={quote(prefix, safe='')}" if prefix else "")
+        last = after
+        pause = self.backoff
+        while True:
+            headers = {"Accept": "text/event-stream"}
+            if last is not None:
+                headers["Last-Event-ID"] = str(last)
+            try:
+                timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=None)
+                async with self.session.get(url, headers=headers, timeout=timeout) as response:
+                    if response.status != 200:
+                        body = await _json(response)
+                        raise RequestFailed(response.status, str(body.get("message", response.reason)))
+                    pause = self.backoff
+                    async for message in read_events(response.content):
+                        event: dict[str, Any] = message.json()
+                        last = int(event["id"])
+                        yield event
+                failure: BaseException = ConnectionError("the stream ended")
+            except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
+                failure = exc
+            if not reconnect:
+                raise failure
+            if on_reconnect is not None:
+                on_reconnect(last, failure)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, self.max_backoff)
 
     async def _transfer(self, method: str, key: str) -> dict[str, Any]:
         url = f"{self.base}/_api/v1/transfers/{quote(key, safe='')}"

@@ -1,4 +1,5 @@
-"""The client half of the command line: ``upload``, ``download``, ``ls``, ``status``, ``cancel``.
+"""The client half of the command line: ``upload``, ``download``, ``ls``, ``status``, ``cancel``,
+``watch``.
 
 Progress goes to standard error as rich progress bars (one per file and a
 total); results go to standard output, as text or, with ``--json``, as JSON.
@@ -48,6 +49,7 @@ def run_client_command(args: argparse.Namespace) -> int:
         "ls": _list,
         "status": _status,
         "cancel": _cancel,
+        "watch": _watch,
     }[args.command]
     try:
         token = _token(args)
@@ -82,7 +84,7 @@ def run_client_command(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"datastore: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    if args.json:
+    if args.json and args.command != "watch":
         print(json.dumps(result, indent=2))
     return 0
 
@@ -198,6 +200,39 @@ async def _status(client: DataStoreClient, args: argparse.Namespace, prefix: str
 async def _cancel(client: DataStoreClient, args: argparse.Namespace, prefix: str) -> Any:
     status = await client.cancel(args.transfer_key)
     return status if args.json else _print_status(status)
+
+
+async def _watch(client: DataStoreClient, args: argparse.Namespace, url_prefix: str) -> Any:
+    """Print events as they happen (one line each, or JSON lines); reconnects after a dropped connection."""
+    prefix = args.prefix or url_prefix or None
+    after = args.after
+
+    def reconnecting(last: int | None, error: BaseException) -> None:
+        if not args.quiet:
+            since = f" after event {last}" if last is not None else ""
+            print(
+                f"datastore: the stream broke ({error or type(error).__name__}); reconnecting{since}", file=sys.stderr
+            )
+
+    async for event in client.events(prefix, key=args.transfer, after=after, on_reconnect=reconnecting):
+        if args.json:
+            print(json.dumps(event, separators=(",", ":")), flush=True)
+        else:
+            print(_event_line(event), flush=True)
+
+
+def _event_line(event: dict[str, Any]) -> str:
+    """``2026-12-04T18:00:00Z  #12  file.completed  files/a.bin  1048576 bytes  (reason)``."""
+    where = event["prefix"] + (f"/{event['name']}" if event.get("name") else "")
+    parts = [event["time"], f"#{event['id']}", event["type"], where]
+    if event.get("bytes") is not None:
+        total = f"/{event['size']}" if event.get("size") is not None and event["size"] != event["bytes"] else ""
+        parts.append(f"{event['bytes']}{total} bytes")
+    if event.get("owner"):
+        parts.append(f"by {event['owner']}")
+    if event.get("reason"):
+        parts.append(f"({event['reason']})")
+    return "  ".join(parts)
 
 
 def _print_status(status: dict[str, Any]) -> None:

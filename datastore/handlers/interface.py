@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from ..lifecycle.states import Event
 from ..security.identity import Identity
 
 
@@ -209,6 +210,19 @@ class CanAuthorize(Protocol):
 
     async def authorize(self, identity: Identity, action: str, name: str | None) -> bool:
         """Whether ``identity`` may do ``action`` (on ``name``)."""
+
+
+@runtime_checkable
+class CanObserve(Protocol):
+    """Capability: the handler follows its prefix's events (a file landed, an upload failed...).
+
+    Called after each committed change of the prefix, in order, once each, in a task of its own:
+    a slow or failing ``on_event`` never slows an upload (it is logged; one that falls far behind
+    is dropped with a warning). ``event`` is a :class:`datastore.lifecycle.states.Event`.
+    """
+
+    async def on_event(self, event: Event) -> None:
+        """React to ``event``."""
 
 
 @runtime_checkable

@@ -17,6 +17,7 @@ from .interface import (
     CanDescribe,
     CanList,
     CanLocateDownload,
+    CanObserve,
     CanReserveMany,
     TransferHandler,
 )
@@ -36,6 +37,7 @@ class Mount:
     reserver: CanReserveMany | None = None
     locator: CanLocateDownload | None = None
     authorizer: CanAuthorize | None = None
+    observer: CanObserve | None = None
     #: Held across can_upload and add_pending_upload so reservations are atomic.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -53,6 +55,7 @@ class Mount:
             reserver=handler if isinstance(handler, CanReserveMany) else None,
             locator=handler if isinstance(handler, CanLocateDownload) else None,
             authorizer=handler if isinstance(handler, CanAuthorize) else None,
+            observer=handler if isinstance(handler, CanObserve) else None,
         )
 
     async def authorize(self, identity: Identity, action: Action, name: str | None = None) -> None:

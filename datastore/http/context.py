@@ -28,6 +28,7 @@ from ..security.identity import Identity
 from ..security.tokens import TokenStore
 from ..state.interface import StateStore
 from .bodies import MemoryBudget
+from .hooks import Hook
 
 
 @dataclass(slots=True)
@@ -42,6 +43,8 @@ class StoreContext:
     authenticate: Callable[[web.Request], Awaitable[Identity]]
     #: The events this application announces, for its SSE streams.
     events: EventBus
+    #: The webhooks it delivers events to.
+    hooks: list[Hook] = field(default_factory=list)
     #: This worker's number (0 to N-1), reported by the health endpoint.
     worker_index: int = 0
     #: Manifests parsed at once in threads (ConfigParser holds the GIL: more would starve the loop).

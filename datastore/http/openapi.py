@@ -24,6 +24,7 @@ from aiohttp import web
 
 from ..config import PREFIX_PATTERN, Settings
 from ..errors import DatastoreError
+from ..lifecycle.states import EventType
 from ..security.identity import DN_HEADER, MAX_IDENTITY_BYTES, IdentityKind
 from ..security.tokens import ACTIONS, MAX_LIFETIME
 from .api import MAX_TOKEN_REQUEST
@@ -71,6 +72,7 @@ def build_document(settings: Settings, prefixes: list[str]) -> Object:
             {"name": "files", "description": "Downloads, the listing and deletion."},
             {"name": "control", "description": "The control plane under /_api/v1/."},
             {"name": "tokens", "description": "Bearer tokens (administrators)."},
+            {"name": "events", "description": "The store's events, live, as Server-Sent Events."},
             {"name": "browser", "description": "The browser page and its assets."},
         ],
         "security": _ANY_IDENTITY,
@@ -276,6 +278,8 @@ def _paths() -> Object:
             "get": _token_show(),
             "delete": _token_revoke(),
         },
+        "/_api/v1/events": {"get": _events()},
+        "/_api/v1/transfers/{key}/events": {"parameters": [_ref("parameters", "key")], "get": _transfer_events()},
         "/_api/v1/transfers/{key}": {
             "parameters": [_ref("parameters", "key")],
             "get": _transfer_status(),
@@ -504,6 +508,86 @@ def _transfer_status() -> Object:
         },
         description="Only the identity that registered the transfer, or an administrator, may see it; an "
         "anonymous transfer, whoever holds its key.",
+    )
+
+
+_EVENT_STREAM_DESCRIPTION = (
+    "A `text/event-stream` that never ends by itself: one message per event (`id`: the event's id, "
+    "`event`: its type, `data`: the Event object as JSON), and `: ping` comments every 15 s. A client "
+    "that reconnects with `Last-Event-ID` (or asks `?after=ID`) first receives every event after that "
+    "id still in the log (kept `event_retention` seconds), then the live ones, none twice."
+)
+
+
+def _stream_parameters() -> list[Object]:
+    return [
+        {
+            "name": "Last-Event-ID",
+            "in": "header",
+            "description": "Replay the events after this id first (an EventSource sends it on reconnecting).",
+            "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+        },
+        {
+            "name": "after",
+            "in": "query",
+            "description": "As Last-Event-ID, for clients that cannot set headers.",
+            "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+        },
+    ]
+
+
+def _event_stream(description: str) -> Object:
+    return {
+        "description": description,
+        "content": {"text/event-stream": {"schema": {"type": "string"}, "x-item-schema": _schema("Event")}},
+    }
+
+
+def _events() -> Object:
+    return _operation(
+        "events",
+        "events",
+        "Follow the store's events",
+        {
+            "200": _event_stream("The events of every prefix the client may list, or of `prefix`"),
+            **_errors(
+                _merge(
+                    _IDENTIFIED,
+                    {
+                        400: ["a malformed Last-Event-ID"],
+                        403: ["the client may list no prefix (or not `prefix`)"],
+                        404: ["no such prefix"],
+                    },
+                )
+            ),
+        },
+        description=_EVENT_STREAM_DESCRIPTION
+        + " Names are shown to whoever may list the prefix; a transfer's key only to its owner and "
+        "administrators (others see `transfer`, a handle that does not give the key away); owners as "
+        "the prefix's listing shows them.",
+        parameters=[
+            {
+                "name": "prefix",
+                "in": "query",
+                "description": "Only this prefix's events.",
+                "schema": {"type": "string"},
+            },
+            *_stream_parameters(),
+        ],
+    )
+
+
+def _transfer_events() -> Object:
+    return _operation(
+        "transferEvents",
+        "events",
+        "Follow one transfer's events",
+        {
+            "200": _event_stream("The transfer's events"),
+            **_errors(_merge(_TRANSFER_ERRORS, {400: ["a malformed Last-Event-ID"]})),
+        },
+        description=_EVENT_STREAM_DESCRIPTION + " Only the transfer's owner, or an administrator, may follow it.",
+        parameters=_stream_parameters(),
     )
 
 
@@ -1211,6 +1295,25 @@ def _schemas(settings: Settings) -> Object:
             }
         ),
         "UploadResult": _closed({"name": {"type": "string"}, "size": size, "md5": _HEX32, "sha256": _HEX64}),
+        "Event": _closed(
+            {
+                "id": {"type": "integer", "minimum": 1},
+                "type": {"enum": [str(kind) for kind in EventType]},
+                "time": _TIME,
+                "prefix": {"type": "string"},
+                "transfer": _nullable({"type": "string", "pattern": "^[0-9a-f]{16}$"}),
+                "transfer_key": _nullable({"type": "string"}),
+                "file": _nullable({"type": "integer", "minimum": 0}),
+                "name": _nullable({"type": "string"}),
+                "owner": _nullable({"type": "string"}),
+                "bytes": _nullable(size),
+                "size": _nullable(size),
+                "md5": _nullable({"type": "string"}),
+                "sha256": _nullable({"type": "string"}),
+                "reason": _nullable({"type": "string"}),
+            },
+            description="One event, as the `data` of an SSE message and the body of a webhook delivery.",
+        ),
         "TransferStatus": _closed(
             {
                 "transfer_key": {"type": "string", "pattern": "^[0-9a-f]{40}$"},

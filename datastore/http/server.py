@@ -23,6 +23,8 @@ start with ``_`` belong to the server)::
     POST    /_api/v1/tokens                 issue one (administrators)
     GET     /_api/v1/tokens/{id}            show one (administrators)
     DELETE  /_api/v1/tokens/{id}            revoke one (administrators)
+    GET     /_api/v1/events                 the events of the prefixes the client may list (SSE)
+    GET     /_api/v1/transfers/{key}/events one transfer's events (SSE; owner or administrator)
     GET     /_api/v1/transfers/{key}        a transfer's state (owner or administrator)
     DELETE  /_api/v1/transfers/{key}        cancel it
     GET     /_static/{asset}                the browser page's script and style
@@ -85,7 +87,9 @@ from .bodies import MemoryBudget
 from .connections import HTTP_LOG, AccessLogger, ConnectionGate, GatedServer, StoreRunner, bind_socket, connection_cap
 from .context import CONTEXT, StoreContext, render_error
 from .download import handle_asset, handle_delete, handle_download, handle_listing
+from .hooks import Hook
 from .openapi import OPENAPI_PATH, handle_openapi
+from .sse import handle_events, handle_transfer_events
 from .tus import handle_create, handle_head, handle_options, handle_patch, handle_terminate
 from .upload import handle_manifest, handle_upload, upload_expect_handler
 
@@ -141,6 +145,8 @@ class TransferServer(abc.ABC):
         self._contexts: list[StoreContext] = []
         #: The events of the store, for subscribers (:meth:`subscribe`) and the SSE streams.
         self.events = EventBus()
+        #: How to unsubscribe each prefix's handler that follows its events (``on_event``).
+        self._observers: dict[str, Callable[[], None]] = {}
 
     @abc.abstractmethod
     def listeners(self) -> list[Listener]:
@@ -171,13 +177,17 @@ class TransferServer(abc.ABC):
             modern = LegacyHandlerAdapter(handler)
         else:
             raise TypeError(f"{type(handler).__name__} implements neither TransferHandler nor the AccessGrid interface")
-        self._mounts[prefix] = Mount.detect(
-            prefix, modern, policy if policy is not None else self.settings.policy_for(prefix)
-        )
+        mount = Mount.detect(prefix, modern, policy if policy is not None else self.settings.policy_for(prefix))
+        self._mounts[prefix] = mount
+        if mount.observer is not None:
+            self._observers[prefix] = self.subscribe(mount.observer.on_event, prefix)
 
     def unregister_prefix(self, prefix: str) -> None:
         """Stop serving ``prefix``; running requests finish."""
         self._mounts.pop(prefix, None)
+        unsubscribe = self._observers.pop(prefix, None)
+        if unsubscribe is not None:
+            unsubscribe()
 
     def subscribe(self, callback: Callback, prefix: str | None = None) -> Callable[[], None]:
         """Call ``callback(event)`` after every committed change of the store (or of ``prefix``), in
@@ -259,6 +269,8 @@ class TransferServer(abc.ABC):
             },
         )
         app.cleanup_ctx.append(self._lifecycle)
+        # Event streams never end by themselves: they end when the store stops taking requests.
+        app.on_shutdown.append(self._end_streams)
         app.router.add_get(OPENAPI_PATH, handle_openapi)
         app.router.add_get("/_api/v1/health", handle_health)
         app.router.add_get("/_api/v1/identity", handle_identity)
@@ -269,6 +281,8 @@ class TransferServer(abc.ABC):
         app.router.add_get("/_api/v1/tokens/{id}", handle_token_show)
         app.router.add_delete("/_api/v1/tokens/{id}", handle_token_revoke)
         app.router.add_get("/_static/{asset}", handle_asset)
+        app.router.add_get("/_api/v1/events", handle_events)
+        app.router.add_get("/_api/v1/transfers/{key}/events", handle_transfer_events)
         app.router.add_get("/_api/v1/transfers/{key}", handle_transfer_status)
         app.router.add_delete("/_api/v1/transfers/{key}", handle_transfer_cancel)
         # Downloads first: aiohttp tries the /{prefix}... patterns in this order, and
@@ -313,6 +327,10 @@ class TransferServer(abc.ABC):
             tokens=tokens,
             authenticate=self.identify,
             events=self.events,
+            hooks=[
+                Hook(url, index, self.settings, state, lifecycle.holder)
+                for index, url in enumerate(self.settings.hook_urls)
+            ],
             worker_index=self.worker_index,
             manifest_memory=MemoryBudget(self.settings.max_manifest_memory),
         )
@@ -320,6 +338,7 @@ class TransferServer(abc.ABC):
         self._contexts.append(ctx)
         await self.events.start(state, poll_interval=EVENT_POLL_SHARED if self.shared_state else EVENT_POLL)
         tasks = [asyncio.create_task(_sweep(lifecycle), name="datastore-sweeper")]
+        tasks.extend(asyncio.create_task(hook.run(self.events), name=hook.label) for hook in ctx.hooks)
         tasks.extend(asyncio.create_task(job, name="datastore-periodic") for job in self.periodic_jobs())
         try:
             yield
@@ -336,6 +355,9 @@ class TransferServer(abc.ABC):
             for mount in list(self._mounts.values()):
                 if mount.closer is not None:
                     await mount.closer.close()
+
+    async def _end_streams(self, app: web.Application) -> None:
+        self.events.close_streams()
 
     def periodic_jobs(self) -> list[Coroutine[None, None, None]]:
         """Coroutines to run while the app is up (besides the expiry sweeper)."""
@@ -483,6 +505,9 @@ class HTTPSTransferServer(TransferServer):
         """Reload the CRL (SIGHUP), and close the connections of certificates it revokes."""
         if self.crl is not None and await asyncio.to_thread(self.crl.reload):
             self._close_revoked()
+
+    async def _end_streams(self, app: web.Application) -> None:
+        self.events.close_streams()
 
     def periodic_jobs(self) -> list[Coroutine[None, None, None]]:
         if self.crl is None:

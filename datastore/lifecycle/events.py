@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
+from ..protocol.timestamps import iso_time
 from ..state.interface import EventLog
 from .states import Event, EventType
 
@@ -38,8 +40,10 @@ Predicate = Callable[[Event], bool]
 
 #: Events read from the log at once.
 BATCH = 500
-#: Events a listener may fall behind by before it is dropped.
+#: Events a callback may fall behind by before it is dropped.
 QUEUE_SIZE = 10_000
+#: Events a stream may fall behind by before it ends (its client catches up from the log).
+STREAM_QUEUE_SIZE = 1000
 
 
 @dataclass(eq=False, slots=True)
@@ -50,6 +54,15 @@ class Listener:
     queue: asyncio.Queue[Event] = field(default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
     overflowed: bool = False
     name: str = "listener"
+    #: Set when the store stops: the stream ends.
+    closed: bool = False
+
+    async def next(self) -> Event | None:
+        """The next event, or None once the stream must end (it fell behind, or the store stops)."""
+        if self.closed or (self.overflowed and self.queue.empty()):
+            return None
+        event = await self.queue.get()
+        return None if event is _STOP else event
 
     def offer(self, event: Event) -> bool:
         """Queue ``event`` if wanted; False if the queue was full (the listener is dropped)."""
@@ -68,6 +81,7 @@ class EventBus:
 
     def __init__(self, *, queue_size: int = QUEUE_SIZE) -> None:
         self._listeners: set[Listener] = set()
+        self._streams: set[Listener] = set()
         self._callbacks: dict[Listener, Callback] = {}
         self._tasks: dict[Listener, asyncio.Task[None]] = {}
         self._queue_size = queue_size
@@ -198,12 +212,21 @@ class EventBus:
     @contextlib.contextmanager
     def stream(self, wants: Predicate, *, name: str = "stream") -> Iterator[Listener]:
         """A queue of the events ``wants`` from now on (ids above :attr:`position` as it is now)."""
-        listener = Listener(wants, asyncio.Queue(self._queue_size), name=name)
+        listener = Listener(wants, asyncio.Queue(STREAM_QUEUE_SIZE), name=name)
         self._listeners.add(listener)
+        self._streams.add(listener)
         try:
             yield listener
         finally:
             self._listeners.discard(listener)
+            self._streams.discard(listener)
+
+    def close_streams(self) -> None:
+        """End every stream (the store stops): each gets None from :meth:`Listener.next`."""
+        for listener in self._streams:
+            listener.closed = True
+            with contextlib.suppress(asyncio.QueueFull):
+                listener.queue.put_nowait(_STOP)
 
     async def replay(self, after: int, until: int, wants: Predicate) -> AsyncIterator[Event]:
         """The logged events with ids above ``after`` and up to ``until`` that ``wants``, in order."""
@@ -232,3 +255,33 @@ def _everything(_: Event) -> bool:
 
 def _name_of(callback: Callback) -> str:
     return getattr(callback, "__qualname__", None) or type(callback).__name__
+
+
+def transfer_handle(key: str) -> str:
+    """A stable name for a transfer that does not give its key away (the key is a capability): the
+    first 16 hex digits of its SHA-256."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def event_document(event: Event, *, key_visible: bool, owner_visible: bool) -> dict[str, object]:
+    """The JSON form of ``event`` that listeners receive (SSE data, webhook bodies, ``datastore watch``).
+
+    ``transfer`` names the transfer for everyone who may see the event; ``transfer_key`` and
+    ``owner`` are only filled in for those ``key_visible`` and ``owner_visible`` say may see them.
+    """
+    return {
+        "id": event.id,
+        "type": str(event.type),
+        "time": iso_time(event.time),
+        "prefix": event.prefix,
+        "transfer": transfer_handle(event.key) if event.key is not None else None,
+        "transfer_key": event.key if key_visible else None,
+        "file": event.num,
+        "name": event.name,
+        "owner": event.owner if owner_visible else None,
+        "bytes": event.bytes,
+        "size": event.size,
+        "md5": event.md5,
+        "sha256": event.sha256,
+        "reason": event.reason,
+    }
