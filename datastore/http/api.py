@@ -48,9 +48,17 @@ log = logging.getLogger(__name__)
 
 
 async def handle_health(request: web.Request) -> web.Response:
-    """``GET /_api/v1/health``: 200 once the state is open; ``worker`` is the answering worker's number."""
+    """``GET /_api/v1/health``: 200 once the state is open; ``worker`` is the answering worker's number,
+    ``event_streams`` how many event streams it is serving."""
     ctx = request.app[CONTEXT]
-    return web.json_response({"status": "ok", "prefixes": sorted(ctx.mounts), "worker": ctx.worker_index})
+    return web.json_response(
+        {
+            "status": "ok",
+            "prefixes": sorted(ctx.mounts),
+            "worker": ctx.worker_index,
+            "event_streams": ctx.events.streams,
+        }
+    )
 
 
 async def handle_identity(request: web.Request) -> web.Response:

@@ -1366,6 +1366,7 @@ def _schemas(settings: Settings) -> Object:
                 "status": {"const": "ok"},
                 "prefixes": {"type": "array", "items": {"type": "string"}},
                 "worker": {"type": "integer", "minimum": 0},
+                "event_streams": {"type": "integer", "minimum": 0},
             }
         ),
         "Identity": _closed(

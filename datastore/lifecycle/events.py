@@ -157,7 +157,7 @@ class EventBus:
                 self.dropped += 1
                 self._listeners.discard(listener)
                 log.warning(
-                    "the event listener %s fell %d events behind and was dropped", listener.name, self._queue_size
+                    "the event listener %s fell %d events behind and was dropped", listener.name, listener.queue.maxsize
                 )
         if self.on_event is not None:
             self.on_event(event)
@@ -165,7 +165,12 @@ class EventBus:
     # -- callbacks -----------------------------------------------------------------------------
 
     def subscribe(
-        self, callback: Callback, wants: Predicate | None = None, *, name: str | None = None
+        self,
+        callback: Callback,
+        wants: Predicate | None = None,
+        *,
+        name: str | None = None,
+        queue_size: int | None = None,
     ) -> Callable[[], None]:
         """Call ``callback`` with every event ``wants`` (default: all), in order; returns the unsubscriber.
 
@@ -173,7 +178,8 @@ class EventBus:
         only itself (until it falls QUEUE_SIZE events behind and is dropped), one that raises is
         logged and called again with the next event.
         """
-        listener = Listener(wants or _everything, asyncio.Queue(self._queue_size), name=name or _name_of(callback))
+        size = queue_size if queue_size is not None else self._queue_size
+        listener = Listener(wants or _everything, asyncio.Queue(size), name=name or _name_of(callback))
         self._callbacks[listener] = callback
         self._listeners.add(listener)
         if self._log is not None:
@@ -220,6 +226,11 @@ class EventBus:
         finally:
             self._listeners.discard(listener)
             self._streams.discard(listener)
+
+    @property
+    def streams(self) -> int:
+        """How many streams are open."""
+        return len(self._streams)
 
     def close_streams(self) -> None:
         """End every stream (the store stops): each gets None from :meth:`Listener.next`."""

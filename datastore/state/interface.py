@@ -15,7 +15,8 @@ A backend (SQLite: ``sqlite.py``; PostgreSQL, later) is whatever passes the cont
   while it works; a lease that ran out is anybody's to reap, so a dead process frees its files by
   itself.
 - **Time is given.** Methods that compare against the clock take ``now``, so the contract suite
-  tests expiry without waiting.
+  tests expiry without waiting. The events a transition appends are stamped with the clock at
+  commit, whatever ``now`` says.
 """
 
 from __future__ import annotations

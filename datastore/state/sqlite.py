@@ -584,7 +584,7 @@ class SqliteState:
             if not changed:
                 return False
             db.execute("UPDATE transfers SET updated_at = ? WHERE key = ?", (at, key))
-            _insert_events(db, events_of(step, _subject(db, key, row), bytes=progress, reason=reason), at)
+            _insert_events(db, events_of(step, _subject(db, key, row), bytes=progress, reason=reason), time.time())
             return True
 
         return await self._db.run(end)
@@ -628,7 +628,8 @@ def _end(db: sqlite3.Connection, key: str, step: Step, state: TransferState, now
     )
     subject = Subject(before.prefix, key, before.owner.dn, before.owner.principal)
     reason = StopReason.CANCELLED if step is Step.CANCEL else StopReason.EXPIRED
-    _insert_events(db, events_of(step, subject, transfer_after=state, reason=reason), now)
+    # Stamped with the clock, not the caller's "now" (which decides what expires).
+    _insert_events(db, events_of(step, subject, transfer_after=state, reason=reason), time.time())
     return Ended(before, tuple(f for f in before.files if f.num in nums))
 
 
