@@ -23,7 +23,7 @@ import logging
 import shutil
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,7 +66,7 @@ from ..state.interface import (
 )
 from ..storage import staging
 from ..storage.staging import BufferBudget, Digests
-from .states import EventType, FileState, NewEvent, StopReason
+from .states import Event, EventType, FileState, NewEvent, StopReason
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +183,11 @@ class Lifecycle:
 
     def __post_init__(self) -> None:
         self.buffers = BufferBudget(self.settings.upload_buffer_budget // self.settings.chunk_size)
+        self.state.on_appended = self._appended
+
+    def _appended(self, events: Sequence[Event]) -> None:
+        """This process committed ``events``: the bus reads them now."""
+        self.on_change()
 
     # -- what the store holds ---------------------------------------------------------------
 
@@ -291,7 +296,6 @@ class Lifecycle:
                 for info in reserved:
                     await _quietly(mount.handler.cancel_upload(identity, info), "cancel_upload")
                 raise
-        self.on_change()
         return transfer, []
 
     # -- uploading --------------------------------------------------------------------------
@@ -318,7 +322,6 @@ class Lifecycle:
                         self.state.restore(*place, self.holder, released=taken.before.state is FileState.RELEASED)
                     )
                 raise
-            self.on_change()
             cached = self.digests.get(place)
             if cached is not None:
                 # This process's hash state stays good only if no other request claimed the file since.
@@ -431,8 +434,6 @@ class Lifecycle:
             await self.state.append([event], now=time.time())
         except Exception:
             log.exception("recording the progress of an upload failed")
-            return
-        self.on_change()
 
     # -- stopping uploads: cancel, terminate, expire, reap -----------------------------------
 
@@ -441,7 +442,6 @@ class Lifecycle:
         ended = await self.state.cancel(key, now=time.time())
         if ended is None:
             return False
-        self.on_change()
         await self._discard(ended.transfer, ended.files)
         log.info("transfer %s… for /%s cancelled", key[:8], ended.transfer.prefix)
         return True
@@ -449,7 +449,6 @@ class Lifecycle:
     async def terminate(self, transfer: Transfer, num: int) -> None:
         """tus termination of one file: its staged bytes go, its reservation is released."""
         before = await self.state.terminate(transfer.key, num)
-        self.on_change()
         await self._discard(transfer, (before,))
         log.info("upload %s…/%d of /%s terminated", transfer.key[:8], num, transfer.prefix)
 
@@ -458,8 +457,6 @@ class Lifecycle:
         how many expired."""
         now = time.time() if now is None else now
         expired = await self.state.expire_due(now, self.settings.start_timeout)
-        if expired:
-            self.on_change()
         for ended in expired:
             log.info("transfer %s… for /%s expired", ended.transfer.key[:8], ended.transfer.prefix)
             await self._discard(ended.transfer, ended.files)
@@ -506,7 +503,6 @@ class Lifecycle:
         received = offsets[(staged.key, staged.num)]
         reaped = await self.state.reap(staged.key, staged.num, staged.holder, received=received, now=time.time())
         if reaped:
-            self.on_change()
             log.info(
                 "the upload %s…/%d held by %s was left: it resumes from byte %d",
                 staged.key[:8],
@@ -560,7 +556,6 @@ class Lifecycle:
         """Announce that a published file was deleted."""
         event = NewEvent(EventType.FILE_DELETED, mount.prefix, name=name, owner=owner, owner_id=owner_id, size=size)
         await self.state.append([event], now=time.time())
-        self.on_change()
 
 
 class FileUpload:
@@ -676,7 +671,6 @@ class FileUpload:
         if not await staging.uncancellable(state.publish(*self.place, holder, md5=md5, sha256=sha256)):
             # The lease was lost meanwhile (this process stalled past it): the file is not ours to publish.
             raise TransferCancelled("the upload's hold on the file ran out before it was published")
-        self.lifecycle.on_change()
         self.lifecycle.digests.pop(self.place, None)
         log.info("published /%s/%s (%d bytes) for %s", self.mount.prefix, self.file.name, self.file.size, self.identity)
         return verified
@@ -730,7 +724,6 @@ class FileUpload:
             await lifecycle.state.pause(*self.place, lifecycle.holder, received=offset)
         else:
             await lifecycle.state.interrupt(*self.place, lifecycle.holder, received=offset, reason=reason)
-        lifecycle.on_change()
 
 
 async def _quietly(call: Awaitable[None], what: str) -> None:

@@ -21,7 +21,7 @@ A backend (SQLite: ``sqlite.py``; PostgreSQL, later) is whatever passes the cont
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -383,6 +383,11 @@ class CursorStore(Protocol):
 
 class StateStore(TransferStore, EventLog, LeaseStore, CursorStore, Protocol):
     """Everything a store persists besides the bytes and the handlers' catalogues."""
+
+    #: Called after each transaction of this object that appended events, with those events (ids and
+    #: times set), in commit order; not for other objects' or processes' transactions. The lifecycle
+    #: counts them and wakes the event bus with it.
+    on_appended: Callable[[Sequence[Event]], None]
 
     async def close(self) -> None:
         """Release the backend's connections; a later call reopens them."""

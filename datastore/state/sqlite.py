@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import secrets
 import sqlite3
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from ..errors import AlreadyUploaded, TransferCancelled, UploadInProgress
 from ..lifecycle.states import (
@@ -160,6 +162,8 @@ def _in(states: Sequence[str]) -> str:
     return "(" + ", ".join("?" * len(states)) + ")"
 
 
+T = TypeVar("T")
+
 _OPEN_FILE_STATES = tuple(state for state in FileState if state not in FINAL_FILE_STATES)
 
 
@@ -169,6 +173,22 @@ class SqliteState:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db = Database(path, _SCHEMA, _migrate)
+        self.on_appended: Callable[[Sequence[Event]], None] = _ignore
+
+    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """``work`` in one write transaction; then :attr:`on_appended` hears the events it appended."""
+
+        def transaction(db: sqlite3.Connection) -> tuple[T, list[Event]]:
+            _appended.events = []
+            try:
+                return work(db), _appended.events
+            finally:
+                del _appended.events
+
+        result, appended = await self._db.run(transaction)
+        if appended:
+            self.on_appended(appended)
+        return result
 
     # -- transfers ------------------------------------------------------------------------------
 
@@ -235,7 +255,7 @@ class SqliteState:
                 now,
             )
 
-        await self._db.run(insert)
+        await self._run(insert)
         return transfer
 
     async def holdings(self, client: str | None) -> Holdings:
@@ -278,7 +298,7 @@ class SqliteState:
                 _insert_events(db, events_of(Step.CLAIM, _subject(db, key, row), bytes=before.received), now)
             return Claim(before, row["claims"] + 1)
 
-        return await self._db.run(claim)
+        return await self._run(claim)
 
     async def renew(self, key: str, num: int, holder: str, *, lease: float, now: float) -> ClaimStatus | None:
         def renew(db: sqlite3.Connection) -> ClaimStatus | None:
@@ -288,7 +308,7 @@ class SqliteState:
             )
             return _status(db, key, num)
 
-        return await self._db.run(renew)
+        return await self._run(renew)
 
     async def status(self, key: str, num: int) -> ClaimStatus | None:
         return await self._db.read(lambda db: _status(db, key, num))
@@ -304,7 +324,7 @@ class SqliteState:
             db.execute("UPDATE transfer_files SET stop_request = ? WHERE key = ? AND num = ?", (reason, key, num))
             return str(row["claimed_by"])
 
-        return await self._db.run(ask)
+        return await self._run(ask)
 
     async def restore(self, key: str, num: int, holder: str, *, released: bool) -> bool:
         step = Step.RESTORE_RELEASED if released else Step.RESTORE
@@ -338,7 +358,7 @@ class SqliteState:
                 ).rowcount
             )
 
-        return await self._db.run(begin)
+        return await self._run(begin)
 
     async def publish(self, key: str, num: int, holder: str, *, md5: str, sha256: str) -> bool:
         def publish(db: sqlite3.Connection) -> bool:
@@ -371,7 +391,7 @@ class SqliteState:
             _insert_events(db, events, now)
             return True
 
-        return await self._db.run(publish)
+        return await self._run(publish)
 
     async def terminate(self, key: str, num: int) -> TransferFile:
         def terminate(db: sqlite3.Connection) -> TransferFile:
@@ -408,10 +428,10 @@ class SqliteState:
             )
             return before
 
-        return await self._db.run(terminate)
+        return await self._run(terminate)
 
     async def cancel(self, key: str, *, now: float) -> Ended | None:
-        return await self._db.run(lambda db: _end(db, key, Step.CANCEL, TransferState.CANCELLED, now))
+        return await self._run(lambda db: _end(db, key, Step.CANCEL, TransferState.CANCELLED, now))
 
     async def expire_due(self, now: float, start_timeout: float | None = None) -> list[Ended]:
         never_started = now - start_timeout if start_timeout is not None else float("-inf")
@@ -428,7 +448,7 @@ class SqliteState:
             ended = (_end(db, key, Step.EXPIRE, TransferState.EXPIRED, now) for key in keys)
             return [transfer for transfer in ended if transfer is not None]
 
-        return await self._db.run(expire)
+        return await self._run(expire)
 
     async def begin_chunk(self, key: str, num: int, *, verifying: bool) -> None:
         await self._update_file(key, num, verifying_chunk=int(verifying))
@@ -469,7 +489,7 @@ class SqliteState:
         )
 
     async def recover(self) -> int:
-        return await self._db.run(
+        return await self._run(
             lambda db: (
                 db.execute(
                     "UPDATE transfer_files SET state = ?, claimed_by = NULL, lease_until = NULL, stop_request = NULL"
@@ -489,7 +509,7 @@ class SqliteState:
         )
 
     async def purge(self, before: float) -> int:
-        return await self._db.run(
+        return await self._run(
             lambda db: (
                 db.execute(
                     "DELETE FROM transfers WHERE state != ? AND updated_at < ?", (TransferState.OPEN, before)
@@ -500,7 +520,7 @@ class SqliteState:
     # -- the event log --------------------------------------------------------------------------
 
     async def append(self, events: Sequence[NewEvent], *, now: float) -> list[Event]:
-        return await self._db.run(lambda db: _insert_events(db, events, now))
+        return await self._run(lambda db: _insert_events(db, events, now))
 
     async def events_after(self, last_id: int, *, limit: int) -> list[Event]:
         return await self._db.read(
@@ -515,7 +535,7 @@ class SqliteState:
 
     async def prune_events(self, before: float) -> int:
         # AUTOINCREMENT: ids of deleted events are never handed out again.
-        return await self._db.run(lambda db: db.execute("DELETE FROM events WHERE time < ?", (before,)).rowcount)
+        return await self._run(lambda db: db.execute("DELETE FROM events WHERE time < ?", (before,)).rowcount)
 
     # -- named leases and cursors ---------------------------------------------------------------
 
@@ -529,10 +549,10 @@ class SqliteState:
             ).rowcount
             return bool(changed)
 
-        return await self._db.run(acquire)
+        return await self._run(acquire)
 
     async def release(self, name: str, holder: str) -> None:
-        await self._db.run(lambda db: db.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder)))
+        await self._run(lambda db: db.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder)))
 
     async def cursor(self, name: str) -> int | None:
         def read(db: sqlite3.Connection) -> int | None:
@@ -542,7 +562,7 @@ class SqliteState:
         return await self._db.read(read)
 
     async def set_cursor(self, name: str, position: int) -> None:
-        await self._db.run(
+        await self._run(
             lambda db: db.execute(
                 "INSERT INTO cursors (name, position) VALUES (?, ?)"
                 " ON CONFLICT (name) DO UPDATE SET position = excluded.position",
@@ -587,7 +607,7 @@ class SqliteState:
             _insert_events(db, events_of(step, _subject(db, key, row), bytes=progress, reason=reason), time.time())
             return True
 
-        return await self._db.run(end)
+        return await self._run(end)
 
     async def _update_file(self, key: str, num: int, **values: object) -> None:
         columns = ", ".join(f"{name} = ?" for name in values)
@@ -600,7 +620,7 @@ class SqliteState:
             )
             db.execute("UPDATE transfers SET updated_at = ? WHERE key = ?", (now, key))
 
-        await self._db.run(update)
+        await self._run(update)
 
 
 def _holdings(db: sqlite3.Connection, client: str | None) -> Holdings:
@@ -633,8 +653,16 @@ def _end(db: sqlite3.Connection, key: str, step: Step, state: TransferState, now
     return Ended(before, tuple(f for f in before.files if f.num in nums))
 
 
+#: The events appended by the transaction now running on a database thread.
+_appended = threading.local()
+
+
+def _ignore(_: Sequence[Event]) -> None:
+    pass
+
+
 def _insert_events(db: sqlite3.Connection, events: Sequence[NewEvent], now: float) -> list[Event]:
-    stored = []
+    stored: list[Event] = _appended.events
     for e in events:
         cursor = db.execute(
             "INSERT INTO events (time, type, prefix, key, num, name, owner, owner_id, bytes, size, md5, sha256, reason)"
