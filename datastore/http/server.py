@@ -16,6 +16,7 @@ start with ``_`` belong to the server)::
 
     GET     /_api/v1/openapi.json           the OpenAPI 3.1 document of all of this (openapi.py)
     GET     /_api/v1/health
+    GET     /_api/v1/metrics                the metrics, Prometheus text format (metrics_page.py)
     GET     /_api/v1/identity               who the store takes the client for
     POST    /_api/v1/session                the browser page signs in with a token (a cookie)
     DELETE  /_api/v1/session                and out
@@ -82,6 +83,7 @@ from .bodies import MemoryBudget
 from .connections import HTTP_LOG, AccessLogger, ConnectionGate, GatedServer, StoreRunner, bind_socket, connection_cap
 from .context import CONTEXT, Mount, StoreContext, render_error
 from .download import handle_asset, handle_delete, handle_download, handle_listing
+from .metrics_page import METRICS_PATH, handle_metrics
 from .openapi import OPENAPI_PATH, handle_openapi
 from .tus import handle_create, handle_head, handle_options, handle_patch, handle_terminate
 from .upload import expire_transfers, handle_manifest, handle_upload, upload_expect_handler
@@ -238,6 +240,7 @@ class TransferServer(abc.ABC):
         app.cleanup_ctx.append(self._lifecycle)
         app.router.add_get(OPENAPI_PATH, handle_openapi)
         app.router.add_get("/_api/v1/health", handle_health)
+        app.router.add_get(METRICS_PATH, handle_metrics)
         app.router.add_get("/_api/v1/identity", handle_identity)
         app.router.add_post("/_api/v1/session", handle_session_start)
         app.router.add_delete("/_api/v1/session", handle_session_end)
