@@ -1,18 +1,26 @@
-"""The store's metrics (datastore/metrics.py) and the page that shows them.
+"""The metrics page, ``GET /_api/v1/metrics``: what it counts, that Prometheus reads it, who may read it.
 
-Every page is checked by Debian's ``promtool check metrics``; a machine without it fails these
-tests (``make test`` unpacks it from Debian's prometheus package), it never skips them.
+Counts are checked exactly against scripted runs of a real ``datastore serve`` (a fresh process, so
+that nothing else counted before): uploads and downloads of known sizes, a Range, a 404, refused
+connections, an interrupted download. Every page is checked by Debian's ``promtool check metrics``;
+a machine without it fails these tests (``make test`` unpacks it from Debian's prometheus package),
+it never skips them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
+import os
 import shutil
 import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import make_mocked_request
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,6 +32,9 @@ from datastore.http.metrics_page import METRICS_PATH, _from_loopback
 from datastore.security.policy import Policy
 
 from .conftest import MakeStore
+from .harness import json_manifest, spawn_serve
+
+TUS = {"Tus-Resumable": "1.0.0"}
 
 #: One series: (sample name, its labels).
 Series = tuple[str, frozenset[tuple[str, str]]]
@@ -173,3 +184,207 @@ def test_metrics_access_is_a_setting_from_file_environment_and_flags(tmp_path: P
     )
     with pytest.raises(SettingsError, match="metrics_access must be one of admins, loopback, anyone"):
         load_settings(environ={"DATASTORE_METRICS_ACCESS": "everyone"})
+
+
+# -- one process: a scripted run, counted exactly ------------------------------------------------------
+
+
+def durations(page: dict[Series, float]) -> dict[tuple[str, str, str], float]:
+    """The count of every latency histogram series: (route, method, status class) -> requests."""
+    return {
+        (labels["route"], labels["method"], labels["status_class"]): count
+        for (name, frozen), count in page.items()
+        if name == "datastore_http_request_duration_seconds_count"
+        for labels in [dict(frozen)]
+    }
+
+
+class Served:
+    """A running ``datastore serve`` and its administrator token."""
+
+    def __init__(self, process: asyncio.subprocess.Process, base: str, state: Path) -> None:
+        self.process, self.base, self.state = process, base, state
+        self.admin = {"Authorization": f"Bearer {(state / 'admin.token').read_text().strip()}"}
+
+    async def page(self, session: aiohttp.ClientSession | None = None) -> str:
+        """The metrics page, on ``session``'s connection or a new one."""
+        async with contextlib.AsyncExitStack() as stack:
+            if session is None:
+                session = await stack.enter_async_context(aiohttp.ClientSession(self.base))
+            async with session.get(METRICS_PATH, headers=self.admin) as response:
+                assert response.status == 200, await response.text()
+                assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+                return await response.text()
+
+
+@contextlib.asynccontextmanager
+async def serve(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> AsyncIterator[Served]:
+    state = tmp_path / "state"
+    process, (match,) = await spawn_serve(
+        "--root",
+        str(tmp_path / "root"),
+        "--state-dir",
+        str(state),
+        *args,
+        env={"DATASTORE_FSYNC": "false", **(env or {})},
+    )
+    try:
+        yield Served(process, match["base"], state)
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            await asyncio.wait_for(process.wait(), 60)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 20.0) -> None:
+    """Ask ``check`` again until it holds (another process's state), failing after ``timeout`` seconds."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not await check():  # noqa: ASYNC110 - another process's state, asked over HTTP
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting until {what}") from None
+
+
+async def test_a_scripted_run_is_counted_exactly_and_promtool_accepts_the_page(tmp_path: Path) -> None:
+    files = {
+        "small.bin": os.urandom(1000),  # PUT, answered from memory when downloaded
+        "large.bin": os.urandom(200_000),  # PUT with Expect: 100-continue, downloaded whole and by a Range
+        "form.bin": os.urandom(70_000),  # a browser's form
+        "resumed.bin": os.urandom(50_000),  # tus: 20,000 bytes sent so far
+        "waiting.bin": os.urandom(30_000),  # nothing sent yet
+    }
+    async with serve(tmp_path) as served, aiohttp.ClientSession(served.base) as session:
+        fresh = parse(await served.page(session))
+        assert value(fresh, "datastore_upload_received_bytes_total") == 0
+        assert durations(fresh) == {}
+
+        async with session.post("/files/manifest", json=json_manifest(list(files.items()))) as response:
+            assert response.status == 201
+            key = (await response.json())["transfer_key"]
+        async with session.put(f"/files/{key}/0", data=files["small.bin"]) as response:
+            assert response.status == 200
+        async with session.put(f"/files/{key}/1", data=files["large.bin"], expect100=True) as response:
+            assert response.status == 200
+        form = aiohttp.FormData()
+        form.add_field("file", files["form.bin"], filename="form.bin", content_type="application/octet-stream")
+        async with session.post(f"/files/{key}/2", data=form) as response:
+            assert response.status == 200
+        patch = {**TUS, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"}
+        async with session.patch(f"/files/{key}/3", data=files["resumed.bin"][:20_000], headers=patch) as response:
+            assert response.status == 204
+
+        async with session.get("/files/small.bin") as response:
+            assert await response.read() == files["small.bin"]
+        async with session.get("/files/large.bin") as response:
+            assert await response.read() == files["large.bin"]
+            etag = response.headers["ETag"]
+        async with session.get("/files/large.bin", headers={"Range": "bytes=100-1099"}) as response:
+            assert response.status == 206
+            assert await response.read() == files["large.bin"][100:1100]
+        async with session.get("/files/large.bin", headers={"If-None-Match": etag}) as response:
+            assert response.status == 304
+        async with session.head("/files/large.bin") as response:  # not a download
+            assert response.status == 200
+        async with session.get("/files/missing.bin") as response:
+            assert response.status == 404
+        async with session.get("/files/.hidden") as response:
+            assert response.status == 400
+
+        text = await served.page(session)
+
+    page = parse(text)
+    assert value(page, "datastore_upload_received_bytes_total") == 1000 + 200_000 + 70_000 + 20_000
+    assert value(page, "datastore_download_sent_bytes_total") == 1000 + 200_000 + 1000
+    downloads = {
+        dict(labels)["outcome"]: count for (name, labels), count in page.items() if name == "datastore_downloads_total"
+    }
+    assert downloads == {
+        "ok": 2,
+        "partial": 1,
+        "not_modified": 1,
+        "not_found": 1,
+        "bad_request": 1,
+        "refused": 0,
+        "precondition_failed": 0,
+        "range_not_satisfiable": 0,
+        "interrupted": 0,
+        "error": 0,
+    }
+    assert durations(page) == {
+        ("/_api/v1/metrics", "GET", "2xx"): 1,  # the first look; a page never counts itself
+        ("/{prefix}/manifest", "POST", "2xx"): 1,
+        ("/{prefix}/{key}/{num}", "PUT", "2xx"): 2,
+        ("/{prefix}/{key}/{num}", "POST", "2xx"): 1,
+        ("/{prefix}/{key}/{num}", "PATCH", "2xx"): 1,
+        ("/{prefix}/{name}", "GET", "2xx"): 3,
+        ("/{prefix}/{name}", "GET", "3xx"): 1,
+        ("/{prefix}/{name}", "GET", "4xx"): 2,
+        ("/{prefix}/{name}", "HEAD", "2xx"): 1,
+    }
+    bucket = "datastore_http_request_duration_seconds_bucket"
+    labels = {"route": "/{prefix}/{name}", "method": "GET", "status_class": "2xx"}
+    assert value(page, bucket, **labels, le="+Inf") == 3
+    # What the store holds now: the tus file's staged bytes, and what the open transfer may still write.
+    assert value(page, "datastore_staged_bytes") == 20_000
+    assert value(page, "datastore_reserved_bytes") == (50_000 - 20_000) + 30_000
+    assert 0 < value(page, "datastore_disk_free_bytes") <= value(page, "datastore_disk_size_bytes")
+    assert value(page, "datastore_uploads_active") == 0
+    assert value(page, "datastore_connections_active") >= 1
+    await assert_promtool_accepts(text)
+
+
+async def test_connections_are_counted_open_and_refused(tmp_path: Path) -> None:
+    async with serve(tmp_path, env={"DATASTORE_MAX_CONNECTIONS_PER_CLIENT": "3"}) as served:
+        host, port = served.base.removeprefix("http://").split(":")
+        held = [await asyncio.open_connection(host, int(port)) for _ in range(3)]
+        try:
+            # A fourth connection from the same address meets the limit: 503, before any request.
+            reader, writer = await asyncio.open_connection(host, int(port))
+            assert (await reader.readline()).startswith(b"HTTP/1.1 503")
+            writer.close()
+
+            # The page, asked on one of the three (the refused one was never counted as open).
+            reader, writer = held[0]
+            token = served.admin["Authorization"]
+            writer.write(f"GET {METRICS_PATH} HTTP/1.1\r\nHost: {host}\r\nAuthorization: {token}\r\n\r\n".encode())
+            head = (await reader.readuntil(b"\r\n\r\n")).decode()
+            length = int(next(line for line in head.split("\r\n") if line.lower().startswith("content-length:"))[15:])
+            text = (await reader.readexactly(length)).decode()
+        finally:
+            for _, held_writer in held:
+                held_writer.close()
+
+    page = parse(text)
+    assert value(page, "datastore_connections_active") == 3
+    assert value(page, "datastore_connections_refused_total", reason="max_connections_per_client") == 1
+    assert value(page, "datastore_connections_refused_total", reason="max_connections") == 0
+
+
+async def test_an_interrupted_download_counts_what_was_sent_before_it_broke(tmp_path: Path) -> None:
+    content = os.urandom(64 << 20)
+    async with serve(tmp_path) as served:
+        async with aiohttp.ClientSession(served.base) as session:
+            async with session.post(
+                "/files/manifest", json={"files": [{"name": "big.bin", "size": len(content)}]}
+            ) as r:
+                key = (await r.json())["transfer_key"]
+            async with session.put(f"/files/{key}/0", data=io.BytesIO(content)) as response:
+                assert response.status == 200
+
+        host, port = served.base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"GET /files/big.bin HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        await reader.readuntil(b"\r\n\r\n")
+        received = len(await reader.readexactly(1 << 20))
+        writer.transport.abort()  # a reset, as a client that gives up
+
+        async def interrupted() -> bool:
+            return value(parse(await served.page()), "datastore_downloads_total", outcome="interrupted") == 1
+
+        await eventually(interrupted, "the download is counted as interrupted")
+        page = parse(await served.page())
+    sent = value(page, "datastore_download_sent_bytes_total")
+    # At least what the client read, less than the file: what went into the connection before it broke.
+    assert received <= sent < len(content)
+    assert value(page, "datastore_downloads_total", outcome="ok") == 0

@@ -1,6 +1,7 @@
 """What every request handler of a running store shares: settings, the
 transfer registry, the token store, the prefix mounts, the staging directory
-and the count of running uploads; and the identity of each request.
+and the count of running uploads (also in the metrics); and the identity of
+each request.
 
 The prefix registry is a plain mapping from prefix to :class:`Mount`, filled
 by ``TransferServer.register_prefix`` before serving; each mount remembers
@@ -28,6 +29,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .. import metrics
 from ..config import Settings
 from ..errors import DatastoreError, NotAuthorized, PathNotFound, ServiceUnavailable, TooManyUploads
 from ..handlers.interface import (
@@ -185,9 +187,11 @@ class StoreContext:
         self.active_uploads += 1
         self.uploads_by_client[client] += 1
         self.bytes_in_flight += size
+        metrics.upload_started()
         try:
             yield
         finally:
+            metrics.upload_stopped()
             self.active_uploads -= 1
             self.bytes_in_flight -= size
             self.uploads_by_client[client] -= 1
