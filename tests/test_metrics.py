@@ -2,9 +2,10 @@
 
 Counts are checked exactly against scripted runs of a real ``datastore serve`` (a fresh process, so
 that nothing else counted before): uploads and downloads of known sizes, a Range, a 404, refused
-connections, an interrupted download. Every page is checked by Debian's ``promtool check metrics``;
-a machine without it fails these tests (``make test`` unpacks it from Debian's prometheus package),
-it never skips them.
+connections; and with ``--workers 2``, that whichever worker answers reports the sum of both, and
+that a dead worker's gauges leave the page while its counters stay. Every page is checked by
+Debian's ``promtool check metrics``; a machine without it fails these tests (``make test`` unpacks it
+from Debian's prometheus package), it never skips them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import io
 import os
 import shutil
+import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -388,3 +390,115 @@ async def test_an_interrupted_download_counts_what_was_sent_before_it_broke(tmp_
     # At least what the client read, less than the file: what went into the connection before it broke.
     assert received <= sent < len(content)
     assert value(page, "datastore_downloads_total", outcome="ok") == 0
+
+
+# -- several workers --------------------------------------------------------------------------------
+
+
+async def health_on_a_new_connection(base: str) -> int:
+    """Which worker answers a new connection."""
+    async with (
+        aiohttp.ClientSession(base, connector=aiohttp.TCPConnector(force_close=True)) as session,
+        session.get("/_api/v1/health") as response,
+    ):
+        worker: int = (await response.json())["worker"]
+        return worker
+
+
+async def session_on(base: str, worker: int, asked: list[int]) -> aiohttp.ClientSession:
+    """A session whose one connection reaches ``worker``; every health request made is appended to ``asked``."""
+    for _ in range(64):
+        session = aiohttp.ClientSession(base, connector=aiohttp.TCPConnector(limit=1))
+        async with session.get("/_api/v1/health") as response:
+            answered = (await response.json())["worker"]
+        asked.append(answered)
+        if answered == worker:
+            return session
+        await session.close()
+    raise AssertionError(f"no connection reached worker {worker} in 64 attempts")
+
+
+def worker_pids(state: Path) -> set[int]:
+    """The workers now alive, by their live gauges' files in the metrics directory."""
+    return {int(path.stem.rsplit("_", 1)[1]) for path in (state / "metrics").glob("gauge_livesum_*.db")}
+
+
+HEALTH = {"route": "/_api/v1/health", "method": "GET", "status_class": "2xx"}
+PUT = {"route": "/{prefix}/{key}/{num}", "method": "PUT", "status_class": "2xx"}
+SCRAPE = {"route": METRICS_PATH, "method": "GET", "status_class": "2xx"}
+
+
+async def test_with_two_workers_every_worker_reports_the_sum_of_both(tmp_path: Path) -> None:
+    async with serve(tmp_path, "--workers", "2") as served:
+        # Many new connections: the kernel spreads them over both workers.
+        asked = [await health_on_a_new_connection(served.base) for _ in range(40)]
+        while set(asked) != {0, 1} and len(asked) < 400:
+            asked.append(await health_on_a_new_connection(served.base))
+        assert set(asked) == {0, 1}, asked
+        # Uploads on new connections too: each worker counts the bytes it received.
+        sizes = [10_000 + 1000 * index for index in range(8)]
+        names = [(f"spread-{index}.bin", os.urandom(size)) for index, size in enumerate(sizes)]
+        async with (
+            aiohttp.ClientSession(served.base) as session,
+            session.post("/files/manifest", json=json_manifest(names)) as response,
+        ):
+            key = (await response.json())["transfer_key"]
+        for num, (_, content) in enumerate(names):
+            async with (
+                aiohttp.ClientSession(served.base, connector=aiohttp.TCPConnector(force_close=True)) as session,
+                session.put(f"/files/{key}/{num}", data=content) as response,
+            ):
+                assert response.status == 200
+
+        sessions = [await session_on(served.base, 0, asked), await session_on(served.base, 1, asked)]
+        try:
+            texts = [await served.page(session) for session in sessions]
+        finally:
+            for session in sessions:
+                await session.close()
+
+    pages = [parse(text) for text in texts]
+    for page in pages:
+        assert value(page, "datastore_http_request_duration_seconds_count", **HEALTH) == len(asked)
+        assert value(page, "datastore_upload_received_bytes_total") == sum(sizes)
+        assert value(page, "datastore_http_request_duration_seconds_count", **PUT) == len(sizes)
+    # The second page, from the other worker, counts the first.
+    assert ("datastore_http_request_duration_seconds_count", frozenset(SCRAPE.items())) not in pages[0]
+    assert value(pages[1], "datastore_http_request_duration_seconds_count", **SCRAPE) == 1
+    for text in texts:
+        await assert_promtool_accepts(text)
+
+
+async def test_a_dead_workers_gauges_leave_the_page_and_its_counters_stay(tmp_path: Path) -> None:
+    async with serve(tmp_path, "--workers", "2") as served:
+        asked: list[int] = []
+        sessions = [await session_on(served.base, 0, asked), await session_on(served.base, 1, asked)]
+        try:
+
+            async def two_open() -> bool:
+                # The two sessions' connections; those of the probes that missed close meanwhile.
+                return value(parse(await served.page(sessions[0])), "datastore_connections_active") == 2
+
+            await eventually(two_open, "only the two sessions' connections are open")
+            pids = worker_pids(served.state)
+            assert len(pids) == 2
+            victim = pids.pop()
+            os.kill(victim, signal.SIGKILL)
+        finally:
+            for session in sessions:
+                await session.close()
+
+        async def replaced() -> bool:
+            alive = worker_pids(served.state)
+            return victim not in alive and len(alive) == 2
+
+        await eventually(replaced, "the supervisor replaced the dead worker")
+
+        async def only_mine_open() -> bool:
+            return value(parse(await served.page()), "datastore_connections_active") == 1
+
+        # Without the dead worker's gauges, the one connection open is the page's own.
+        await eventually(only_mine_open, "the dead worker's connections left the page")
+        page = parse(await served.page())
+    # Its counters stay: every health request either worker answered.
+    assert value(page, "datastore_http_request_duration_seconds_count", **HEALTH) == len(asked)
