@@ -45,7 +45,23 @@ chromium:
 	    echo "make test: the tests need Chromium and curl: run 'apt-get install chromium curl' as root" >&2; exit 1; \
 	  fi; }
 
-test: lint typecheck $(TUSJS)/node_modules/.package-lock.json chromium
+# Debian's promtool, which checks the metrics page in the tests. It comes in Debian's prometheus
+# package, and nothing lighter ships it; only promtool is unpacked from the package, into the venv:
+# installing the package would add a system user and, on a host with systemd, start a Prometheus
+# server on port 9090. Root is needed only to refresh apt's lists.
+.PHONY: promtool
+promtool: | $(BIN)/python
+	@{ command -v promtool || [ -x $(BIN)/promtool ]; } >/dev/null || { \
+	  command -v apt-get >/dev/null || { echo "make test: the tests need promtool: install Debian's prometheus package" >&2; exit 1; }; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq; fi; \
+	  tmp=$$(mktemp -d) && chmod 755 $$tmp && { chown _apt $$tmp 2>/dev/null || true; } && \
+	  (cd $$tmp && apt-get download -qq prometheus) && \
+	  dpkg-deb --fsys-tarfile $$tmp/prometheus_*.deb | tar -xO ./usr/bin/promtool > $(BIN)/promtool.part && \
+	  chmod 755 $(BIN)/promtool.part && mv $(BIN)/promtool.part $(BIN)/promtool; \
+	  status=$$?; rm -rf $$tmp $(BIN)/promtool.part; \
+	  [ $$status = 0 ] || { echo "make test: could not unpack promtool from Debian's prometheus package (as root, or run 'apt-get install prometheus')" >&2; exit 1; }; }
+
+test: lint typecheck $(TUSJS)/node_modules/.package-lock.json chromium promtool
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Benchmarks against nginx on loopback (not part of `make test`); e.g. make bench BENCH_ARGS="--runs 3".

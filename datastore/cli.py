@@ -27,7 +27,7 @@ from pathlib import Path
 
 from . import __version__
 from .client.commands import run_client_command
-from .config import Settings, SettingsError, load_settings, parse_duration, settings_help
+from .config import METRICS_ACCESS, Settings, SettingsError, load_settings, parse_duration, settings_help
 from .http.server import make_server
 from .http.workers import run_workers
 from .protocol.timestamps import iso_time
@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DN",
         help="the issuer (RFC 4514) of the administrators' certificates (default: the one client CA)",
     )
+    access.add_argument(
+        "--metrics-access",
+        choices=METRICS_ACCESS,
+        help="who may read GET /_api/v1/metrics: admins (and tokens issued for metrics; the default), "
+        "loopback (also anyone connecting from the loopback address) or anyone",
+    )
     tls = serve.add_argument_group("TLS with client certificates")
     tls.add_argument("--tls", action="store_true", default=None, help="speak TLS on --port")
     tls.add_argument("--tls-port", type=int, metavar="N", help="add a TLS listener on N beside plain HTTP on --port")
@@ -163,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     create = token_actions.add_parser("create", help="issue a token (printed once, never stored)")
     create.add_argument("subject", metavar="SUBJECT", help="the identity the token is for, e.g. ada or a DN")
     create.add_argument(
-        "--actions", default="read,upload", help="comma-separated: read, upload, delete, admin (default read,upload)"
+        "--actions",
+        default="read,upload",
+        help="comma-separated: read, upload, delete, metrics, admin (default read,upload)",
     )
     create.add_argument("--prefix", dest="prefixes", action="append", metavar="NAME", help="limit to NAME (repeatable)")
     create.add_argument(
@@ -258,6 +266,7 @@ def serve(args: argparse.Namespace) -> int:
         "trust_client_dn": args.trust_client_dn,
         "admin_subjects": tuple(args.admin_subjects) if args.admin_subjects else None,
         "admin_issuer": args.admin_issuer,
+        "metrics_access": args.metrics_access,
     }
     try:
         settings = load_settings(flags, os.environ, args.config)

@@ -32,6 +32,8 @@ PREFIX_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 _PREFIX = re.compile(f"^{PREFIX_PATTERN}$")
 _SIZE = re.compile(r"^\s*([0-9]+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+#: Who may read the metrics page: the values of ``metrics_access``.
+METRICS_ACCESS = ("admins", "loopback", "anyone")
 
 
 class SettingsError(ValueError):
@@ -223,6 +225,13 @@ class Settings:
             "(required with several)."
         },
     )
+    metrics_access: str = field(
+        default="admins",
+        metadata={
+            "doc": "Who may read the metrics (GET /_api/v1/metrics): admins (administrators and tokens issued "
+            "for metrics), loopback (also anyone connecting from the loopback address), or anyone."
+        },
+    )
 
     @property
     def uses_tls(self) -> bool:
@@ -314,6 +323,10 @@ class Settings:
                 raise SettingsError(f"hook_urls: {url!r} is no http(s) URL")
         if self.state_url is not None and not self.state_url.startswith("sqlite:///"):
             raise SettingsError(f"state_url must be sqlite:///PATH, not {self.state_url!r}")
+        if self.metrics_access not in METRICS_ACCESS:
+            raise SettingsError(
+                f"metrics_access must be one of {', '.join(METRICS_ACCESS)}, not {self.metrics_access!r}"
+            )
         if self.public_url is not None and not _PUBLIC_URL.match(self.public_url):
             raise SettingsError(f"public_url must be http(s)://HOST[:PORT][/PATH], not {self.public_url!r}")
         for prefix, _ in self.prefix_policies:

@@ -11,6 +11,9 @@ upload slot, a connection and a buffer for as long as it likes.
 Failures are the store's errors: 408 for a silent or slow client, 400 for
 bad framing, 400 ``IncompleteUpload`` for a connection that failed, 413 for
 a body over its limit.
+
+The bytes of upload bodies (raw bodies and form fields) are counted as they
+arrive (``datastore_upload_received_bytes_total``); small whole bodies are not.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import TypeVar
 from aiohttp import BodyPartReader, hdrs, web
 from aiohttp.helpers import parse_mimetype
 
+from .. import metrics
 from ..config import Settings
 from ..errors import BadRequest, DatastoreError, IncompleteUpload, PayloadTooLarge, RequestTimeout, TooManyManifests
 
@@ -89,13 +93,15 @@ async def next_chunk(read: Awaitable[T], timeout: float) -> T:
         raise IncompleteUpload(f"the connection failed: {exc}") from None
 
 
-async def stream_chunks(request: web.Request, settings: Settings) -> AsyncIterator[bytes]:
-    """The raw body, as it arrives."""
+async def stream_chunks(request: web.Request, settings: Settings, *, upload: bool = True) -> AsyncIterator[bytes]:
+    """The raw body, as it arrives; counted as an upload's bytes unless ``upload`` is false."""
     pace = Pace.of(settings)
     while True:
         chunk = await pace.read(request.content.readany(), settings.body_timeout)
         if not chunk:
             return
+        if upload:
+            metrics.count_received(len(chunk))
         yield chunk
         del chunk  # not kept alive while the next read waits
 
@@ -122,10 +128,12 @@ async def form_file_chunks(request: web.Request, settings: Settings) -> AsyncIte
             raise BadRequest("nested multipart forms are not supported")
         if part.filename is not None:
             while chunk := await pace.read(part.read_chunk(chunk_size), timeout):
+                metrics.count_received(len(chunk))
                 yield chunk
             return
         # A plain field before the file: skip it, within the framing allowance.
         while chunk := await pace.read(part.read_chunk(chunk_size), timeout):
+            metrics.count_received(len(chunk))
             skipped += len(chunk)
             if skipped > FORM_OVERHEAD:
                 raise PayloadTooLarge("the form's other fields are too large")
@@ -170,7 +178,7 @@ async def read_bounded(
         raise PayloadTooLarge(f"the body is {length} bytes, more than the limit of {limit}")
     parts: list[bytes] = []
     total = 0
-    async for chunk in stream_chunks(request, settings):
+    async for chunk in stream_chunks(request, settings, upload=False):
         total += len(chunk)
         if total > limit:
             raise PayloadTooLarge(f"the body is more than the limit of {limit} bytes")

@@ -9,7 +9,8 @@ secured with ``loop.start_tls`` within ``tls_handshake_timeout``.
 :class:`StoreRunner` is the aiohttp runner that puts the gate in front of
 its server. :class:`AccessLogger` writes one line per request, never a
 transfer key whole; ``HTTP_LOG`` is aiohttp's own log of the connections,
-where a request it cannot parse is one INFO line.
+where a request it cannot parse is one INFO line. The gate counts open and
+refused connections in the metrics.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from .. import metrics
 from ..config import Settings
 from ..security.logsafe import printable, redact
 
@@ -143,13 +145,16 @@ class ConnectionGate:
         peer = transport.get_extra_info("peername")
         client = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
         if self.open >= self.limit:
-            self._note_refusal(f"the store holds {self.limit} connections, as many as it may")
+            self._note_refusal("max_connections", f"the store holds {self.limit} connections, as many as it may")
             return None
         if self.by_client[client] >= self.per_client:
-            self._note_refusal(f"your address holds {self.per_client} connections, as many as one may")
+            self._note_refusal(
+                "max_connections_per_client", f"your address holds {self.per_client} connections, as many as one may"
+            )
             return None
         self.open += 1
         self.by_client[client] += 1
+        metrics.connection_opened()
         return client
 
     def release(self, client: str) -> None:
@@ -158,10 +163,12 @@ class ConnectionGate:
         self.by_client[client] -= 1
         if not self.by_client[client]:
             del self.by_client[client]
+        metrics.connection_closed()
 
-    def _note_refusal(self, why: str) -> None:
+    def _note_refusal(self, limit: str, why: str) -> None:
         self.why = why
         self.refused += 1
+        metrics.connection_refused(limit)
         self._unlogged += 1
         now = time.monotonic()
         if now - self._logged_at >= REFUSAL_LOG_INTERVAL:

@@ -12,12 +12,17 @@ A small file (``Download.body``, from a handler that can locate downloads)
 asked for whole and unconditionally is answered from memory with
 ``web.Response`` and the same headers FileResponse would send; a Range or
 conditional request, or a larger file, goes to FileResponse.
+
+Every ``GET`` of a file is counted in the metrics once its answer is sent
+(``datastore_downloads_total`` by outcome, and the bytes of the file really
+sent: a Range's, not the whole file's); ``HEAD`` is not a download.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import pathlib
 import stat
@@ -30,7 +35,8 @@ from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_request import BaseRequest
 
-from ..errors import FileNotFound, NotAuthorized, NotFound
+from .. import metrics
+from ..errors import DatastoreError, FileNotFound, NotAuthorized, NotFound
 from ..handlers.interface import Download, StoredFile
 from ..handlers.mounts import Mount
 from ..protocol.names import validate_name
@@ -38,24 +44,64 @@ from ..security.identity import Identity
 from ..security.policy import Action, Audience
 from .context import CONTEXT, base_url, identify, prefers_json
 
+#: The outcome of a download, by the status of its answer (else "error").
+OUTCOMES = {
+    200: "ok",
+    206: "partial",
+    304: "not_modified",
+    400: "bad_request",
+    401: "refused",
+    403: "refused",
+    404: "not_found",
+    412: "precondition_failed",
+    416: "range_not_satisfiable",
+}
+
 
 class StoredFileResponse(web.FileResponse):
     """A FileResponse that serves exactly the file named, never ``NAME.gz``/``NAME.br``.
 
     With ``ignore_range`` it answers the whole file whatever Range the
     request carries (an ``If-Range`` entity-tag that no longer matches).
+    With ``counted`` it counts the download once its answer is sent (or
+    fails): its outcome, and the bytes of the file handed to the connection.
     """
 
-    def __init__(self, path: pathlib.Path, *, ignore_range: bool = False, **kwargs: Any) -> None:
+    def __init__(self, path: pathlib.Path, *, ignore_range: bool = False, counted: bool = False, **kwargs: Any) -> None:
         super().__init__(path, **kwargs)
         self._ignore_range = ignore_range
+        self._counted = counted
+        self._sent = 0
 
     async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
         if self._ignore_range:
             headers = request.headers.copy()
             headers.popall(hdrs.RANGE, None)
             request = request.clone(headers=headers)
-        return await super().prepare(request)
+        counted, self._counted = self._counted, False
+        if not counted:
+            return await super().prepare(request)
+        # FileResponse sends the whole answer here: the file through sendfile, or only the head
+        # (304, 412, 416, an empty file), whose end is written by write_eof.
+        try:
+            writer = await super().prepare(request)
+        except BaseException:
+            metrics.count_download("interrupted", self._sent)
+            raise
+        metrics.count_download(OUTCOMES.get(self.status, "error"), self._sent)
+        return writer
+
+    async def _sendfile(self, request: BaseRequest, fobj: Any, offset: int, count: int) -> AbstractStreamWriter:
+        try:
+            writer = await super()._sendfile(request, fobj, offset, count)
+        except BaseException:
+            # asyncio's sendfile leaves the file's position after the bytes it handed to the
+            # connection, also when the connection fails (aiohttp's own fallback, after those it read).
+            with contextlib.suppress(OSError, ValueError):
+                self._sent = min(count, max(0, fobj.tell() - offset))
+            raise
+        self._sent = count
+        return writer
 
     def _get_file_path_stat_encoding(
         self, accept_encoding: str
@@ -64,8 +110,42 @@ class StoredFileResponse(web.FileResponse):
         return super()._get_file_path_stat_encoding("")
 
 
+class SmallFileResponse(web.Response):
+    """A small file answered from memory; with ``counted``, counted as a download once sent."""
+
+    def __init__(self, body: bytes, headers: dict[str, str], *, counted: bool) -> None:
+        super().__init__(body=body, headers=headers)
+        self._counted = counted
+        self._length = len(body)
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        counted, self._counted = self._counted, False
+        if not counted:
+            return await super().write_eof(data)
+        try:
+            await super().write_eof(data)
+        except BaseException:
+            metrics.count_download("interrupted", 0)
+            raise
+        metrics.count_download("ok", self._length)
+
+
 async def handle_download(request: web.Request) -> web.StreamResponse:
-    """``GET``/``HEAD /{prefix}/{name}``."""
+    """``GET``/``HEAD /{prefix}/{name}``; a GET refused before its answer is counted here, one answered
+    once the answer is sent (:class:`StoredFileResponse`, :class:`SmallFileResponse`)."""
+    if request.method != "GET":
+        return await _download(request, counted=False)
+    try:
+        return await _download(request, counted=True)
+    except DatastoreError as exc:
+        metrics.count_download(OUTCOMES.get(exc.status, "error"), 0)
+        raise
+    except Exception:
+        metrics.count_download("error", 0)
+        raise
+
+
+async def _download(request: web.Request, *, counted: bool) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
     mount = ctx.mount(request.match_info["prefix"])
     identity = await identify(request)
@@ -92,12 +172,13 @@ async def handle_download(request: web.Request) -> web.StreamResponse:
             headers[hdrs.LAST_MODIFIED] = validators.headers[hdrs.LAST_MODIFIED]
             headers[hdrs.ACCEPT_RANGES] = "bytes"
             _PREPARED[download] = headers
-        return web.Response(body=download.body, headers=headers)
+        return SmallFileResponse(download.body, headers, counted=counted)
     return StoredFileResponse(
         download.path,
         chunk_size=ctx.settings.chunk_size,
         headers=_file_headers(name, download),
         ignore_range=_if_range_fails(request, download.stat),
+        counted=counted,
     )
 
 

@@ -24,6 +24,7 @@ import time
 
 import aiohttp
 
+from .. import metrics
 from ..config import Settings
 from ..lifecycle.events import EventBus, event_document
 from ..lifecycle.states import Event
@@ -45,6 +46,7 @@ class Hook:
 
     def __init__(self, url: str, index: int, settings: Settings, state: StateStore, holder: str) -> None:
         self.url = url
+        self.index = index
         #: How logs and metrics name the hook: its place on the command line (the URL may hold a secret).
         self.label = f"hook {index}"
         self.name = "hook:" + hashlib.sha256(url.encode()).hexdigest()[:24]
@@ -81,6 +83,7 @@ class Hook:
         """Deliver what is due, if this process holds the hook; whether it delivered anything."""
         self._wake.clear()
         if not await self._hold():
+            self._set_backlog(0)  # another process delivers it, and counts its backlog
             return False
         cursor = await self.state.cursor(self.name)
         newest = await self.state.last_event_id()
@@ -90,17 +93,22 @@ class Hook:
             await self.state.set_cursor(self.name, cursor)
         if newest - cursor > self.settings.hook_backlog:
             skipped = newest - cursor - self.settings.hook_backlog
+            metrics.hook_delivery(self.index, "dropped", skipped)
             log.warning("%s fell %d events behind; the oldest %d are skipped", self.label, newest - cursor, skipped)
             cursor = newest - self.settings.hook_backlog
             await self.state.set_cursor(self.name, cursor)
-        self.backlog = newest - cursor
+        self._set_backlog(newest - cursor)
         events = await self.state.events_after(cursor, limit=BATCH)
         for event in events:
             if not await self._deliver(session, event):
                 return True
             await self.state.set_cursor(self.name, event.id)
-            self.backlog = max(0, newest - event.id)
+            self._set_backlog(max(0, newest - event.id))
         return bool(events)
+
+    def _set_backlog(self, events: int) -> None:
+        self.backlog = events
+        metrics.set_hook_backlog(self.index, events)
 
     async def _deliver(self, session: aiohttp.ClientSession, event: Event) -> bool:
         """POST ``event`` until the receiver accepts it; False if this process lost the hook meanwhile."""
@@ -117,10 +125,12 @@ class Hook:
                 async with session.post(self.url, data=body, headers=headers, allow_redirects=False) as response:
                     await response.read()
                     if 200 <= response.status < 300:
+                        metrics.hook_delivery(self.index, "delivered")
                         return True
                     failure = f"answered {response.status}"
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 failure = type(exc).__name__ if not str(exc) else f"{type(exc).__name__}: {exc}"
+            metrics.hook_delivery(self.index, "failed")
             log.warning(
                 "%s: delivering event %d failed (attempt %d: %s); again in %.1f s",
                 self.label,

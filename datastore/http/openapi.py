@@ -29,6 +29,7 @@ from ..security.identity import DN_HEADER, MAX_IDENTITY_BYTES, IdentityKind
 from ..security.tokens import ACTIONS, MAX_LIFETIME
 from .api import MAX_TOKEN_REQUEST
 from .context import CONTEXT
+from .metrics_page import METRICS_PATH
 from .tus import CHECKSUM_ALGORITHMS, EXTENSIONS, MAX_METADATA_BYTES, OFFSET_CONTENT_TYPE, TUS_VERSION
 
 #: Where the document is served.
@@ -270,6 +271,7 @@ def _paths() -> Object:
     return {
         OPENAPI_PATH: {"get": _openapi_operation()},
         "/_api/v1/health": {"get": _health()},
+        METRICS_PATH: {"get": _metrics()},
         "/_api/v1/identity": {"get": _identity()},
         "/_api/v1/session": {"post": _session_start(), "delete": _session_end()},
         "/_api/v1/tokens": {"get": _token_list(), "post": _token_create()},
@@ -338,6 +340,35 @@ def _health() -> Object:
             )
         },
         security=_NONE,
+    )
+
+
+def _metrics() -> Object:
+    return _operation(
+        "metrics",
+        "control",
+        "The store's metrics, in the Prometheus text format",
+        {
+            "200": {
+                "description": "Every `datastore_*` metric (of every worker process), and the staged and reserved "
+                "bytes and the disk's free space measured now",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+                "headers": {"Cache-Control": _NO_STORE},
+            },
+            **_errors(
+                _merge(
+                    _IDENTIFIED,
+                    {
+                        401: ["an anonymous client, where the `metrics_access` setting does not open the page"],
+                        403: ["the client is neither an administrator nor holds a token issued for `metrics`"],
+                    },
+                )
+            ),
+        },
+        description="For administrators and for tokens issued for `metrics` (which allow nothing else); the "
+        "operator's `metrics_access` setting may open it to clients on the loopback address (`loopback`) or to "
+        "anyone (`anyone`). The content type is `text/plain; version=0.0.4; charset=utf-8`.",
+        security=[*_ADMIN, {}],
     )
 
 

@@ -6,7 +6,8 @@ itself. The server owns the URL shapes (aiohttp's router), establishes who
 each request is from (``TransferServer.identify``: a certificate, a token, a
 trusted header, or nobody), refuses state changes a browser sends for
 another site, turns every :class:`~datastore.errors.DatastoreError` into a
-response in one middleware, and on start-up opens the state store (through the lifecycle) and
+response in one middleware, times every request for the metrics (by route
+pattern, method and status class), and on start-up opens the state store (through the lifecycle) and
 token store in the state directory, clears staging left by a crash and
 starts the sweeper that expires old keys. What a connection may do before
 it carries a request is ``connections.py``'s.
@@ -16,6 +17,7 @@ start with ``_`` belong to the server)::
 
     GET     /_api/v1/openapi.json           the OpenAPI 3.1 document of all of this (openapi.py)
     GET     /_api/v1/health
+    GET     /_api/v1/metrics                the metrics, Prometheus text format (metrics_page.py)
     GET     /_api/v1/identity               who the store takes the client for
     POST    /_api/v1/session                the browser page signs in with a token (a cookie)
     DELETE  /_api/v1/session                and out
@@ -49,12 +51,14 @@ import logging
 import os
 import signal
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from urllib.parse import quote
 
 from aiohttp import web
 
+from .. import metrics
 from ..config import PREFIX_PATTERN, Settings, SettingsError, check_prefix
 from ..errors import BadRequest, CrossSiteRequest, DatastoreError, FileNotFound, InvalidToken, NotAuthorized
 from ..handlers.directory import DirectoryHandler
@@ -88,6 +92,7 @@ from .connections import HTTP_LOG, AccessLogger, ConnectionGate, GatedServer, St
 from .context import CONTEXT, StoreContext, render_error
 from .download import handle_asset, handle_delete, handle_download, handle_listing
 from .hooks import Hook
+from .metrics_page import METRICS_PATH, handle_metrics
 from .openapi import OPENAPI_PATH, handle_openapi
 from .sse import handle_events, handle_transfer_events
 from .tus import handle_create, handle_head, handle_options, handle_patch, handle_terminate
@@ -258,7 +263,7 @@ class TransferServer(abc.ABC):
         registry and every handler that can be closed.
         """
         app = web.Application(
-            middlewares=[error_middleware, cross_site_middleware, method_override_middleware],
+            middlewares=[metrics_middleware, error_middleware, cross_site_middleware, method_override_middleware],
             # Whoever runs the app (our runner, a test server, an embedding application) logs requests
             # through AccessLogger, which never writes a transfer key whole.
             handler_args={
@@ -271,8 +276,10 @@ class TransferServer(abc.ABC):
         app.cleanup_ctx.append(self._lifecycle)
         # Event streams never end by themselves: they end when the store stops taking requests.
         app.on_shutdown.append(self._end_streams)
+        app.on_response_prepare.append(_observe_request)
         app.router.add_get(OPENAPI_PATH, handle_openapi)
         app.router.add_get("/_api/v1/health", handle_health)
+        app.router.add_get(METRICS_PATH, handle_metrics)
         app.router.add_get("/_api/v1/identity", handle_identity)
         app.router.add_post("/_api/v1/session", handle_session_start)
         app.router.add_delete("/_api/v1/session", handle_session_end)
@@ -292,8 +299,8 @@ class TransferServer(abc.ABC):
         app.router.add_delete(f"/{_PREFIX}/{{name:[^/]+}}", handle_delete)
         app.router.add_post(f"/{_PREFIX}/manifest", handle_manifest)
         upload_path = f"/{_PREFIX}/{{key}}/{{num}}"
-        app.router.add_post(upload_path, handle_upload, expect_handler=_upload_expect_handler)
-        app.router.add_put(upload_path, handle_upload, expect_handler=upload_expect_handler)
+        app.router.add_post(upload_path, handle_upload, expect_handler=_timed(_upload_expect_handler))
+        app.router.add_put(upload_path, handle_upload, expect_handler=_timed(upload_expect_handler))
         app.router.add_route("HEAD", upload_path, handle_head)
         app.router.add_patch(upload_path, handle_patch)
         app.router.add_delete(upload_path, handle_terminate)
@@ -609,6 +616,50 @@ async def _upload_expect_handler(request: web.Request) -> web.StreamResponse | N
     if rerouted is None:
         return await upload_expect_handler(request)
     return await rerouted.match_info.expect_handler(rerouted)
+
+
+# -- metrics ------------------------------------------------------------------
+
+#: When the store began a request: read (once) when its answer is prepared.
+_STARTED = web.RequestKey("datastore.started", float)
+
+
+@web.middleware
+async def metrics_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Start the clock of a request (the outermost middleware); :func:`_observe_request` reads it.
+
+    A handler's answer is sent after it returns, and a FileResponse settles its status (206, 304,
+    416) only then; so the duration is taken when the answer's status line and headers are sent,
+    whoever sends them (aiohttp, for an HTTPException too).
+    """
+    if _STARTED not in request:
+        request[_STARTED] = time.monotonic()
+    return await handler(request)
+
+
+def _timed(
+    expect: Callable[[web.Request], Awaitable[web.StreamResponse | None]],
+) -> Callable[[web.Request], Awaitable[web.StreamResponse | None]]:
+    """An ``Expect: 100-continue`` handler that starts the request's clock: it runs before the middlewares,
+    and may answer in their place."""
+
+    async def timed(request: web.Request) -> web.StreamResponse | None:
+        request[_STARTED] = time.monotonic()
+        return await expect(request)
+
+    return timed
+
+
+async def _observe_request(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: the request's duration, by route pattern (never the path), method and status."""
+    started = request.pop(_STARTED, None)
+    if started is None:
+        return
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    metrics.observe_request(route, request.method, response.status, time.monotonic() - started)
 
 
 # -- errors -------------------------------------------------------------------

@@ -20,6 +20,13 @@ uploads really staged, as a restart would) and starts another in its
 place, after a pause that grows while workers keep dying. SIGTERM or SIGINT
 stops every worker (each lets its running requests end) and then itself;
 SIGHUP is passed on (the TLS server reloads its CRL).
+
+Metrics: the workers count into files of their own in ``STATE_DIR/metrics``
+(``prometheus_client``'s multiprocess mode, which the supervisor turns on for
+them, emptying the directory first), so that the metrics page sums every
+worker whichever answers; a dead worker's gauges leave the sums (its counters
+stay). Workers are spawned, never forked: each imports ``prometheus_client``
+afresh, in the environment that names the directory.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from .. import metrics
 from ..config import Settings
 from ..lifecycle.machine import Lifecycle, holder_id
 from ..security.logsafe import log_to_stderr
@@ -65,12 +73,17 @@ def run_workers(settings: Settings, log_level: int, on_ready: Callable[[list[str
     """
     asyncio.run(_recover(settings))
     holders, settings = _hold_ports(settings)
-    supervisor = _Supervisor(settings, log_level)
+    previous = os.environ.get(metrics.MULTIPROC_ENV)
     try:
-        return supervisor.run(on_ready)
+        metrics.use_multiprocess_dir(settings.effective_state_dir / "metrics")
+        return _Supervisor(settings, log_level).run(on_ready)
     finally:
         for holder in holders:
             holder.close()
+        if previous is None:
+            os.environ.pop(metrics.MULTIPROC_ENV, None)
+        else:
+            os.environ[metrics.MULTIPROC_ENV] = previous
 
 
 async def _recover(settings: Settings) -> None:
@@ -207,6 +220,8 @@ class _Supervisor:
         lived = time.monotonic() - self.started_at[index]
         log.warning("worker %d (pid %s) exited with status %s; starting another", index, process.pid, process.exitcode)
         process.join()
+        if process.pid is not None:
+            metrics.worker_died(process.pid)
         try:
             assert process.pid is not None
             released = asyncio.run(self._release(holder_id(process.pid)))

@@ -27,6 +27,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
+from .. import metrics
 from ..protocol.timestamps import iso_time
 from ..state.interface import EventLog
 from .states import Event, EventType
@@ -155,6 +156,7 @@ class EventBus:
         for listener in list(self._listeners):
             if not listener.offer(event):
                 self.dropped += 1
+                metrics.event_subscriber_dropped()
                 self._listeners.discard(listener)
                 log.warning(
                     "the event listener %s fell %d events behind and was dropped", listener.name, listener.queue.maxsize

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import metrics
 from ..config import Settings
 from ..errors import (
     BadRequest,
@@ -97,6 +98,15 @@ _REASONS: tuple[tuple[type[BaseException], StopReason], ...] = (
     (asyncio.CancelledError, StopReason.CONNECTION_LOST),
     (ConnectionError, StopReason.CONNECTION_LOST),
 )
+
+
+#: How the end of an upload attempt is counted, by the event that announces it.
+_UPLOAD_OUTCOMES = {
+    EventType.FILE_COMPLETED: "completed",
+    EventType.FILE_FAILED: "failed",
+    EventType.FILE_INTERRUPTED: "interrupted",
+    EventType.FILE_CANCELLED: "cancelled",
+}
 
 
 def holder_id(pid: int) -> str:
@@ -186,7 +196,13 @@ class Lifecycle:
         self.state.on_appended = self._appended
 
     def _appended(self, events: Sequence[Event]) -> None:
-        """This process committed ``events``: the bus reads them now."""
+        """This process committed ``events``: they are counted (here, once, whichever process follows
+        them), and the bus reads them now."""
+        for event in events:
+            metrics.event_emitted(event.type)
+            outcome = _UPLOAD_OUTCOMES.get(event.type)
+            if outcome is not None:
+                metrics.upload_ended(outcome, event.reason or "none")
         self.on_change()
 
     # -- what the store holds ---------------------------------------------------------------
@@ -228,9 +244,11 @@ class Lifecycle:
         self.active_uploads += 1
         self.uploads_by_client[client] += 1
         self.bytes_in_flight += size
+        metrics.upload_started()
         try:
             yield
         finally:
+            metrics.upload_stopped()
             self.active_uploads -= 1
             self.bytes_in_flight -= size
             self.uploads_by_client[client] -= 1

@@ -51,7 +51,7 @@ class IdentityKind(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """What a bearer token allows: actions (``read``, ``upload``, ``delete``, ``admin``) on prefixes.
+    """What a bearer token allows: actions (``read``, ``upload``, ``delete``, ``metrics``, ``admin``) on prefixes.
 
     ``prefixes`` is ``None`` for every prefix. ``token_id`` is the token's
     public identifier (never the secret).
