@@ -1005,7 +1005,6 @@ async def test_terminating_the_last_open_file_cancels_a_transfer_with_published_
     ]
 
 
-@pytest.mark.xfail(strict=True, reason="publish leaves the transfer OPEN with no file left open")
 @pytest.mark.parametrize("terminated", ["before the claim", "during the upload", "during the publishing"])
 async def test_publishing_the_last_open_file_after_a_termination_cancels_the_transfer(
     state: StateStore, terminated: str

@@ -274,8 +274,12 @@ class TransferStore(Protocol):
         ...
 
     async def publish(self, key: str, num: int, holder: str, *, md5: str, sha256: str) -> bool:
-        """The file is verified and published: PUBLISHED with its digests; appends ``file.completed``,
-        and ``transfer.finished`` if it was the last file."""
+        """The file is verified and published: PUBLISHED with its digests; appends ``file.completed``.
+
+        If it was the last open file of an OPEN transfer, the transfer ends too, its event after the
+        file's: FINISHED (``transfer.finished``) when every file is published; CANCELLED
+        (``transfer.cancelled``, reason ``terminated``) when a file was terminated, as that
+        :meth:`terminate` would have ended it had it come last."""
         ...
 
     async def reap(self, key: str, num: int, holder: str, *, received: int, now: float) -> bool:
