@@ -1318,7 +1318,6 @@ async def test_recover_ends_every_lease_silently_keeping_the_staged_bytes(state:
     assert await state.last_event_id() == mark
 
 
-@pytest.mark.xfail(strict=True, reason="recover leaves the file marked as being published")
 async def test_recover_ends_a_publishing_that_never_finished(state: StateStore) -> None:
     # The process that began publishing died with it: nobody is publishing the file any more, and
     # it ends with its transfer like any other open file.

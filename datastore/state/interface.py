@@ -326,7 +326,8 @@ class TransferStore(Protocol):
 
     async def recover(self) -> int:
         """At a start of the only process using this state: every lease ends (UPLOADING -> RESERVED,
-        silently: the start announces nothing). Returns how many did."""
+        silently: the start announces nothing), and with it any publishing begun under it (the file
+        is no longer left to finish). Returns how many did."""
         ...
 
     async def reserved_bytes(self) -> int:

@@ -489,8 +489,8 @@ class SqliteState:
         return await self._db.run(
             lambda db: (
                 db.execute(
-                    "UPDATE transfer_files SET state = ?, claimed_by = NULL, lease_until = NULL, stop_request = NULL"
-                    " WHERE state = ?",
+                    "UPDATE transfer_files SET state = ?, claimed_by = NULL, lease_until = NULL, stop_request = NULL,"
+                    " publishing = 0 WHERE state = ?",
                     (FileState.RESERVED, FileState.UPLOADING),
                 ).rowcount
             )
