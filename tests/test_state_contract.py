@@ -1390,7 +1390,6 @@ async def test_event_ids_grow_in_commit_order(state: StateStore) -> None:
     assert await state.events_after(0, limit=ALL) == logged
 
 
-@pytest.mark.xfail(strict=True, reason="last_event_id falls back to 0 once every event is pruned")
 async def test_prune_events_forgets_older_events_and_never_reuses_ids(state: StateStore) -> None:
     old = await state.append([PROGRESS, PROGRESS], now=T0)
     kept = await state.append([DELETED], now=T0 + 10)

@@ -351,7 +351,8 @@ class EventLog(Protocol):
         ...
 
     async def last_event_id(self) -> int:
-        """The id of the newest event (0 if none)."""
+        """The log's position: the id of the newest event ever appended (0 if none was). Pruning does
+        not lower it: the events after it are those appended from now on."""
         ...
 
     async def prune_events(self, before: float) -> int:

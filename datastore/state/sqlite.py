@@ -528,7 +528,15 @@ class SqliteState:
         )
 
     async def last_event_id(self) -> int:
-        return await self._db.read(lambda db: int(db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]))
+        # AUTOINCREMENT keeps the largest id it gave in sqlite_sequence, pruned or not.
+        return await self._db.read(
+            lambda db: int(
+                db.execute(
+                    "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0),"
+                    " COALESCE((SELECT MAX(id) FROM events), 0))"
+                ).fetchone()[0]
+            )
+        )
 
     async def prune_events(self, before: float) -> int:
         # AUTOINCREMENT: ids of deleted events are never handed out again.
