@@ -13,7 +13,7 @@ A backend (SQLite: ``sqlite.py``; PostgreSQL, later) is whatever passes the cont
   never holds one that was rolled back. Event ids grow in commit order.
 - **Leases, not locks.** An upload holds a file by a lease (holder id and expiry) that it renews
   while it works; a lease that ran out is anybody's to reap, so a dead process frees its files by
-  itself.
+  itself. A lease until ``t`` has run out at ``t`` (for files and named leases alike).
 - **Time is given.** Methods that compare against the clock take ``now``, so the contract suite
   tests expiry without waiting.
 """
@@ -317,7 +317,7 @@ class TransferStore(Protocol):
         ...
 
     async def expired_leases(self, now: float) -> list[StagedFile]:
-        """The UPLOADING files whose lease ran out before ``now``."""
+        """The UPLOADING files whose lease ran out by ``now`` (those :meth:`claim` finds expired)."""
         ...
 
     async def staged_files(self) -> list[StagedFile]:
