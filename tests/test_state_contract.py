@@ -1559,6 +1559,36 @@ async def test_event_ids_grow_in_commit_order_across_store_objects(open_store: O
     assert await one.events_after(0, limit=ALL) == await two.events_after(0, limit=ALL) == logged
 
 
+async def test_a_reader_tailing_the_log_while_others_write_misses_no_event(open_store: Opener) -> None:
+    # Ids grow in commit order, so a reader's position is never passed by an event committed later
+    # (ids handed out at insertion, rather than at commit, would let one slip in behind it).
+    writers, reader = [open_store() for _ in range(3)], open_store()
+    transfer = await new_transfer(writers[0])
+    for store in (*writers, reader):
+        await store.last_event_id()
+
+    async def write(store: StateStore, n: int) -> None:
+        for i in range(n):
+            await store.append([dataclasses.replace(PROGRESS, key=transfer.key, bytes=i)], now=T0)
+
+    async def steps(store: StateStore) -> None:
+        for i in range(10):
+            await store.claim(transfer.key, 0, HOLDER, lease=LEASE, now=T0 + i)
+            await store.interrupt(transfer.key, 0, HOLDER, received=i, reason=StopReason.CONNECTION_LOST)
+
+    writing = asyncio.gather(write(writers[0], 40), write(writers[1], 40), steps(writers[2]))
+    seen: list[Event] = []
+    while True:
+        finished = writing.done()
+        batch = await reader.events_after(seen[-1].id if seen else 0, limit=7)
+        seen += batch
+        if not batch and finished:
+            break
+    await writing
+    assert seen == await reader.events_after(0, limit=ALL)
+    assert len(seen) == 1 + 40 + 40 + 2 * 10
+
+
 async def test_many_claims_of_one_file_at_once_one_wins(state: StateStore) -> None:
     transfer = await new_transfer(state)
     mark = await state.last_event_id()
