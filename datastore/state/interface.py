@@ -13,7 +13,7 @@ A backend (SQLite: ``sqlite.py``; PostgreSQL, later) is whatever passes the cont
   never holds one that was rolled back. Event ids grow in commit order.
 - **Leases, not locks.** An upload holds a file by a lease (holder id and expiry) that it renews
   while it works; a lease that ran out is anybody's to reap, so a dead process frees its files by
-  itself.
+  itself. A lease until ``t`` has run out at ``t`` (for files and named leases alike).
 - **Time is given.** Methods that compare against the clock take ``now``, so the contract suite
   tests expiry without waiting. The events a transition appends are stamped with the clock at
   commit, whatever ``now`` says.
@@ -275,8 +275,12 @@ class TransferStore(Protocol):
         ...
 
     async def publish(self, key: str, num: int, holder: str, *, md5: str, sha256: str) -> bool:
-        """The file is verified and published: PUBLISHED with its digests; appends ``file.completed``,
-        and ``transfer.finished`` if it was the last file."""
+        """The file is verified and published: PUBLISHED with its digests; appends ``file.completed``.
+
+        If it was the last open file of an OPEN transfer, the transfer ends too, its event after the
+        file's: FINISHED (``transfer.finished``) when every file is published; CANCELLED
+        (``transfer.cancelled``, reason ``terminated``) when a file was terminated, as that
+        :meth:`terminate` would have ended it had it come last."""
         ...
 
     async def reap(self, key: str, num: int, holder: str, *, received: int, now: float) -> bool:
@@ -314,7 +318,7 @@ class TransferStore(Protocol):
         ...
 
     async def expired_leases(self, now: float) -> list[StagedFile]:
-        """The UPLOADING files whose lease ran out before ``now``."""
+        """The UPLOADING files whose lease ran out by ``now`` (those :meth:`claim` finds expired)."""
         ...
 
     async def staged_files(self) -> list[StagedFile]:
@@ -323,7 +327,8 @@ class TransferStore(Protocol):
 
     async def recover(self) -> int:
         """At a start of the only process using this state: every lease ends (UPLOADING -> RESERVED,
-        silently: the start announces nothing). Returns how many did."""
+        silently: the start announces nothing), and with it any publishing begun under it (the file
+        is no longer left to finish). Returns how many did."""
         ...
 
     async def reserved_bytes(self) -> int:
@@ -347,7 +352,8 @@ class EventLog(Protocol):
         ...
 
     async def last_event_id(self) -> int:
-        """The id of the newest event (0 if none)."""
+        """The log's position: the id of the newest event ever appended (0 if none was). Pruning does
+        not lower it: the events after it are those appended from now on."""
         ...
 
     async def prune_events(self, before: float) -> int:

@@ -372,22 +372,39 @@ class SqliteState:
             ).rowcount
             if not changed:
                 return False
-            finished = db.execute(
-                "UPDATE transfers SET updated_at = ?, state = ? WHERE key = ? AND state = ? AND NOT EXISTS"
-                " (SELECT 1 FROM transfer_files WHERE key = ? AND state != ?)",
-                (now, TransferState.FINISHED, key, TransferState.OPEN, key, FileState.PUBLISHED),
-            ).rowcount
-            if not finished:
-                db.execute("UPDATE transfers SET updated_at = ? WHERE key = ?", (now, key))
+            left = {
+                FileState(row[0])
+                for row in db.execute(
+                    "SELECT DISTINCT state FROM transfer_files WHERE key = ? AND state != ?", (key, FileState.PUBLISHED)
+                )
+            }
+            after: TransferState | None = None
+            if not left:
+                after = TransferState.FINISHED
+            elif left <= FINAL_FILE_STATES:
+                # The last open file closed, but a file was terminated: the transfer is cancelled as
+                # that termination would have cancelled it, had it come last.
+                after = TransferState.CANCELLED
+            if after is not None:
+                ended = db.execute(
+                    "UPDATE transfers SET state = ? WHERE key = ? AND state = ?", (after, key, TransferState.OPEN)
+                ).rowcount
+                if not ended:
+                    after = None  # cancelled or expired while the file was being published
+            db.execute("UPDATE transfers SET updated_at = ? WHERE key = ?", (now, key))
             row = _file_row(db, key, num)
+            subject = _subject(db, key, row)
             events = events_of(
                 Step.PUBLISH,
-                _subject(db, key, row),
-                transfer_after=TransferState.FINISHED if finished else None,
+                subject,
+                transfer_after=after if after is TransferState.FINISHED else None,
                 bytes=row["size"],
                 md5=md5,
                 sha256=sha256,
             )
+            if after is TransferState.CANCELLED:
+                whole = Subject(subject.prefix, key, subject.owner, subject.owner_id)
+                events += events_of(Step.TERMINATE, whole, transfer_after=after, reason=StopReason.TERMINATED)
             _insert_events(db, events, now)
             return True
 
@@ -492,8 +509,8 @@ class SqliteState:
         return await self._run(
             lambda db: (
                 db.execute(
-                    "UPDATE transfer_files SET state = ?, claimed_by = NULL, lease_until = NULL, stop_request = NULL"
-                    " WHERE state = ?",
+                    "UPDATE transfer_files SET state = ?, claimed_by = NULL, lease_until = NULL, stop_request = NULL,"
+                    " publishing = 0 WHERE state = ?",
                     (FileState.RESERVED, FileState.UPLOADING),
                 ).rowcount
             )
@@ -531,7 +548,15 @@ class SqliteState:
         )
 
     async def last_event_id(self) -> int:
-        return await self._db.read(lambda db: int(db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]))
+        # AUTOINCREMENT keeps the largest id it gave in sqlite_sequence, pruned or not.
+        return await self._db.read(
+            lambda db: int(
+                db.execute(
+                    "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0),"
+                    " COALESCE((SELECT MAX(id) FROM events), 0))"
+                ).fetchone()[0]
+            )
+        )
 
     async def prune_events(self, before: float) -> int:
         # AUTOINCREMENT: ids of deleted events are never handed out again.
