@@ -7,6 +7,8 @@ build the events of a step with :func:`events_of`, in the transaction that makes
 backend cannot disagree with the table. A transfer::
 
     OPEN --every file published---------> FINISHED
+    OPEN --the last open file published,--> CANCELLED
+           another one terminated
     OPEN --DELETE by its owner, or the----> CANCELLED
            last open file terminated
     OPEN --lifetime or start timeout-----> EXPIRED
@@ -89,7 +91,8 @@ FILE_TRANSITIONS: Mapping[tuple[FileState, Step], FileState] = {
 
 #: A transfer's own transitions; only an OPEN transfer changes.
 TRANSFER_TRANSITIONS: Mapping[tuple[TransferState, Step], TransferState] = {
-    (TransferState.OPEN, Step.PUBLISH): TransferState.FINISHED,  # when it was the last file
+    # When it was the last open file: FINISHED, or CANCELLED if another file was terminated.
+    (TransferState.OPEN, Step.PUBLISH): TransferState.FINISHED,
     (TransferState.OPEN, Step.TERMINATE): TransferState.CANCELLED,  # when no file is left open
     (TransferState.OPEN, Step.CANCEL): TransferState.CANCELLED,
     (TransferState.OPEN, Step.EXPIRE): TransferState.EXPIRED,

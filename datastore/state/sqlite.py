@@ -252,7 +252,6 @@ class SqliteState:
                         EventType.TRANSFER_CREATED, prefix, key, owner=owner.dn, owner_id=owner.principal, size=total
                     )
                 ],
-                now,
             )
 
         await self._run(insert)
@@ -295,7 +294,7 @@ class SqliteState:
                 (FileState.UPLOADING, holder, now + lease, now, key, num),
             )
             if not row["in_attempt"]:
-                _insert_events(db, events_of(Step.CLAIM, _subject(db, key, row), bytes=before.received), now)
+                _insert_events(db, events_of(Step.CLAIM, _subject(db, key, row), bytes=before.received))
             return Claim(before, row["claims"] + 1)
 
         return await self._run(claim)
@@ -405,7 +404,7 @@ class SqliteState:
             if after is TransferState.CANCELLED:
                 whole = Subject(subject.prefix, key, subject.owner, subject.owner_id)
                 events += events_of(Step.TERMINATE, whole, transfer_after=after, reason=StopReason.TERMINATED)
-            _insert_events(db, events, now)
+            _insert_events(db, events)
             return True
 
         return await self._run(publish)
@@ -441,7 +440,6 @@ class SqliteState:
             _insert_events(
                 db,
                 events_of(Step.TERMINATE, _subject(db, key, row), transfer_after=after, reason=StopReason.TERMINATED),
-                now,
             )
             return before
 
@@ -537,7 +535,7 @@ class SqliteState:
     # -- the event log --------------------------------------------------------------------------
 
     async def append(self, events: Sequence[NewEvent], *, now: float) -> list[Event]:
-        return await self._run(lambda db: _insert_events(db, events, now))
+        return await self._run(lambda db: _insert_events(db, events, stamp=now))
 
     async def events_after(self, last_id: int, *, limit: int) -> list[Event]:
         return await self._db.read(
@@ -629,7 +627,7 @@ class SqliteState:
             if not changed:
                 return False
             db.execute("UPDATE transfers SET updated_at = ? WHERE key = ?", (at, key))
-            _insert_events(db, events_of(step, _subject(db, key, row), bytes=progress, reason=reason), time.time())
+            _insert_events(db, events_of(step, _subject(db, key, row), bytes=progress, reason=reason))
             return True
 
         return await self._run(end)
@@ -673,8 +671,7 @@ def _end(db: sqlite3.Connection, key: str, step: Step, state: TransferState, now
     )
     subject = Subject(before.prefix, key, before.owner.dn, before.owner.principal)
     reason = StopReason.CANCELLED if step is Step.CANCEL else StopReason.EXPIRED
-    # Stamped with the clock, not the caller's "now" (which decides what expires).
-    _insert_events(db, events_of(step, subject, transfer_after=state, reason=reason), time.time())
+    _insert_events(db, events_of(step, subject, transfer_after=state, reason=reason))
     return Ended(before, tuple(f for f in before.files if f.num in nums))
 
 
@@ -686,7 +683,9 @@ def _ignore(_: Sequence[Event]) -> None:
     pass
 
 
-def _insert_events(db: sqlite3.Connection, events: Sequence[NewEvent], now: float) -> list[Event]:
+def _insert_events(db: sqlite3.Connection, events: Sequence[NewEvent], stamp: float | None = None) -> list[Event]:
+    """Append ``events``, stamped ``stamp`` (an append's) or, for a transition's, the clock now."""
+    now = time.time() if stamp is None else stamp
     stored: list[Event] = _appended.events
     for e in events:
         cursor = db.execute(
