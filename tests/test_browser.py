@@ -89,7 +89,7 @@ async def test_upload_two_files_with_the_picker_then_download_one(
     saved = tmp_path / "downloaded.bin"
     await download.save_as(saved)
     assert saved.read_bytes() == second.read_bytes()
-    listing = await (await store.client.get("/files/")).json()
+    listing = await (await store.client.get("/files/", headers={"Accept": "application/json"})).json()
     assert sorted(f["name"] for f in listing["files"]) == ["notes.txt", "résumé.bin"]
 
 
@@ -206,8 +206,10 @@ async def test_the_page_forbids_foreign_scripts_and_framing(make_store: MakeStor
     policy = response.headers["Content-Security-Policy"]
     assert "script-src 'self'" in policy
     assert "frame-ancestors 'none'" in policy
-    # A client that asks for JSON (or anything else, like curl's */*) still gets the listing.
-    assert (await store.client.get("/files/", headers={"Accept": "*/*"})).content_type == "application/json"
+    # A client that asks for JSON gets the listing; one that names no type (wget and curl send */*) the page.
+    listing = await store.client.get("/files/", headers={"Accept": "application/json"})
+    assert listing.content_type == "application/json"
+    assert (await store.client.get("/files/", headers={"Accept": "*/*"})).content_type == "text/html"
 
 
 async def test_an_empty_file_is_uploaded_and_listed(make_store: MakeStore, browser: Browser, tmp_path: Path) -> None:
