@@ -339,6 +339,8 @@ function patch(url, offset, buffer, checksum, progress) {
 // -- wiring ---------------------------------------------------------------------------------
 
 function start() {
+  $("#needs-script").hidden = true;
+  $("#whoami").textContent = "Checking who you are…";
   $("#prefix-name").textContent = `/${prefix}/`;
   document.title = `datastore /${prefix}/`;
   $("#signin").addEventListener("submit", (event) => {
