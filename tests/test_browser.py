@@ -271,6 +271,7 @@ async def test_the_script_takes_over_the_server_rendered_list_within_the_pages_p
     await expect(page.locator("#files tbody tr")).to_have_count(1)
     await expect(page.locator("#whoami")).to_have_text("Not signed in.")
     await expect(page.locator("#needs-script")).to_be_hidden()
+    await expect(page.locator("#overall")).to_be_hidden()  # the bar for all files, until several upload
     assert not [text for text in console if "Content Security Policy" in text], console
 
 
