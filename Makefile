@@ -34,15 +34,18 @@ $(TUSJS)/node_modules/.package-lock.json: $(TUSJS)/package.json $(TUSJS)/package
 	@command -v npm >/dev/null || { echo "make test: npm (Node.js) is required for the tus-js-client tests" >&2; exit 1; }
 	cd $(TUSJS) && npm ci --no-audit --no-fund
 
-# Debian's Chromium for the browser tests (Playwright drives it; it never downloads a browser),
-# and curl, which the TLS and benchmark-smoke tests drive as a real client.
-.PHONY: chromium
-chromium:
-	@{ command -v chromium && command -v curl; } >/dev/null || { \
+# Debian's programs that the tests drive as real clients: Chromium for the browser tests
+# (Playwright drives it; it never downloads a browser); curl, for the TLS and benchmark-smoke
+# tests; wget and rclone, which mirror a prefix through the page's links. Installs those missing.
+DEBIAN_TOOLS := chromium curl wget rclone
+.PHONY: debian-tools
+debian-tools:
+	@missing=$$(for tool in $(DEBIAN_TOOLS); do command -v $$tool >/dev/null || echo $$tool; done); \
+	[ -z "$$missing" ] || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium curl; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  else \
-	    echo "make test: the tests need Chromium and curl: run 'apt-get install chromium curl' as root" >&2; exit 1; \
+	    echo "make test: the tests need" $$missing": run 'apt-get install" $$missing"' as root" >&2; exit 1; \
 	  fi; }
 
 # Debian's promtool, which checks the metrics page in the tests. It comes in Debian's prometheus
@@ -61,7 +64,7 @@ promtool: | $(BIN)/python
 	  status=$$?; rm -rf $$tmp $(BIN)/promtool.part; \
 	  [ $$status = 0 ] || { echo "make test: could not unpack promtool from Debian's prometheus package (as root, or run 'apt-get install prometheus')" >&2; exit 1; }; }
 
-test: lint typecheck $(TUSJS)/node_modules/.package-lock.json chromium promtool
+test: lint typecheck $(TUSJS)/node_modules/.package-lock.json debian-tools promtool
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Benchmarks against nginx on loopback (not part of `make test`); e.g. make bench BENCH_ARGS="--runs 3".

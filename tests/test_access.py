@@ -106,11 +106,17 @@ async def test_tus_creation_without_credentials_gets_401(make_store: MakeStore) 
     assert store.staged_files() == []
 
 
-async def test_the_browser_page_itself_needs_no_credentials(make_store: MakeStore) -> None:
+async def test_the_browser_page_needs_no_credentials_but_lists_nothing_without_them(make_store: MakeStore) -> None:
     store = await safe_store(make_store)
+    assert (await upload(store, "minutes.txt", DATA, bearer(await issue(store, "ada", "upload"))))[0] == 200
     response = await store.client.get("/files/", headers={"Accept": "text/html"})
-    assert response.status == 200
-    assert "<html" in (await response.text()).lower()
+    # The page and its sign-in, with the status the JSON listing would have, and no file named.
+    assert response.status == 401
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="datastore"'
+    page = await response.text()
+    assert '<form id="signin"' in page
+    assert "Sign in to see the files." in page
+    assert "minutes.txt" not in page
 
 
 async def test_x_client_dn_is_ignored_unless_the_operator_trusts_it(make_store: MakeStore) -> None:

@@ -89,7 +89,7 @@ async def test_upload_two_files_with_the_picker_then_download_one(
     saved = tmp_path / "downloaded.bin"
     await download.save_as(saved)
     assert saved.read_bytes() == second.read_bytes()
-    listing = await (await store.client.get("/files/")).json()
+    listing = await (await store.client.get("/files/", headers={"Accept": "application/json"})).json()
     assert sorted(f["name"] for f in listing["files"]) == ["notes.txt", "résumé.bin"]
 
 
@@ -206,8 +206,10 @@ async def test_the_page_forbids_foreign_scripts_and_framing(make_store: MakeStor
     policy = response.headers["Content-Security-Policy"]
     assert "script-src 'self'" in policy
     assert "frame-ancestors 'none'" in policy
-    # A client that asks for JSON (or anything else, like curl's */*) still gets the listing.
-    assert (await store.client.get("/files/", headers={"Accept": "*/*"})).content_type == "application/json"
+    # A client that asks for JSON gets the listing; one that names no type (wget and curl send */*) the page.
+    listing = await store.client.get("/files/", headers={"Accept": "application/json"})
+    assert listing.content_type == "application/json"
+    assert (await store.client.get("/files/", headers={"Accept": "*/*"})).content_type == "text/html"
 
 
 async def test_an_empty_file_is_uploaded_and_listed(make_store: MakeStore, browser: Browser, tmp_path: Path) -> None:
@@ -220,6 +222,57 @@ async def test_an_empty_file_is_uploaded_and_listed(make_store: MakeStore, brows
     await expect(page.locator("#files tbody tr")).to_contain_text("empty.txt")
     response = await store.client.get("/files/empty.txt")
     assert (response.status, await response.read()) == (200, b"")
+
+
+async def test_without_javascript_the_page_lists_the_files_as_links_that_download(
+    make_store: MakeStore, browser: Browser, tmp_path: Path
+) -> None:
+    store = await make_store()
+    files = {"minutes #3.txt": b"read without a script\n", "résumé 100%.bin": os.urandom(100_000)}
+    key = await store.register(list(files.items()))
+    for num, content in enumerate(files.values()):
+        assert (await store.put(key, num, content))[0] == 200
+    context = await browser.new_context(java_script_enabled=False, accept_downloads=True)
+    page = await context.new_page()
+
+    response = await page.goto(str(store.client.make_url("/files/")))
+
+    assert response is not None and response.status == 200
+    await expect(page.get_by_role("heading", level=1)).to_contain_text("/files/")
+    await expect(page.locator("#needs-script")).to_have_text(
+        "Signing in and uploading need JavaScript; the list of files works without it."
+    )
+    links = page.locator("#files tbody a")
+    await expect(links).to_have_text(list(files))
+    for name, content in files.items():
+        async with page.expect_download() as waiting:
+            await page.get_by_role("link", name=name).click()
+        download = await waiting.value
+        assert download.suggested_filename == name
+        await download.save_as(tmp_path / "saved")
+        assert (tmp_path / "saved").read_bytes() == content
+
+
+async def test_the_script_takes_over_the_server_rendered_list_within_the_pages_policy(
+    make_store: MakeStore, browser: Browser
+) -> None:
+    store = await make_store()
+    key = await store.register([("listed.txt", b"listed")])
+    assert (await store.put(key, 0, b"listed"))[0] == 200
+    context = await browser.new_context()
+    page = await context.new_page()
+    console: list[str] = []
+    page.on("console", lambda message: console.append(message.text))
+
+    await page.goto(str(store.client.make_url("/files/")))
+
+    # app.js's own rows: its links carry the download attribute, the server's do not.
+    await expect(page.locator("#files tbody a[download]")).to_have_text(["listed.txt"])
+    await expect(page.locator("#files tbody tr")).to_have_count(1)
+    await expect(page.locator("#whoami")).to_have_text("Not signed in.")
+    await expect(page.locator("#needs-script")).to_be_hidden()
+    await expect(page.locator("#overall")).to_be_hidden()  # the bar for all files, until several upload
+    assert not [text for text in console if "Content Security Policy" in text], console
 
 
 @pytest.fixture

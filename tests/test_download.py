@@ -374,7 +374,7 @@ async def test_listing_describes_each_published_file(make_store: MakeStore) -> N
     after = time.time()
 
     # Ada lists: she sees that she owns ada.txt; nobody owns an anonymous upload.
-    response = await store.client.get("/files/", headers={"X-Client-DN": ADA})
+    response = await store.client.get("/files/", headers={"X-Client-DN": ADA, "Accept": "application/json"})
 
     assert response.status == 200
     assert response.content_type == "application/json"

@@ -216,7 +216,7 @@ async def test_returned_urls_ignore_the_host_header(make_store: MakeStore) -> No
     assert body["files"][0]["upload_url"] == f"{own}/files/{body['transfer_key']}/0"
     assert body["status_url"].startswith(f"{own}/_api/v1/transfers/")
     assert (await store.client.put(f"/files/{body['transfer_key']}/0", data=b"a")).status == 200
-    listing = await (await store.client.get("/files/", headers=evil)).json()
+    listing = await (await store.client.get("/files/", headers={**evil, "Accept": "application/json"})).json()
     assert [f["url"] for f in listing["files"]] == [f"{own}/files/a.txt"]
 
 
@@ -226,5 +226,5 @@ async def test_returned_urls_use_the_configured_public_url(make_store: MakeStore
     body = await manifest.json()
     assert body["files"][0]["upload_url"] == f"https://files.example.org/store/files/{body['transfer_key']}/0"
     assert (await store.client.put(f"/files/{body['transfer_key']}/0", data=b"a")).status == 200
-    listing = await (await store.client.get("/files/")).json()
+    listing = await (await store.client.get("/files/", headers={"Accept": "application/json"})).json()
     assert [f["url"] for f in listing["files"]] == ["https://files.example.org/store/files/a%20b.txt"]

@@ -35,7 +35,10 @@ async def test_chunked_manifest_is_cut_off_at_max_manifest_bytes(make_store: Mak
 
     response = await store.client.post("/files/manifest", data=chunks())
     assert response.status == 413
-    assert await (await store.client.get("/files/")).json() == {"prefix": "files", "files": []}
+    assert await (await store.client.get("/files/", headers={"Accept": "application/json"})).json() == {
+        "prefix": "files",
+        "files": [],
+    }
 
 
 @pytest.mark.parametrize("form", ["ini", "json"])

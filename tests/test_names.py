@@ -646,7 +646,7 @@ async def test_nfd_name_is_stored_under_its_nfc_form(make_store: MakeStore, tmp_
 
     assert store.served_files() == [composed]
     assert os.listdir(os.fsencode(store.root / store.prefix)) == [composed.encode()]
-    listing = await (await store.client.get("/files/")).json()
+    listing = await (await store.client.get("/files/", headers={"Accept": "application/json"})).json()
     assert [f["name"] for f in listing["files"]] == [composed]
     for spelling in (composed, decomposed):
         response = await download(store, spelling)
@@ -689,7 +689,7 @@ async def test_good_name_uploads_and_downloads_unchanged(
     disposition = response.headers["Content-Disposition"]
     assert disposition.startswith("attachment;")
     assert unquote(disposition.split("filename*=UTF-8''", 1)[1]) == name
-    listing = await (await store.client.get("/files/")).json()
+    listing = await (await store.client.get("/files/", headers={"Accept": "application/json"})).json()
     assert [(f["name"], f["md5"]) for f in listing["files"]] == [(name, md5_hex(content))]
 
 
@@ -820,7 +820,7 @@ async def test_symlink_dropped_into_the_folder_by_hand_is_not_served(make_store:
         status, raw = await raw_get(store, f"/files/{name}")
         assert status == 404, (name, raw[:300])
         assert_nothing_leaked(raw)
-    listing = await (await store.client.get("/files/")).json()
+    listing = await (await store.client.get("/files/", headers={"Accept": "application/json"})).json()
     assert [f["name"] for f in listing["files"]] == ["public.txt"]
 
 

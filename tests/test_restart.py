@@ -25,6 +25,8 @@ from .harness import Store, json_manifest, spawn_serve, staged_bytes, start_stal
 
 ADA = "/O=Lab/CN=Ada"
 BOB = "/O=Lab/CN=Bob"
+#: What the Python client sends for a listing.
+JSON = {"Accept": "application/json"}
 
 
 async def upload(store: Store, name: str, data: bytes, *, identity: str | None = None) -> None:
@@ -55,12 +57,12 @@ async def test_published_files_are_still_listed_and_served_after_restart(make_st
     files = {"ada.txt": (b"Ada's notes\n" * 100, ADA), "anon.bin": (bytes(range(256)) * 40, None)}
     for name, (data, owner) in files.items():
         await upload(store, name, data, identity=owner)
-    listing_before = (await (await store.client.get("/files/")).json())["files"]
+    listing_before = (await (await store.client.get("/files/", headers=JSON)).json())["files"]
     digests_before = {name: (await store.client.head(f"/files/{name}")).headers["Repr-Digest"] for name in files}
 
     store = await restart(store, make_store)
 
-    listing_after = (await (await store.client.get("/files/")).json())["files"]
+    listing_after = (await (await store.client.get("/files/", headers=JSON)).json())["files"]
     # Everything but the URL, whose port is the new store's.
     assert [{k: v for k, v in f.items() if k != "url"} for f in listing_after] == [
         {k: v for k, v in f.items() if k != "url"} for f in listing_before

@@ -20,7 +20,7 @@ async def test_upload_then_download_round_trip(make_store: MakeStore) -> None:
     response = await store.client.get("/files/hello.txt")
     assert response.status == 200
     assert await response.read() == content
-    listing = await (await store.client.get("/files/")).json()
+    listing = await (await store.client.get("/files/", headers={"Accept": "application/json"})).json()
     assert [(f["name"], f["md5"], f["sha256"]) for f in listing["files"]] == [
         ("hello.txt", md5_hex(content), sha256_hex(content))
     ]

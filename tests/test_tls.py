@@ -595,7 +595,7 @@ async def test_forged_client_dn_header_changes_nothing(store: TlsStore, ada: Cli
     assert (await store.request(ada, "GET", f"/{PREFIX}/a.dat", headers=headers)).status == 200
 
     assert {(identity.dn, identity.authenticated) for identity in store.handler.identities} == {(ADA_DN, True)}
-    listing = (await store.request(ada, "GET", f"/{PREFIX}/", headers=headers)).json()
+    listing = (await store.request(ada, "GET", f"/{PREFIX}/", headers={**headers, "Accept": "application/json"})).json()
     assert [(f["owner"], f["owner_authenticated"]) for f in listing["files"]] == [(ADA_DN, True)]
 
 
@@ -659,7 +659,7 @@ async def test_file_uploaded_over_tls_is_neither_listed_nor_served_over_plain_ht
     store = await start_store(plain=True)
     assert (store.url.split(":")[0], store.plain_url.split(":")[0]) == ("https", "http")
     await store.upload(ada, "a.dat", b"data")
-    assert (await store.plain("GET", f"/{PREFIX}/")).json()["files"] == []
+    assert (await store.plain("GET", f"/{PREFIX}/", headers={"Accept": "application/json"})).json()["files"] == []
     refused = await store.plain("GET", f"/{PREFIX}/a.dat")
     assert (refused.status, refused.body) == (
         403,
@@ -672,7 +672,7 @@ async def test_file_uploaded_over_tls_is_neither_listed_nor_served_over_plain_ht
 async def test_a_prefix_may_serve_tls_uploads_over_plain_http_too(start_store: StartStore, ada: ClientCert) -> None:
     store = await start_store(plain=True, policy=replace(OPEN_POLICY, tls_only=False, show_owners=True))
     await store.upload(ada, "a.dat", b"data")
-    listing = (await store.plain("GET", f"/{PREFIX}/")).json()
+    listing = (await store.plain("GET", f"/{PREFIX}/", headers={"Accept": "application/json"})).json()
     assert [(f["name"], f["owner"], f["owner_authenticated"]) for f in listing["files"]] == [("a.dat", ADA_DN, True)]
     served = await store.plain("GET", f"/{PREFIX}/a.dat")
     assert (served.status, served.body) == (200, b"data")
@@ -879,7 +879,7 @@ async def test_curl_uploads_then_is_refused_after_revoke_and_sighup(
 async def test_serve_tls_port_adds_a_tls_listener_beside_plain_http(serve: Serve, cli_certs: Path) -> None:
     served = await serve("--tls-port", "0", *tls_args(cli_certs), listeners=2)
     assert served.urls.keys() == {"http", "https"}
-    status, out, err = await curl(cli_certs, "ada", f"{served.urls['https']}/files/")
+    status, out, err = await curl(cli_certs, "ada", "-H", "Accept: application/json", f"{served.urls['https']}/files/")
     assert status == 0, err
     assert json.loads(out)["files"] == []
     async with aiohttp.ClientSession() as session, session.get(f"{served.urls['http']}/files/") as response:

@@ -217,7 +217,7 @@ async def download(http: Any, name: str) -> tuple[int, bytes]:
 
 
 async def listed(http: Any, name: str) -> dict[str, Any]:
-    reply = await send(http, "GET", "/files/")
+    reply = await send(http, "GET", "/files/", headers={"Accept": "application/json"})
     assert reply.status == 200
     entries = [entry for entry in json.loads(reply.body)["files"] if entry["name"] == name]
     assert len(entries) == 1, entries

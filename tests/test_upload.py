@@ -191,7 +191,7 @@ async def test_file_is_in_the_catalogue_the_moment_the_200_arrives(
     assert await store.put(key, 0, content) == (200, "File transfer OK")
 
     assert recording.methods()[-1] == "complete_upload"
-    listing = await (await store.client.get("/files/")).json()
+    listing = await (await store.client.get("/files/", headers={"Accept": "application/json"})).json()
     assert [f["name"] for f in listing["files"]] == ["minutes.txt"]
 
 
@@ -686,7 +686,7 @@ async def test_overwriting_handler_replaces_the_published_file(make_store: MakeS
     assert await store.put(key, 0, b"version 2, longer", identity=ADA) == (200, "File transfer OK")
 
     assert await download(store, "report.txt") == (200, b"version 2, longer")
-    listing = await (await store.client.get("/files/")).json()
+    listing = await (await store.client.get("/files/", headers={"Accept": "application/json"})).json()
     assert [(f["name"], f["sha256"]) for f in listing["files"]] == [("report.txt", sha256_hex(b"version 2, longer"))]
 
 
@@ -699,6 +699,9 @@ async def test_many_concurrent_uploads_share_a_two_buffer_budget_and_all_are_ver
     results = await asyncio.gather(*(store.put(key, i, data) for i, data in enumerate(contents)))
 
     assert results == [(200, "File transfer OK")] * len(contents)
-    listed = {f["name"]: f for f in (await (await store.client.get("/files/")).json())["files"]}
+    listed = {
+        f["name"]: f
+        for f in (await (await store.client.get("/files/", headers={"Accept": "application/json"})).json())["files"]
+    }
     for i, data in enumerate(contents):
         assert listed[f"shared-{i}.bin"]["sha256"] == sha256_hex(data)

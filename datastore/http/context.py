@@ -119,6 +119,11 @@ def prefers_json(request: web.Request) -> bool:
     return "application/json" in request.headers.get("Accept", "")
 
 
+def reason_phrase(message: str) -> str:
+    """``message`` as a status line's reason phrase: one printable ASCII line of at most 200 characters."""
+    return "".join(c if " " <= c <= "~" else "?" for c in message)[:200]
+
+
 def render_error(request: web.Request, exc: DatastoreError) -> web.Response:
     """The one place a DatastoreError becomes a response.
 
@@ -127,7 +132,7 @@ def render_error(request: web.Request, exc: DatastoreError) -> web.Response:
     or as JSON for clients that sent or asked for JSON.
     """
     message = exc.message
-    reason = "".join(c if " " <= c <= "~" else "?" for c in message)[:200]
+    reason = reason_phrase(message)
     headers = dict(exc.headers)
     if prefers_json(request) or request.content_type == "application/json":
         body: dict[str, Any] = {"error": exc.code, "message": message}

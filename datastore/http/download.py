@@ -1,4 +1,4 @@
-"""Reading the store: downloads, the listing, and deletion.
+"""Reading the store: downloads, the listing (as JSON, or in the page ``page.py`` renders), and deletion.
 
 A download asks the prefix's handler for the file's path and hands it to
 aiohttp's ``FileResponse`` (sendfile, Range/206/416, If-Range, ETag,
@@ -36,13 +36,14 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_request import BaseRequest
 
 from .. import metrics
-from ..errors import DatastoreError, FileNotFound, NotAuthorized, NotFound
+from ..errors import CertificateRefused, DatastoreError, FileNotFound, NotAuthorized, NotFound, Unauthorized
 from ..handlers.interface import Download, StoredFile
 from ..handlers.mounts import Mount
 from ..protocol.names import validate_name
 from ..security.identity import Identity
 from ..security.policy import Action, Audience
-from .context import CONTEXT, base_url, identify, prefers_json
+from .context import CONTEXT, base_url, identify
+from .page import Listed, page_response, refused_page, wants_page
 
 #: The outcome of a download, by the status of its answer (else "error").
 OUTCOMES = {
@@ -209,62 +210,44 @@ _CONDITIONAL = (
 )
 
 
-#: The browser page and its assets, shipped in the package.
-WEB_DIR = pathlib.Path(__file__).parent / "web"
-
-#: The page runs only its own script and talks only to its own origin.
-PAGE_HEADERS = {
-    "Content-Security-Policy": (
-        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:;"
-        " base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-    ),
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-cache",
-}
-
-
-#: The page's assets: the only files under /_static/.
-ASSETS = {"app.js": "text/javascript", "app.css": "text/css"}
-
-
-async def handle_asset(request: web.Request) -> web.StreamResponse:
-    """``GET /_static/{asset}``: the page's script and style sheet."""
-    asset = request.match_info["asset"]
-    if asset not in ASSETS:
-        raise FileNotFound()
-    return web.FileResponse(
-        WEB_DIR / asset,
-        headers={"Content-Type": f"{ASSETS[asset]}; charset=utf-8", "X-Content-Type-Options": "nosniff"},
-    )
-
-
 async def handle_listing(request: web.Request) -> web.StreamResponse:
-    """``GET /{prefix}/``: the browser page for browsers, else the files as JSON."""
-    ctx = request.app[CONTEXT]
-    mount = ctx.mount(request.match_info["prefix"])
-    if "text/html" in request.headers.get("Accept", "") and not prefers_json(request):
-        return web.FileResponse(WEB_DIR / "index.html", headers=PAGE_HEADERS)
+    """``GET /{prefix}/``: the files a client may list, as JSON or inside the browser page (``page.py``).
+
+    Both answers come from :func:`_list`: the same rules, the same files,
+    the same owners shown; a client refused the list gets the page without
+    it, with the status the JSON listing would have.
+    """
+    mount = request.app[CONTEXT].mount(request.match_info["prefix"])
+    if not wants_page(request):
+        return web.json_response(
+            {"prefix": mount.prefix, "files": await _list(request, mount)},
+            headers={"Cache-Control": "no-cache", "Vary": "Accept"},
+        )
+    try:
+        files = await _list(request, mount)
+    except CertificateRefused:
+        raise  # the connection's refusal, not the listing's: answered and closed as any request's
+    except (Unauthorized, NotAuthorized, NotFound) as refused:
+        return refused_page(mount.prefix, refused)
+    return page_response(mount.prefix, files)
+
+
+async def _list(request: web.Request, mount: Mount) -> list[Listed]:
+    """The files of ``mount`` that the request's client may see (401/403/404 if it may not list)."""
     if mount.lister is None:
         raise NotFound("this prefix offers no listing")
     identity = await identify(request)
     await mount.authorize(identity, Action.LIST)
     files = await mount.lister.list_files(identity)
     base = base_url(request)
-    return web.json_response(
-        {
-            "prefix": mount.prefix,
-            "files": [
-                _listed(f, identity, mount, f"{base}/{mount.prefix}/{quote(f.name, safe='')}")
-                for f in files
-                if request.secure or not _tls_only(mount, f)
-            ],
-        },
-        headers={"Cache-Control": "no-cache"},
-    )
+    return [
+        _listed(f, identity, mount, f"{base}/{mount.prefix}/{quote(f.name, safe='')}")
+        for f in files
+        if request.secure or not _tls_only(mount, f)
+    ]
 
 
-def _listed(stored: StoredFile, identity: Identity, mount: Mount, url: str) -> dict[str, object]:
+def _listed(stored: StoredFile, identity: Identity, mount: Mount, url: str) -> Listed:
     """One file of a listing; its owner only for those the policy shows owners to."""
     shown = mount.policy.shows_owner(identity, stored.owner_id)
     return {

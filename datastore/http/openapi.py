@@ -1049,24 +1049,29 @@ def _tus_create() -> Object:
 
 
 def _listing() -> Object:
+    errors = _errors(_merge(_ON_A_PREFIX, {404: ["the prefix's handler offers no listing"]}))
+    for status in ("401", "403", "404"):
+        # The page, without the list, where the listing is refused (an unknown prefix stays text or JSON).
+        errors[status]["content"]["text/html"] = {"schema": {"type": "string"}}
     return _operation(
         "listFiles",
         "files",
-        "The files of a prefix (JSON), or the browser page",
+        "The files of a prefix (JSON), or the browser page with them as links",
         {
             "200": {
-                "description": "The listing, or for an `Accept` naming `text/html` but not JSON the browser page "
-                "(which needs no credentials)",
+                "description": "The listing for an `Accept` naming `application/json` (or other types only); the "
+                "browser page, with the files as plain links, for one naming `text/html`, only wildcards, or none",
                 "content": {
                     JSON: {"schema": _schema("Listing")},
                     "text/html": {"schema": {"type": "string"}},
                 },
             },
-            "304": {"description": "The browser page, not modified (a conditional request)"},
-            **_errors(_merge(_ON_A_PREFIX, {404: ["the prefix's handler offers no listing"]})),
+            **errors,
         },
         description="A file uploaded over TLS is listed only over TLS where the prefix's policy keeps such files "
-        "off plain HTTP. `owner` is shown to the owner and administrators, or to every reader with `show_owners`.",
+        "off plain HTTP. `owner` is shown to the owner and administrators, or to every reader with `show_owners`. "
+        "The page obeys the same rules; a client that may not list gets it without the list, with the status "
+        "the JSON listing would have.",
     )
 
 

@@ -90,10 +90,11 @@ from .api import (
 from .bodies import MemoryBudget
 from .connections import HTTP_LOG, AccessLogger, ConnectionGate, GatedServer, StoreRunner, bind_socket, connection_cap
 from .context import CONTEXT, StoreContext, render_error
-from .download import handle_asset, handle_delete, handle_download, handle_listing
+from .download import handle_delete, handle_download, handle_listing
 from .hooks import Hook
 from .metrics_page import METRICS_PATH, handle_metrics
 from .openapi import OPENAPI_PATH, handle_openapi
+from .page import handle_asset
 from .sse import handle_events, handle_transfer_events
 from .tus import handle_create, handle_head, handle_options, handle_patch, handle_terminate
 from .upload import handle_manifest, handle_upload, upload_expect_handler

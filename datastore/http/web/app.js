@@ -1,4 +1,6 @@
 // The datastore page: list the prefix's files, upload by drag and drop or a file picker.
+// The server renders the list as plain links (the page works without this script); the script
+// replaces it with its own, richer one (local times, download links) and keeps it current.
 // Uploads post a JSON manifest, then send each file by tus PATCH in chunks (with a SHA-256
 // Upload-Checksum where the browser can compute it); after a network failure they ask the
 // server for its offset (HEAD) and go on from there, with growing pauses between tries.
@@ -337,6 +339,8 @@ function patch(url, offset, buffer, checksum, progress) {
 // -- wiring ---------------------------------------------------------------------------------
 
 function start() {
+  $("#needs-script").hidden = true;
+  $("#whoami").textContent = "Checking who you are…";
   $("#prefix-name").textContent = `/${prefix}/`;
   document.title = `datastore /${prefix}/`;
   $("#signin").addEventListener("submit", (event) => {
