@@ -257,15 +257,18 @@ class DirectoryHandler:
         return await self.catalogue.listing()
 
     async def delete_file(self, identity: Identity, name: str) -> None:
-        stored = await self.describe_file(identity, name)
-        if stored is None:
-            raise FileNotFound()
-        # Identities are compared by kind, subject and issuer: a DN asserted over plain HTTP
-        # never matches one a certificate proved, and an anonymous upload belongs to nobody.
-        if not identity.may_manage(stored.owner_id):
-            raise NotAuthorized("only the owner (or an administrator) may delete a file")
-        path = await asyncio.to_thread(contained_path, self.directory, name)
-        await self.catalogue.delete(name)
+        while True:
+            stored = await self.describe_file(identity, name)
+            if stored is None:
+                raise FileNotFound()
+            # Identities are compared by kind, subject and issuer: a DN asserted over plain HTTP
+            # never matches one a certificate proved, and an anonymous upload belongs to nobody.
+            if not identity.may_manage(stored.owner_id):
+                raise NotAuthorized("only the owner (or an administrator) may delete a file")
+            path = await asyncio.to_thread(contained_path, self.directory, name)
+            # Removed only if it is still the record just judged: one published meanwhile is judged again.
+            if await self.catalogue.delete(name, expected=stored):
+                break
         self._forget(name)
         await asyncio.to_thread(_unlink_if_present, path)
 
