@@ -572,6 +572,10 @@ CREATE TABLE pending (
 """
 
 
+#: The first catalogue, from before TLS (every owner an X-Client-DN, no owner_authenticated).
+BEFORE_TLS = BEFORE_PRINCIPALS.replace("    owner_authenticated INTEGER NOT NULL DEFAULT 0,\n", "")
+
+
 def write_old_catalogue(path: Path, schema: str, rows: Sequence[tuple[object, ...]]) -> None:
     """A catalogue file of ``schema`` holding published ``rows`` (name, owner, owner_authenticated) and
     the pending name ``pending.txt``."""
@@ -636,3 +640,24 @@ async def listing_of(path: Path) -> list[StoredFile]:
         return await catalogue.listing()
     finally:
         await catalogue.close()
+
+
+async def test_a_catalogue_from_before_tls_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "catalogue" / "files.sqlite3"
+    zoe = Identity.asserted("/O=Lab/CN=Zoë")
+    rows = [("asserted.txt", zoe.dn, None), ("anonymous.txt", None, None)]
+    await asyncio.to_thread(write_old_catalogue, path, BEFORE_TLS, rows)
+
+    catalogue = SqliteCatalogue(path)
+    try:
+        asserted, anonymous = [await catalogue.describe(name) for name, _, _ in rows]
+        assert await catalogue.is_reserved("pending.txt")
+        await catalogue.publish(record("new.txt", owner=BOB))
+    finally:
+        await catalogue.close()
+
+    # Every owner was an X-Client-DN: that asserted identity, which still manages its file.
+    assert asserted is not None and asserted.owner == zoe.dn and zoe.may_manage(asserted.owner_id)
+    assert not asserted.tls and not asserted.owner_authenticated
+    assert anonymous is not None and anonymous.owner_id is None
+    assert await listing_of(path) == [anonymous, asserted, record("new.txt", owner=BOB)]

@@ -46,8 +46,12 @@ CREATE TABLE IF NOT EXISTS pending (
 def _migrate(db: sqlite3.Connection) -> None:
     """Catalogues from before principals: an unauthenticated owner was an X-Client-DN; a certificate's
     subject was kept in a form that cannot be compared safely, so its files are left to administrators."""
-    if "owner_id" in {row["name"] for row in db.execute("PRAGMA table_info(files)")}:
+    columns = {row["name"] for row in db.execute("PRAGMA table_info(files)")}
+    if "owner_id" in columns:
         return
+    if "owner_authenticated" not in columns:
+        # The first catalogues, from before TLS: every owner was an X-Client-DN.
+        db.execute("ALTER TABLE files ADD COLUMN owner_authenticated INTEGER NOT NULL DEFAULT 0")
     db.execute("ALTER TABLE files ADD COLUMN owner_id TEXT")
     db.execute("ALTER TABLE files ADD COLUMN tls INTEGER NOT NULL DEFAULT 0")
     # As in the transfer registry: a certificate's old subject form matches no certificate, so its files
