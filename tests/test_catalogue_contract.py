@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from datastore.security.identity import Identity, IdentityKind
+from datastore.state import open_catalogue
 from datastore.state.catalogue import Catalogue, Conflict, NameTaken, Reservation, StoredFile
 from datastore.state.sqlite_catalogue import SqliteCatalogue
 
@@ -546,6 +547,27 @@ async def test_concurrent_publishing_of_one_name_leaves_one_record(catalogue: Ca
 
     listed = await catalogue.listing()
     assert len(listed) == 1 and listed[0] in versions
+
+
+# -- opening a prefix's catalogue by the state URL ----------------------------------------------
+
+
+async def test_a_sqlite_state_url_opens_the_catalogue_file_of_the_prefix(tmp_path: Path) -> None:
+    state, path = tmp_path / "state" / "transfers.sqlite3", tmp_path / "state" / "catalogue" / "files.sqlite3"
+    catalogue = open_catalogue(f"sqlite:///{state}", "files", path)
+    try:
+        await catalogue.publish(record("a.txt"))
+    finally:
+        await catalogue.close()
+
+    # The prefix's own file, where a store has always kept it; the state store's file is not touched.
+    assert await listing_of(path) == [record("a.txt")]
+    assert not await asyncio.to_thread(state.exists)
+
+
+def test_a_state_url_of_no_backend_opens_no_catalogue(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no catalogue backend"):
+        open_catalogue("postgresql://db/datastore", "files", tmp_path / "files.sqlite3")
 
 
 # -- the SQLite files earlier versions wrote ---------------------------------------------------
