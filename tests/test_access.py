@@ -23,13 +23,24 @@ import aiohttp
 import pytest
 
 from datastore.config import SettingsError, load_settings
+from datastore.errors import NotAuthorized
 from datastore.handlers.directory import DirectoryHandler
+from datastore.handlers.interface import FileInfo
 from datastore.http.context import CONTEXT
 from datastore.security.identity import Identity
 from datastore.security.policy import Audience, Policy
 
 from .conftest import MakeStore
-from .harness import OPEN_POLICY, Store, assert_one_line_failure, datastore, json_manifest, sha256_hex, spawn_serve
+from .harness import (
+    OPEN_POLICY,
+    Store,
+    assert_one_line_failure,
+    datastore,
+    json_manifest,
+    md5_hex,
+    sha256_hex,
+    spawn_serve,
+)
 
 ADA, BOB = "/O=Lab/CN=Ada", "/O=Lab/CN=Bob"
 DATA = b"the minutes of the meeting\n"
@@ -384,6 +395,36 @@ async def test_only_the_owner_may_overwrite_a_file(make_store: MakeStore, tmp_pa
     assert (await upload(store, "report.txt", b"Ada's second draft\n", ada))[0] == 200
     served = await store.client.get("/files/report.txt", headers=bob)
     assert await served.read() == b"Ada's second draft\n"
+
+
+async def test_a_file_replaced_while_its_owner_deletes_it_is_judged_again(tmp_path: Path) -> None:
+    handler = DirectoryHandler(tmp_path / "root" / "files", catalogue=tmp_path / "cat.sqlite3", overwrite=True)
+    ada, root = Identity.asserted(ADA), replace(Identity.asserted("/CN=root"), admin=True)
+
+    async def publish(identity: Identity, data: bytes) -> None:
+        info = FileInfo("report.txt", len(data), md5_hex(data), sha256_hex(data))
+        assert await handler.reserve_many(identity, [info]) == []
+        await handler.complete_upload(identity, info)
+
+    await publish(ada, b"Ada's report\n")
+    describe = handler.catalogue.describe
+
+    async def replaced_after_the_first_read(name):  # type: ignore[no-untyped-def]
+        found = await describe(name)
+        if handler.catalogue.describe is replaced_after_the_first_read:
+            handler.catalogue.describe = describe  # type: ignore[method-assign]
+            await publish(root, b"the administrator's version\n")
+        return found
+
+    handler.catalogue.describe = replaced_after_the_first_read  # type: ignore[method-assign]
+    try:
+        # Ada's deletion was judged on her record; the administrator's, published meanwhile, is not hers.
+        with pytest.raises(NotAuthorized):
+            await handler.delete_file(ada, "report.txt")
+        stored = await handler.describe_file(ada, "report.txt")
+        assert stored is not None and stored.owner_id == root.principal
+    finally:
+        await handler.close()
 
 
 async def test_another_identity_can_neither_read_nor_cancel_nor_use_a_transfer(make_store: MakeStore) -> None:

@@ -21,6 +21,7 @@ import pytest
 from multidict import CIMultiDict
 
 from datastore.handlers.directory import MEMORY_LIMIT, DirectoryHandler
+from datastore.state.sqlite_catalogue import SqliteCatalogue
 
 from .conftest import MakeStore
 from .harness import Store, md5_hex, sha256_hex, staged_bytes, start_stalled_upload, until
@@ -467,16 +468,17 @@ async def remembering_store(make_store: MakeStore, **handler_options: object) ->
 def count_catalogue_queries(store: Store) -> list[int]:
     """Count the handler's catalogue round trips from now on (the first item)."""
     calls = [0]
-    database = store.handler._db
+    catalogue = store.handler.catalogue
 
     def counting(method):  # type: ignore[no-untyped-def]
-        async def counted(work):  # type: ignore[no-untyped-def]
+        async def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
             calls[0] += 1
-            return await method(work)
+            return await method(*args, **kwargs)
 
         return counted
 
-    database.run, database.read = counting(database.run), counting(database.read)
+    for name in ("check", "reserve", "is_reserved", "release", "publish", "describe", "listing", "delete"):
+        setattr(catalogue, name, counting(getattr(catalogue, name)))
     return calls
 
 
@@ -610,9 +612,9 @@ async def test_name_another_process_removed_from_the_catalogue_is_not_served_aft
     assert (await store.client.get("/files/notes.txt")).status == 200
     read_by = time.monotonic()  # the store read the record before it answered
     # Another process sharing the catalogue removed the record; the file stayed.
-    other = DirectoryHandler(store.handler.directory, catalogue=store.handler._db.path)
+    other = SqliteCatalogue(store.state_dir / "catalogue" / "files.sqlite3")
     try:
-        await other._db.run(lambda db: db.execute("DELETE FROM files WHERE name = ?", ("notes.txt",)))
+        assert await other.delete("notes.txt")
     finally:
         await other.close()
     # The TTL is the behaviour under test: wait until the clock the store measures it by has passed it.
@@ -630,7 +632,7 @@ async def test_concurrent_downloads_of_a_new_file_share_one_lookup(make_store: M
     # The lookup is held until all twenty requests have arrived: all of them are under way at once,
     # however the machine schedules their connections.
     arrived, everyone = 0, asyncio.Event()
-    locate, read = store.handler.locate_download, store.handler._db.read
+    locate, describe = store.handler.locate_download, store.handler.catalogue.describe
 
     async def arriving(identity, name):  # type: ignore[no-untyped-def]
         nonlocal arrived
@@ -639,12 +641,12 @@ async def test_concurrent_downloads_of_a_new_file_share_one_lookup(make_store: M
             everyone.set()
         return await locate(identity, name)
 
-    async def held(work):  # type: ignore[no-untyped-def]
+    async def held(name):  # type: ignore[no-untyped-def]
         async with asyncio.timeout(10):
             await everyone.wait()
-        return await read(work)
+        return await describe(name)
 
-    store.handler.locate_download, store.handler._db.read = arriving, held
+    store.handler.locate_download, store.handler.catalogue.describe = arriving, held
 
     responses = await asyncio.gather(*(store.client.get("/files/notes.txt") for _ in range(20)))
 

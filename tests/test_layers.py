@@ -1,7 +1,8 @@
 """The layers the folders name hold: the lifecycle, the state store, pure protocol code and the
 storage of bytes know nothing of HTTP (no aiohttp, nothing of ``datastore.http``), and pure
-protocol code touches no state, storage or lifecycle. Read from the source, so that an import
-added anywhere in those folders fails here."""
+protocol code touches no state, storage or lifecycle; the state, which keeps the handlers'
+catalogues, imports no handler. Read from the source, so that an import added anywhere in those
+folders fails here."""
 
 from __future__ import annotations
 
@@ -15,7 +16,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "datastore"
 #: Per folder: imports its modules must not make (absolute module names, and what they start with).
 FORBIDDEN = {
     "lifecycle": ("aiohttp", "aiohttp_sse", "datastore.http", "datastore.client"),
-    "state": ("aiohttp", "aiohttp_sse", "datastore.http", "datastore.client", "datastore.lifecycle.machine"),
+    "state": (
+        "aiohttp",
+        "aiohttp_sse",
+        "datastore.http",
+        "datastore.client",
+        "datastore.lifecycle.machine",
+        "datastore.handlers",
+    ),
     "storage": ("aiohttp", "datastore.http", "datastore.client", "datastore.lifecycle", "datastore.state"),
     "protocol": (
         "aiohttp",

@@ -1,12 +1,15 @@
-"""DirectoryHandler: a prefix backed by one flat folder and a SQLite catalogue.
+"""DirectoryHandler: a prefix backed by one flat folder and a catalogue.
 
 The folder holds only published files. The catalogue (name, size, MD5,
 SHA-256, owner, upload time, and the names reserved by pending uploads) is a
-SQLite file kept outside the folder, so it can never be downloaded or
-overwritten through the store. A name is taken while it is pending or
-published; two names that differ only by case collide (the folder may be
-copied to a case-insensitive filesystem). ``overwrite=True`` lets a new
-upload replace a published file of exactly the same name.
+:class:`~datastore.state.catalogue.Catalogue`: by default a SQLite file kept
+outside the folder, so it can never be downloaded or overwritten through the
+store. A name is taken while it is pending or published; two names that
+differ only by case collide (the folder may be copied to a case-insensitive
+filesystem). ``overwrite=True`` lets a new upload replace a published file of
+exactly the same name. The catalogue reserves names atomically; which
+published file, or file on disk, an upload may replace is decided here, and
+handed to it as a policy.
 
 Only files the catalogue lists as published are ever served: a pending
 upload, a file dropped into the folder by hand, or a half-written file is not.
@@ -27,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import sqlite3
 import stat
 import time
 from collections import OrderedDict
@@ -36,70 +38,36 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FileNotFound, InvalidName, NotAuthorized
-from ..protocol.names import contained_path, fold_name
+from ..protocol.names import contained_path
 from ..security.identity import Identity, IdentityKind
-from ..state.database import Database
-from .interface import Download, FileInfo, StoredFile
+from ..state.catalogue import Catalogue, Reservation, StoredFile
+from ..state.sqlite_catalogue import SqliteCatalogue
+from .interface import Download, FileInfo
 
 #: Files up to this size are read into memory and answered from there.
 MEMORY_LIMIT = 64 * 1024
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS files (
-    name TEXT PRIMARY KEY,
-    fold TEXT NOT NULL UNIQUE,
-    size INTEGER NOT NULL,
-    md5 TEXT NOT NULL,
-    sha256 TEXT NOT NULL,
-    owner TEXT,
-    owner_authenticated INTEGER NOT NULL DEFAULT 0,
-    uploaded_at REAL NOT NULL,
-    -- The uploader's principal (Identity.principal; NULL: anonymous, nobody owns it),
-    -- and whether the file came over TLS.
-    owner_id TEXT,
-    tls INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS pending (
-    name TEXT PRIMARY KEY,
-    fold TEXT NOT NULL UNIQUE,
-    size INTEGER NOT NULL,
-    -- Not written since owners are kept once per transfer (in the transfer registry).
-    owner TEXT,
-    reserved_at REAL NOT NULL
-);
-"""
-
-
-def _migrate(db: sqlite3.Connection) -> None:
-    """Catalogues from before principals: an unauthenticated owner was an X-Client-DN; a certificate's
-    subject was kept in a form that cannot be compared safely, so its files are left to administrators."""
-    if "owner_id" in {row["name"] for row in db.execute("PRAGMA table_info(files)")}:
-        return
-    db.execute("ALTER TABLE files ADD COLUMN owner_id TEXT")
-    db.execute("ALTER TABLE files ADD COLUMN tls INTEGER NOT NULL DEFAULT 0")
-    # As in the transfer registry: a certificate's old subject form matches no certificate, so its files
-    # are the administrators' to delete or replace.
-    db.execute(
-        "UPDATE files SET owner_id = CASE WHEN owner_authenticated = 0 THEN json_array('asserted', owner)"
-        " ELSE json_array('certificate', owner, '') END WHERE owner IS NOT NULL"
-    )
-    db.execute("UPDATE files SET tls = owner_authenticated")
 
 
 class DirectoryHandler:
     """Serve and accept files in ``directory``; record them in ``catalogue``.
 
-    ``catalogue`` defaults to ``<parent>/.datastore/catalogue/<folder>.sqlite3``
-    beside the folder, never inside it. Implements :class:`TransferHandler`
-    and the listing, describe, delete, batch-reservation and close capabilities.
+    ``catalogue`` is a :class:`~datastore.state.catalogue.Catalogue`, used
+    as given, or the path of a SQLite catalogue file, by default
+    ``<parent>/.datastore/catalogue/<folder>.sqlite3`` beside the folder,
+    never inside it. Either way :meth:`close` closes it. Implements
+    :class:`TransferHandler` and the listing, describe, delete,
+    batch-reservation and close capabilities.
     """
 
-    def __init__(self, directory: Path, *, catalogue: Path | None = None, overwrite: bool = False) -> None:
+    def __init__(self, directory: Path, *, catalogue: Path | Catalogue | None = None, overwrite: bool = False) -> None:
         self.directory = Path(directory)
         if catalogue is None:
             catalogue = self.directory.parent / ".datastore" / "catalogue" / f"{self.directory.name}.sqlite3"
         self.overwrite = overwrite
-        self._db = Database(Path(catalogue), _SCHEMA, _migrate)
+        #: The published records and the reserved names.
+        self.catalogue: Catalogue = (
+            SqliteCatalogue(Path(catalogue)) if isinstance(catalogue, str | os.PathLike) else catalogue
+        )
         #: Seconds a remembered catalogue record is trusted before it is read again.
         self.catalogue_ttl = 1.0
         #: A file is remembered only when its ctime is at least this old (ns).
@@ -122,14 +90,9 @@ class DirectoryHandler:
         return not await self._refused(identity, [file], reserve=False)
 
     async def add_pending_upload(self, identity: Identity, file: FileInfo) -> None:
-        row = (file.name, fold_name(file.name), file.size, time.time())
-        try:
-            await self._db.run(
-                lambda db: db.execute("INSERT INTO pending (name, fold, size, reserved_at) VALUES (?, ?, ?, ?)", row)
-            )
-        except sqlite3.IntegrityError:
-            # Another worker process reserved the name since can_upload said yes.
-            raise NotAuthorized(f"{file.name} is reserved by another transfer") from None
+        # can_upload said yes: only a reservation made since (by another worker process) refuses now.
+        if await self.catalogue.reserve([Reservation(file.name, file.size)], may_take=_anything, now=time.time()):
+            raise NotAuthorized(f"{file.name} is reserved by another transfer")
 
     async def reserve_many(self, identity: Identity, files: Sequence[FileInfo]) -> list[str]:
         """Reserve every file in one transaction, or none: the names refused, or [] when all are reserved.
@@ -161,71 +124,45 @@ class DirectoryHandler:
         """The names of ``files`` that may not be uploaded; with ``reserve``, reserve all if there are none."""
         # A file put into the folder by other means belongs to nobody: only an administrator replaces it.
         on_disk = await asyncio.to_thread(self._on_disk, [f.name for f in files])
-        now = time.time()
+        overwrite = self.overwrite
 
-        def check(db: sqlite3.Connection) -> list[str]:
-            refused = []
-            for file in files:
-                fold = fold_name(file.name)
-                if db.execute("SELECT 1 FROM pending WHERE fold = ?", (fold,)).fetchone():
-                    refused.append(file.name)
-                    continue
-                row = db.execute("SELECT name, owner_id FROM files WHERE fold = ?", (fold,)).fetchone()
-                if row is None and file.name in on_disk and not (self.overwrite and identity.admin):
-                    refused.append(file.name)
-                    continue
-                # Only its owner (or an administrator) may replace a file.
-                if row is not None and not (
-                    self.overwrite and row["name"] == file.name and identity.may_manage(row["owner_id"])
-                ):
-                    refused.append(file.name)
-            if reserve and not refused:
-                db.executemany(
-                    "INSERT INTO pending (name, fold, size, reserved_at) VALUES (?, ?, ?, ?)",
-                    [(f.name, fold_name(f.name), f.size, now) for f in files],
-                )
-            return refused
+        def may_take(name: str, published: StoredFile | None) -> bool:
+            if published is None:
+                return name not in on_disk or (overwrite and identity.admin)
+            # Only its owner (or an administrator) may replace a file.
+            return overwrite and published.name == name and identity.may_manage(published.owner_id)
 
-        return await self._db.run(check)
+        wanted = [Reservation(f.name, f.size) for f in files]
+        if reserve:
+            conflicts = await self.catalogue.reserve(wanted, may_take=may_take, now=time.time())
+        else:
+            conflicts = await self.catalogue.check(wanted, may_take=may_take)
+        return [conflict.name for conflict in conflicts]
 
     async def get_upload_filename(self, identity: Identity, file: FileInfo) -> Path | None:
-        reserved = await self._db.read(
-            lambda db: db.execute("SELECT 1 FROM pending WHERE name = ?", (file.name,)).fetchone()
-        )
-        if reserved is None:
+        if not await self.catalogue.is_reserved(file.name):
             return None
         return await asyncio.to_thread(self._path_for_writing, file.name)
 
     async def complete_upload(self, identity: Identity, file: FileInfo) -> None:
         if file.md5 is None or file.sha256 is None:
             raise ValueError("complete_upload needs the computed digests")
-        row = (
-            file.name,
-            fold_name(file.name),
-            file.size,
-            file.md5,
-            file.sha256,
-            identity.dn,
-            int(identity.authenticated),
-            time.time(),
-            identity.principal,
-            int(identity.kind is IdentityKind.CERTIFICATE),
+        record = StoredFile(
+            name=file.name,
+            size=file.size,
+            md5=file.md5,
+            sha256=file.sha256,
+            owner=identity.dn,
+            uploaded_at=time.time(),
+            owner_authenticated=identity.authenticated,
+            owner_id=identity.principal,
+            tls=identity.kind is IdentityKind.CERTIFICATE,
         )
-
-        def record(db: sqlite3.Connection) -> None:
-            db.execute("DELETE FROM pending WHERE name = ?", (file.name,))
-            db.execute("DELETE FROM files WHERE name = ?", (file.name,))
-            db.execute(
-                "INSERT INTO files (name, fold, size, md5, sha256, owner, owner_authenticated, uploaded_at,"
-                " owner_id, tls) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                row,
-            )
-
-        await self._db.run(record)
+        await self.catalogue.publish(record)
         self._forget(file.name)
 
     async def cancel_upload(self, identity: Identity, file: FileInfo) -> None:
-        await self._db.run(lambda db: db.execute("DELETE FROM pending WHERE name = ?", (file.name,)))
+        await self.catalogue.release(file.name)
 
     async def get_download_filename(self, identity: Identity, name: str) -> Path:
         if await self.describe_file(identity, name) is None:
@@ -268,11 +205,11 @@ class DirectoryHandler:
 
     async def _look_up(self, name: str) -> Download:
         """Read the record and the file; remember them if this is still the lookup of ``name`` and the file settled."""
-        row = await self._db.read(lambda db: db.execute("SELECT * FROM files WHERE name = ?", (name,)).fetchone())
-        if row is None:
+        stored = await self.catalogue.describe(name)
+        if stored is None:
             raise FileNotFound()
         path, st, body = await asyncio.to_thread(self._open_published, name)
-        download = Download(path, st, _stored(row), body)
+        download = Download(path, st, stored, body)
         # A lookup that publishing or deleting the name made obsolete (``_forget``) is not remembered.
         settled = time.time_ns() - st.st_ctime_ns >= self.settle_ns
         if settled and self._lookups.get(name) is asyncio.current_task():
@@ -314,23 +251,24 @@ class DirectoryHandler:
             self._remembered_bytes -= remembered.size
 
     async def describe_file(self, identity: Identity, name: str) -> StoredFile | None:
-        row = await self._db.read(lambda db: db.execute("SELECT * FROM files WHERE name = ?", (name,)).fetchone())
-        return _stored(row) if row is not None else None
+        return await self.catalogue.describe(name)
 
     async def list_files(self, identity: Identity) -> Sequence[StoredFile]:
-        rows = await self._db.read(lambda db: db.execute("SELECT * FROM files ORDER BY name").fetchall())
-        return [_stored(row) for row in rows]
+        return await self.catalogue.listing()
 
     async def delete_file(self, identity: Identity, name: str) -> None:
-        stored = await self.describe_file(identity, name)
-        if stored is None:
-            raise FileNotFound()
-        # Identities are compared by kind, subject and issuer: a DN asserted over plain HTTP
-        # never matches one a certificate proved, and an anonymous upload belongs to nobody.
-        if not identity.may_manage(stored.owner_id):
-            raise NotAuthorized("only the owner (or an administrator) may delete a file")
-        path = await asyncio.to_thread(contained_path, self.directory, name)
-        await self._db.run(lambda db: db.execute("DELETE FROM files WHERE name = ?", (name,)))
+        while True:
+            stored = await self.describe_file(identity, name)
+            if stored is None:
+                raise FileNotFound()
+            # Identities are compared by kind, subject and issuer: a DN asserted over plain HTTP
+            # never matches one a certificate proved, and an anonymous upload belongs to nobody.
+            if not identity.may_manage(stored.owner_id):
+                raise NotAuthorized("only the owner (or an administrator) may delete a file")
+            path = await asyncio.to_thread(contained_path, self.directory, name)
+            # Removed only if it is still the record just judged: one published meanwhile is judged again.
+            if await self.catalogue.delete(name, expected=stored):
+                break
         self._forget(name)
         await asyncio.to_thread(_unlink_if_present, path)
 
@@ -338,7 +276,7 @@ class DirectoryHandler:
         self._lookups.clear()
         self._remembered.clear()
         self._remembered_bytes = 0
-        await self._db.close()
+        await self.catalogue.close()
 
     def _on_disk(self, names: list[str]) -> set[str]:
         """Which of ``names`` (already validated flat names) exist in the folder."""
@@ -409,18 +347,9 @@ def _open_regular(path: Path, *, follow_symlinks: bool = False) -> tuple[os.stat
         os.close(fd)
 
 
-def _stored(row: sqlite3.Row) -> StoredFile:
-    return StoredFile(
-        name=row["name"],
-        size=row["size"],
-        md5=row["md5"],
-        sha256=row["sha256"],
-        owner=row["owner"],
-        uploaded_at=row["uploaded_at"],
-        owner_authenticated=bool(row["owner_authenticated"]),
-        owner_id=row["owner_id"],
-        tls=bool(row["tls"]),
-    )
+def _anything(name: str, published: StoredFile | None) -> bool:
+    """The policy of a reservation that ``can_upload`` already allowed."""
+    return True
 
 
 def _unlink_if_present(path: Path) -> None:

@@ -33,6 +33,7 @@ from typing import Protocol, runtime_checkable
 
 from ..lifecycle.states import Event
 from ..security.identity import Identity
+from ..state.catalogue import StoredFile as StoredFile  # defined with the catalogue that records it
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,30 +50,6 @@ class FileInfo:
     size: int
     md5: str | None = None
     sha256: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class StoredFile:
-    """A published file as a catalogue records it.
-
-    ``owner_id`` is the uploader as :attr:`Identity.principal
-    <datastore.security.identity.Identity.principal>` stores it (``None``
-    if anonymous: then nobody owns the file, and only an administrator may
-    delete it); ``owner`` is the uploader's name for display (``identity.dn``)
-    and ``owner_authenticated`` whether a certificate or a token proved it.
-    ``tls`` says the file came over TLS (a prefix's policy may then keep it
-    off plain HTTP).
-    """
-
-    name: str
-    size: int
-    md5: str
-    sha256: str
-    owner: str | None
-    uploaded_at: float
-    owner_authenticated: bool = False
-    owner_id: str | None = None
-    tls: bool = False
 
 
 @dataclass(frozen=True, slots=True, eq=False, weakref_slot=True)

@@ -1,10 +1,12 @@
 """Persisted state behind one interface (``interface.py``): transfers, their files, leases, the event
-log; and the backends of it (``sqlite.py``), chosen by the ``state_url`` setting."""
+log; the catalogues of published files behind another (``catalogue.py``); and the backends of them
+(``sqlite.py``, ``sqlite_catalogue.py``), chosen by the ``state_url`` setting."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from .catalogue import Catalogue
 from .interface import StateStore
 
 
@@ -17,3 +19,15 @@ def open_state(url: str) -> StateStore:
 
         return SqliteState(Path(url.removeprefix("sqlite:///")))
     raise ValueError(f"no state backend for {url!r}: use sqlite:///PATH")
+
+
+def open_catalogue(url: str, prefix: str, path: Path) -> Catalogue:
+    """The catalogue of ``prefix`` in the state ``url`` names. For ``sqlite:///``: the SQLite file
+    ``path``, one per prefix and apart from the state store's own file, as stores have always kept
+    it (a backend shared by several hosts keeps every prefix's catalogue in its own database, by
+    ``prefix``). Opened lazily, as :func:`open_state`."""
+    if url.startswith("sqlite:///"):
+        from .sqlite_catalogue import SqliteCatalogue
+
+        return SqliteCatalogue(path)
+    raise ValueError(f"no catalogue backend for {url!r}: use sqlite:///PATH")
