@@ -73,7 +73,7 @@ from ..security.logsafe import redact
 from ..security.policy import Policy
 from ..security.tls import CrlReloader, administrators, certificate_identity, peer_certificate, server_context
 from ..security.tokens import TokenStore
-from ..state import open_state
+from ..state import open_catalogue, open_state
 from .api import (
     SESSION_COOKIE,
     handle_health,
@@ -756,8 +756,7 @@ def make_server(settings: Settings) -> TransferServer:
         server = HTTPTransferServer(settings)
     catalogues = settings.effective_state_dir / "catalogue"
     for prefix in settings.prefixes:
-        handler = DirectoryHandler(
-            settings.root / prefix, catalogue=catalogues / f"{prefix}.sqlite3", overwrite=settings.overwrite
-        )
+        catalogue = open_catalogue(settings.effective_state_url, prefix, catalogues / f"{prefix}.sqlite3")
+        handler = DirectoryHandler(settings.root / prefix, catalogue=catalogue, overwrite=settings.overwrite)
         server.register_prefix(prefix, handler)
     return server
