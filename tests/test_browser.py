@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -316,3 +317,50 @@ async def test_the_page_is_refused_without_a_client_certificate(tls_store: TlsSt
     page = await context.new_page()
     with pytest.raises(PlaywrightError):
         await page.goto(f"{store.url}/{TLS_PREFIX}/")
+
+
+async def curl(*args: str) -> str:
+    process = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "--fail-with-body", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, (out, err)
+    return out.decode()
+
+
+async def test_the_page_shows_another_identitys_upload_arriving_and_landing_without_reloading(
+    make_store: MakeStore, browser: Browser, tmp_path: Path
+) -> None:
+    store = await make_store(policy=Policy(), trust_client_dn=False)  # the shipped defaults
+    tokens = store.client.app[CONTEXT].tokens
+    ada = (await tokens.create("ada", ["read", "upload"])).token
+    bob = (await tokens.create("bob", ["upload"])).token
+    page = await open_page(browser, store)
+    await page.get_by_label("Token").fill(ada)
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.locator("#whoami")).to_have_text("Signed in as ada.")
+    await page.evaluate("window.notReloaded = true")
+
+    data = os.urandom(300_000)
+    base = str(store.client.make_url("")).rstrip("/")
+    auth = f"Authorization: Bearer {bob}"
+    declared = {"name": "bob.bin", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest = json.dumps({"files": [declared]})
+    reply = await curl("-H", auth, "-H", "Content-Type: application/json", "-d", manifest, f"{base}/files/manifest")
+    upload_url = json.loads(reply)["files"][0]["upload_url"]
+    tus = ["-H", auth, "-H", "Tus-Resumable: 1.0.0", "-H", "Content-Type: application/offset+octet-stream"]
+    (tmp_path / "first").write_bytes(data[:100_000])
+    await curl("-X", "PATCH", *tus, "-H", "Upload-Offset: 0", "--data-binary", f"@{tmp_path / 'first'}", upload_url)
+
+    arriving = page.locator("#live li")
+    await expect(arriving).to_contain_text("bob.bin")
+    await expect(page.locator("#files tbody tr")).to_have_count(0)
+
+    (tmp_path / "rest").write_bytes(data[100_000:])
+    await curl("-X", "PATCH", *tus, "-H", "Upload-Offset: 100000", "--data-binary", f"@{tmp_path / 'rest'}", upload_url)
+    row = page.locator("#files tbody tr")
+    await expect(row).to_contain_text("bob.bin")
+    await expect(row.locator("td.owner")).to_have_text("—")  # the default policy shows no one else's name
+    await expect(arriving).to_have_count(0)
+    await expect(page.locator("#live")).to_be_hidden()
+    assert await page.evaluate("window.notReloaded") is True

@@ -1,6 +1,8 @@
 // The datastore page: list the prefix's files, upload by drag and drop or a file picker.
 // The server renders the list as plain links (the page works without this script); the script
-// replaces it with its own, richer one (local times, download links) and keeps it current.
+// replaces it with its own, richer one (local times, download links) and keeps it current from
+// the store's event stream (Server-Sent Events: no polling), which also shows the uploads of
+// others while they arrive.
 // Uploads post a JSON manifest, then send each file by tus PATCH in chunks (with a SHA-256
 // Upload-Checksum where the browser can compute it); after a network failure they ask the
 // server for its offset (HEAD) and go on from there, with growing pauses between tries.
@@ -66,12 +68,14 @@ async function signIn(token) {
   showIdentity(await response.json());
   say("");
   await refreshList();
+  follow();
 }
 
 async function signOut() {
   await fetch("/_api/v1/session", { method: "DELETE" });
   showIdentity({ kind: "anonymous" });
   await refreshList();
+  follow();
 }
 
 function human(bytes) {
@@ -141,6 +145,87 @@ async function refreshList() {
     }),
   );
   $("#empty").hidden = files.length > 0;
+}
+
+// -- following the store live ---------------------------------------------------------------
+// The prefix's events: a file published or deleted (by anyone) refreshes the list; the uploads
+// under way show as they progress. EventSource reconnects by itself, sending the last event's
+// id, so the store replays what the page missed meanwhile.
+
+let events = null;
+let refreshing = null;
+const arriving = new Map(); // "transfer/file" -> its <li>
+
+function follow() {
+  if (events) events.close();
+  arriving.clear();
+  $("#live").replaceChildren();
+  showArriving();
+  events = new EventSource(`/_api/v1/events?prefix=${encodeURIComponent(prefix)}`);
+  for (const type of ["file.started", "file.progress"]) {
+    events.addEventListener(type, (message) => showProgress(JSON.parse(message.data)));
+  }
+  for (const type of ["file.completed", "file.failed", "file.interrupted", "file.cancelled", "file.deleted"]) {
+    events.addEventListener(type, (message) => {
+      const event = JSON.parse(message.data);
+      forget(event);
+      if (type === "file.completed" || type === "file.deleted") refreshSoon();
+    });
+  }
+  for (const type of ["transfer.cancelled", "transfer.expired"]) {
+    events.addEventListener(type, (message) => {
+      const { transfer } = JSON.parse(message.data);
+      for (const [place, item] of arriving) {
+        if (place.startsWith(`${transfer}/`)) {
+          item.remove();
+          arriving.delete(place);
+        }
+      }
+      showArriving();
+    });
+  }
+}
+
+function refreshSoon() {
+  // Several files landing at once make one request for the list.
+  if (refreshing) return;
+  refreshing = setTimeout(() => {
+    refreshing = null;
+    refreshList().catch((error) => say(`Could not list the files: ${error.message}`));
+  }, 100);
+}
+
+function showProgress(event) {
+  const place = `${event.transfer}/${event.file}`;
+  let item = arriving.get(place);
+  if (!item) {
+    item = document.createElement("li");
+    item.append(document.createElement("span"), document.createElement("progress"), document.createElement("span"));
+    item.children[0].className = "name";
+    item.children[2].className = "numbers";
+    arriving.set(place, item);
+    $("#live").append(item);
+  }
+  const [name, bar, numbers] = item.children;
+  name.textContent = event.name;
+  bar.max = event.size || 1;
+  bar.value = event.bytes || 0;
+  numbers.textContent = `${human(event.bytes || 0)} of ${human(event.size || 0)}${event.owner ? ` by ${event.owner}` : ""}`;
+  showArriving();
+}
+
+function forget(event) {
+  const place = `${event.transfer}/${event.file}`;
+  const item = arriving.get(place);
+  if (item) item.remove();
+  arriving.delete(place);
+  showArriving();
+}
+
+function showArriving() {
+  const any = arriving.size > 0;
+  $("#live").hidden = !any;
+  $("#live-heading").hidden = !any;
 }
 
 // -- uploads --------------------------------------------------------------------------------
@@ -381,6 +466,7 @@ function start() {
   if (fromLink) history.replaceState(null, "", location.pathname + location.search);
   whoAmI()
     .then(() => {
+      follow();
       if (!fromLink) return refreshList();
       $("#signin").hidden = false;
       $("#token").value = fromLink;
