@@ -10,6 +10,7 @@ events of the step are inserted in the same transaction.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import sqlite3
 import threading
@@ -683,69 +684,26 @@ def _ignore(_: Sequence[Event]) -> None:
     pass
 
 
+#: The columns of an event as a NewEvent holds them, in the order the table stores them.
+_EVENT_FIELDS = tuple(f.name for f in dataclasses.fields(NewEvent))
+_INSERT_EVENT = f"INSERT INTO events (time, {', '.join(_EVENT_FIELDS)}) VALUES (?{', ?' * len(_EVENT_FIELDS)})"
+
+
 def _insert_events(db: sqlite3.Connection, events: Sequence[NewEvent], stamp: float | None = None) -> list[Event]:
     """Append ``events``, stamped ``stamp`` (an append's) or, for a transition's, the clock now."""
     now = time.time() if stamp is None else stamp
     stored: list[Event] = _appended.events
     for e in events:
-        cursor = db.execute(
-            "INSERT INTO events (time, type, prefix, key, num, name, owner, owner_id, bytes, size, md5, sha256, reason)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                now,
-                e.type,
-                e.prefix,
-                e.key,
-                e.num,
-                e.name,
-                e.owner,
-                e.owner_id,
-                e.bytes,
-                e.size,
-                e.md5,
-                e.sha256,
-                e.reason,
-            ),
-        )
+        values = {name: getattr(e, name) for name in _EVENT_FIELDS}
+        cursor = db.execute(_INSERT_EVENT, (now, *values.values()))
         assert cursor.lastrowid is not None
-        stored.append(
-            Event(
-                e.type,
-                e.prefix,
-                e.key,
-                e.num,
-                e.name,
-                e.owner,
-                e.owner_id,
-                e.bytes,
-                e.size,
-                e.md5,
-                e.sha256,
-                e.reason,
-                id=cursor.lastrowid,
-                time=now,
-            )
-        )
+        stored.append(Event(**values, id=cursor.lastrowid, time=now))
     return stored
 
 
 def _event(row: sqlite3.Row) -> Event:
-    return Event(
-        type=EventType(row["type"]),
-        prefix=row["prefix"],
-        key=row["key"],
-        num=row["num"],
-        name=row["name"],
-        owner=row["owner"],
-        owner_id=row["owner_id"],
-        bytes=row["bytes"],
-        size=row["size"],
-        md5=row["md5"],
-        sha256=row["sha256"],
-        reason=row["reason"],
-        id=row["id"],
-        time=row["time"],
-    )
+    values = {name: row[name] for name in _EVENT_FIELDS}
+    return Event(**{**values, "type": EventType(row["type"])}, id=row["id"], time=row["time"])
 
 
 def _subject(db: sqlite3.Connection, key: str, file_row: sqlite3.Row) -> Subject:
