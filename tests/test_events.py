@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+import datastore.http.sse
 from datastore import Event, EventType
 from datastore.client.events import read_events
 from datastore.handlers.directory import DirectoryHandler
@@ -416,3 +417,17 @@ async def test_events_are_kept_for_the_retention_and_then_forgotten(make_store: 
     assert await lifecycle.state.events_after(0, limit=10) == []
     await register(store, [("new.bin", b"n")])
     assert [e.id for e in await lifecycle.state.events_after(0, limit=10)] == [3]
+
+
+async def test_a_client_that_leaves_an_idle_stream_frees_it(
+    make_store: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(datastore.http.sse, "PING_INTERVAL", 0.05)
+    store = await make_store()
+    bus = store.server.events
+    async with follow(store):
+        await until(lambda: bus.streams == 1, "the stream is open")
+    # No event comes to fail on: the pings notice the client is gone.
+    await until(lambda: bus.streams == 0, "the stream is closed")
+    health = await (await store.client.get("/_api/v1/health")).json()
+    assert health["event_streams"] == 0

@@ -17,16 +17,18 @@ keeps TLS uploads off plain HTTP (``tls_only``) streams the events of those uplo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from ..errors import BadRequest, DatastoreError, IdentityMismatch, NotAuthorized, TransferNotFound, Unauthorized
 from ..handlers.mounts import Mount
-from ..lifecycle.events import Predicate, event_document
+from ..lifecycle.events import Listener, Predicate, event_document
 from ..lifecycle.states import Event
 from ..security.identity import Identity, IdentityKind
 from ..security.policy import Action
@@ -113,10 +115,16 @@ async def _stream(request: web.Request, wants: Predicate, render: _Render) -> we
                 async for missed in bus.replay(after, until, wants):
                     await _send(response, missed, render)
                     sent = missed.id
-            while (event := await live.next()) is not None:
-                if event.id > sent:
-                    await _send(response, event, render)
-                    sent = event.id
+            # The pings notice a client that left (within PING_INTERVAL): then the stream ends,
+            # even if no event comes to fail on.
+            gone = asyncio.ensure_future(response.wait())
+            try:
+                while (event := await _next_or_gone(live, gone)) is not None:
+                    if event.id > sent:
+                        await _send(response, event, render)
+                        sent = event.id
+            finally:
+                gone.cancel()
         except (ConnectionResetError, TimeoutError):
             return response
         finally:
@@ -124,6 +132,17 @@ async def _stream(request: web.Request, wants: Predicate, render: _Render) -> we
         if live.overflowed:
             log.info("an event stream fell behind and was ended at id %d; its client catches up on reconnecting", sent)
         return response
+
+
+async def _next_or_gone(live: Listener, gone: asyncio.Future[None]) -> Event | None:
+    """The stream's next event, or None once it must end (the client left, or the stream ended)."""
+    getting: asyncio.Future[Event | None] = asyncio.ensure_future(live.next())
+    waited: set[asyncio.Future[Any]] = {getting, gone}
+    done, _ = await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+    if getting not in done:
+        getting.cancel()
+        return None
+    return getting.result()
 
 
 async def _send(response: EventSourceResponse, event: Event, render: _Render) -> None:
