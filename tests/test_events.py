@@ -431,3 +431,31 @@ async def test_a_client_that_leaves_an_idle_stream_frees_it(
     await until(lambda: bus.streams == 0, "the stream is closed")
     health = await (await store.client.get("/_api/v1/health")).json()
     assert health["event_streams"] == 0
+
+
+async def test_uploads_a_restart_cut_short_are_announced_as_interrupted(make_store: MakeStore) -> None:
+    first = await make_store(chunk_size=CHUNK)
+    data = content(200_000, 30)
+    key = (await register(first, [("cut.bin", data)]))["transfer_key"]
+    server = first.client.server
+    _, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(
+        (
+            f"PATCH /files/{key}/0 HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\nUpload-Offset: 0\r\n"
+            f"Content-Type: {OFFSET_TYPE}\r\nContent-Length: {len(data)}\r\n\r\n"
+        ).encode()
+        + data[: 4 * CHUNK]
+    )
+    await writer.drain()
+    staged = first.staging / f"{key}.0.part"
+    await until(lambda: staged.exists() and staged.stat().st_size == 4 * CHUNK, "the bytes sent are staged")
+    # The store "stops" with the upload under way: a second one starts on the same state, as after a crash.
+    second = await make_store(chunk_size=CHUNK)
+    try:
+        async with follow(second, headers={"Last-Event-ID": "0"}) as stream:
+            events = await stream.take(3)
+    finally:
+        writer.close()
+    assert kinds(events) == [("transfer.created", None), ("file.started", 0), ("file.interrupted", 0)]
+    assert (events[2]["bytes"], events[2]["reason"]) == (4 * CHUNK, "lease_expired")
+    assert await offset_of(second, key, 0) == 4 * CHUNK

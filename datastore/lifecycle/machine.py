@@ -557,16 +557,22 @@ class Lifecycle:
 
         Each live staging file keeps what is really on disk (fsync'd), a chunk still awaiting its
         checksum is cut back, and the state records the resulting offsets; staging files of nothing
-        live are removed.
+        live are removed. The uploads the stop cut short are reaped as a dead process's are, so each
+        is announced (``file.interrupted``, with the bytes kept) before its client resumes it.
         """
-        interrupted = await self.state.recover()
+        interrupted = 0
+        for staged in await self.state.staged_files():
+            if staged.holder is not None:
+                interrupted += await self.reap(staged)
+        # What is left: a file some stopped process had begun publishing (its transfer ended meanwhile).
+        interrupted += await self.state.recover()
         live = {(f.key, f.num): (f.received, f.verifying) for f in await self.state.staged_files()}
         offsets = await asyncio.to_thread(staging.reconcile, self.staging_dir, live)
         for (key, num), offset in offsets.items():
             if offset != live[(key, num)][0]:
                 await self.state.set_received(key, num, offset)
         if interrupted:
-            log.info("%d upload(s) were interrupted by a restart; they resume from the staged bytes", interrupted)
+            log.info("%d upload(s) were interrupted by a stop; they resume from the staged bytes", interrupted)
 
     # -- published files ----------------------------------------------------------------------
 
