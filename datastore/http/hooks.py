@@ -53,7 +53,6 @@ class Hook:
         self.settings = settings
         self.state = state
         self.holder = holder
-        self.backlog = 0
         self._wake = asyncio.Event()
 
     def wake(self, _: Event | None = None) -> None:
@@ -83,7 +82,7 @@ class Hook:
         """Deliver what is due, if this process holds the hook; whether it delivered anything."""
         self._wake.clear()
         if not await self._hold():
-            self._set_backlog(0)  # another process delivers it, and counts its backlog
+            metrics.set_hook_backlog(self.index, 0)  # another process delivers it, and counts its backlog
             return False
         cursor = await self.state.cursor(self.name)
         newest = await self.state.last_event_id()
@@ -97,18 +96,14 @@ class Hook:
             log.warning("%s fell %d events behind; the oldest %d are skipped", self.label, newest - cursor, skipped)
             cursor = newest - self.settings.hook_backlog
             await self.state.set_cursor(self.name, cursor)
-        self._set_backlog(newest - cursor)
+        metrics.set_hook_backlog(self.index, newest - cursor)
         events = await self.state.events_after(cursor, limit=BATCH)
         for event in events:
             if not await self._deliver(session, event):
                 return True
             await self.state.set_cursor(self.name, event.id)
-            self._set_backlog(max(0, newest - event.id))
+            metrics.set_hook_backlog(self.index, max(0, newest - event.id))
         return bool(events)
-
-    def _set_backlog(self, events: int) -> None:
-        self.backlog = events
-        metrics.set_hook_backlog(self.index, events)
 
     async def _deliver(self, session: aiohttp.ClientSession, event: Event) -> bool:
         """POST ``event`` until the receiver accepts it; False if this process lost the hook meanwhile."""

@@ -93,8 +93,6 @@ class EventBus:
         self.position = 0
         #: How many listeners were dropped for falling behind.
         self.dropped = 0
-        #: Called after each event is dispatched (metrics).
-        self.on_event: Callable[[Event], None] | None = None
 
     # -- running -------------------------------------------------------------------------------
 
@@ -161,8 +159,6 @@ class EventBus:
                 log.warning(
                     "the event listener %s fell %d events behind and was dropped", listener.name, listener.queue.maxsize
                 )
-        if self.on_event is not None:
-            self.on_event(event)
 
     # -- callbacks -----------------------------------------------------------------------------
 
