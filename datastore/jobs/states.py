@@ -10,7 +10,7 @@ backend cannot disagree with the table. A job::
     QUEUED --a runner starts a file--> ACTIVE
     QUEUED, ACTIVE --pause--> PAUSED --resume--> QUEUED
     SUBMITTED... ACTIVE, PAUSED --stop--> USER_STOPPED --resume--> QUEUED (partial data kept)
-    QUEUED, ACTIVE, PAUSED --no file left open--> FINISHED | FINISHED_DIRTY (some failed) | FAILED (all did)
+    QUEUED, ACTIVE, PAUSED, USER_STOPPED --every file ended--> FINISHED | FINISHED_DIRTY (some failed) | FAILED
     QUEUED, ACTIVE, PAUSED, AWAITING_ACCEPTANCE --max time in queue or deadline--> EXPIRED
     FINISHED_DIRTY, FAILED, EXPIRED --retry--> QUEUED (the files that did not finish, again)
 
@@ -30,6 +30,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from enum import StrEnum
+from urllib.parse import urlsplit, urlunsplit
+
+from ..lifecycle.states import EventType
 
 
 class JobState(StrEnum):
@@ -105,7 +108,7 @@ JOB_TRANSITIONS: Mapping[tuple[JobState, JobStep], JobState] = {
     (_J.PAUSED, _S.RESUME): _J.QUEUED,
     (_J.USER_STOPPED, _S.RESUME): _J.QUEUED,
     **{(state, _S.STOP): _J.USER_STOPPED for state in (_J.QUEUED, _J.AWAITING_ACCEPTANCE, _J.ACTIVE, _J.PAUSED)},
-    **{(state, _S.SETTLE): _J.FINISHED for state in (_J.QUEUED, _J.ACTIVE, _J.PAUSED)},
+    **{(state, _S.SETTLE): _J.FINISHED for state in (_J.QUEUED, _J.ACTIVE, _J.PAUSED, _J.USER_STOPPED)},
     **{(state, _S.EXPIRE): _J.EXPIRED for state in (_J.QUEUED, _J.AWAITING_ACCEPTANCE, _J.ACTIVE, _J.PAUSED)},
     **{(state, _S.RETRY): _J.QUEUED for state in (_J.FINISHED_DIRTY, _J.FAILED, _J.EXPIRED)},
 }
@@ -145,6 +148,23 @@ FILE_STATE_UNDER_JOB: Mapping[JobState, FileJobState] = {
     _J.PAUSED: _F.PAUSED,
     _J.USER_STOPPED: _F.USER_STOPPED,
     _J.EXPIRED: _F.EXPIRED,
+}
+
+
+#: The event announcing that a job entered each state.
+JOB_STATE_EVENTS: Mapping[JobState, EventType] = {
+    _J.SUBMITTED: EventType.JOB_SUBMITTED,
+    _J.QUEUED: EventType.JOB_QUEUED,
+    _J.AWAITING_ACCEPTANCE: EventType.JOB_AWAITING_ACCEPTANCE,
+    _J.ACTIVE: EventType.JOB_ACTIVE,
+    _J.PAUSED: EventType.JOB_PAUSED,
+    _J.FINISHED: EventType.JOB_FINISHED,
+    _J.FINISHED_DIRTY: EventType.JOB_FINISHED_DIRTY,
+    _J.FAILED: EventType.JOB_FAILED,
+    _J.USER_STOPPED: EventType.JOB_USER_STOPPED,
+    _J.INVITE_NOT_ACCEPTED_ON_TIME: EventType.JOB_INVITE_NOT_ACCEPTED_ON_TIME,
+    _J.DECLINED: EventType.JOB_DECLINED,
+    _J.EXPIRED: EventType.JOB_EXPIRED,
 }
 
 
@@ -245,3 +265,19 @@ class VerifyChecksum(StrEnum):
     SOURCE = "source"
     DESTINATION = "destination"
     BOTH = "both"
+
+
+def public_url(url: str) -> str:
+    """``url`` as events, statuses and logs may show it: without user information, query or fragment
+    (which may carry credentials, as a signed URL's query does)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(an invalid URL)"
+    if parts.scheme not in ("http", "https"):
+        return url.split("?", 1)[0]
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port is not None else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))

@@ -151,6 +151,27 @@ class EventType(StrEnum):
     TRANSFER_FINISHED = "transfer.finished"
     TRANSFER_CANCELLED = "transfer.cancelled"
     TRANSFER_EXPIRED = "transfer.expired"
+    # Transfer jobs (``jobs/states.py``): ``key`` is the job's id, ``num`` the file's index,
+    # ``name`` its destination (without credentials), ``prefix`` empty.
+    JOB_SUBMITTED = "job.submitted"
+    JOB_QUEUED = "job.queued"
+    JOB_ACTIVE = "job.active"
+    JOB_PAUSED = "job.paused"
+    JOB_USER_STOPPED = "job.user_stopped"
+    JOB_FINISHED = "job.finished"
+    JOB_FINISHED_DIRTY = "job.finished_dirty"
+    JOB_FAILED = "job.failed"
+    JOB_EXPIRED = "job.expired"
+    JOB_AWAITING_ACCEPTANCE = "job.awaiting_acceptance"
+    JOB_DECLINED = "job.declined"
+    JOB_INVITE_NOT_ACCEPTED_ON_TIME = "job.invite_not_accepted_on_time"
+    JOB_PRIORITY = "job.priority"
+    JOB_FILE_STARTED = "job.file.started"
+    JOB_FILE_PROGRESS = "job.file.progress"
+    JOB_FILE_RETRYING = "job.file.retrying"
+    JOB_FILE_INTERRUPTED = "job.file.interrupted"
+    JOB_FILE_FINISHED = "job.file.finished"
+    JOB_FILE_FAILED = "job.file.failed"
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from ..errors import QuotaExceeded
 from ..lifecycle.states import Event, FileState, NewEvent, StopReason, TransferState
 from ..protocol.manifest import ManifestFile
 from ..security.identity import Identity
+from .jobs import JobStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,8 +388,8 @@ class CursorStore(Protocol):
         ...
 
 
-class StateStore(TransferStore, EventLog, LeaseStore, CursorStore, Protocol):
-    """Everything a store persists besides the bytes and the handlers' catalogues."""
+class StateStore(TransferStore, EventLog, LeaseStore, CursorStore, JobStore, Protocol):
+    """Everything a store persists besides the bytes and the handlers' catalogues (transfer jobs: ``jobs.py``)."""
 
     #: Called after each transaction of this object that appended events, with those events (ids and
     #: times set), in commit order; not for other objects' or processes' transactions. The lifecycle

@@ -10,10 +10,8 @@ events of the step are inserted in the same transaction.
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -48,6 +46,10 @@ from .interface import (
     Transfer,
     TransferFile,
 )
+from .sqlite_events import appended as _appended
+from .sqlite_events import event_from_row as _event
+from .sqlite_events import insert_events as _insert_events
+from .sqlite_jobs import JOBS_SCHEMA, SqliteJobs
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS transfers (
@@ -168,12 +170,13 @@ T = TypeVar("T")
 _OPEN_FILE_STATES = tuple(state for state in FileState if state not in FINAL_FILE_STATES)
 
 
-class SqliteState:
-    """The state store in one SQLite file (see :mod:`datastore.state.interface` for the contracts)."""
+class SqliteState(SqliteJobs):
+    """The state store in one SQLite file (see :mod:`datastore.state.interface` for the contracts),
+    with the job store (``jobs.py``) of :class:`~.sqlite_jobs.SqliteJobs`."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._db = Database(path, _SCHEMA, _migrate)
+        self._db = Database(path, _SCHEMA + JOBS_SCHEMA, _migrate)
         self.on_appended: Callable[[Sequence[Event]], None] = _ignore
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
@@ -677,33 +680,8 @@ def _end(db: sqlite3.Connection, key: str, step: Step, state: TransferState, now
 
 
 #: The events appended by the transaction now running on a database thread.
-_appended = threading.local()
-
-
 def _ignore(_: Sequence[Event]) -> None:
     pass
-
-
-#: The columns of an event as a NewEvent holds them, in the order the table stores them.
-_EVENT_FIELDS = tuple(f.name for f in dataclasses.fields(NewEvent))
-_INSERT_EVENT = f"INSERT INTO events (time, {', '.join(_EVENT_FIELDS)}) VALUES (?{', ?' * len(_EVENT_FIELDS)})"
-
-
-def _insert_events(db: sqlite3.Connection, events: Sequence[NewEvent], stamp: float | None = None) -> list[Event]:
-    """Append ``events``, stamped ``stamp`` (an append's) or, for a transition's, the clock now."""
-    now = time.time() if stamp is None else stamp
-    stored: list[Event] = _appended.events
-    for e in events:
-        values = {name: getattr(e, name) for name in _EVENT_FIELDS}
-        cursor = db.execute(_INSERT_EVENT, (now, *values.values()))
-        assert cursor.lastrowid is not None
-        stored.append(Event(**values, id=cursor.lastrowid, time=now))
-    return stored
-
-
-def _event(row: sqlite3.Row) -> Event:
-    values = {name: row[name] for name in _EVENT_FIELDS}
-    return Event(**{**values, "type": EventType(row["type"])}, id=row["id"], time=row["time"])
 
 
 def _subject(db: sqlite3.Connection, key: str, file_row: sqlite3.Row) -> Subject:

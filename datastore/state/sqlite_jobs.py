@@ -1,0 +1,728 @@
+"""The SQLite backend of the job store (``jobs.py``): tables ``jobs``, ``job_files`` and
+``job_attempts`` in the state's database, beside the transfers, so that a job's events share the
+event log and its transactions.
+
+:class:`SqliteJobs` is mixed into ``SqliteState``; each method is one transaction on the database
+thread. Every state change is an UPDATE guarded by the states ``jobs.states``' tables let the step
+leave and, for a runner's steps, by the lease's holder; the step's events go in the same transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, replace
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from ..jobs.states import (
+    CLEARABLE_JOB_STATES,
+    FILE_STATE_UNDER_JOB,
+    FINAL_JOB_STATES,
+    JOB_STATE_EVENTS,
+    OPEN_FILE_STATES,
+    REPRIORITIZABLE_JOB_STATES,
+    FailureReason,
+    FileJobState,
+    JobState,
+    JobStep,
+    VerifyChecksum,
+    file_sources,
+    file_target,
+    job_sources,
+    job_target,
+    public_url,
+    settled_state,
+)
+from ..lifecycle.states import EventType, NewEvent
+from ..security.identity import Identity
+from .database import Database
+from .jobs import Attempt, ClaimedFile, Job, JobFile, JobQuota, JobSpec, Lease, RunnerLimits
+from .sqlite_events import insert_events
+
+JOBS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    owner TEXT,
+    owner_id TEXT,
+    state TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    -- The settings of the submission (JSON), without its files and credentials.
+    spec TEXT NOT NULL,
+    submission_id TEXT,
+    source_token TEXT,
+    destination_token TEXT,
+    reason TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    committed_at REAL,
+    started_at REAL,
+    finished_at REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_submission ON jobs (owner_id, submission_id)
+    WHERE submission_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner_id, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, finished_at);
+CREATE TABLE IF NOT EXISTS job_files (
+    job_seq INTEGER NOT NULL REFERENCES jobs (seq) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    -- The destination's host: what the per-host limit counts.
+    host TEXT NOT NULL,
+    size INTEGER,
+    md5 TEXT,
+    sha256 TEXT,
+    state TEXT NOT NULL,
+    bytes INTEGER NOT NULL DEFAULT 0,
+    rate REAL NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    idle_attempts INTEGER NOT NULL DEFAULT 0,
+    reason TEXT,
+    error TEXT,
+    not_before REAL NOT NULL DEFAULT 0,
+    claimed_by TEXT,
+    lease_until REAL,
+    stop_request TEXT,
+    handle TEXT NOT NULL DEFAULT '{}',
+    published_md5 TEXT,
+    published_sha256 TEXT,
+    started_at REAL,
+    finished_at REAL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (job_seq, idx)
+);
+CREATE INDEX IF NOT EXISTS job_files_by_state ON job_files (state, not_before);
+CREATE TABLE IF NOT EXISTS job_attempts (
+    job_seq INTEGER NOT NULL REFERENCES jobs (seq) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    number INTEGER NOT NULL,
+    holder TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    offset INTEGER NOT NULL,
+    ended_at REAL,
+    bytes INTEGER,
+    outcome TEXT,
+    reason TEXT,
+    error TEXT,
+    PRIMARY KEY (job_seq, idx, number)
+);
+"""
+
+T = TypeVar("T")
+
+_F = FileJobState
+_J = JobState
+_OPEN_FILES = tuple(OPEN_FILE_STATES)
+#: Job states in which a runner works on the job's files.
+_RUNNABLE = (_J.QUEUED, _J.ACTIVE)
+#: Job states whose files wait for a resume (a file ending its attempt then takes the job's state).
+_HALTED_FILES = (_F.PAUSED, _F.USER_STOPPED)
+#: What each outcome of an attempt is called in the attempts list, and the file's event.
+_OUTCOMES: Mapping[JobStep, tuple[str, EventType]] = {
+    JobStep.FINISH: ("finished", EventType.JOB_FILE_FINISHED),
+    JobStep.REQUEUE: ("retrying", EventType.JOB_FILE_RETRYING),
+    JobStep.FAIL: ("failed", EventType.JOB_FILE_FAILED),
+}
+
+
+def new_job_id() -> str:
+    """An unguessable job id: 128 random bits as 32 hex digits."""
+    return secrets.token_hex(16)
+
+
+def _in(states: Sequence[str]) -> str:
+    return "(" + ", ".join("?" * len(states)) + ")"
+
+
+class SqliteJobs:
+    """The job store's methods of ``SqliteState`` (which provides ``_db`` and ``_run``)."""
+
+    _db: Database
+    _run: Callable[..., Any]
+
+    async def submit(
+        self, owner: Identity, spec: JobSpec, *, commit: bool, now: float, quota: JobQuota
+    ) -> tuple[Job, bool]:
+        def submit(db: sqlite3.Connection) -> tuple[Job, bool]:
+            if spec.submission_id is not None:
+                row = db.execute(
+                    "SELECT seq FROM jobs WHERE owner_id IS ? AND submission_id = ?",
+                    (owner.principal, spec.submission_id),
+                ).fetchone()
+                if row is not None:
+                    job = _load(db, seq=row["seq"])
+                    assert job is not None
+                    return job, False
+            open_jobs = db.execute(
+                f"SELECT COUNT(*) FROM jobs WHERE owner_id IS ? AND state IN {_in(_UNFINISHED)}",
+                (owner.principal, *_UNFINISHED),
+            ).fetchone()[0]
+            quota.check(open_jobs, len(spec.files))
+            state = _J.QUEUED if commit else _J.SUBMITTED
+            settings = _settings_json(spec)
+            cursor = db.execute(
+                "INSERT INTO jobs (id, owner, owner_id, state, priority, spec, submission_id, source_token,"
+                " destination_token, created_at, updated_at, committed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    new_job_id(),
+                    owner.dn,
+                    owner.principal,
+                    state,
+                    spec.priority,
+                    settings,
+                    spec.submission_id,
+                    spec.source_token,
+                    spec.destination_token,
+                    now,
+                    now,
+                    now if commit else None,
+                ),
+            )
+            seq = cursor.lastrowid
+            db.executemany(
+                "INSERT INTO job_files (job_seq, idx, source, destination, host, size, md5, sha256, state, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (seq, i, f.source, f.destination, _host(f.destination), f.size, f.md5, f.sha256, state, now)
+                    for i, f in enumerate(spec.files)
+                ],
+            )
+            job = _load(db, seq=seq)
+            assert job is not None
+            total = sum(f.size or 0 for f in spec.files)
+            events = [_job_event(EventType.JOB_SUBMITTED, job, size=total)]
+            if commit:
+                events.append(_job_event(EventType.JOB_QUEUED, job))
+            insert_events(db, events)
+            return job, True
+
+        result: tuple[Job, bool] = await self._run(submit)
+        return result
+
+    async def job(self, job_id: str) -> Job | None:
+        return await self._db.read(lambda db: _load(db, job_id=job_id))
+
+    async def attempts(self, job_id: str) -> list[Attempt]:
+        def read(db: sqlite3.Connection) -> list[Attempt]:
+            rows = db.execute(
+                "SELECT a.* FROM job_attempts a JOIN jobs j ON j.seq = a.job_seq WHERE j.id = ?"
+                " ORDER BY a.started_at, a.idx, a.number",
+                (job_id,),
+            ).fetchall()
+            return [_attempt(row) for row in rows]
+
+        return await self._db.read(read)
+
+    async def jobs(
+        self, owner: Identity | None, *, states: Sequence[JobState] = (), limit: int = 100, after: int = 0
+    ) -> list[Job]:
+        def read(db: sqlite3.Connection) -> list[Job]:
+            where, values = ["seq > ?"], [after]
+            if owner is not None:
+                where.append("owner_id IS ?")
+                values.append(owner.principal)  # type: ignore[arg-type]
+            if states:
+                where.append(f"state IN {_in(states)}")
+                values.extend(states)  # type: ignore[arg-type]
+            rows = db.execute(
+                f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?", (*values, limit)
+            ).fetchall()
+            return [_job(row) for row in rows]
+
+        return await self._db.read(read)
+
+    async def step(self, job_id: str, step: JobStep, *, now: float, reason: str | None = None) -> Job | None:
+        def make(db: sqlite3.Connection) -> Job | None:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or JobState(row["state"]) not in job_sources(step):
+                return None
+            before = JobState(row["state"])
+            after = job_target(before, step)
+            seq = row["seq"]
+            file_states = file_sources(step)
+            if step is JobStep.RESUME:
+                # Files a runner still holds go on; a stop asked of them no longer is.
+                db.execute("UPDATE job_files SET stop_request = NULL WHERE job_seq = ? AND state = ?", (seq, _F.ACTIVE))
+            if step in (JobStep.PAUSE, JobStep.STOP, JobStep.EXPIRE):
+                # Held files are asked to stop; they take the job's state when their attempt ends.
+                db.execute(
+                    "UPDATE job_files SET stop_request = ? WHERE job_seq = ? AND state = ?", (step, seq, _F.ACTIVE)
+                )
+                file_states = tuple(s for s in file_states if s is not _F.ACTIVE)
+            changes = {"state": file_target(step), "updated_at": now}
+            if step is JobStep.RETRY:
+                changes.update(attempts=0, idle_attempts=0, not_before=0.0, reason=None, error=None)
+            if step in (JobStep.RESUME, JobStep.RETRY):
+                changes["not_before"] = 0.0
+            if file_states:
+                assignments = ", ".join(f"{column} = ?" for column in changes)
+                db.execute(
+                    f"UPDATE job_files SET {assignments} WHERE job_seq = ? AND state IN {_in(file_states)}",
+                    (*changes.values(), seq, *file_states),
+                )
+            values: dict[str, object] = {"state": after, "updated_at": now, "reason": reason}
+            if step is JobStep.COMMIT:
+                values["committed_at"] = now
+            if step in (JobStep.RETRY, JobStep.RESUME):
+                values["finished_at"] = None
+            if after in _FINAL:
+                values["finished_at"] = now
+            _update_job(db, seq, before, values)
+            job = _load(db, seq=seq)
+            assert job is not None
+            insert_events(db, [_job_event(JOB_STATE_EVENTS[after], job, reason=reason)])
+            if after in _RUNNABLE or after is _J.PAUSED:
+                return _settle(db, job, now) or job
+            return job
+
+        result: Job | None = await self._run(make)
+        return result
+
+    async def set_priority(self, job_id: str, priority: int) -> Job | None:
+        def change(db: sqlite3.Connection) -> Job | None:
+            states = tuple(REPRIORITIZABLE_JOB_STATES)
+            row = db.execute(
+                f"SELECT seq, spec FROM jobs WHERE id = ? AND state IN {_in(states)}", (job_id, *states)
+            ).fetchone()
+            if row is None:
+                return None
+            spec = {**json.loads(row["spec"]), "priority": priority}
+            db.execute("UPDATE jobs SET priority = ?, spec = ? WHERE seq = ?", (priority, json.dumps(spec), row["seq"]))
+            job = _load(db, seq=row["seq"])
+            assert job is not None
+            insert_events(db, [_job_event(EventType.JOB_PRIORITY, job, reason=str(priority))])
+            return job
+
+        result: Job | None = await self._run(change)
+        return result
+
+    async def clear(self, job_id: str) -> Job | None:
+        def clear(db: sqlite3.Connection) -> Job | None:
+            job = _load(db, job_id=job_id)
+            if job is None or job.state not in CLEARABLE_JOB_STATES:
+                return None
+            if any(f.state is _F.ACTIVE for f in job.files):
+                return None
+            db.execute("DELETE FROM jobs WHERE seq = ?", (job.seq,))
+            return job
+
+        result: Job | None = await self._run(clear)
+        return result
+
+    async def claim_next(self, holder: str, *, lease: float, now: float, limits: RunnerLimits) -> ClaimedFile | None:
+        def claim(db: sqlite3.Connection) -> ClaimedFile | None:
+            active = db.execute("SELECT job_seq, host FROM job_files WHERE state = ?", (_F.ACTIVE,)).fetchall()
+            if len(active) >= limits.total:
+                return None
+            per_job = Counter(row["job_seq"] for row in active)
+            per_host = Counter(row["host"] for row in active)
+            candidates = db.execute(
+                "SELECT f.job_seq, f.idx, f.host FROM job_files f JOIN jobs j ON j.seq = f.job_seq"
+                f" WHERE f.state = ? AND f.not_before <= ? AND j.state IN {_in(_RUNNABLE)}"
+                " ORDER BY j.priority DESC, j.seq, f.idx",
+                (_F.QUEUED, now, *_RUNNABLE),
+            )
+            for row in candidates:
+                if per_job[row["job_seq"]] >= limits.per_job or per_host[row["host"]] >= limits.per_host:
+                    continue
+                return _claim(db, row["job_seq"], row["idx"], holder, lease=lease, now=now)
+            return None
+
+        result: ClaimedFile | None = await self._run(claim)
+        return result
+
+    async def renew_job_file(self, job_id: str, index: int, holder: str, *, lease: float, now: float) -> Lease:
+        def renew(db: sqlite3.Connection) -> Lease:
+            row = _held(db, job_id, index, holder)
+            if row is None:
+                state = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                return Lease(False, None, None if state is None else JobState(state[0]))
+            db.execute(
+                "UPDATE job_files SET lease_until = ? WHERE job_seq = ? AND idx = ?",
+                (now + lease, row["job_seq"], index),
+            )
+            return Lease(True, row["stop_request"], JobState(row["job_state"]))
+
+        result: Lease = await self._run(renew)
+        return result
+
+    async def progress(self, job_id: str, index: int, holder: str, *, bytes: int, rate: float, announce: bool) -> bool:
+        def record(db: sqlite3.Connection) -> bool:
+            row = _held(db, job_id, index, holder)
+            if row is None:
+                return False
+            db.execute(
+                "UPDATE job_files SET bytes = ?, rate = ? WHERE job_seq = ? AND idx = ?",
+                (bytes, rate, row["job_seq"], index),
+            )
+            if announce:
+                job = _load(db, seq=row["job_seq"], files=False)
+                assert job is not None
+                insert_events(
+                    db, [_file_event(EventType.JOB_FILE_PROGRESS, job, _file(row), bytes=bytes, size=row["size"])]
+                )
+            return True
+
+        result: bool = await self._run(record)
+        return result
+
+    async def set_handle(
+        self, job_id: str, index: int, holder: str, handle: Mapping[str, Any], *, size: int | None = None
+    ) -> bool:
+        def record(db: sqlite3.Connection) -> bool:
+            row = _held(db, job_id, index, holder)
+            if row is None:
+                return False
+            db.execute(
+                "UPDATE job_files SET handle = ?, size = COALESCE(?, size) WHERE job_seq = ? AND idx = ?",
+                (json.dumps(dict(handle)), size, row["job_seq"], index),
+            )
+            return True
+
+        result: bool = await self._run(record)
+        return result
+
+    async def end_attempt(
+        self,
+        job_id: str,
+        index: int,
+        holder: str,
+        outcome: JobStep,
+        *,
+        now: float,
+        bytes: int,
+        reason: FailureReason | None = None,
+        error: str | None = None,
+        not_before: float = 0.0,
+        md5: str | None = None,
+        sha256: str | None = None,
+    ) -> Job | None:
+        def end(db: sqlite3.Connection) -> Job | None:
+            row = _held(db, job_id, index, holder)
+            if row is None:
+                return None
+            seq = row["job_seq"]
+            job_state = JobState(row["job_state"])
+            label, event_type = _OUTCOMES[outcome]
+            state = file_target(outcome)
+            if outcome is not JobStep.FINISH and job_state in FILE_STATE_UNDER_JOB:
+                state, label, event_type = (
+                    FILE_STATE_UNDER_JOB[job_state],
+                    "interrupted",
+                    EventType.JOB_FILE_INTERRUPTED,
+                )
+            idle = row["idle_attempts"] + 1 if bytes <= row["bytes_at_start"] and outcome is not JobStep.FINISH else 0
+            db.execute(
+                "UPDATE job_files SET state = ?, bytes = ?, rate = 0, claimed_by = NULL, lease_until = NULL,"
+                " stop_request = NULL, reason = ?, error = ?, not_before = ?, idle_attempts = ?,"
+                " published_md5 = COALESCE(?, published_md5), published_sha256 = COALESCE(?, published_sha256),"
+                " finished_at = ?, updated_at = ? WHERE job_seq = ? AND idx = ?",
+                (
+                    state,
+                    bytes,
+                    reason,
+                    error,
+                    not_before,
+                    idle,
+                    md5,
+                    sha256,
+                    now if state in (_F.FINISHED, _F.FAILED) else None,
+                    now,
+                    seq,
+                    index,
+                ),
+            )
+            db.execute(
+                "UPDATE job_attempts SET ended_at = ?, bytes = ?, outcome = ?, reason = ?, error = ?"
+                " WHERE job_seq = ? AND idx = ? AND number = ?",
+                (now, bytes, label, reason, error, seq, index, row["attempts"]),
+            )
+            job = _load(db, seq=seq, files=False)
+            assert job is not None
+            file = _file({**dict(row), "state": state})
+            insert_events(
+                db,
+                [
+                    _file_event(
+                        event_type, job, file, bytes=bytes, size=row["size"], md5=md5, sha256=sha256, reason=reason
+                    )
+                ],
+            )
+            loaded = _load(db, seq=seq)
+            assert loaded is not None
+            return _settle(db, loaded, now) or loaded
+
+        result: Job | None = await self._run(end)
+        return result
+
+    async def expired_job_leases(self, now: float) -> list[tuple[str, int, str]]:
+        def read(db: sqlite3.Connection) -> list[tuple[str, int, str]]:
+            rows = db.execute(
+                "SELECT j.id, f.idx, f.claimed_by FROM job_files f JOIN jobs j ON j.seq = f.job_seq"
+                " WHERE f.state = ? AND f.lease_until <= ?",
+                (_F.ACTIVE, now),
+            ).fetchall()
+            return [(row[0], row[1], row[2]) for row in rows]
+
+        return await self._db.read(read)
+
+    async def held_by(self, holder: str) -> list[tuple[str, int]]:
+        def read(db: sqlite3.Connection) -> list[tuple[str, int]]:
+            rows = db.execute(
+                "SELECT j.id, f.idx FROM job_files f JOIN jobs j ON j.seq = f.job_seq"
+                " WHERE f.state = ? AND f.claimed_by = ?",
+                (_F.ACTIVE, holder),
+            ).fetchall()
+            return [(row[0], row[1]) for row in rows]
+
+        return await self._db.read(read)
+
+    async def expire_due_jobs(self, now: float) -> list[Job]:
+        def due(db: sqlite3.Connection) -> list[str]:
+            states = job_sources(JobStep.EXPIRE)
+            rows = db.execute(
+                f"SELECT id, spec, committed_at, started_at FROM jobs WHERE state IN {_in(states)}", states
+            ).fetchall()
+            found = []
+            for row in rows:
+                spec = json.loads(row["spec"])
+                deadline, waiting = spec.get("deadline"), spec.get("max_time_in_queue")
+                queued_since = row["committed_at"] or 0.0
+                if (deadline is not None and now >= deadline) or (
+                    waiting is not None and row["started_at"] is None and now >= queued_since + waiting
+                ):
+                    found.append(row["id"])
+            return found
+
+        expired = []
+        for job_id in await self._db.read(due):
+            job = await self.step(job_id, JobStep.EXPIRE, now=now, reason="expired")
+            if job is not None:
+                expired.append(job)
+        return expired
+
+    async def next_due(self, now: float) -> float | None:
+        def read(db: sqlite3.Connection) -> float | None:
+            row = db.execute(
+                "SELECT MIN(f.not_before) FROM job_files f JOIN jobs j ON j.seq = f.job_seq"
+                f" WHERE f.state = ? AND f.not_before > ? AND j.state IN {_in(_RUNNABLE)}",
+                (_F.QUEUED, now, *_RUNNABLE),
+            ).fetchone()
+            return None if row[0] is None else float(row[0])
+
+        return await self._db.read(read)
+
+    async def purge_jobs(self, before: float) -> int:
+        def purge(db: sqlite3.Connection) -> int:
+            return int(
+                db.execute(
+                    f"DELETE FROM jobs WHERE state IN {_in(_FINAL)} AND finished_at < ?", (*_FINAL, before)
+                ).rowcount
+            )
+
+        result: int = await self._run(purge)
+        return result
+
+
+_FINAL = tuple(s for s in JobState if s in FINAL_JOB_STATES)
+_UNFINISHED = tuple(s for s in JobState if s not in FINAL_JOB_STATES)
+
+
+def _settings_json(spec: JobSpec) -> str:
+    values = asdict(spec)
+    for private in ("files", "source_token", "destination_token"):
+        values.pop(private)
+    return json.dumps(values)
+
+
+def _host(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return ""
+    if parts.scheme in ("http", "https"):
+        return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+    return url.split(":", 2)[1] if url.startswith("rclone:") else parts.scheme
+
+
+def _claim(db: sqlite3.Connection, seq: int, index: int, holder: str, *, lease: float, now: float) -> ClaimedFile:
+    db.execute(
+        "UPDATE job_files SET state = ?, claimed_by = ?, lease_until = ?, attempts = attempts + 1, rate = 0,"
+        " stop_request = NULL, started_at = COALESCE(started_at, ?), updated_at = ? WHERE job_seq = ? AND idx = ?",
+        (_F.ACTIVE, holder, now + lease, now, now, seq, index),
+    )
+    row = db.execute("SELECT * FROM job_files WHERE job_seq = ? AND idx = ?", (seq, index)).fetchone()
+    db.execute(
+        "INSERT INTO job_attempts (job_seq, idx, number, holder, started_at, offset) VALUES (?, ?, ?, ?, ?, ?)",
+        (seq, index, row["attempts"], holder, now, row["bytes"]),
+    )
+    job = _load(db, seq=seq, files=False)
+    assert job is not None
+    events = []
+    if job.state is _J.QUEUED:
+        _update_job(db, seq, _J.QUEUED, {"state": _J.ACTIVE, "started_at": job.started_at or now, "updated_at": now})
+        job = _load(db, seq=seq, files=False)
+        assert job is not None
+        events.append(_job_event(EventType.JOB_ACTIVE, job))
+    file = _file(row)
+    events.append(_file_event(EventType.JOB_FILE_STARTED, job, file, bytes=file.bytes, size=file.size))
+    insert_events(db, events)
+    return ClaimedFile(job, file, row["attempts"])
+
+
+def _settle(db: sqlite3.Connection, job: Job, now: float) -> Job | None:
+    """End ``job`` if every file ended (finished or failed): the job after it, or None."""
+    if job.state not in job_sources(JobStep.SETTLE):
+        return None
+    if any(f.state in OPEN_FILE_STATES or f.state in _HALTED_FILES for f in job.files):
+        return None
+    finished = sum(f.state is _F.FINISHED for f in job.files)
+    after = settled_state(finished, len(job.files) - finished)
+    _update_job(db, job.seq, job.state, {"state": after, "finished_at": now, "updated_at": now})
+    settled = _load(db, seq=job.seq)
+    assert settled is not None
+    insert_events(db, [_job_event(JOB_STATE_EVENTS[after], settled)])
+    return settled
+
+
+def _update_job(db: sqlite3.Connection, seq: int, before: JobState, values: Mapping[str, object]) -> None:
+    assignments = ", ".join(f"{column} = ?" for column in values)
+    changed = db.execute(
+        f"UPDATE jobs SET {assignments} WHERE seq = ? AND state = ?", (*values.values(), seq, before)
+    ).rowcount
+    assert changed == 1, (seq, before)
+
+
+def _held(db: sqlite3.Connection, job_id: str, index: int, holder: str) -> sqlite3.Row | None:
+    row: sqlite3.Row | None = db.execute(
+        "SELECT f.*, j.state AS job_state,"
+        " (SELECT offset FROM job_attempts a WHERE a.job_seq = f.job_seq AND a.idx = f.idx"
+        "  AND a.number = f.attempts) AS bytes_at_start"
+        " FROM job_files f JOIN jobs j ON j.seq = f.job_seq"
+        " WHERE j.id = ? AND f.idx = ? AND f.state = ? AND f.claimed_by = ?",
+        (job_id, index, _F.ACTIVE, holder),
+    ).fetchone()
+    return row
+
+
+def _load(
+    db: sqlite3.Connection, *, job_id: str | None = None, seq: int | None = None, files: bool = True
+) -> Job | None:
+    if job_id is not None:
+        row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    else:
+        row = db.execute("SELECT * FROM jobs WHERE seq = ?", (seq,)).fetchone()
+    if row is None:
+        return None
+    job = _job(row)
+    if not files:
+        return job
+    rows = db.execute("SELECT * FROM job_files WHERE job_seq = ? ORDER BY idx", (row["seq"],)).fetchall()
+    return _with_files(job, tuple(_file(f) for f in rows))
+
+
+def _with_files(job: Job, files: tuple[JobFile, ...]) -> Job:
+    return replace(job, files=files)
+
+
+def _job(row: sqlite3.Row) -> Job:
+    settings = json.loads(row["spec"])
+    settings["verify_checksum"] = VerifyChecksum(settings["verify_checksum"])
+    spec = JobSpec(
+        files=(),
+        **settings,
+        source_token=row["source_token"],
+        destination_token=row["destination_token"],
+    )
+    return Job(
+        id=row["id"],
+        owner=Identity.from_principal(row["owner_id"], row["owner"]),
+        state=JobState(row["state"]),
+        spec=spec,
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        committed_at=row["committed_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        reason=row["reason"],
+        seq=row["seq"],
+    )
+
+
+def _file(row: Mapping[str, Any] | sqlite3.Row) -> JobFile:
+    return JobFile(
+        index=row["idx"],
+        source=row["source"],
+        destination=row["destination"],
+        size=row["size"],
+        md5=row["md5"],
+        sha256=row["sha256"],
+        state=FileJobState(row["state"]),
+        bytes=row["bytes"],
+        rate=row["rate"],
+        attempts=row["attempts"],
+        idle_attempts=row["idle_attempts"],
+        reason=None if row["reason"] is None else FailureReason(row["reason"]),
+        error=row["error"],
+        not_before=row["not_before"],
+        holder=row["claimed_by"],
+        lease_until=row["lease_until"],
+        stop_request=row["stop_request"],
+        handle=json.loads(row["handle"]),
+        published_md5=row["published_md5"],
+        published_sha256=row["published_sha256"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _attempt(row: sqlite3.Row) -> Attempt:
+    return Attempt(
+        index=row["idx"],
+        number=row["number"],
+        started_at=row["started_at"],
+        offset=row["offset"],
+        holder=row["holder"],
+        ended_at=row["ended_at"],
+        bytes=row["bytes"],
+        outcome=row["outcome"],
+        reason=None if row["reason"] is None else FailureReason(row["reason"]),
+        error=row["error"],
+    )
+
+
+def _job_event(type: EventType, job: Job, *, size: int | None = None, reason: str | None = None) -> NewEvent:
+    return NewEvent(type, "", job.id, owner=job.owner.dn, owner_id=job.owner.principal, size=size, reason=reason)
+
+
+def _file_event(
+    type: EventType,
+    job: Job,
+    file: JobFile,
+    *,
+    bytes: int | None = None,
+    size: int | None = None,
+    md5: str | None = None,
+    sha256: str | None = None,
+    reason: str | None = None,
+) -> NewEvent:
+    return NewEvent(
+        type,
+        "",
+        job.id,
+        file.index,
+        public_url(file.destination),
+        job.owner.dn,
+        job.owner.principal,
+        bytes=bytes,
+        size=size,
+        md5=md5,
+        sha256=sha256,
+        reason=reason,
+    )
