@@ -31,28 +31,23 @@ from ..config import Settings
 from ..errors import (
     AlreadyUploaded,
     BadRequest,
-    ChecksumMismatch,
     ChunkChecksumMismatch,
     DatastoreError,
     InsufficientStorage,
     ManifestError,
     NotAuthorized,
     NotEnoughSpace,
-    OffsetMismatch,
-    PayloadTooLarge,
     TransferCancelled,
     TusVersionUnsupported,
     UnsupportedMediaType,
 )
-from ..lifecycle.machine import FileUpload, UploadTarget
+from ..lifecycle.machine import UploadTarget
 from ..lifecycle.states import FileState
 from ..protocol.manifest import single_file
 from ..security.policy import Action
 from ..state.interface import Transfer
-from ..storage import staging
-from ..storage.staging import Digests
 from .bodies import stream_chunks
-from .context import CONTEXT, StoreContext, client_key, identify
+from .context import CONTEXT, client_key, identify
 from .upload import resolve_upload
 
 log = logging.getLogger(__name__)
@@ -196,73 +191,16 @@ async def handle_create(request: web.Request) -> web.Response:
 async def append_resumable(
     request: web.Request, target: UploadTarget, claimed_offset: int, checksum: tuple[Any, bytes] | None
 ) -> int:
-    """Append the request's body to file ``num`` at ``claimed_offset``; return the new offset.
-
-    When the last byte arrives the file is verified and published. A
-    failure keeps the bytes that reached the disk (except a chunk whose
-    checksum did not match, which is cut off); only a failed verification of
-    the whole file discards the upload and releases its reservation.
-    """
+    """Append the request's body to the file at ``claimed_offset`` (``Lifecycle.append_resumable``);
+    the new offset. A full disk is a tus client's 507, not a legacy client's 405."""
     ctx = request.app[CONTEXT]
-    lifecycle = ctx.lifecycle
-    await lifecycle.supersede(target.place)
-    async with lifecycle.claimed(target, resumable=True) as upload:
-        received = upload.resumed_at
-        finishing = False
-        digests: Digests | None = None
-        try:
-            if not upload.reserved:
-                await upload.regate()
-            if claimed_offset != received:
-                raise OffsetMismatch(f"the upload is at byte {received}, not {claimed_offset}")
-            length = request.content_length
-            if length is not None and received + length > target.file.size:
-                raise PayloadTooLarge(f"{received} + {length} bytes is more than Upload-Length {target.file.size}")
-            path = await upload.upload_path()
-            await lifecycle.check_space()
-            digests = await upload.digests_at(received)
-            await _append_chunk(request, ctx, upload, digests, checksum)
-            if digests.offset < target.file.size:
-                await upload.pause(digests.offset)
-                return digests.offset
-            finishing = True
-            try:
-                await upload.finish(digests, path)
-            except ChecksumMismatch:
-                raise ChunkChecksumMismatch("the whole file does not match the declared checksum") from None
-            return digests.offset
-        except BaseException as exc:
-            offset = digests.offset if digests is not None else received
-            await upload.end(exc, resumable=True, finishing=finishing, offset=offset)
-            if isinstance(exc, NotEnoughSpace):  # tus clients are no legacy clients: 507
-                raise InsufficientStorage(exc.detail) from None
-            raise
-
-
-async def _append_chunk(
-    request: web.Request, ctx: StoreContext, upload: FileUpload, digests: Digests, checksum: tuple[Any, bytes] | None
-) -> None:
-    chunk_hash, expected = checksum if checksum is not None else (None, b"")
-    before = digests.copy() if chunk_hash is not None else None
-    await upload.begin_chunk(verifying=chunk_hash is not None)
+    chunks = stream_chunks(request, ctx.settings)
     try:
-        await upload.append(stream_chunks(request, ctx.settings), digests, chunk_hash=chunk_hash)
-    except staging.ReadFailed as failure:
-        if before is not None:
-            await staging.uncancellable(_roll_back(ctx, upload, digests, before))
-        raise failure.cause from None
-    except BaseException:
-        if before is not None:
-            await staging.uncancellable(_roll_back(ctx, upload, digests, before))
-        raise
-    if chunk_hash is not None and before is not None and chunk_hash.digest() != expected:
-        await staging.uncancellable(_roll_back(ctx, upload, digests, before))
-        raise ChunkChecksumMismatch()
-
-
-async def _roll_back(ctx: StoreContext, upload: FileUpload, digests: Digests, before: Digests) -> None:
-    await staging.truncate(upload.staging_path, before.offset, ctx.settings.fsync)
-    digests.restore(before)
+        return await ctx.lifecycle.append_resumable(
+            target, claimed_offset, chunks, length=request.content_length, checksum=checksum
+        )
+    except NotEnoughSpace as exc:
+        raise InsufficientStorage(exc.detail) from None
 
 
 def _require_tus(request: web.Request) -> None:

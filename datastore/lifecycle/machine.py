@@ -361,6 +361,53 @@ class Lifecycle:
                     del self.running[place]
                     self.progress_at.pop(place, None)
 
+    async def append_resumable(
+        self,
+        target: UploadTarget,
+        claimed_offset: int,
+        chunks: AsyncIterator[bytes],
+        *,
+        length: int | None = None,
+        checksum: tuple[Any, bytes] | None = None,
+    ) -> int:
+        """Append ``chunks`` (``length`` bytes, if known) to the file at ``claimed_offset``; the new
+        offset. ``checksum``: a hash object and the digest the chunk must have (tus Upload-Checksum).
+
+        When the last byte arrives the file is verified and published. A failure keeps the bytes that
+        reached the disk (except a chunk whose checksum did not match, which is cut off); only a failed
+        verification of the whole file discards the upload and releases its reservation. A tus PATCH
+        and a transfer job's local destination both append this way.
+        """
+        await self.supersede(target.place)
+        async with self.claimed(target, resumable=True) as upload:
+            received = upload.resumed_at
+            finishing = False
+            digests: Digests | None = None
+            try:
+                if not upload.reserved:
+                    await upload.regate()
+                if claimed_offset != received:
+                    raise OffsetMismatch(f"the upload is at byte {received}, not {claimed_offset}")
+                if length is not None and received + length > target.file.size:
+                    raise PayloadTooLarge(f"{received} + {length} bytes is more than Upload-Length {target.file.size}")
+                path = await upload.upload_path()
+                await self.check_space()
+                digests = await upload.digests_at(received)
+                await upload.append_chunk(chunks, digests, checksum)
+                if digests.offset < target.file.size:
+                    await upload.pause(digests.offset)
+                    return digests.offset
+                finishing = True
+                try:
+                    await upload.finish(digests, path)
+                except ChecksumMismatch:
+                    raise ChunkChecksumMismatch("the whole file does not match the declared checksum") from None
+                return digests.offset
+            except BaseException as exc:
+                offset = digests.offset if digests is not None else received
+                await upload.end(exc, resumable=True, finishing=finishing, offset=offset)
+                raise
+
     async def _claim(self, place: tuple[str, int]) -> Claim:
         lease = self.settings.lease_time
         try:
@@ -671,6 +718,32 @@ class FileUpload:
             chunk_hash=chunk_hash,
             budget=self.lifecycle.buffers,
         )
+
+    async def append_chunk(
+        self, chunks: AsyncIterator[bytes], digests: Digests, checksum: tuple[Any, bytes] | None
+    ) -> None:
+        """Stage one resumable request's ``chunks``; with a ``checksum`` (hash, expected digest) the chunk
+        is cut off again unless it matches (ChunkChecksumMismatch)."""
+        chunk_hash, expected = checksum if checksum is not None else (None, b"")
+        before = digests.copy() if chunk_hash is not None else None
+        await self.begin_chunk(verifying=chunk_hash is not None)
+        try:
+            await self.append(chunks, digests, chunk_hash=chunk_hash)
+        except staging.ReadFailed as failure:
+            if before is not None:
+                await staging.uncancellable(self._roll_back(digests, before))
+            raise failure.cause from None
+        except BaseException:
+            if before is not None:
+                await staging.uncancellable(self._roll_back(digests, before))
+            raise
+        if chunk_hash is not None and before is not None and chunk_hash.digest() != expected:
+            await staging.uncancellable(self._roll_back(digests, before))
+            raise ChunkChecksumMismatch()
+
+    async def _roll_back(self, digests: Digests, before: Digests) -> None:
+        await staging.truncate(self.staging_path, before.offset, self.lifecycle.settings.fsync)
+        digests.restore(before)
 
     async def finish(self, digests: Digests, path: Path) -> FileInfo:
         """Verify the staged file against the manifest, publish it, record it."""
