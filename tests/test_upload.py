@@ -705,3 +705,30 @@ async def test_many_concurrent_uploads_share_a_two_buffer_budget_and_all_are_ver
     }
     for i, data in enumerate(contents):
         assert listed[f"shared-{i}.bin"]["sha256"] == sha256_hex(data)
+
+
+async def test_a_manifest_sent_again_with_its_idempotency_key_finds_the_same_transfer(make_store: MakeStore) -> None:
+    store = await make_store()
+    files = [("a.bin", b"a" * 10)]
+    headers = {"X-Client-DN": ADA, "Idempotency-Key": "job-1-file-0"}
+    first = await store.client.post("/files/manifest", json=json_manifest(files), headers=headers)
+    again = await store.client.post("/files/manifest", json=json_manifest(files), headers=headers)
+    assert first.status == again.status == 201
+    key = (await first.json())["transfer_key"]
+    assert (await again.json())["transfer_key"] == key
+    # Another identity's key of the same name is its own; other files under the same key are refused.
+    other = await store.client.post(
+        "/files/manifest", json=json_manifest([("b.bin", b"b")]), headers={**headers, "X-Client-DN": "/CN=Bob"}
+    )
+    assert other.status == 201 and (await other.json())["transfer_key"] != key
+    clash = await store.client.post("/files/manifest", json=json_manifest([("c.bin", b"c")]), headers=headers)
+    assert clash.status == 409 and "Idempotency-Key" in (await clash.json())["message"]
+    # Uploaded, it is still found: a client whose answer was lost learns the file is there.
+    upload = await store.client.put(f"/files/{key}/0", data=b"a" * 10, headers={"X-Client-DN": ADA})
+    assert upload.status == 200
+    found = await store.client.post("/files/manifest", json=json_manifest(files), headers=headers)
+    assert (await found.json())["transfer_key"] == key
+    bad = await store.client.post(
+        "/files/manifest", json=json_manifest(files), headers={**headers, "Idempotency-Key": "k" * 256}
+    )
+    assert bad.status == 400

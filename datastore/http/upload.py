@@ -22,6 +22,7 @@ from aiohttp import web
 from ..config import Settings
 from ..errors import (
     AlreadyUploaded,
+    BadRequest,
     DatastoreError,
     FileNumberNotFound,
     IdentityMismatch,
@@ -65,7 +66,9 @@ async def handle_manifest(request: web.Request) -> web.Response:
         body = await read_bounded(request, ctx.settings.max_manifest_bytes, ctx.settings, held)
         manifest = await parse_manifest(ctx, body, as_json)
     try:
-        transfer, refused = await ctx.lifecycle.register(mount, identity, client, manifest)
+        transfer, refused = await ctx.lifecycle.register(
+            mount, identity, client, manifest, idempotency_key=_idempotency_key(request)
+        )
     except InsufficientStorage:
         if as_json:
             raise
@@ -102,6 +105,18 @@ async def handle_manifest(request: web.Request) -> web.Response:
             status=201,
         )
     return web.Response(body=format_ini_accepted(transfer.key), content_type="text/plain")
+
+
+def _idempotency_key(request: web.Request) -> str | None:
+    """The request's ``Idempotency-Key`` (a client's name for it, so that sending it again after a lost
+    answer registers nothing new): up to 255 printable ASCII characters, else 400."""
+    value = request.headers.get("Idempotency-Key")
+    if value is None:
+        return None
+    value = value.strip().strip('"')
+    if not 0 < len(value) <= 255 or not all(" " < c < "\x7f" for c in value):
+        raise BadRequest("Idempotency-Key must be 1 to 255 printable ASCII characters")
+    return value
 
 
 #: Manifests larger than this are parsed in a thread, two at a time (``StoreContext.parses``):

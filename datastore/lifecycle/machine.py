@@ -35,6 +35,7 @@ from ..errors import (
     BadRequest,
     ChecksumMismatch,
     ChunkChecksumMismatch,
+    Conflict,
     DatastoreError,
     IncompleteUpload,
     InsufficientStorage,
@@ -59,6 +60,7 @@ from ..security.logsafe import redact
 from ..state.interface import (
     Claim,
     ClientQuota,
+    DuplicateRequest,
     LeaseExpired,
     StagedFile,
     StateStore,
@@ -270,6 +272,7 @@ class Lifecycle:
         client: str,
         manifest: Manifest,
         upload_metadata: str | None = None,
+        idempotency_key: str | None = None,
     ) -> tuple[Transfer | None, list[str]]:
         """Gate ``manifest`` through the handler and register it: (transfer, []) or (None, refused names).
 
@@ -277,7 +280,17 @@ class Lifecycle:
         kept with the file as sent. Raises QuotaExceeded (429) if the client's open transfers would
         hold more than its share, InsufficientStorage (507) if the declared sizes do not fit in the
         free space less what open transfers may still write and the margin.
+
+        With an ``idempotency_key`` (a known identity's; an anonymous client's is ignored), a manifest
+        sent again, say after its answer was lost, finds the transfer registered the first time,
+        in whatever state it is now; the same key with other files is a Conflict (409).
         """
+        if idempotency_key is not None and not identity.anonymous:
+            found = await self._idempotent(mount, identity, manifest, idempotency_key)
+            if found is not None:
+                return found, []
+        else:
+            idempotency_key = None
         # Checked again where the transfer is inserted; this first look spares the handler's work.
         await self.check_quota(client, len(manifest.files), manifest.total_size)
         usage = await asyncio.to_thread(shutil.disk_usage, self.staging_dir)
@@ -309,12 +322,24 @@ class Lifecycle:
                     upload_metadata=upload_metadata,
                     client=client,
                     quota=self.quota,
+                    idempotency_key=idempotency_key,
                 )
-            except BaseException:
+            except BaseException as exc:
                 for info in reserved:
                     await _quietly(mount.handler.cancel_upload(identity, info), "cancel_upload")
+                if isinstance(exc, DuplicateRequest) and idempotency_key is not None:
+                    # The same request, registered meanwhile by another process.
+                    return await self._idempotent(mount, identity, manifest, idempotency_key), []
                 raise
         return transfer, []
+
+    async def _idempotent(
+        self, mount: Mount, identity: Identity, manifest: Manifest, idempotency_key: str
+    ) -> Transfer | None:
+        found = await self.state.idempotent(mount.prefix, identity, idempotency_key)
+        if found is not None and [(f.name, f.size) for f in found.files] != [(f.name, f.size) for f in manifest.files]:
+            raise Conflict("this Idempotency-Key was sent with other files")
+        return found
 
     # -- uploading --------------------------------------------------------------------------
 

@@ -179,6 +179,10 @@ class Ended:
     files: tuple[TransferFile, ...]
 
 
+class DuplicateRequest(Exception):
+    """:meth:`TransferStore.create` found a transfer of the owner under the same idempotency key."""
+
+
 class LeaseExpired(Exception):
     """:meth:`TransferStore.claim` found the file UPLOADING under a lease that ran out: its holder is gone.
 
@@ -205,12 +209,18 @@ class TransferStore(Protocol):
         upload_metadata: str | None = None,
         client: str | None = None,
         quota: ClientQuota | None = None,
+        idempotency_key: str | None = None,
     ) -> Transfer:
         """A new OPEN transfer under a fresh unguessable key, every file RESERVED; appends ``transfer.created``.
 
         With a ``quota``: QuotaExceeded, and nothing stored, unless ``client``'s holdings (checked in
-        the same transaction) leave room for it.
+        the same transaction) leave room for it. With an ``idempotency_key`` that ``owner`` used on
+        ``prefix`` before: DuplicateRequest, and nothing stored (:meth:`idempotent` finds that transfer).
         """
+        ...
+
+    async def idempotent(self, prefix: str, owner: Identity, idempotency_key: str) -> Transfer | None:
+        """The transfer (in any state) ``owner`` registered on ``prefix`` under ``idempotency_key``, or None."""
         ...
 
     async def holdings(self, client: str | None) -> Holdings:

@@ -39,6 +39,7 @@ from .interface import (
     Claim,
     ClaimStatus,
     ClientQuota,
+    DuplicateRequest,
     Ended,
     Holdings,
     LeaseExpired,
@@ -144,6 +145,13 @@ def _migrate(db: sqlite3.Connection) -> None:
     if "client" not in columns:
         db.execute("ALTER TABLE transfers ADD COLUMN client TEXT")
     db.execute("CREATE INDEX IF NOT EXISTS transfers_by_client ON transfers (client, state)")
+    if "idempotency_key" not in columns:
+        # A client's name for its manifest request: sending it again finds the same transfer.
+        db.execute("ALTER TABLE transfers ADD COLUMN idempotency_key TEXT")
+    db.execute(
+        "CREATE UNIQUE INDEX IF NOT EXISTS transfers_by_idempotency ON transfers (prefix, owner_id, idempotency_key)"
+        " WHERE idempotency_key IS NOT NULL"
+    )
     if "owner_id" not in columns:
         db.execute("ALTER TABLE transfers ADD COLUMN owner_id TEXT")
         # Before principals, an unauthenticated owner was an X-Client-DN; a certificate's
@@ -207,6 +215,7 @@ class SqliteState(SqliteJobs):
         upload_metadata: str | None = None,
         client: str | None = None,
         quota: ClientQuota | None = None,
+        idempotency_key: str | None = None,
     ) -> Transfer:
         key = new_transfer_key()
         records = tuple(
@@ -227,9 +236,11 @@ class SqliteState(SqliteJobs):
         def insert(db: sqlite3.Connection) -> None:
             if quota is not None:
                 quota.check(_holdings(db, client), len(records), sum(f.size for f in records))
+            if idempotency_key is not None and _idempotent(db, prefix, owner, idempotency_key) is not None:
+                raise DuplicateRequest(idempotency_key)
             db.execute(
                 "INSERT INTO transfers (key, prefix, owner, owner_authenticated, owner_id, client, state,"
-                " created_at, updated_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " created_at, updated_at, expires_at, idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     key,
                     prefix,
@@ -241,6 +252,7 @@ class SqliteState(SqliteJobs):
                     now,
                     now,
                     transfer.expires_at,
+                    idempotency_key,
                 ),
             )
             db.executemany(
@@ -260,6 +272,9 @@ class SqliteState(SqliteJobs):
 
         await self._run(insert)
         return transfer
+
+    async def idempotent(self, prefix: str, owner: Identity, idempotency_key: str) -> Transfer | None:
+        return await self._db.read(lambda db: _idempotent(db, prefix, owner, idempotency_key))
 
     async def holdings(self, client: str | None) -> Holdings:
         return await self._db.read(lambda db: _holdings(db, client))
@@ -709,6 +724,14 @@ def _status(db: sqlite3.Connection, key: str, num: int) -> ClaimStatus | None:
 
 def _staged(row: sqlite3.Row) -> StagedFile:
     return StagedFile(row["key"], row["num"], row["received"], bool(row["verifying_chunk"]), row["claimed_by"])
+
+
+def _idempotent(db: sqlite3.Connection, prefix: str, owner: Identity, idempotency_key: str) -> Transfer | None:
+    row = db.execute(
+        "SELECT key FROM transfers WHERE prefix = ? AND owner_id IS ? AND idempotency_key = ?",
+        (prefix, owner.principal, idempotency_key),
+    ).fetchone()
+    return None if row is None else _load(db, row["key"])
 
 
 def _load(db: sqlite3.Connection, key: str) -> Transfer | None:
