@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -293,3 +293,27 @@ def test_exit_codes_and_messages_are_classified() -> None:
     assert classify("cat", 5, b"Failed").reason is FailureReason.CONNECTION
     assert classify("cat", 1, b"dial tcp: i/o timeout").reason is FailureReason.TIMEOUT
     assert classify("cat", 1, b"something odd").reason is FailureReason.SERVER_ERROR
+
+
+async def test_bytes_that_are_not_the_ones_ordered_are_never_published(dav: WebDav) -> None:
+    order = Order(size=len(b"actual"), md5=md5_hex(b"ordered"))
+    writer = destination(dav, "wrong.txt")
+    handle = await writer.open(writer.plan({}, order), order)
+    await writer.write(handle, 0, chunks_of(b"actual"))
+    with pytest.raises(DriverError) as caught:
+        await writer.finish(handle)
+    assert caught.value.reason is FailureReason.CHECKSUM_MISMATCH
+    assert not (dav.root / "wrong.txt").exists()
+    assert leftovers(dav.root) == []
+
+
+async def test_a_read_given_up_midway_leaves_no_rclone(dav: WebDav) -> None:
+    (dav.root / "data.bin").write_bytes(CONTENT)
+    reader = source(dav, "data.bin", chunk_size=1 << 16)
+    chunks = reader.read(0, await reader.stat())
+    assert isinstance(chunks, AsyncGenerator)
+    assert len(await anext(chunks)) > 0
+    [pid] = rclone_children("cat")
+    await chunks.aclose()
+    assert not alive(pid)
+    assert rclone_children("cat") == []

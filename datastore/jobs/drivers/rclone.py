@@ -63,6 +63,17 @@ _DIRECTORY_NOT_FOUND, _FILE_NOT_FOUND, _TEMPORARY, _FATAL = 3, 4, 5, 7
 #: The temporary name a destination writes to beside ``NAME``: ``.NAME.datastore-<16 hex>.partial``.
 _TEMPORARY_NAME = re.compile(r"\.[^/\\\x00-\x1f\x7f]*\.datastore-[0-9a-f]{16}\.partial")
 
+#: What rclone says of a connection that failed or broke.
+_CONNECTION_WORDS = (
+    "connection refused",
+    "connection reset",
+    "no such host",
+    "network is unreachable",
+    "broken pipe",
+    "unexpected eof",
+    ": eof",
+)
+
 #: The longest message a failure carries.
 _MESSAGE_LIMIT = 300
 
@@ -187,9 +198,7 @@ def classify(command: str, returncode: int, stderr: bytes) -> DriverError:
         reason = FailureReason.THROTTLED
     elif has("timeout", "timed out", "deadline exceeded"):
         reason = FailureReason.TIMEOUT
-    elif returncode == _TEMPORARY or has(
-        "connection refused", "connection reset", "no such host", "network is unreachable", "broken pipe", "eof"
-    ):
+    elif returncode == _TEMPORARY or has(*_CONNECTION_WORDS):
         reason = FailureReason.CONNECTION
     elif returncode == _FATAL:
         # rclone: "fatal error (one that more retries won't fix, like account suspended)".
@@ -379,7 +388,9 @@ class RcloneDestination:
     (``lsjson --hash``); where it states none, rclone downloads the temporary and hashes it
     (``hashsum md5 --download``, ``hashsum sha256 --download``) before publishing it with a move.
     With ``overwrite`` False an existing final object is never replaced (EXISTS), though a file
-    created there between the check and the move may be.
+    created there between the check and the move may be. The runner persists no handle after
+    ``finish``: an attempt that crashed between the move and the runner's record of it finds the
+    file it published on the next attempt, and (with ``overwrite`` False) fails EXISTS.
     """
 
     def __init__(
