@@ -5,9 +5,12 @@ capabilities, detected once at registration so that no request ever probes a han
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from ..errors import NotAuthorized
+from ..errors import FileNotFound, NotAuthorized
 from ..security.identity import Identity
 from ..security.policy import Action, Policy
 from .interface import (
@@ -19,6 +22,7 @@ from .interface import (
     CanLocateDownload,
     CanObserve,
     CanReserveMany,
+    Download,
     TransferHandler,
 )
 
@@ -63,3 +67,29 @@ class Mount:
         self.policy.check(identity, action, self.prefix)
         if self.authorizer is not None and not await self.authorizer.authorize(identity, action.value, name):
             raise NotAuthorized(f"the store does not let you {action} here")
+
+    async def locate(self, identity: Identity, name: str) -> Download:
+        """What a download of ``name`` serves (the caller authorized the read): its path, its status
+        (a regular file, else FileNotFound) and its catalogue record, from the handler."""
+        if self.locator is not None:
+            return await self.locator.locate_download(identity, name)
+        path = await self.handler.get_download_filename(identity, name)
+        st = await asyncio.to_thread(_regular_file_stat, path)
+        stored = await self.describer.describe_file(identity, name) if self.describer is not None else None
+        return Download(path, st, stored)
+
+
+def file_etag(st: os.stat_result) -> str:
+    """A stored file's strong validator (unquoted): the ETag of its downloads, and what a transfer job
+    reading it locally compares to see that it changed. It is aiohttp's FileResponse's."""
+    return f"{st.st_mtime_ns:x}-{st.st_size:x}"
+
+
+def _regular_file_stat(path: Path) -> os.stat_result:
+    try:
+        st = path.stat()
+    except OSError:
+        raise FileNotFound() from None
+    if not stat.S_ISREG(st.st_mode):
+        raise FileNotFound()
+    return st

@@ -20,12 +20,10 @@ sent: a Range's, not the whole file's); ``HEAD`` is not a download.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import os
 import pathlib
-import stat
 import weakref
 from functools import lru_cache
 from typing import Any
@@ -38,7 +36,7 @@ from aiohttp.web_request import BaseRequest
 from .. import metrics
 from ..errors import CertificateRefused, DatastoreError, FileNotFound, NotAuthorized, NotFound, Unauthorized
 from ..handlers.interface import Download, StoredFile
-from ..handlers.mounts import Mount
+from ..handlers.mounts import Mount, file_etag
 from ..protocol.names import validate_name
 from ..security.identity import Identity
 from ..security.policy import Action, Audience
@@ -152,13 +150,7 @@ async def _download(request: web.Request, *, counted: bool) -> web.StreamRespons
     identity = await identify(request)
     name = _valid_name(request.match_info["name"])
     await mount.authorize(identity, Action.READ, name)
-    if mount.locator is not None:
-        download = await mount.locator.locate_download(identity, name)
-    else:
-        path = await mount.handler.get_download_filename(identity, name)
-        st = await asyncio.to_thread(_regular_file_stat, path)
-        stored = await mount.describer.describe_file(identity, name) if mount.describer is not None else None
-        download = Download(path, st, stored)
+    download = await mount.locate(identity, name)
     if download.stored is not None and _tls_only(mount, download.stored) and not request.secure:
         raise NotAuthorized("this file was uploaded over TLS and is served over TLS only")
     if download.body is not None and not any(header in request.headers for header in _CONDITIONAL):
@@ -167,7 +159,7 @@ async def _download(request: web.Request, *, counted: bool) -> web.StreamRespons
         if headers is None:
             headers = _file_headers(name, download)
             validators = web.StreamResponse()
-            validators.etag = _etag(download.stat)
+            validators.etag = file_etag(download.stat)
             validators.last_modified = download.stat.st_mtime
             headers[hdrs.ETAG] = validators.headers[hdrs.ETAG]
             headers[hdrs.LAST_MODIFIED] = validators.headers[hdrs.LAST_MODIFIED]
@@ -296,16 +288,6 @@ def repr_digest(stored: StoredFile) -> str:
     return f"sha-256=:{sha256}:, md5=:{md5}:"
 
 
-def _regular_file_stat(path: pathlib.Path) -> os.stat_result:
-    try:
-        st = path.stat()
-    except OSError:
-        raise FileNotFound() from None
-    if not stat.S_ISREG(st.st_mode):
-        raise FileNotFound()
-    return st
-
-
 def _if_range_fails(request: web.Request, st: os.stat_result) -> bool:
     """True if ``If-Range`` names an entity-tag other than the file's current one.
 
@@ -317,12 +299,7 @@ def _if_range_fails(request: web.Request, st: os.stat_result) -> bool:
     if_range = request.headers.get(hdrs.IF_RANGE, "").strip()
     if not if_range.startswith(('"', "W/")) or hdrs.RANGE not in request.headers:
         return False
-    return if_range != f'"{_etag(st)}"'
-
-
-def _etag(st: os.stat_result) -> str:
-    """The strong validator aiohttp's FileResponse sends as ETag (unquoted)."""
-    return f"{st.st_mtime_ns:x}-{st.st_size:x}"
+    return if_range != f'"{file_etag(st)}"'
 
 
 @lru_cache(maxsize=4096)
