@@ -281,3 +281,24 @@ def public_url(url: str) -> str:
         host = f"[{host}]"
     netloc = f"{host}:{parts.port}" if parts.port is not None else host
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def failure_for_status(status: int) -> FailureReason:
+    """The failure an HTTP error status means for a copy (a store's or any server's answer)."""
+    if status in (404, 410):
+        return FailureReason.NOT_FOUND
+    if status in (401, 403):
+        return FailureReason.FORBIDDEN
+    if status == 408:
+        return FailureReason.TIMEOUT
+    if status == 416:
+        return FailureReason.SOURCE_CHANGED
+    if status == 429:
+        return FailureReason.THROTTLED
+    if status == 460:
+        return FailureReason.CHECKSUM_MISMATCH
+    if status == 507:
+        return FailureReason.NO_SPACE
+    if status >= 500:
+        return FailureReason.SERVER_ERROR
+    return FailureReason.BAD_REQUEST
