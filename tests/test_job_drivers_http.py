@@ -348,3 +348,39 @@ async def test_a_new_source_version_terminates_the_old_upload(tmp_path: Path) ->
         assert await destination.offset(renewed) == 0
         assert await destination.write(renewed, 0, pieces(new)) == len(new)
         assert (await destination.finish(renewed)).sha256 == sha256_hex(new)
+
+
+async def test_a_stalled_source_times_out_and_a_refused_head_falls_back_to_get(tmp_path: Path) -> None:
+    data = os.urandom(100_000)
+    async with served(tmp_path) as store, FaultProxy("127.0.0.1", store.port) as proxy, session() as s:
+        await upload(s, store.base, "slow.bin", data)
+        url = f"{proxy.url}/files/slow.bin"
+        proxy.fail_next(1, status=405)
+        info = await HttpSource(url, s).stat()
+        assert [r.method for r in proxy.refused] == ["HEAD"]
+        assert proxy.heads("GET")[0].headers["range"] == "bytes=0-0"
+        assert (info.size, info.sha256) == (len(data), sha256_hex(data))
+        assert info.validator is not None and info.validator.startswith('"')
+
+        proxy.stall()
+        impatient = aiohttp.ClientTimeout(total=WAIT, sock_read=0.3)
+        async with aiohttp.ClientSession(timeout=impatient) as quick:
+            with pytest.raises(DriverError) as stalled:
+                await read_all(HttpSource(url, quick), 10, info)
+        assert stalled.value.reason is FailureReason.TIMEOUT
+        assert stalled.value.reason.kind is FailureKind.TRANSIENT
+        proxy.release()
+        assert await read_all(HttpSource(url, s), 10, info) == data[10:]
+
+
+async def test_a_write_from_another_offset_than_the_stores_is_transient(tmp_path: Path) -> None:
+    data = os.urandom(1000)
+    async with served(tmp_path) as store, session() as s:
+        destination = DatastoreDestination(f"{store.base}/files/offset.bin", s, headers=ADA)
+        order = order_for(data)
+        handle = await destination.open(destination.plan({}, order), order)
+        with pytest.raises(DriverError) as mismatch:
+            await destination.write(handle, 5, pieces(data[5:]))
+        assert mismatch.value.reason is FailureReason.CONNECTION
+        assert "holds 0 bytes" in mismatch.value.message
+        assert await destination.write(handle, 0, pieces(data)) == len(data)
