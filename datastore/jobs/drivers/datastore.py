@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -61,6 +62,8 @@ class DatastoreDestination:
         self.session = session
         self.headers = dict(headers or {})
         self.chunk_size = chunk_size
+        # Credentials in the URL travel as Basic auth, never in the URLs the handle keeps.
+        self.auth = aiohttp.BasicAuth(parsed.user or "", parsed.password or "") if parsed.user else None
         self.base = str(parsed.origin())
         self.prefix = prefix
         self.name = unquote(name)
@@ -91,7 +94,7 @@ class DatastoreDestination:
     async def offset(self, handle: Handle) -> int:
         what = f"offset of {self._shown}"
         try:
-            async with self.session.head(self._upload_url(handle), headers=self._headers(TUS)) as response:
+            async with self._request("HEAD", self._upload_url(handle), headers=self._headers(TUS)) as response:
                 if response.status != 200:
                     refuse(response.status, what, response.reason)
                 return _offset(response, what)
@@ -103,7 +106,7 @@ class DatastoreDestination:
         upload_url = self._upload_url(handle)
         headers = self._headers({**TUS, "Content-Type": OFFSET_CONTENT_TYPE, "Upload-Offset": str(offset)})
         try:
-            async with self.session.patch(upload_url, data=chunks, headers=headers) as response:
+            async with self._request("PATCH", upload_url, data=chunks, headers=headers) as response:
                 if response.status == 204:
                     return _offset(response, what)
                 reason = response.reason or ""
@@ -123,7 +126,7 @@ class DatastoreDestination:
     async def finish(self, handle: Handle) -> Published:
         what = f"finish {self._shown}"
         try:
-            async with self.session.head(self.download_url, headers=self.headers) as response:
+            async with self._request("HEAD", self.download_url, headers=self.headers) as response:
                 if response.status != 200:
                     refuse(response.status, what, response.reason)
                 size = response.content_length
@@ -140,7 +143,7 @@ class DatastoreDestination:
             return
         what = f"discard {self._shown}"
         try:
-            async with self.session.delete(self._upload_url(handle), headers=self._headers(TUS)) as response:
+            async with self._request("DELETE", self._upload_url(handle), headers=self._headers(TUS)) as response:
                 if response.status in (200, 204, 404, 410):
                     return
                 refuse(response.status, what, response.reason)
@@ -151,6 +154,10 @@ class DatastoreDestination:
         """Nothing: the session is the caller's."""
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def _request(self, method: str, url: str, **kwargs: Any) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+        """``session.request`` with the URL's credentials, if it had any."""
+        return self.session.request(method, url, auth=self.auth, **kwargs)
 
     def _headers(self, extra: Mapping[str, str]) -> dict[str, str]:
         return {**self.headers, **extra}
@@ -164,7 +171,7 @@ class DatastoreDestination:
     async def _probe(self, upload_url: str, order: Order, what: str) -> bool:
         """Whether the upload at ``upload_url`` still exists for ``order`` (a tus HEAD)."""
         try:
-            async with self.session.head(upload_url, headers=self._headers(TUS)) as response:
+            async with self._request("HEAD", upload_url, headers=self._headers(TUS)) as response:
                 if response.status in (404, 410):
                     return False
                 if response.status != 200:
@@ -180,7 +187,7 @@ class DatastoreDestination:
     async def _terminate(self, upload_url: str) -> None:
         """Terminate an upload this handle no longer wants; any failure is ignored (it expires)."""
         try:
-            async with self.session.delete(upload_url, headers=self._headers(TUS)) as response:
+            async with self._request("DELETE", upload_url, headers=self._headers(TUS)) as response:
                 await response.read()
         except (aiohttp.ClientError, OSError, TimeoutError):
             pass
@@ -198,7 +205,7 @@ class DatastoreDestination:
         manifest_url = f"{self.base}/{self.prefix}/manifest"
         headers = self._headers({"Idempotency-Key": key})
         try:
-            async with self.session.post(manifest_url, json={"files": [entry]}, headers=headers) as response:
+            async with self._request("POST", manifest_url, json={"files": [entry]}, headers=headers) as response:
                 status, reason = response.status, response.reason or ""
                 body = await _json(response)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:

@@ -208,9 +208,12 @@ class HttpSource:
         status = response.status
         if status not in (200, 206):
             refuse(status, what, response.reason)
-        validator = _validator(response.headers)
-        if info.validator is not None and validator is not None and validator != info.validator:
-            raise DriverError(FailureReason.SOURCE_CHANGED, f"{what}: its validator changed")
+        if info.validator is not None:
+            # Like with like: an ETag with the answer's ETag, a date with its Last-Modified.
+            header = "ETag" if info.validator.startswith('"') else "Last-Modified"
+            now = response.headers.get(header)
+            if now is not None and now != info.validator:
+                raise DriverError(FailureReason.SOURCE_CHANGED, f"{what}: its validator changed")
         if status == 206:
             start, _, total = content_range(response.headers.get("Content-Range"))
             if start != offset:
