@@ -29,7 +29,6 @@ import base64
 import hashlib
 import logging
 import os
-import re
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from urllib.parse import quote, unquote, urlsplit
 import aiohttp
 from yarl import URL
 
+from ..protocol.digests import parse_repr_digest
 from .events import read_events
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,6 @@ UploadProgress = Callable[[str, int, int, bool, bool], Any]
 DownloadProgress = Callable[[int, int, bool], Any]
 
 _TUS = {"Tus-Resumable": "1.0.0"}
-_DIGEST_ITEM = re.compile(r"([A-Za-z0-9-]+)=:([A-Za-z0-9+/=]*):")
 
 
 class ClientError(Exception):
@@ -584,17 +583,6 @@ def describe_local_file(path: Path) -> LocalFile:
             sha256.update(block)
             size += len(block)
     return LocalFile(path, path.name, size, md5.hexdigest(), sha256.hexdigest())
-
-
-def parse_repr_digest(value: str) -> dict[str, str]:
-    """``sha-256=:B64:, md5=:B64:`` -> {"sha-256": hex, "md5": hex} (RFC 9530)."""
-    digests = {}
-    for algorithm, encoded in _DIGEST_ITEM.findall(value):
-        try:
-            digests[algorithm.lower()] = base64.b64decode(encoded).hex()
-        except ValueError:
-            continue
-    return digests
 
 
 class _Retry(Exception):
