@@ -30,8 +30,8 @@ import aiohttp
 from yarl import URL
 
 from ...protocol.digests import parse_repr_digest
-from ..states import FailureReason
-from .http import driver_error, redact, refuse
+from ..states import FailureReason, public_url
+from .http import driver_error, refuse
 from .interface import DriverError, Handle, Order, Published
 
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -53,11 +53,11 @@ class DatastoreDestination:
     ) -> None:
         parsed = URL(url)
         if parsed.scheme not in ("http", "https") or not parsed.host:
-            raise DriverError(FailureReason.BAD_REQUEST, f"not an http(s) URL: {redact(url)}")
+            raise DriverError(FailureReason.BAD_REQUEST, f"not an http(s) URL: {public_url(url)}")
         folder, _, name = parsed.path.rpartition("/")
         prefix = folder.strip("/")
         if not prefix or not name:
-            raise DriverError(FailureReason.BAD_REQUEST, f"not a PREFIX/NAME URL: {redact(url)}")
+            raise DriverError(FailureReason.BAD_REQUEST, f"not a PREFIX/NAME URL: {public_url(url)}")
         self.url = url
         self.session = session
         self.headers = dict(headers or {})
@@ -68,7 +68,7 @@ class DatastoreDestination:
         self.prefix = prefix
         self.name = unquote(name)
         self.download_url = f"{self.base}/{prefix}/{quote(self.name, safe='')}"
-        self._shown = redact(url)
+        self._shown = public_url(url)
 
     # -- the Destination protocol ---------------------------------------------------------------
 

@@ -1,9 +1,9 @@
 """The HTTP source driver: :class:`HttpSource` reads one file from any http(s) URL (a datastore
 download URL, nginx, ``rclone serve http``, ...) from any offset, with ``Range`` and ``If-Range``.
 
-It also owns what the HTTP drivers share: the classification of HTTP statuses and aiohttp's
-exceptions into :class:`~datastore.jobs.states.FailureReason`, and URLs redacted for messages (no
-userinfo, query or fragment: they may carry credentials).
+It also owns what the HTTP drivers share: the classification of aiohttp's exceptions and of
+unexpected answers (``failure_for_status`` in ``jobs/states.py``) into DriverErrors, whose messages
+name URLs only as ``public_url`` shows them (no userinfo, query or fragment).
 
 Choices:
 
@@ -25,39 +25,12 @@ from typing import NoReturn
 
 import aiohttp
 from multidict import CIMultiDictProxy
-from yarl import URL
 
 from ...protocol.digests import parse_repr_digest
-from ..states import FailureReason
+from ..states import FailureReason, failure_for_status, public_url
 from .interface import DriverError, SourceInfo
 
-__all__ = ["HttpSource", "content_range", "driver_error", "redact", "status_reason"]
-
-
-def redact(url: str | URL) -> str:
-    """``url`` without userinfo, query or fragment: fit for a message."""
-    try:
-        parsed = URL(url) if isinstance(url, str) else url
-        return str(parsed.with_user(None).with_query(None).with_fragment(None))
-    except (ValueError, TypeError):
-        return "<unparsable URL>"
-
-
-def status_reason(status: int) -> FailureReason:
-    """The failure an HTTP error status means for a transfer."""
-    if status in (404, 410):
-        return FailureReason.NOT_FOUND
-    if status in (401, 403):
-        return FailureReason.FORBIDDEN
-    if status == 416:
-        return FailureReason.SOURCE_CHANGED
-    if status == 429:
-        return FailureReason.THROTTLED
-    if status == 507:
-        return FailureReason.NO_SPACE
-    if status >= 500:
-        return FailureReason.SERVER_ERROR
-    return FailureReason.BAD_REQUEST
+__all__ = ["HttpSource", "content_range", "driver_error"]
 
 
 def driver_error(exc: BaseException, what: str) -> DriverError:
@@ -74,7 +47,7 @@ def driver_error(exc: BaseException, what: str) -> DriverError:
         return DriverError(FailureReason.TIMEOUT, f"{what}: timed out")
     name = type(exc).__name__
     if isinstance(exc, aiohttp.ClientResponseError):
-        return DriverError(status_reason(exc.status), f"{what}: HTTP {exc.status}")
+        return DriverError(failure_for_status(exc.status), f"{what}: HTTP {exc.status}")
     if isinstance(exc, aiohttp.InvalidURL):
         return DriverError(FailureReason.BAD_REQUEST, f"{what}: invalid URL")
     if isinstance(exc, (aiohttp.ClientError, OSError)):
@@ -86,7 +59,7 @@ def driver_error(exc: BaseException, what: str) -> DriverError:
 def refuse(status: int, what: str, reason: str | None = None) -> NoReturn:
     """Raise the DriverError for an unexpected HTTP ``status``."""
     phrase = f" {_one_line(reason)}" if reason else ""
-    raise DriverError(status_reason(status), f"{what}: HTTP {status}{phrase}")
+    raise DriverError(failure_for_status(status), f"{what}: HTTP {status}{phrase}")
 
 
 def _one_line(text: str) -> str:
@@ -135,7 +108,7 @@ class HttpSource:
         self.session = session
         self.headers = dict(headers or {})
         self.chunk_size = chunk_size
-        self._shown = redact(url)
+        self._shown = public_url(url)
 
     async def stat(self) -> SourceInfo:
         what = f"stat {self._shown}"
