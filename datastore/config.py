@@ -232,6 +232,48 @@ class Settings:
             "for metrics), loopback (also anyone connecting from the loopback address), or anyone."
         },
     )
+    job_concurrency: int = field(
+        default=4, metadata={"doc": "Files transfer jobs copy at once, all jobs and processes together."}
+    )
+    job_concurrency_per_job: int = field(default=2, metadata={"doc": "Files one transfer job copies at once."})
+    job_concurrency_per_host: int = field(
+        default=4, metadata={"doc": "Files transfer jobs copy at once to one destination host."}
+    )
+    job_stall_timeout: float = field(
+        default=60.0,
+        metadata={
+            "doc": "Seconds a job's copy may go without a byte moving (or a call to either end without an "
+            "answer) before it is reported stalled and started again from its offset."
+        },
+    )
+    job_max_idle_attempts: int = field(
+        default=5, metadata={"doc": "Attempts in a row without a byte of progress after which a job's file fails."}
+    )
+    job_retention: float = field(
+        default=7 * 86400.0, metadata={"doc": "Seconds a finished transfer job's record is kept (then purged)."}
+    )
+    max_jobs_per_client: int = field(
+        default=1000, metadata={"doc": "Unfinished transfer jobs one identity may keep (429 beyond)."}
+    )
+    max_job_files: int = field(default=10_000, metadata={"doc": "Files one transfer job may copy (413 beyond)."})
+    job_hosts: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "doc": "Hosts (HOST or HOST:PORT) transfer jobs may reach over http(s), as sources or "
+            "destinations; * for any. Empty: jobs copy only within this store and to rclone remotes."
+        },
+    )
+    job_rclone_config: Path | None = field(
+        default=None,
+        metadata={"doc": "rclone configuration whose named remotes jobs may use (rclone:NAME:path); none: no rclone."},
+    )
+    job_tls_cert: Path | None = field(
+        default=None, metadata={"doc": "Client certificate (PEM) jobs present to https stores that ask for one."}
+    )
+    job_tls_key: Path | None = field(default=None, metadata={"doc": "Its private key (PEM)."})
+    job_tls_ca: tuple[Path, ...] = field(
+        default=(), metadata={"doc": "CA certificates jobs trust for https peers (default: the system's)."}
+    )
 
     @property
     def uses_tls(self) -> bool:
@@ -277,6 +319,12 @@ class Settings:
             "max_transfers_per_client",
             "max_connections_per_client",
             "hook_backlog",
+            "job_concurrency",
+            "job_concurrency_per_job",
+            "job_concurrency_per_host",
+            "job_max_idle_attempts",
+            "max_jobs_per_client",
+            "max_job_files",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -296,6 +344,8 @@ class Settings:
             "event_retention",
             "lease_time",
             "hook_timeout",
+            "job_stall_timeout",
+            "job_retention",
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")
@@ -331,6 +381,8 @@ class Settings:
             raise SettingsError(f"public_url must be http(s)://HOST[:PORT][/PATH], not {self.public_url!r}")
         for prefix, _ in self.prefix_policies:
             check_prefix(prefix)
+        if (self.job_tls_cert is None) != (self.job_tls_key is None):
+            raise SettingsError("job_tls_cert and job_tls_key go together")
         if self.uses_tls and (self.tls_cert is None or self.tls_key is None or not self.tls_client_ca):
             raise SettingsError("TLS needs a certificate, its key and a client CA (--cert, --key, --client-ca)")
 

@@ -12,7 +12,7 @@ import hashlib
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,6 +153,18 @@ async def until(condition: Callable[[], bool], what: str, timeout: float = 10.0)
             # so the disk is polled until it shows the state; the timeout only bounds a failure.
             while not condition():  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting until {what}") from None
+
+
+async def eventually(condition: Callable[[], Awaitable[bool]], what: str, timeout: float = 20.0) -> None:
+    """Wait until ``await condition()`` holds (a state a store reports), failing after ``timeout``."""
+    try:
+        async with asyncio.timeout(timeout):
+            # A job runs in the store's own time (another process, often): its state is read until it
+            # shows the condition; the timeout only bounds a failure.
+            while not await condition():  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
     except TimeoutError:
         raise AssertionError(f"timed out waiting until {what}") from None
 

@@ -168,7 +168,7 @@ async def test_an_expired_lease_is_found_and_its_file_requeued_by_anyone(state: 
     job, _ = await state.submit(ADA, spec("a"), commit=True, now=T0, quota=QUOTA)
     await state.claim_next("dead", lease=LEASE, now=T0, limits=LIMITS)
     assert await state.expired_job_leases(T0 + LEASE - 1) == []
-    assert await state.held_by("dead") == [(job.id, 0)]
+    assert await state.held_by("dead") == await state.held_by(None) == [(job.id, 0, "dead")]
     renewed = await state.renew_job_file(job.id, 0, "dead", lease=LEASE, now=T0 + 10)
     assert renewed.held and renewed.stop_request is None
     assert await state.expired_job_leases(T0 + 10 + LEASE) == [(job.id, 0, "dead")]

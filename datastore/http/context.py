@@ -22,6 +22,7 @@ from aiohttp import web
 from ..config import Settings
 from ..errors import DatastoreError
 from ..handlers.mounts import Mount
+from ..jobs.runner import JobRunner
 from ..lifecycle.events import EventBus
 from ..lifecycle.machine import Lifecycle
 from ..security.identity import Identity
@@ -45,6 +46,8 @@ class StoreContext:
     events: EventBus
     #: The webhooks it delivers events to.
     hooks: list[Hook] = field(default_factory=list)
+    #: This process's transfer-job runner (None while the app is not running).
+    jobs: JobRunner | None = None
     #: This worker's number (0 to N-1), reported by the health endpoint.
     worker_index: int = 0
     #: Manifests parsed at once in threads (ConfigParser holds the GIL: more would starve the loop).

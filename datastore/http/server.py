@@ -29,6 +29,14 @@ start with ``_`` belong to the server)::
     GET     /_api/v1/transfers/{key}/events one transfer's events (SSE; owner or administrator)
     GET     /_api/v1/transfers/{key}        a transfer's state (owner or administrator)
     DELETE  /_api/v1/transfers/{key}        cancel it
+    GET     /_api/v1/jobs                   the client's transfer jobs (jobs.py)
+    POST    /_api/v1/jobs                   submit one
+    GET     /_api/v1/jobs/events            the events of the client's jobs (SSE)
+    GET     /_api/v1/jobs/{id}              a job's state, files and attempts (owner or administrator)
+    PATCH   /_api/v1/jobs/{id}              change its priority
+    DELETE  /_api/v1/jobs/{id}              clear it
+    GET     /_api/v1/jobs/{id}/events       its events (SSE)
+    POST    /_api/v1/jobs/{id}/{step}       commit, pause, resume, stop or retry it
     GET     /_static/{asset}                the browser page's script and style
     POST    /{prefix}/manifest              register a transfer (INI or JSON)
     POST    /{prefix}/{key}/{num}           upload file num (raw body or form)
@@ -65,6 +73,7 @@ from ..handlers.directory import DirectoryHandler
 from ..handlers.interface import TransferHandler
 from ..handlers.legacy import LegacyHandler, LegacyHandlerAdapter
 from ..handlers.mounts import Mount
+from ..jobs.runner import JobRunner
 from ..lifecycle.events import Callback, EventBus
 from ..lifecycle.machine import Lifecycle, holder_id
 from ..lifecycle.states import Event
@@ -92,6 +101,16 @@ from .connections import HTTP_LOG, AccessLogger, ConnectionGate, GatedServer, St
 from .context import CONTEXT, StoreContext, render_error
 from .download import handle_delete, handle_download, handle_listing
 from .hooks import Hook
+from .jobs import (
+    handle_all_job_events,
+    handle_job_clear,
+    handle_job_events,
+    handle_job_list,
+    handle_job_priority,
+    handle_job_status,
+    handle_job_step,
+    handle_job_submit,
+)
 from .metrics_page import METRICS_PATH, handle_metrics
 from .openapi import OPENAPI_PATH, handle_openapi
 from .page import handle_asset
@@ -293,6 +312,14 @@ class TransferServer(abc.ABC):
         app.router.add_get("/_api/v1/transfers/{key}/events", handle_transfer_events)
         app.router.add_get("/_api/v1/transfers/{key}", handle_transfer_status)
         app.router.add_delete("/_api/v1/transfers/{key}", handle_transfer_cancel)
+        app.router.add_get("/_api/v1/jobs", handle_job_list)
+        app.router.add_post("/_api/v1/jobs", handle_job_submit)
+        app.router.add_get("/_api/v1/jobs/events", handle_all_job_events)
+        app.router.add_get("/_api/v1/jobs/{id}", handle_job_status)
+        app.router.add_patch("/_api/v1/jobs/{id}", handle_job_priority)
+        app.router.add_delete("/_api/v1/jobs/{id}", handle_job_clear)
+        app.router.add_get("/_api/v1/jobs/{id}/events", handle_job_events)
+        app.router.add_post("/_api/v1/jobs/{id}/{step}", handle_job_step)
         # Downloads first: aiohttp tries the /{prefix}... patterns in this order, and
         # no other one takes GET, HEAD or DELETE of a /{prefix}/{name} path.
         # Names may hold braces, which aiohttp's default segment pattern excludes.
@@ -345,7 +372,11 @@ class TransferServer(abc.ABC):
         app[CONTEXT] = ctx
         self._contexts.append(ctx)
         await self.events.start(state, poll_interval=EVENT_POLL_SHARED if self.shared_state else EVENT_POLL)
-        tasks = [asyncio.create_task(_sweep(lifecycle), name="datastore-sweeper")]
+        ctx.jobs = JobRunner(lifecycle, self.settings)
+        tasks = [
+            asyncio.create_task(_sweep(lifecycle), name="datastore-sweeper"),
+            asyncio.create_task(ctx.jobs.run(), name="datastore-jobs"),
+        ]
         tasks.extend(asyncio.create_task(hook.run(self.events), name=hook.label) for hook in ctx.hooks)
         tasks.extend(asyncio.create_task(job, name="datastore-periodic") for job in self.periodic_jobs())
         try:

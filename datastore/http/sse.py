@@ -75,7 +75,7 @@ async def handle_events(request: web.Request) -> web.StreamResponse:
             owner_visible=mount.policy.shows_owner(identity, event.owner_id),
         )
 
-    return await _stream(request, wants, render)
+    return await stream_events(request, wants, render)
 
 
 async def handle_transfer_events(request: web.Request) -> web.StreamResponse:
@@ -95,10 +95,10 @@ async def handle_transfer_events(request: web.Request) -> web.StreamResponse:
     def render(event: Event) -> dict[str, object]:
         return event_document(event, key_visible=True, owner_visible=True)
 
-    return await _stream(request, wants, render)
+    return await stream_events(request, wants, render)
 
 
-async def _stream(request: web.Request, wants: Predicate, render: _Render) -> web.StreamResponse:
+async def stream_events(request: web.Request, wants: Predicate, render: _Render) -> web.StreamResponse:
     """Replay what the client missed, then follow live, until it leaves or the store stops."""
     bus = request.app[CONTEXT].events
     after = _last_event_id(request)

@@ -277,7 +277,10 @@ def event_document(event: Event, *, key_visible: bool, owner_visible: bool) -> d
 
     ``transfer`` names the transfer for everyone who may see the event; ``transfer_key`` and
     ``owner`` are only filled in for those ``key_visible`` and ``owner_visible`` say may see them.
+    A transfer job's event has its own form (:func:`job_event_document`).
     """
+    if is_job_event(event):
+        return job_event_document(event, owner_visible=owner_visible)
     return {
         "id": event.id,
         "type": str(event.type),
@@ -287,6 +290,30 @@ def event_document(event: Event, *, key_visible: bool, owner_visible: bool) -> d
         "transfer_key": event.key if key_visible else None,
         "file": event.num,
         "name": event.name,
+        "owner": event.owner if owner_visible else None,
+        "bytes": event.bytes,
+        "size": event.size,
+        "md5": event.md5,
+        "sha256": event.sha256,
+        "reason": event.reason,
+    }
+
+
+def is_job_event(event: Event) -> bool:
+    """Whether ``event`` is a transfer job's (``job.*``) rather than a transfer's."""
+    return event.type.startswith("job.")
+
+
+def job_event_document(event: Event, *, owner_visible: bool = True) -> dict[str, object]:
+    """The JSON form of a transfer job's event: the job's id, the file's index and destination (as
+    ``public_url`` shows it), bytes, digests and the reason of a failure."""
+    return {
+        "id": event.id,
+        "type": str(event.type),
+        "time": iso_time(event.time),
+        "job": event.key,
+        "file": event.num,
+        "destination": event.name,
         "owner": event.owner if owner_visible else None,
         "bytes": event.bytes,
         "size": event.size,

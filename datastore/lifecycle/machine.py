@@ -54,6 +54,7 @@ from ..errors import (
 )
 from ..handlers.interface import FileInfo
 from ..handlers.mounts import Mount
+from ..jobs.states import FailureReason, JobStep
 from ..protocol.manifest import Manifest
 from ..security.identity import Identity
 from ..security.logsafe import redact
@@ -560,6 +561,7 @@ class Lifecycle:
         for staged in await self.state.expired_leases(now):
             await self.reap(staged)
         await self.state.purge(now - self.settings.transfer_retention)
+        await self.state.purge_jobs(now - self.settings.job_retention)
         await self.state.prune_events(now - self.settings.event_retention)
         return expired
 
@@ -621,7 +623,27 @@ class Lifecycle:
         reaped = 0
         for staged in await self.state.claims_of(holder):
             reaped += await self.reap(staged)
-        return reaped
+        return reaped + await self._release_job_files(holder)
+
+    async def _release_job_files(self, holder: str | None) -> int:
+        """The transfer-job files ``holder`` (None: any process) was copying go back to the queue; the
+        bytes their destinations hold are kept for the next attempt."""
+        released = 0
+        for job_id, index, owner in await self.state.held_by(holder):
+            job = await self.state.job(job_id)
+            done = job.files[index].bytes if job is not None else 0
+            ended = await self.state.end_attempt(
+                job_id,
+                index,
+                owner,
+                JobStep.REQUEUE,
+                now=time.time(),
+                bytes=done,
+                reason=FailureReason.RESTARTED,
+                error="the store restarted",
+            )
+            released += ended is not None
+        return released
 
     async def recover(self) -> None:
         """At the start of the only process using the state: no upload is running; the staged bytes
@@ -638,6 +660,8 @@ class Lifecycle:
                 interrupted += await self.reap(staged)
         # What is left: a file some stopped process had begun publishing (its transfer ended meanwhile).
         interrupted += await self.state.recover()
+        if copies := await self._release_job_files(None):
+            log.info("%d transfer-job file(s) were being copied at the stop; they go on from their offsets", copies)
         live = {(f.key, f.num): (f.received, f.verifying) for f in await self.state.staged_files()}
         offsets = await asyncio.to_thread(staging.reconcile, self.staging_dir, live)
         for (key, num), offset in offsets.items():

@@ -11,7 +11,7 @@ runs on every request (a lookup by id, then a constant-time comparison).
 Each token is issued for one identity (its *subject*, a name the operator
 chooses: ``ada``, or a DN for AccessGrid venues), with *actions*
 (``read``: list and download; ``upload``; ``delete``; ``metrics``: read the
-metrics page, for a scraper; ``admin``: everything, including managing
+metrics page, for a scraper; ``jobs``: submit and manage one's transfer jobs; ``admin``: everything, including managing
 tokens) on *prefixes* (all, or a list), and an expiry.
 Revoked and expired tokens are refused at once (401); revoked ones are
 purged from the list a while after they expire.
@@ -38,7 +38,7 @@ from ..state.database import Database
 from .identity import Grant, Identity, IdentityKind, check_length
 
 #: What a token may be issued for.
-ACTIONS = ("read", "upload", "delete", "metrics", "admin")
+ACTIONS = ("read", "upload", "delete", "metrics", "jobs", "admin")
 
 #: Default and longest lifetime of a token, in seconds.
 DEFAULT_LIFETIME = 30 * 24 * 3600.0

@@ -67,7 +67,7 @@ class JobFile:
     index: int
     source: str
     destination: str
-    #: The declared size, or the source's once a runner learned it.
+    #: The source's size once a runner learned it, else the declared one.
     size: int | None
     md5: str | None
     sha256: str | None
@@ -94,6 +94,8 @@ class JobFile:
     started_at: float | None = None
     finished_at: float | None = None
     updated_at: float = 0.0
+    #: The size the job declared (the source must have it), or None.
+    declared_size: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,8 +279,8 @@ class JobStore(Protocol):
         """(job id, index, holder) of the ACTIVE files whose lease ran out by ``now``."""
         ...
 
-    async def held_by(self, holder: str) -> list[tuple[str, int]]:
-        """(job id, index) of the files ``holder`` holds."""
+    async def held_by(self, holder: str | None) -> list[tuple[str, int, str]]:
+        """(job id, index, holder) of the ACTIVE files ``holder`` holds (None: anyone)."""
         ...
 
     async def expire_due_jobs(self, now: float) -> list[Job]:

@@ -145,13 +145,6 @@ def _migrate(db: sqlite3.Connection) -> None:
     if "client" not in columns:
         db.execute("ALTER TABLE transfers ADD COLUMN client TEXT")
     db.execute("CREATE INDEX IF NOT EXISTS transfers_by_client ON transfers (client, state)")
-    if "idempotency_key" not in columns:
-        # A client's name for its manifest request: sending it again finds the same transfer.
-        db.execute("ALTER TABLE transfers ADD COLUMN idempotency_key TEXT")
-    db.execute(
-        "CREATE UNIQUE INDEX IF NOT EXISTS transfers_by_idempotency ON transfers (prefix, owner_id, idempotency_key)"
-        " WHERE idempotency_key IS NOT NULL"
-    )
     if "owner_id" not in columns:
         db.execute("ALTER TABLE transfers ADD COLUMN owner_id TEXT")
         # Before principals, an unauthenticated owner was an X-Client-DN; a certificate's
@@ -162,6 +155,13 @@ def _migrate(db: sqlite3.Connection) -> None:
             "UPDATE transfers SET owner_id = CASE WHEN owner_authenticated = 0 THEN json_array('asserted', owner)"
             " ELSE json_array('certificate', owner, '') END WHERE owner IS NOT NULL"
         )
+    if "idempotency_key" not in columns:
+        # A client's name for its manifest request: sending it again finds the same transfer.
+        db.execute("ALTER TABLE transfers ADD COLUMN idempotency_key TEXT")
+    db.execute(
+        "CREATE UNIQUE INDEX IF NOT EXISTS transfers_by_idempotency ON transfers (prefix, owner_id, idempotency_key)"
+        " WHERE idempotency_key IS NOT NULL"
+    )
 
 
 def new_transfer_key() -> str:

@@ -75,6 +75,7 @@ CREATE TABLE IF NOT EXISTS job_files (
     -- The destination's host: what the per-host limit counts.
     host TEXT NOT NULL,
     size INTEGER,
+    declared_size INTEGER,
     md5 TEXT,
     sha256 TEXT,
     state TEXT NOT NULL,
@@ -185,10 +186,10 @@ class SqliteJobs:
             )
             seq = cursor.lastrowid
             db.executemany(
-                "INSERT INTO job_files (job_seq, idx, source, destination, host, size, md5, sha256, state, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO job_files (job_seq, idx, source, destination, host, size, declared_size, md5, sha256,"
+                " state, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (seq, i, f.source, f.destination, _host(f.destination), f.size, f.md5, f.sha256, state, now)
+                    (seq, i, f.source, f.destination, _host(f.destination), f.size, f.size, f.md5, f.sha256, state, now)
                     for i, f in enumerate(spec.files)
                 ],
             )
@@ -471,14 +472,14 @@ class SqliteJobs:
 
         return await self._db.read(read)
 
-    async def held_by(self, holder: str) -> list[tuple[str, int]]:
-        def read(db: sqlite3.Connection) -> list[tuple[str, int]]:
+    async def held_by(self, holder: str | None) -> list[tuple[str, int, str]]:
+        def read(db: sqlite3.Connection) -> list[tuple[str, int, str]]:
             rows = db.execute(
-                "SELECT j.id, f.idx FROM job_files f JOIN jobs j ON j.seq = f.job_seq"
-                " WHERE f.state = ? AND f.claimed_by = ?",
-                (_F.ACTIVE, holder),
+                "SELECT j.id, f.idx, f.claimed_by FROM job_files f JOIN jobs j ON j.seq = f.job_seq"
+                " WHERE f.state = ? AND (? IS NULL OR f.claimed_by = ?)",
+                (_F.ACTIVE, holder, holder),
             ).fetchall()
-            return [(row[0], row[1]) for row in rows]
+            return [(row[0], row[1], row[2]) for row in rows]
 
         return await self._db.read(read)
 
@@ -679,6 +680,7 @@ def _file(row: Mapping[str, Any] | sqlite3.Row) -> JobFile:
         started_at=row["started_at"],
         finished_at=row["finished_at"],
         updated_at=row["updated_at"],
+        declared_size=row["declared_size"],
     )
 
 

@@ -1,0 +1,495 @@
+"""The job runner: takes the files of transfer jobs from the queue and copies each, verified, from
+its source to its destination, through crashes, dropped connections and restarts.
+
+One runner runs in each serving process; they share the queue through the state store, which hands
+each file to one of them at a time (``JobStore.claim_next``: priority, then age, within the limits per
+job, per destination host and in all) under a lease the runner renews while it works. Each attempt
+at a file (:meth:`JobRunner._attempt`):
+
+1. asks the source what it holds (size, validator, digests), and checks it against what the job
+   declared;
+2. persists the destination's plan (its idempotency key: the *intent*) before asking the destination
+   to open the upload, then persists what it opened; so a runner that dies between the two finds the
+   same upload again instead of making a second one;
+3. asks the destination how far it got and streams the rest from the source from that offset, counting
+   the bytes, reporting progress, holding to the job's bandwidth, and watching for a stall: no byte
+   (or no answer from either end) for ``job_stall_timeout`` seconds ends the attempt as *stalled*;
+4. verifies end to end: the destination's digests of the published file must be the source's (as the
+   source states them, or as computed from its bytes) and the job's declared checksum.
+
+A failed attempt is classified (``FailureReason.kind``, as FTS3 does): permanent failures fail the
+file at once; transient ones are retried after an exponential backoff with jitter, until the job's
+``retry`` count is used up or ``job_max_idle_attempts`` attempts in a row moved no byte. A source
+that changed since the destination's partial bytes were written restarts the file from zero.
+Pausing, stopping or expiring a job reaches its running files through their leases: each ends its
+attempt keeping the bytes the destination holds, and a resume continues from them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import Settings
+from ..lifecycle.machine import Lifecycle
+from ..security.logsafe import redact
+from ..state.jobs import ClaimedFile, Job, JobFile, JobQuota, RunnerLimits
+from .drivers.interface import Destination, DriverError, Order, Published, Source, SourceInfo
+from .ends import Ends
+from .states import FailureKind, FailureReason, FileJobState, JobStep, VerifyChecksum, public_url
+
+log = logging.getLogger(__name__)
+
+#: At most one progress event per file in this many seconds.
+PROGRESS_INTERVAL = 1.0
+#: Longest wait before a retry, however many attempts failed.
+MAX_BACKOFF = 3600.0
+#: The runner looks at the queue at least this often (other processes' submissions, due retries).
+POLL_INTERVAL = 1.0
+#: Hashing a chunk this large goes to a thread (it would hold the loop).
+HASH_IN_THREAD = 256 << 10
+
+
+def job_quota(settings: Settings) -> JobQuota:
+    """What one identity may keep in the queue."""
+    return JobQuota(jobs=settings.max_jobs_per_client, files=settings.max_job_files)
+
+
+def runner_limits(settings: Settings) -> RunnerLimits:
+    """How many files may be copied at once."""
+    return RunnerLimits(
+        per_job=settings.job_concurrency_per_job,
+        per_host=settings.job_concurrency_per_host,
+        total=settings.job_concurrency,
+    )
+
+
+class _Ended(Exception):
+    """The attempt was told to end (pause, stop, expiry, a lost lease, the process stopping)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+@dataclass(eq=False)
+class _Running:
+    """One attempt under way: its task and why it is being ended, if it is."""
+
+    claimed: ClaimedFile
+    task: asyncio.Task[None] | None = None
+    ending: str | None = None
+    #: Bytes the destination held at the start of this attempt, and now.
+    start_offset: int = 0
+    offset: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return (self.offset - self.start_offset) / elapsed if elapsed > 0 else 0.0
+
+
+class _Throttle:
+    """A job's bandwidth limit, shared by its files in this process (up to a second's burst)."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.until = time.monotonic()
+
+    async def take(self, size: int) -> None:
+        now = time.monotonic()
+        self.until = max(self.until, now - 1.0) + size / self.rate
+        if self.until > now:
+            await asyncio.sleep(self.until - now)
+
+
+class _Hasher:
+    """The MD5 and SHA-256 of a source's bytes, for a source that states no digest."""
+
+    def __init__(self) -> None:
+        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    async def update(self, chunk: bytes) -> None:
+        if len(chunk) >= HASH_IN_THREAD:
+            await asyncio.gather(
+                asyncio.to_thread(self.md5.update, chunk), asyncio.to_thread(self.sha256.update, chunk)
+            )
+        else:
+            self.md5.update(chunk)
+            self.sha256.update(chunk)
+        self.size += len(chunk)
+
+
+class JobRunner:
+    """Runs the queue's files in this process until :meth:`stop`."""
+
+    def __init__(self, lifecycle: Lifecycle, settings: Settings) -> None:
+        self.lifecycle = lifecycle
+        self.state = lifecycle.state
+        self.settings = settings
+        self.holder = lifecycle.holder
+        self.ends = Ends(lifecycle, settings)
+        self.limits = runner_limits(settings)
+        self.running: dict[tuple[str, int], _Running] = {}
+        self._wake = asyncio.Event()
+        self._throttles: dict[str, _Throttle] = {}
+        self._stopping = False
+
+    def wake(self) -> None:
+        """Look at the queue now (a job was submitted, committed, resumed or retried here)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Claim and copy files until cancelled."""
+        try:
+            while True:
+                now = time.time()
+                try:
+                    await self._housekeeping(now)
+                    await self._fill(now)
+                    delay = await self._delay(now)
+                except Exception:
+                    log.exception("the job runner's round failed")
+                    delay = POLL_INTERVAL
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        """End every running attempt (its file goes back to the queue, its bytes kept) and close."""
+        self._stopping = True
+        running = list(self.running.values())
+        for attempt in running:
+            attempt.ending = attempt.ending or "restarted"
+            if attempt.task is not None:
+                attempt.task.cancel()
+        for attempt in running:
+            if attempt.task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await attempt.task
+        await self.ends.close()
+
+    async def discard(self, job: Job) -> None:
+        """Drop what the destinations hold of a cleared job's unfinished files (best effort: an
+        upload left behind expires there by itself)."""
+        for file in job.files:
+            if file.state is FileJobState.FINISHED or not file.handle:
+                continue
+            try:
+                destination = self.ends.destination(job, file.destination)
+                try:
+                    await destination.discard(dict(file.handle))
+                finally:
+                    await destination.close()
+            except Exception as exc:
+                log.info("job %s: dropping the partial %s failed: %s", job.id[:8], public_url(file.destination), exc)
+
+    async def _housekeeping(self, now: float) -> None:
+        for job in await self.state.expire_due_jobs(now):
+            log.info("job %s expired", job.id[:8])
+        for job_id, index, holder in await self.state.expired_job_leases(now):
+            if (job_id, index) in self.running and holder == self.holder:
+                continue
+            await self.state.end_attempt(
+                job_id,
+                index,
+                holder,
+                JobStep.REQUEUE,
+                now=now,
+                bytes=await self._bytes_of(job_id, index),
+                reason=FailureReason.LEASE_EXPIRED,
+                error="the runner copying it stopped answering",
+            )
+
+    async def _bytes_of(self, job_id: str, index: int) -> int:
+        job = await self.state.job(job_id)
+        return job.files[index].bytes if job is not None and index < len(job.files) else 0
+
+    async def _fill(self, now: float) -> None:
+        while not self._stopping and len(self.running) < self.limits.total:
+            claimed = await self.state.claim_next(
+                self.holder, lease=self.settings.lease_time, now=now, limits=self.limits
+            )
+            if claimed is None:
+                return
+            attempt = _Running(claimed, start_offset=claimed.file.bytes, offset=claimed.file.bytes)
+            place = (claimed.job.id, claimed.file.index)
+            self.running[place] = attempt
+            attempt.task = asyncio.create_task(self._run_attempt(attempt), name=f"job-{claimed.job.id[:8]}")
+
+    async def _delay(self, now: float) -> float:
+        due = await self.state.next_due(now)
+        delay = POLL_INTERVAL if due is None else min(POLL_INTERVAL, max(0.0, due - now))
+        return min(delay, self.settings.lease_time / 3)
+
+    # -- one attempt ----------------------------------------------------------------------------
+
+    async def _run_attempt(self, attempt: _Running) -> None:
+        job, file = attempt.claimed.job, attempt.claimed.file
+        place = (job.id, file.index)
+        keeper = asyncio.create_task(self._keep_lease(attempt))
+        source: Source | None = None
+        destination: Destination | None = None
+        try:
+            source = self.ends.source(job, file.source, file.destination)
+            destination = self.ends.destination(job, file.destination)
+            published = await self._attempt(attempt, source, destination)
+            await self._end(attempt, JobStep.FINISH, md5=published.md5, sha256=published.sha256, bytes=published.size)
+            log.info("job %s: %s copied (%d bytes)", job.id[:8], public_url(file.destination), published.size)
+        except asyncio.CancelledError:
+            await self._ended(attempt, attempt.ending or "restarted")
+            if not self._stopping and attempt.ending is None:
+                raise
+        except _Ended as ended:
+            await self._ended(attempt, ended.why)
+        except DriverError as failure:
+            await self._failed(attempt, failure)
+        except Exception as exc:
+            log.exception("job %s: copying %s failed unexpectedly", job.id[:8], public_url(file.destination))
+            internal = DriverError(FailureReason.SERVER_ERROR, f"an internal error ({type(exc).__name__})")
+            await self._failed(attempt, internal)
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+            for end in (source, destination):
+                if end is not None:
+                    with contextlib.suppress(Exception):
+                        await end.close()
+            self.running.pop(place, None)
+            if not self._stopping:
+                self._wake.set()
+
+    async def _attempt(self, attempt: _Running, source: Source, destination: Destination) -> Published:
+        """One attempt at the file: stat, plan, open, resume, stream, verify."""
+        job, file = attempt.claimed.job, attempt.claimed.file
+        loop = asyncio.get_running_loop()
+        stall = self.settings.job_stall_timeout
+        streaming = False
+        try:
+            async with asyncio.timeout(stall) as watch:
+
+                def alive() -> None:
+                    watch.reschedule(loop.time() + stall)
+
+                info = await source.stat()
+                alive()
+                _check_declared(job, file, info)
+                order = _order(job, file, info)
+                handle = destination.plan(dict(file.handle), order)
+                await self._persist(attempt, handle, info.size)
+                handle = await destination.open(handle, order)
+                alive()
+                await self._persist(attempt, handle, info.size)
+                offset = await destination.offset(handle)
+                alive()
+                if offset > info.size:
+                    raise DriverError(FailureReason.SOURCE_CHANGED, "the destination holds more than the source")
+                attempt.start_offset = attempt.offset = offset
+                hasher = None if _source_digest_known(job, info) else _Hasher()
+                if hasher is not None and offset > 0:
+                    # The source states no digest: hash what the destination already holds, from the source.
+                    async for chunk in _limit(source.read(0, info), offset):
+                        alive()
+                        await hasher.update(chunk)
+                if offset < info.size or info.size == 0:
+                    streaming = True
+                    chunks = self._metered(attempt, source.read(offset, info), hasher, alive, job)
+                    reached = await destination.write(handle, offset, chunks)
+                    streaming = False
+                    attempt.offset = reached
+                    if reached < info.size:
+                        raise DriverError(
+                            FailureReason.CONNECTION, f"the destination took {reached} of {info.size} bytes"
+                        )
+                published = await destination.finish(handle)
+        except TimeoutError:
+            what = "no byte moved" if streaming else "an end did not answer"
+            raise DriverError(
+                FailureReason.STALLED if streaming else FailureReason.TIMEOUT, f"{what} for {stall:g} s"
+            ) from None
+        except DriverError as failure:
+            if failure.reason is FailureReason.SOURCE_CHANGED:
+                # What the destination holds came from another version: it goes, the next attempt starts at 0.
+                with contextlib.suppress(Exception):
+                    await destination.discard(dict(handle) if "handle" in locals() else dict(file.handle))
+                await self._persist(attempt, {}, None)
+                attempt.offset = 0
+            raise
+        _verify(job, file, info, published, hasher)
+        return published
+
+    async def _metered(
+        self, attempt: _Running, chunks: AsyncIterator[bytes], hasher: _Hasher | None, alive: Any, job: Job
+    ) -> AsyncIterator[bytes]:
+        """``chunks`` as they flow to the destination: counted, hashed, throttled, reported, watched."""
+        throttle = self._throttle(job)
+        reported = time.monotonic()
+        async for chunk in chunks:
+            if attempt.ending is not None:
+                raise _Ended(attempt.ending)
+            alive()
+            if hasher is not None:
+                await hasher.update(chunk)
+            if throttle is not None:
+                await throttle.take(len(chunk))
+            yield chunk
+            attempt.offset += len(chunk)
+            alive()
+            if time.monotonic() - reported >= PROGRESS_INTERVAL:
+                reported = time.monotonic()
+                await self.state.progress(
+                    *self._place(attempt), self.holder, bytes=attempt.offset, rate=attempt.rate, announce=True
+                )
+
+    def _throttle(self, job: Job) -> _Throttle | None:
+        if job.spec.bandwidth is None:
+            return None
+        throttle = self._throttles.get(job.id)
+        if throttle is None or throttle.rate != job.spec.bandwidth:
+            throttle = self._throttles[job.id] = _Throttle(job.spec.bandwidth)
+        return throttle
+
+    async def _keep_lease(self, attempt: _Running) -> None:
+        """Renew the file's lease while the attempt runs; end the attempt when asked to (or if lost)."""
+        interval = self.settings.lease_time / 3
+        while True:
+            await asyncio.sleep(interval)
+            lease = await self.state.renew_job_file(
+                *self._place(attempt), self.holder, lease=self.settings.lease_time, now=time.time()
+            )
+            why = "lost" if not lease.held else lease.stop_request
+            if why is not None and attempt.task is not None:
+                attempt.ending = why
+                attempt.task.cancel()
+                return
+
+    async def _persist(self, attempt: _Running, handle: dict[str, Any], size: int | None) -> None:
+        if not await self.state.set_handle(*self._place(attempt), self.holder, handle, size=size):
+            raise _Ended("lost")
+
+    # -- ending an attempt ----------------------------------------------------------------------
+
+    def _place(self, attempt: _Running) -> tuple[str, int]:
+        return attempt.claimed.job.id, attempt.claimed.file.index
+
+    async def _end(self, attempt: _Running, outcome: JobStep, **values: Any) -> Job | None:
+        values.setdefault("bytes", attempt.offset)
+        call = self.state.end_attempt(*self._place(attempt), self.holder, outcome, now=time.time(), **values)
+        return await asyncio.shield(call)
+
+    async def _ended(self, attempt: _Running, why: str) -> None:
+        """The attempt was ended from outside: its file waits (the job's state decides how)."""
+        if why == "lost":
+            return  # another runner holds it now
+        reason = FailureReason.RESTARTED if why == "restarted" else None
+        error = None if reason is None else "the store restarted"
+        await self._end(attempt, JobStep.REQUEUE, reason=reason, error=error)
+
+    async def _failed(self, attempt: _Running, failure: DriverError) -> None:
+        job, file = attempt.claimed.job, attempt.claimed.file
+        message = redact(failure.message)
+        idle = file.idle_attempts + (1 if attempt.offset <= attempt.start_offset else 0)
+        transient = failure.reason.kind is FailureKind.TRANSIENT
+        if transient and idle >= self.settings.job_max_idle_attempts:
+            reason, message = FailureReason.NO_PROGRESS, f"no progress over {idle} attempts; the last: {message}"
+            transient = False
+        else:
+            reason = failure.reason
+        if transient and attempt.claimed.attempt <= job.spec.retry:
+            delay = _backoff(job.spec.retry_delay, attempt.claimed.attempt)
+            log.info(
+                "job %s: %s attempt %d failed (%s: %s); again in %.1f s",
+                job.id[:8],
+                public_url(file.destination),
+                attempt.claimed.attempt,
+                reason,
+                message,
+                delay,
+            )
+            await self._end(attempt, JobStep.REQUEUE, reason=reason, error=message, not_before=time.time() + delay)
+        else:
+            log.info("job %s: %s failed (%s: %s)", job.id[:8], public_url(file.destination), reason, message)
+            await self._end(attempt, JobStep.FAIL, reason=reason, error=message)
+
+
+def _backoff(base: float, attempt: int) -> float:
+    """Exponential backoff with full jitter between half and all of ``base * 2**(attempt-1)``."""
+    ceiling: float = min(MAX_BACKOFF, base * 2.0 ** max(0, attempt - 1))
+    return ceiling * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not a secret
+
+
+def _check_declared(job: Job, file: JobFile, info: SourceInfo) -> None:
+    """A source that is not what the job declared fails at once (permanent)."""
+    if file.declared_size is not None and file.declared_size != info.size:
+        raise DriverError(
+            FailureReason.SIZE_MISMATCH, f"the source has {info.size} bytes, the job declared {file.declared_size}"
+        )
+    if job.spec.verify_checksum in (VerifyChecksum.DESTINATION, VerifyChecksum.BOTH) and (
+        _differ(file.md5, info.md5) or _differ(file.sha256, info.sha256)
+    ):
+        raise DriverError(FailureReason.CHECKSUM_MISMATCH, "the source's checksum is not the one the job declared")
+
+
+def _differ(declared: str | None, stated: str | None) -> bool:
+    return bool(declared and stated and declared != stated)
+
+
+def _order(job: Job, file: JobFile, info: SourceInfo) -> Order:
+    """What the destination is to hold and verify itself: the declared digests, else the source's."""
+    verify = job.spec.verify_checksum
+    md5 = file.md5 if verify in (VerifyChecksum.DESTINATION, VerifyChecksum.BOTH) else None
+    sha256 = file.sha256 if verify in (VerifyChecksum.DESTINATION, VerifyChecksum.BOTH) else None
+    if verify in (VerifyChecksum.SOURCE, VerifyChecksum.BOTH):
+        md5, sha256 = md5 or info.md5, sha256 or info.sha256
+    return Order(info.size, md5, sha256, info.validator)
+
+
+def _source_digest_known(job: Job, info: SourceInfo) -> bool:
+    return job.spec.verify_checksum in (VerifyChecksum.NONE, VerifyChecksum.DESTINATION) or bool(
+        info.md5 or info.sha256
+    )
+
+
+def _verify(job: Job, file: JobFile, info: SourceInfo, published: Published, hasher: _Hasher | None) -> None:
+    """End to end: the published file is the source's bytes (and the declared ones), or the attempt fails."""
+    if published.size != info.size:
+        raise DriverError(FailureReason.SIZE_MISMATCH, f"the destination holds {published.size} of {info.size} bytes")
+    verify = job.spec.verify_checksum
+    checks: list[tuple[str, str | None, str | None]] = []
+    if verify in (VerifyChecksum.SOURCE, VerifyChecksum.BOTH):
+        md5 = info.md5 or (hasher.md5.hexdigest() if hasher is not None else None)
+        sha256 = info.sha256 or (hasher.sha256.hexdigest() if hasher is not None else None)
+        checks += [("source md5", md5, published.md5), ("source sha-256", sha256, published.sha256)]
+        if not any(a and b for _, a, b in checks):
+            raise DriverError(FailureReason.UNSUPPORTED, "neither end states a digest to verify the copy by")
+    if verify in (VerifyChecksum.DESTINATION, VerifyChecksum.BOTH):
+        checks += [("declared md5", file.md5, published.md5), ("declared sha-256", file.sha256, published.sha256)]
+    for what, expected, actual in checks:
+        if expected and actual and expected != actual:
+            raise DriverError(FailureReason.CHECKSUM_MISMATCH, f"the copy's digest is not the {what}")
+
+
+async def _limit(chunks: AsyncIterator[bytes], size: int) -> AsyncIterator[bytes]:
+    """The first ``size`` bytes of ``chunks``."""
+    left = size
+    async for chunk in chunks:
+        if left <= 0:
+            break
+        yield chunk[:left]
+        left -= len(chunk)
+    if hasattr(chunks, "aclose"):
+        await chunks.aclose()
