@@ -9,7 +9,6 @@ import contextlib
 import hashlib
 import io
 import os
-import shutil
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from datastore.jobs.states import FailureKind, FailureReason
 
 from .faultproxy import FaultProxy
 from .harness import json_manifest, md5_hex, sha256_hex, spawn_serve
+from .rclone_servers import rclone_binary
 
 ADA = {"X-Client-DN": "/O=Lab/CN=Ada"}
 MIB = 1 << 20
@@ -181,9 +181,7 @@ def free_port() -> int:
 @contextlib.asynccontextmanager
 async def rclone_http(folder: Path) -> AsyncIterator[str]:
     """``rclone serve http FOLDER`` on a free loopback port, once it accepts connections."""
-    rclone = shutil.which("rclone")
-    if rclone is None:
-        pytest.skip("rclone is not installed")
+    rclone = rclone_binary()
     port = free_port()
     process = await asyncio.create_subprocess_exec(
         rclone,
