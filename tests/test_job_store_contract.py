@@ -236,7 +236,9 @@ async def test_retry_brings_failed_files_back_with_a_fresh_count(state: StateSto
     retried = await state.step(job.id, JobStep.RETRY, now=T0 + 1)
     assert retried is not None and retried.state is JobState.QUEUED and retried.finished_at is None
     assert [f.state for f in retried.files] == [FileJobState.FINISHED, FileJobState.QUEUED]
-    assert (retried.files[1].attempts, retried.files[1].bytes) == (0, 2)
+    assert (retried.files[1].attempts, retried.files[1].attempts_base, retried.files[1].bytes) == (1, 1, 2)
+    again = await state.claim_next("r", lease=LEASE, now=T0 + 2, limits=LIMITS)
+    assert again is not None and again.attempt == 2
 
 
 async def test_expiry_by_time_in_queue_and_by_deadline_then_purge(state: StateStore) -> None:

@@ -299,6 +299,9 @@ class JobRunner:
                 if offset > info.size:
                     raise DriverError(FailureReason.SOURCE_CHANGED, "the destination holds more than the source")
                 attempt.start_offset = attempt.offset = offset
+                await self.state.progress(
+                    *self._place(attempt), self.holder, bytes=offset, rate=0.0, announce=False, resumed=True
+                )
                 hasher = None if _source_digest_known(job, info) else _Hasher()
                 if hasher is not None and offset > 0:
                     # The source states no digest: hash what the destination already holds, from the source.
@@ -409,7 +412,7 @@ class JobRunner:
             transient = False
         else:
             reason = failure.reason
-        if transient and attempt.claimed.attempt <= job.spec.retry:
+        if transient and attempt.claimed.attempt - file.attempts_base <= job.spec.retry:
             delay = _backoff(job.spec.retry_delay, attempt.claimed.attempt)
             log.info(
                 "job %s: %s attempt %d failed (%s: %s); again in %.1f s",

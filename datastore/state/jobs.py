@@ -77,6 +77,8 @@ class JobFile:
     #: Bytes per second over the running attempt (0 when none runs).
     rate: float = 0.0
     attempts: int = 0
+    #: Of them, those made before the user's last retry (the job's ``retry`` counts the others).
+    attempts_base: int = 0
     #: Attempts in a row that ended without a byte more at the destination.
     idle_attempts: int = 0
     reason: FailureReason | None = None
@@ -241,9 +243,12 @@ class JobStore(Protocol):
         """Extend ``holder``'s lease to ``now + lease`` if it still holds the file."""
         ...
 
-    async def progress(self, job_id: str, index: int, holder: str, *, bytes: int, rate: float, announce: bool) -> bool:
-        """Record how far the destination got; with ``announce``, append ``job.file.progress``. False if
-        ``holder`` no longer holds the file."""
+    async def progress(
+        self, job_id: str, index: int, holder: str, *, bytes: int, rate: float, announce: bool, resumed: bool = False
+    ) -> bool:
+        """Record how far the destination got; with ``announce``, append ``job.file.progress``; with
+        ``resumed``, ``bytes`` is where the destination says this attempt starts (the attempt's
+        offset). False if ``holder`` no longer holds the file."""
         ...
 
     async def set_handle(

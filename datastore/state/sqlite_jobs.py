@@ -82,6 +82,8 @@ CREATE TABLE IF NOT EXISTS job_files (
     bytes INTEGER NOT NULL DEFAULT 0,
     rate REAL NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0,
+    -- The attempts made before the last retry (a retry starts a fresh count of them).
+    attempts_base INTEGER NOT NULL DEFAULT 0,
     idle_attempts INTEGER NOT NULL DEFAULT 0,
     reason TEXT,
     error TEXT,
@@ -257,7 +259,8 @@ class SqliteJobs:
                 file_states = tuple(s for s in file_states if s is not _F.ACTIVE)
             changes = {"state": file_target(step), "updated_at": now}
             if step is JobStep.RETRY:
-                changes.update(attempts=0, idle_attempts=0, not_before=0.0, reason=None, error=None)
+                db.execute("UPDATE job_files SET attempts_base = attempts WHERE job_seq = ?", (seq,))
+                changes.update(idle_attempts=0, not_before=0.0, reason=None, error=None)
             if step in (JobStep.RESUME, JobStep.RETRY):
                 changes["not_before"] = 0.0
             if file_states:
@@ -352,7 +355,9 @@ class SqliteJobs:
         result: Lease = await self._run(renew)
         return result
 
-    async def progress(self, job_id: str, index: int, holder: str, *, bytes: int, rate: float, announce: bool) -> bool:
+    async def progress(
+        self, job_id: str, index: int, holder: str, *, bytes: int, rate: float, announce: bool, resumed: bool = False
+    ) -> bool:
         def record(db: sqlite3.Connection) -> bool:
             row = _held(db, job_id, index, holder)
             if row is None:
@@ -361,6 +366,11 @@ class SqliteJobs:
                 "UPDATE job_files SET bytes = ?, rate = ? WHERE job_seq = ? AND idx = ?",
                 (bytes, rate, row["job_seq"], index),
             )
+            if resumed:
+                db.execute(
+                    "UPDATE job_attempts SET offset = ? WHERE job_seq = ? AND idx = ? AND number = ?",
+                    (bytes, row["job_seq"], index, row["attempts"]),
+                )
             if announce:
                 job = _load(db, seq=row["job_seq"], files=False)
                 assert job is not None
@@ -667,6 +677,7 @@ def _file(row: Mapping[str, Any] | sqlite3.Row) -> JobFile:
         bytes=row["bytes"],
         rate=row["rate"],
         attempts=row["attempts"],
+        attempts_base=row["attempts_base"],
         idle_attempts=row["idle_attempts"],
         reason=None if row["reason"] is None else FailureReason(row["reason"]),
         error=row["error"],
