@@ -8,8 +8,9 @@ HTTP or TLS with client certificates. Settings come from flags, then
 revokes them and writes the CRL. ``datastore tokens`` issues, lists and
 revokes bearer tokens in the store's state directory (also while it runs). ``upload``, ``download``, ``ls``,
 ``status`` and ``cancel`` are the client, with progress bars (rich) and
-``--json`` for scripts. User errors print one line and exit non-zero (2 for
-a bad command line); no tracebacks.
+``--json`` for scripts; ``datastore jobs`` submits, lists, follows and steers
+transfer jobs. User errors print one line and exit non-zero (2 for a bad
+command line); no tracebacks.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
-from .client.commands import run_client_command
-from .config import METRICS_ACCESS, Settings, SettingsError, load_settings, parse_duration, settings_help
+from .client.commands import run_client_command, run_jobs_command
+from .config import METRICS_ACCESS, Settings, SettingsError, load_settings, parse_duration, parse_size, settings_help
 from .http.server import make_server
 from .http.workers import run_workers
 from .protocol.timestamps import iso_time
@@ -228,7 +230,87 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--prefix", help="only this prefix's events")
     watch.add_argument("--transfer", metavar="KEY", help="only this transfer's events (you must own it)")
     watch.add_argument("--after", type=int, metavar="ID", help="first the events after this id")
+    _add_jobs(commands, client_options)
     return parser
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 1048576, 512K or 64M") from None
+
+
+def _add_jobs(commands: Any, client_options: argparse.ArgumentParser) -> None:
+    """``datastore jobs SUBCOMMAND URL ...``: the transfer jobs of the store at URL."""
+    jobs = commands.add_parser(
+        "jobs",
+        help="submit, list, follow and steer transfer jobs (copies the store makes)",
+        description="The transfer jobs of the store at URL (its base URL, e.g. http://127.0.0.1:8006): copies "
+        "between local:/PREFIX/NAME, http(s)://HOST/PREFIX/NAME and rclone:REMOTE:PATH that the store runs.",
+    )
+    actions = jobs.add_subparsers(dest="job_command", metavar="SUBCOMMAND")
+    actions.required = True
+
+    def action(name: str, help: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = actions.add_parser(
+            name, parents=[client_options], help=help, description=help[0].upper() + help[1:] + "."
+        )
+        parser.add_argument("url", metavar="URL", help="the store's URL, e.g. http://127.0.0.1:8006")
+        return parser
+
+    submit = action("submit", "submit a job (prints its id)")
+    submit.add_argument("ends", nargs="*", metavar="SOURCE DESTINATION", help="what to copy where (pairs)")
+    submit.add_argument("--from-file", metavar="JOB.json", help='the job as the API\'s JSON ({"files": [...], ...})')
+    submit.add_argument("--priority", type=int, metavar="N", help="1 (lowest) to 5 (default 3)")
+    submit.add_argument(
+        "--verify",
+        choices=("none", "source", "destination", "both"),
+        help="checksums to verify the copies against (default both)",
+    )
+    submit.add_argument("--retry", type=int, metavar="N", help="retries of a file after a transient failure")
+    submit.add_argument("--retry-delay", type=_duration, metavar="SECONDS", help="pause before a retry")
+    submit.add_argument(
+        "--max-time-in-queue", type=_duration, metavar="DURATION", help="expire the job if it waits longer (12h, 2d)"
+    )
+    submit.add_argument("--deadline", metavar="ISO", help="expire the job at this time (2026-12-31T23:00:00Z)")
+    submit.add_argument("--no-commit", action="store_true", help="submit only; start it later with commit")
+    submit.add_argument("--submission-id", metavar="ID", help="submitting the same ID again returns the same job")
+    submit.add_argument("--bandwidth", type=_size, metavar="SIZE", help="bytes per second per file (512K, 10M)")
+    submit.add_argument("--chunk-size", type=_size, metavar="SIZE", help="bytes per request to the destination")
+    submit.add_argument("--source-token-file", metavar="FILE", help="credential for the sources, read from FILE")
+    submit.add_argument(
+        "--destination-token-file", metavar="FILE", help="credential for the destinations, read from FILE"
+    )
+    submit.add_argument("--watch", action="store_true", help="then follow the job as watch does")
+    for name, help in (
+        ("commit", "commit a job submitted with --no-commit"),
+        ("pause", "pause a queued or active job"),
+        ("resume", "resume a paused or stopped job"),
+        ("stop", "stop a job (its partial copies are kept for resume)"),
+        ("retry", "queue again the files of a failed, dirty or expired job"),
+        ("clear", "forget a job that is not committed, stopped or ended"),
+    ):
+        action(name, help).add_argument("id", metavar="ID", help="the job's id")
+    priority = action("priority", "change the priority of a job that has not started")
+    priority.add_argument("id", metavar="ID", help="the job's id")
+    priority.add_argument("priority", type=int, metavar="N", help="1 (lowest) to 5")
+    listing = action("ls", "list your jobs")
+    listing.add_argument(
+        "--state", dest="states", action="append", metavar="STATE", help="only jobs in STATE (repeatable)"
+    )
+    listing.add_argument("--all", action="store_true", help="everyone's jobs (administrators)")
+    status = action("status", "show a job and each of its files")
+    status.add_argument("id", metavar="ID", help="the job's id")
+    watch = action("watch", "follow a job until it ends (exit 0 if FINISHED, else 1)")
+    watch.add_argument("id", metavar="ID", help="the job's id")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -240,6 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return certs(args)
     if args.command == "tokens":
         return tokens(args)
+    if args.command == "jobs":
+        return run_jobs_command(args)
     return run_client_command(args)
 
 

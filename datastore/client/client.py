@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import builtins
 import hashlib
 import logging
 import os
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -49,6 +50,23 @@ UploadProgress = Callable[[str, int, int, bool, bool], Any]
 DownloadProgress = Callable[[int, int, bool], Any]
 
 _TUS = {"Tus-Resumable": "1.0.0"}
+
+#: The job states :meth:`DataStoreClient.wait_job` waits for by default: those the job stays in
+#: until someone acts (the store's final states, and stopped).
+FINAL_JOB_STATES = frozenset(
+    {
+        "FINISHED",
+        "FINISHED_DIRTY",
+        "FAILED",
+        "EXPIRED",
+        "DECLINED",
+        "INVITE_NOT_ACCEPTED_ON_TIME",
+        "USER_STOPPED",
+    }
+)
+#: Jobs asked for per page of a listing, and the most pages followed.
+JOB_PAGE = 1000
+MAX_JOB_PAGES = 100
 
 
 class ClientError(Exception):
@@ -467,6 +485,19 @@ class DataStoreClient:
             url = f"{self.base}/_api/v1/transfers/{quote(key, safe='')}/events"
         else:
             url = f"{self.base}/_api/v1/events" + (f"?prefix={quote(prefix, safe='')}" if prefix else "")
+        async for event in self._follow(url, after, reconnect, on_reconnect):
+            if event is not None:
+                yield event
+
+    async def _follow(
+        self,
+        url: str,
+        after: int | None,
+        reconnect: bool,
+        on_reconnect: Callable[[int | None, BaseException], Any] | None,
+    ) -> AsyncIterator[dict[str, Any] | None]:
+        """The events of the SSE stream at ``url``, each connection's start marked by a ``None`` (from
+        then on the store sends every new event, so a state read then misses nothing)."""
         last = after
         pause = self.backoff
         while True:
@@ -480,6 +511,7 @@ class DataStoreClient:
                         body = await _json(response)
                         raise RequestFailed(response.status, str(body.get("message", response.reason)))
                     pause = self.backoff
+                    yield None
                     async for message in read_events(response.content):
                         event: dict[str, Any] = message.json()
                         last = int(event["id"])
@@ -493,6 +525,138 @@ class DataStoreClient:
                 on_reconnect(last, failure)
             await asyncio.sleep(pause)
             pause = min(pause * 2, self.max_backoff)
+
+    # -- transfer jobs ----------------------------------------------------------------------
+
+    async def submit_job(
+        self, files: Sequence[tuple[str, str]] | Sequence[Mapping[str, Any]], **options: Any
+    ) -> dict[str, Any]:
+        """Submit a transfer job copying each ``(source, destination)`` (or ``{"source", "destination",
+        "size"?, "checksum"?}``); return the job. ``options`` are the API's fields (``priority``,
+        ``verify_checksum``, ``retry``, ``retry_delay``, ``max_time_in_queue``, ``deadline``, ``commit``
+        (default true), ``submission_id``, ``bandwidth``, ``chunk_size``, ``source_token``,
+        ``destination_token``); those given as None are left out."""
+        entries = [
+            dict(entry) if isinstance(entry, Mapping) else {"source": entry[0], "destination": entry[1]}
+            for entry in files
+        ]
+        document = {"files": entries, **{k: v for k, v in options.items() if v is not None}}
+        return await self._jobs_request("POST", "", json_body=document, expect=(200, 201))
+
+    async def jobs(self, states: Iterable[str] = (), all: bool = False) -> builtins.list[dict[str, Any]]:
+        """The client's jobs (``all``: everyone's, for an administrator), oldest first, optionally only
+        those in ``states``; every page, up to MAX_JOB_PAGES of them."""
+        query: list[tuple[str, str]] = [("state", str(state)) for state in states]
+        if all:
+            query.append(("all", "1"))
+        query.append(("limit", str(JOB_PAGE)))
+        found: builtins.list[dict[str, Any]] = []
+        after: Any = None
+        for _ in range(MAX_JOB_PAGES):
+            page = await self._jobs_request("GET", "", query=query + ([("after", str(after))] if after else []))
+            found.extend(page["jobs"])
+            after = page.get("next")
+            if after is None:
+                return found
+        raise ClientError(f"more than {MAX_JOB_PAGES * JOB_PAGE} jobs: filter them by --state")
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        """The job ``job_id`` with its files, their attempts, its totals and its last error."""
+        return await self._jobs_request("GET", job_id)
+
+    async def commit_job(self, job_id: str) -> dict[str, Any]:
+        """Commit a job submitted with ``commit=False``; return it."""
+        return await self._jobs_request("POST", f"{job_id}/commit")
+
+    async def pause_job(self, job_id: str) -> dict[str, Any]:
+        """Pause a queued or active job; return it."""
+        return await self._jobs_request("POST", f"{job_id}/pause")
+
+    async def resume_job(self, job_id: str) -> dict[str, Any]:
+        """Resume a paused or stopped job; return it."""
+        return await self._jobs_request("POST", f"{job_id}/resume")
+
+    async def stop_job(self, job_id: str) -> dict[str, Any]:
+        """Stop a job (its partial data is kept for a resume); return it."""
+        return await self._jobs_request("POST", f"{job_id}/stop")
+
+    async def retry_job(self, job_id: str) -> dict[str, Any]:
+        """Queue again the files of a failed, dirty or expired job that did not finish; return it."""
+        return await self._jobs_request("POST", f"{job_id}/retry")
+
+    async def set_job_priority(self, job_id: str, priority: int) -> dict[str, Any]:
+        """Change the priority (1-5) of a job that has not started; return it."""
+        return await self._jobs_request("PATCH", job_id, json_body={"priority": priority})
+
+    async def clear_job(self, job_id: str) -> None:
+        """Forget a job that is not committed, stopped or finished."""
+        await self._jobs_request("DELETE", job_id, expect=(204,))
+
+    async def job_events(
+        self,
+        job_id: str | None = None,
+        *,
+        after: int | None = None,
+        reconnect: bool = True,
+        on_reconnect: Callable[[int | None, BaseException], Any] | None = None,
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """Follow the events of job ``job_id`` (None: of all the client's jobs) live, as dicts; never
+        ends. ``after``, ``reconnect`` and ``on_reconnect`` as for :meth:`events`."""
+        async for event in self._follow(self._job_events_url(job_id), after, reconnect, on_reconnect):
+            if event is not None:
+                yield event
+
+    async def wait_job(
+        self,
+        job_id: str,
+        states: Iterable[str] = FINAL_JOB_STATES,
+        *,
+        on_event: Callable[[dict[str, Any]], Any] | None = None,
+        on_status: Callable[[dict[str, Any]], Any] | None = None,
+        on_reconnect: Callable[[int | None, BaseException], Any] | None = None,
+    ) -> dict[str, Any]:
+        """Follow job ``job_id``'s events until it is in one of ``states`` (default: the final ones,
+        stopped included); return its status. ``on_event`` hears each event, ``on_status`` each status
+        read (when the stream opens, and after each change of the job's state)."""
+        wanted = {str(state) for state in states}
+        async for event in self._follow(self._job_events_url(job_id), None, True, on_reconnect):
+            if event is not None:
+                if on_event is not None:
+                    on_event(event)
+                if event["type"].startswith("job.file.") or event["type"] == "job.priority":
+                    continue
+            # The stream is open (or the job changed state): what the job is now decides.
+            status = await self.job(job_id)
+            if on_status is not None:
+                on_status(status)
+            if status["state"] in wanted:
+                return status
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _job_events_url(self, job_id: str | None) -> str:
+        if job_id is None:
+            return f"{self.base}/_api/v1/jobs/events"
+        return f"{self.base}/_api/v1/jobs/{quote(job_id, safe='')}/events"
+
+    async def _jobs_request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        query: Sequence[tuple[str, str]] = (),
+        expect: tuple[int, ...] = (200,),
+    ) -> dict[str, Any]:
+        url = f"{self.base}/_api/v1/jobs" + (f"/{quote(path, safe='/')}" if path else "")
+        async with self.session.request(
+            method, url, json=json_body, params=list(query) or None, headers={"Accept": "application/json"}
+        ) as response:
+            if response.status not in expect:
+                body = await _json(response)
+                raise RequestFailed(response.status, str(body.get("message", response.reason)))
+            if response.status == 204:
+                return {}
+            return await _json(response)
 
     async def _transfer(self, method: str, key: str) -> dict[str, Any]:
         url = f"{self.base}/_api/v1/transfers/{quote(key, safe='')}"
@@ -543,6 +707,68 @@ class SyncDataStoreClient:
     def cancel(self, key: str) -> dict[str, Any]:
         """See :meth:`DataStoreClient.cancel`."""
         return self._runner.run(self._client.cancel(key))
+
+    def submit_job(
+        self, files: Sequence[tuple[str, str]] | Sequence[Mapping[str, Any]], **options: Any
+    ) -> dict[str, Any]:
+        """See :meth:`DataStoreClient.submit_job`."""
+        return self._runner.run(self._client.submit_job(files, **options))
+
+    def jobs(self, states: Iterable[str] = (), all: bool = False) -> builtins.list[dict[str, Any]]:
+        """See :meth:`DataStoreClient.jobs`."""
+        return self._runner.run(self._client.jobs(states, all))
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """See :meth:`DataStoreClient.job`."""
+        return self._runner.run(self._client.job(job_id))
+
+    def commit_job(self, job_id: str) -> dict[str, Any]:
+        """See :meth:`DataStoreClient.commit_job`."""
+        return self._runner.run(self._client.commit_job(job_id))
+
+    def pause_job(self, job_id: str) -> dict[str, Any]:
+        """See :meth:`DataStoreClient.pause_job`."""
+        return self._runner.run(self._client.pause_job(job_id))
+
+    def resume_job(self, job_id: str) -> dict[str, Any]:
+        """See :meth:`DataStoreClient.resume_job`."""
+        return self._runner.run(self._client.resume_job(job_id))
+
+    def stop_job(self, job_id: str) -> dict[str, Any]:
+        """See :meth:`DataStoreClient.stop_job`."""
+        return self._runner.run(self._client.stop_job(job_id))
+
+    def retry_job(self, job_id: str) -> dict[str, Any]:
+        """See :meth:`DataStoreClient.retry_job`."""
+        return self._runner.run(self._client.retry_job(job_id))
+
+    def set_job_priority(self, job_id: str, priority: int) -> dict[str, Any]:
+        """See :meth:`DataStoreClient.set_job_priority`."""
+        return self._runner.run(self._client.set_job_priority(job_id, priority))
+
+    def clear_job(self, job_id: str) -> None:
+        """See :meth:`DataStoreClient.clear_job`."""
+        self._runner.run(self._client.clear_job(job_id))
+
+    def job_events(self, job_id: str | None = None, **options: Any) -> Iterator[dict[str, Any]]:
+        """See :meth:`DataStoreClient.job_events`: a blocking iterator (close it to end the stream)."""
+        stream = self._client.job_events(job_id, **options)
+
+        async def following() -> dict[str, Any]:
+            return await anext(stream)
+
+        try:
+            while True:
+                try:
+                    yield self._runner.run(following())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._runner.run(stream.aclose())
+
+    def wait_job(self, job_id: str, states: Iterable[str] = FINAL_JOB_STATES, **options: Any) -> dict[str, Any]:
+        """See :meth:`DataStoreClient.wait_job`."""
+        return self._runner.run(self._client.wait_job(job_id, states, **options))
 
 
 def client_ssl_context(cafile: str | None = None, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:

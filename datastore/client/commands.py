@@ -32,17 +32,11 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from .client import ClientError, DataStoreClient, LocalFile, client_ssl_context
+from .client import ClientError, DataStoreClient, LocalFile, RequestFailed, client_ssl_context
 
 
 def run_client_command(args: argparse.Namespace) -> int:
     """Run one client command; return the exit status."""
-    try:
-        base, prefix = split_url(args.url)
-        context = _ssl_context(args, base)
-    except ClientError as exc:
-        print(f"datastore: {exc}", file=sys.stderr)
-        return 2
     command: Callable[[DataStoreClient, argparse.Namespace, str], Any] = {
         "upload": _upload,
         "download": _download,
@@ -51,7 +45,34 @@ def run_client_command(args: argparse.Namespace) -> int:
         "cancel": _cancel,
         "watch": _watch,
     }[args.command]
+    return _run(args, command, print_json=args.command != "watch")
+
+
+def run_jobs_command(args: argparse.Namespace) -> int:
+    """Run one ``datastore jobs SUBCOMMAND``; return the exit status."""
+    command: Callable[[DataStoreClient, argparse.Namespace, str], Any] = {
+        "submit": _job_submit,
+        "commit": _job_step,
+        "pause": _job_step,
+        "resume": _job_step,
+        "stop": _job_step,
+        "retry": _job_step,
+        "clear": _job_clear,
+        "priority": _job_priority,
+        "ls": _job_list,
+        "status": _job_status,
+        "watch": _job_watch,
+    }[args.job_command]
+    return _run(args, command, print_json=True)
+
+
+def _run(
+    args: argparse.Namespace, command: Callable[[DataStoreClient, argparse.Namespace, str], Any], *, print_json: bool
+) -> int:
+    """Connect as the client options say, run ``command`` and turn every failure into one line."""
     try:
+        base, prefix = split_url(args.url)
+        context = _ssl_context(args, base)
         token = _token(args)
     except ClientError as exc:
         print(f"datastore: {exc}", file=sys.stderr)
@@ -69,6 +90,9 @@ def run_client_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("datastore: interrupted", file=sys.stderr)
         return 130
+    except UsageError as exc:
+        print(f"datastore: {exc}", file=sys.stderr)
+        return 2
     except ClientError as exc:
         print(f"datastore: {exc}", file=sys.stderr)
         return 1
@@ -84,9 +108,17 @@ def run_client_command(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"datastore: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    if args.json and args.command != "watch":
+    if args.json and print_json and result is not None:
         print(json.dumps(result, indent=2))
     return 0
+
+
+class UsageError(ClientError):
+    """The command line asks for something impossible (exit status 2)."""
+
+
+class JobNotFinished(ClientError):
+    """A watched job ended otherwise than FINISHED."""
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -268,3 +300,277 @@ def _progress(console: Console, quiet: bool) -> Progress:
         # success ends with the results alone.
         transient=True,
     )
+
+
+# -- transfer jobs (datastore jobs ...) ---------------------------------------------------------
+
+
+async def _job_submit(client: DataStoreClient, args: argparse.Namespace, prefix: str) -> Any:
+    """Submit a job (SOURCE DESTINATION pairs, or --from-file); print its id, then follow it if --watch."""
+    document = _job_document(args)
+    files = document.pop("files")
+    job = await client.submit_job(files, **document)
+    if args.json and not args.watch:
+        return job
+    if args.json:
+        print(json.dumps(job, separators=(",", ":")), flush=True)
+    else:
+        print(job["id"], flush=True)
+    if args.watch:
+        await _follow_job(client, args, job["id"])
+    return None
+
+
+def _job_document(args: argparse.Namespace) -> dict[str, Any]:
+    """The submission the command line describes: --from-file's JSON, then the pairs and options."""
+    document: dict[str, Any] = {}
+    if args.from_file is not None:
+        try:
+            with open(args.from_file, encoding="utf-8") as handle:
+                document = json.load(handle)
+        except OSError as exc:
+            raise UsageError(f"cannot read {args.from_file}: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise UsageError(f"{args.from_file} is not JSON: {exc}") from None
+        if not isinstance(document, dict):
+            raise UsageError(f'{args.from_file} must hold a JSON object such as {{"files": [...]}}')
+    pairs = list(args.ends)
+    if len(pairs) % 2:
+        raise UsageError(f"give SOURCE DESTINATION pairs: {pairs[-1]!r} has no destination")
+    if pairs:
+        added = [{"source": s, "destination": d} for s, d in zip(pairs[::2], pairs[1::2], strict=True)]
+        document["files"] = [*document.get("files", []), *added]
+    if not document.get("files"):
+        raise UsageError("nothing to copy: give SOURCE DESTINATION (or --from-file JOB.json)")
+    options = {
+        "priority": args.priority,
+        "verify_checksum": args.verify,
+        "retry": args.retry,
+        "retry_delay": args.retry_delay,
+        "max_time_in_queue": args.max_time_in_queue,
+        "deadline": args.deadline,
+        "submission_id": args.submission_id,
+        "bandwidth": args.bandwidth,
+        "chunk_size": args.chunk_size,
+        "source_token": _secret_file(args.source_token_file),
+        "destination_token": _secret_file(args.destination_token_file),
+    }
+    document.update({name: value for name, value in options.items() if value is not None})
+    if args.no_commit:
+        document["commit"] = False
+    return document
+
+
+def _secret_file(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read the token file {path}: {exc}") from None
+
+
+async def _job_step(client: DataStoreClient, args: argparse.Namespace, prefix: str) -> Any:
+    step = {
+        "commit": client.commit_job,
+        "pause": client.pause_job,
+        "resume": client.resume_job,
+        "stop": client.stop_job,
+        "retry": client.retry_job,
+    }[args.job_command]
+    job = await step(args.id)
+    if args.json:
+        return job
+    if not args.quiet:
+        print(f"{job['id']}  {job['state']}")
+    return None
+
+
+async def _job_priority(client: DataStoreClient, args: argparse.Namespace, prefix: str) -> Any:
+    job = await client.set_job_priority(args.id, args.priority)
+    if args.json:
+        return job
+    if not args.quiet:
+        print(f"{job['id']}  {job['state']}  priority {job['priority']}")
+    return None
+
+
+async def _job_clear(client: DataStoreClient, args: argparse.Namespace, prefix: str) -> Any:
+    await client.clear_job(args.id)
+    if args.json:
+        return {"id": args.id, "cleared": True}
+    if not args.quiet:
+        print(f"{args.id}  cleared")
+    return None
+
+
+#: Job documents ``datastore jobs ls`` reads at once for its table's file counts and bytes.
+_LIST_READS = 8
+
+
+async def _job_list(client: DataStoreClient, args: argparse.Namespace, prefix: str) -> Any:
+    """The jobs as a table (each job's document read for its files and bytes), or the list as JSON."""
+    jobs = await client.jobs(args.states or (), all=args.all)
+    if args.json:
+        return jobs
+    limit = asyncio.Semaphore(_LIST_READS)
+
+    async def document(summary: dict[str, Any]) -> dict[str, Any] | None:
+        async with limit:
+            try:
+                return await client.job(summary["id"])
+            except RequestFailed as exc:
+                if exc.status == 404:  # cleared (or purged) since the listing
+                    return None
+                raise
+
+    documents = await asyncio.gather(*(document(summary) for summary in jobs))
+    rows = [_job_row(job) for job in documents if job is not None]
+    if rows:
+        header = ("ID", "STATE", "PRIORITY", "FILES", "BYTES", "CREATED")
+        widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
+        for row in [header, *rows]:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return None
+
+
+def _job_row(job: dict[str, Any]) -> tuple[str, ...]:
+    files = job["files"]
+    done = sum(1 for f in files if f["state"] == "FINISHED")
+    return (
+        job["id"],
+        job["state"],
+        str(job["priority"]),
+        f"{done}/{len(files)}",
+        _bytes_of(job["bytes"], job["size"]),
+        job["created_at"] or "",
+    )
+
+
+async def _job_status(client: DataStoreClient, args: argparse.Namespace, prefix: str) -> Any:
+    """The job and each of its files, or its document as JSON."""
+    job = await client.job(args.id)
+    if args.json:
+        return job
+    files = job["files"]
+    done = sum(1 for f in files if f["state"] == "FINISHED")
+    head = [
+        job["id"],
+        job["state"],
+        f"priority {job['priority']}",
+        f"{done}/{len(files)} files",
+        f"{_bytes_of(job['bytes'], job['size'])} bytes",
+    ]
+    if job["rate"]:
+        head.append(_rate(job["rate"]))
+    head.append(f"created {job['created_at']}")
+    if job.get("reason"):
+        head.append(f"({job['reason']})")
+    print("  ".join(head))
+    for f in files:
+        line = [
+            f"{f['index']:>4}",
+            f"{f['state']:<14}",
+            f"{_bytes_of(f['bytes'], f['size']):>23}",
+            f"{_rate(f['rate']):>12}",
+            f"attempts {f['attempts']}",
+            f"{f['source']} -> {f['destination']}",
+        ]
+        if f.get("error") or f.get("reason"):
+            line.append(f"last error: {f.get('reason') or 'error'}: {_one_line(f.get('error') or '')}")
+        print("  ".join(line).rstrip())
+    return None
+
+
+async def _job_watch(client: DataStoreClient, args: argparse.Namespace, prefix: str) -> Any:
+    await _follow_job(client, args, args.id)
+    return None
+
+
+async def _follow_job(client: DataStoreClient, args: argparse.Namespace, job_id: str) -> None:
+    """Follow a job's event stream until it ends, with a bar per file and a total (or, with --json,
+    each event as a JSON line); JobNotFinished unless it ends FINISHED."""
+    console = Console(stderr=True)
+    bars = _progress(console, args.quiet or args.json)
+    tasks: dict[int, TaskID] = {}
+    done: dict[int, int] = {}
+    total = bars.add_task("total", total=None, visible=False)
+
+    def file_bar(index: int, name: str | None, size: int | None) -> TaskID:
+        if index not in tasks:
+            label = (name or f"file {index}").rsplit("/", 1)[-1]
+            tasks[index] = bars.add_task(label, total=size)
+        elif size is not None:
+            bars.update(tasks[index], total=size)
+        return tasks[index]
+
+    def show_total(files: int | None = None, size: int | None = None) -> None:
+        if files is not None:
+            bars.update(total, total=size, visible=files > 1)
+        bars.update(total, completed=sum(done.values()))
+
+    def on_status(job: dict[str, Any]) -> None:
+        for f in job["files"]:
+            done[f["index"]] = f["bytes"]
+            bars.update(file_bar(f["index"], f["destination"], f["size"]), completed=f["bytes"])
+        show_total(len(job["files"]), job["size"])
+
+    def on_event(event: dict[str, Any]) -> None:
+        if args.json:
+            print(json.dumps(event, separators=(",", ":")), flush=True)
+        index = event.get("file")
+        if index is None or not event["type"].startswith("job.file."):
+            return
+        task = file_bar(index, event.get("destination"), event.get("size"))
+        if event.get("bytes") is not None:
+            done[index] = event["bytes"]
+            bars.update(task, completed=event["bytes"])
+        show_total()
+
+    def reconnecting(last: int | None, error: BaseException) -> None:
+        if not args.quiet and not args.json:
+            since = f" after event {last}" if last is not None else ""
+            console.print(f"datastore: the stream broke ({error or type(error).__name__}); reconnecting{since}")
+
+    with bars:
+        job = await client.wait_job(job_id, on_event=on_event, on_status=on_status, on_reconnect=reconnecting)
+    if job["state"] != "FINISHED":
+        raise JobNotFinished(_job_failure(job))
+    if not args.quiet and not args.json:
+        files = job["files"]
+        print(f"{job['id']}  FINISHED  {len(files)}/{len(files)} files  {job['bytes']} bytes")
+
+
+def _job_failure(job: dict[str, Any]) -> str:
+    """``job ID FAILED: file 0 (local:/files/b.bin): not_found: no such file``."""
+    line = f"job {job['id']} {job['state']}"
+    error = job.get("last_error")
+    if error:
+        where = error.get("file")
+        files = {f["index"]: f for f in job["files"]}
+        if where is not None:
+            line += f": file {where}"
+            if where in files:
+                line += f" ({files[where]['destination']})"
+        line += f": {error.get('reason') or 'error'}: {_one_line(error.get('message') or '')}"
+    elif job.get("reason"):
+        line += f": {_one_line(job['reason'])}"
+    return line.rstrip(": ")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _bytes_of(done: int, size: int | None) -> str:
+    return f"{done}/{size}" if size is not None else f"{done}/?"
+
+
+def _rate(rate: float) -> str:
+    value = float(rate or 0)
+    for unit in ("B/s", "kB/s", "MB/s", "GB/s"):
+        if value < 1000 or unit == "GB/s":
+            return f"{value:.0f} {unit}" if unit == "B/s" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} GB/s"  # pragma: no cover
