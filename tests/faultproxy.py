@@ -30,13 +30,15 @@ MAX_HEAD = 64 << 10
 PIECE = 64 << 10
 
 
-@dataclass(frozen=True)
+@dataclass
 class RecordedRequest:
-    """A request head the proxy forwarded: its method, target and headers (names lowercase)."""
+    """A request head the proxy forwarded: its method, target and headers (names lowercase), and the
+    status of the answer once its first bytes passed (None: no answer came through)."""
 
     method: str
     target: str
     headers: dict[str, str]
+    status: int | None = None
 
 
 class FaultProxy:
@@ -124,7 +126,7 @@ class FaultProxy:
             counts = {"up": 0, "down": 0}
             pumps = [
                 asyncio.create_task(self._pump(_close_head(head), reader, upstream, "up", counts)),
-                asyncio.create_task(self._pump(b"", up_reader, writer, "down", counts)),
+                asyncio.create_task(self._pump(b"", up_reader, writer, "down", counts, request)),
             ]
             try:
                 await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
@@ -155,11 +157,15 @@ class FaultProxy:
         sink: asyncio.StreamWriter,
         direction: Direction,
         counts: dict[str, int],
+        answering: RecordedRequest | None = None,
     ) -> None:
-        """Copy ``first`` then ``source`` into ``sink`` until EOF or a cut."""
+        """Copy ``first`` then ``source`` into ``sink`` until EOF or a cut (noting the status of the
+        answer to ``answering``)."""
         data = first
         while True:
             if data:
+                if answering is not None and answering.status is None and data.startswith(b"HTTP/"):
+                    answering.status = int(data[9:12])
                 await self._flowing.wait()
                 cut = self._cut
                 if cut is not None and cut[1] == direction and counts[direction] + len(data) >= cut[0]:
