@@ -1,8 +1,8 @@
 """The layers the folders name hold: the lifecycle, the state store, pure protocol code and the
 storage of bytes know nothing of HTTP (no aiohttp, nothing of ``datastore.http``), and pure
 protocol code touches no state, storage or lifecycle; the state, which keeps the handlers'
-catalogues, imports no handler. Read from the source, so that an import added anywhere in those
-folders fails here."""
+catalogues, imports no handler; the job service reaches this store only below its HTTP layer. Read
+from the source, so that an import added anywhere in those folders fails here."""
 
 from __future__ import annotations
 
@@ -23,7 +23,15 @@ FORBIDDEN = {
         "datastore.client",
         "datastore.lifecycle.machine",
         "datastore.handlers",
+        # Of the jobs, the state knows only their vocabulary (jobs/states.py).
+        "datastore.jobs.runner",
+        "datastore.jobs.ends",
+        "datastore.jobs.drivers",
     ),
+    # The job service drives the store through its lifecycle and other stores as their clients do,
+    # but never through this store's HTTP layer or its client package.
+    "jobs": ("aiohttp_sse", "datastore.http", "datastore.client"),
+    "jobs/drivers": ("aiohttp_sse", "datastore.http", "datastore.client", "datastore.jobs.runner"),
     "storage": ("aiohttp", "datastore.http", "datastore.client", "datastore.lifecycle", "datastore.state"),
     "protocol": (
         "aiohttp",

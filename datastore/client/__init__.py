@@ -2,6 +2,7 @@
 them (``commands.py``)."""
 
 from .client import (
+    FINAL_JOB_STATES,
     Cancelled,
     ClientError,
     DataStoreClient,
@@ -16,6 +17,7 @@ from .client import (
 )
 
 __all__ = [
+    "FINAL_JOB_STATES",
     "Cancelled",
     "ClientError",
     "DataStoreClient",
