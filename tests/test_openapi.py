@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from openapi_spec_validator import validate
 
+from datastore.http.jobs import _STEPS as JOB_STEPS
 from datastore.http.openapi import OPENAPI_PATH
 from datastore.security.policy import Policy
 
@@ -173,6 +174,21 @@ def _prepare(url: str, headers: dict[str, str], prefix: str, run: str) -> dict[s
     }
 
 
+def _jobs(url: str, headers: dict[str, str], prefix: str, run: str) -> dict[str, list[dict[str, Any]]]:
+    """Jobs copying the run's published file within the store: one left uncommitted (for commit,
+    priority and clear) and one queued; the hooks' targets for the jobs routes."""
+    ids = []
+    for number, commit in enumerate((False, True)):
+        files = [{"source": f"local:/{prefix}/{run}.txt", "destination": f"local:/{prefix}/{run}-copy-{number}.txt"}]
+        status, job = _call(url, "POST", "/_api/v1/jobs", headers, {"files": files, "commit": commit})
+        assert status == 201, job
+        ids.append(job["id"])
+    return {
+        "/_api/v1/jobs/{id}": [{"id": id} for id in ids],
+        "/_api/v1/jobs/{id}/{step}": [{"id": id, "step": step} for id in ids for step in JOB_STEPS],
+    }
+
+
 @pytest.fixture(scope="module")
 def fuzz_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzStore]:
     """``datastore serve`` on 127.0.0.1, port 0, with transfers and a published file for each run."""
@@ -203,7 +219,7 @@ def fuzz_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzStore]:
         assert status == 201, spare
         tokens = {"id": [{"id": spare["id"]}]}
         targets = {
-            "admin": {**_prepare(url, admin, "files", "admin"), **tokens},
+            "admin": {**_prepare(url, admin, "files", "admin"), **tokens, **_jobs(url, admin, "files", "admin")},
             "anonymous": {**_prepare(url, {}, "open", "anonymous"), **tokens},
         }
         yield FuzzStore(url, root, admin_token, targets)
