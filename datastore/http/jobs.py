@@ -14,7 +14,6 @@ the operator's configuration. Credentials for the other ends travel in ``source_
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from datetime import datetime
@@ -226,8 +225,10 @@ def parse_job(document: Any, ctx: StoreContext) -> tuple[JobSpec, bool]:
     if len(files) > ctx.settings.max_job_files:
         raise PayloadTooLarge(f"a job may copy at most {ctx.settings.max_job_files} files; this one lists {len(files)}")
     specs = tuple(_file(entry, index) for index, entry in enumerate(files))
+    if sum(spec.size or 0 for spec in specs) > MAX_SIZE:
+        raise BadRequest(f"the files' sizes add up to more than {MAX_SIZE} bytes")
     verify = document.get("verify_checksum", VerifyChecksum.BOTH.value)
-    if verify not in {v.value for v in VerifyChecksum}:
+    if not isinstance(verify, str) or verify not in {v.value for v in VerifyChecksum}:
         raise BadRequest(f"verify_checksum must be one of {', '.join(VerifyChecksum)}")
     commit = document.get("commit", True)
     if not isinstance(commit, bool):
@@ -249,6 +250,12 @@ def parse_job(document: Any, ctx: StoreContext) -> tuple[JobSpec, bool]:
     return spec, commit
 
 
+#: Largest declared size, of one file and of a job's files together (an SQLite integer).
+MAX_SIZE = (1 << 63) - 1
+#: Latest deadline, in epoch seconds: 9999-12-31T23:59:59Z (statuses show it as an ISO 8601 time).
+LAST_DEADLINE = 253402300799.0
+
+
 def _file(entry: Any, index: int) -> JobFileSpec:
     where = f"files[{index}]"
     if not isinstance(entry, dict):
@@ -261,8 +268,8 @@ def _file(entry: Any, index: int) -> JobFileSpec:
         if not isinstance(value, str) or not value or len(value) > MAX_URL:
             raise BadRequest(f"{where}.{name} must be a URL of at most {MAX_URL} characters")
     size = entry.get("size")
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
-        raise BadRequest(f"{where}.size must be a number of bytes")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_SIZE):
+        raise BadRequest(f"{where}.size must be a number of bytes from 0 to {MAX_SIZE}")
     md5, sha256 = _checksum(entry.get("checksum"), where)
     assert isinstance(source, str) and isinstance(destination, str)
     return JobFileSpec(source, destination, size, md5, sha256)
@@ -277,7 +284,7 @@ def _checksum(value: Any, where: str) -> tuple[str | None, str | None]:
     algorithm, _, digest = value.rpartition(":")
     algorithm = algorithm.lower().replace("-", "") or {32: "md5", 64: "sha256"}.get(len(digest), "")
     lengths = {"md5": 32, "sha256": 64}
-    if algorithm not in lengths or len(digest) != lengths[algorithm] or not _HEX.match(digest):
+    if algorithm not in lengths or len(digest) != lengths[algorithm] or not _HEX.fullmatch(digest):
         raise BadRequest(f"{where}.checksum must be md5:HEX (32 digits) or sha256:HEX (64 digits)")
     return (digest.lower(), None) if algorithm == "md5" else (None, digest.lower())
 
@@ -310,19 +317,21 @@ def _text(document: dict[str, Any], name: str, longest: int) -> str | None:
 
 
 def _deadline(value: Any) -> float | None:
-    """An ISO 8601 time with a zone, or seconds since the epoch."""
+    """An ISO 8601 time with a zone, or seconds since the epoch: from 1970 to the end of 9999."""
     if value is None:
         return None
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= LAST_DEADLINE:
         return float(value)
     if isinstance(value, str):
         try:
             moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
             moment = None
-        if moment is not None and moment.tzinfo is not None:
+        if moment is not None and moment.tzinfo is not None and 0 <= moment.timestamp() <= LAST_DEADLINE:
             return moment.timestamp()
-    raise BadRequest("deadline must be an ISO 8601 time with its zone (2026-12-31T23:00:00Z) or epoch seconds")
+    raise BadRequest(
+        "deadline must be an ISO 8601 time with its zone (2026-12-31T23:00:00Z) or epoch seconds, from 1970 to 9999"
+    )
 
 
 async def _check_ends(ctx: StoreContext, identity: Identity, file: JobFileSpec) -> None:

@@ -2,16 +2,17 @@
 
 This module owns the document: every route of ``server.py`` (legacy INI and
 JSON manifests, whole-body and form uploads, tus, downloads, the listing,
-the control plane and the token API), its parameters, request bodies,
-security schemes, and for each operation the status codes it really answers
-with their content types, headers and schemas.
+the control plane, the token API and the transfer jobs API), its parameters,
+request bodies, security schemes, and for each operation the status codes it
+really answers with their content types, headers and schemas.
 
 It is built in code rather than shipped as a JSON file so that it takes its
 numbers from the same places the server does (the prefix pattern, the
 error codes of :mod:`datastore.errors`, tus's version, extensions and
-checksum algorithms, token actions and lifetimes, the running store's
-manifest limits and prefixes) and cannot drift from them; ``servers`` names
-the URL the client reached the store under. The tests validate it with
+checksum algorithms, token actions and lifetimes, the job and file states,
+the jobs API's steps and limits, the running store's manifest limits and
+prefixes) and cannot drift from them; ``servers`` names the URL the client
+reached the store under. The tests validate it with
 ``openapi-spec-validator`` and fuzz the running store from it with
 Schemathesis.
 """
@@ -24,11 +25,22 @@ from aiohttp import web
 
 from ..config import PREFIX_PATTERN, Settings
 from ..errors import DatastoreError
+from ..jobs.states import (
+    CLEARABLE_JOB_STATES,
+    REPRIORITIZABLE_JOB_STATES,
+    FailureReason,
+    FileJobState,
+    JobState,
+    VerifyChecksum,
+    job_sources,
+)
 from ..lifecycle.states import EventType
 from ..security.identity import DN_HEADER, MAX_IDENTITY_BYTES, IdentityKind
 from ..security.tokens import ACTIONS, MAX_LIFETIME
 from .api import MAX_TOKEN_REQUEST
 from .context import CONTEXT
+from .jobs import _STEPS as JOB_STEPS
+from .jobs import LAST_DEADLINE, MAX_JOB_REQUEST, MAX_SIZE, MAX_URL
 from .metrics_page import METRICS_PATH
 from .tus import CHECKSUM_ALGORITHMS, EXTENSIONS, MAX_METADATA_BYTES, OFFSET_CONTENT_TYPE, TUS_VERSION
 
@@ -73,6 +85,11 @@ def build_document(settings: Settings, prefixes: list[str]) -> Object:
             {"name": "files", "description": "Downloads, the listing and deletion."},
             {"name": "control", "description": "The control plane under /_api/v1/."},
             {"name": "tokens", "description": "Bearer tokens (administrators)."},
+            {
+                "name": "jobs",
+                "description": "Transfer jobs: copies the store runs between its own prefixes (`local:/PREFIX/NAME`), "
+                "http(s) stores the operator allows (`job_hosts`) and rclone remotes, for their owner.",
+            },
             {"name": "events", "description": "The store's events, live, as Server-Sent Events."},
             {"name": "browser", "description": "The browser page and its assets."},
         ],
@@ -286,6 +303,19 @@ def _paths() -> Object:
             "parameters": [_ref("parameters", "key")],
             "get": _transfer_status(),
             "delete": _transfer_cancel(),
+        },
+        "/_api/v1/jobs": {"get": _job_list(), "post": _job_submit()},
+        "/_api/v1/jobs/events": {"get": _job_events()},
+        "/_api/v1/jobs/{id}": {
+            "parameters": [_ref("parameters", "jobId")],
+            "get": _job_status(),
+            "patch": _job_priority(),
+            "delete": _job_clear(),
+        },
+        "/_api/v1/jobs/{id}/events": {"parameters": [_ref("parameters", "jobId")], "get": _job_events_one()},
+        "/_api/v1/jobs/{id}/{step}": {
+            "parameters": [_ref("parameters", "jobId"), _ref("parameters", "step")],
+            "post": _job_step(),
         },
         "/_static/{asset}": {"get": _asset()},
         "/{prefix}/manifest": {
@@ -567,10 +597,10 @@ def _stream_parameters() -> list[Object]:
     ]
 
 
-def _event_stream(description: str) -> Object:
+def _event_stream(description: str, item: str = "Event") -> Object:
     return {
         "description": description,
-        "content": {"text/event-stream": {"schema": {"type": "string"}, "x-item-schema": _schema("Event")}},
+        "content": {"text/event-stream": {"schema": {"type": "string"}, "x-item-schema": _schema(item)}},
     }
 
 
@@ -643,6 +673,272 @@ def _transfer_cancel() -> Object:
                 )
             ),
         },
+    )
+
+
+#: Who may have transfer jobs: a known identity (a token issued for `jobs` or an administrator's, a
+#: certificate, or a client DN the operator trusts); never an anonymous client.
+_KNOWN: list[Object] = [{"bearerAuth": []}, {"sessionCookie": []}, {"clientDN": []}, {"mutualTLS": []}]
+
+_JOB_CLIENT = _merge(
+    _IDENTIFIED,
+    {
+        401: ["an anonymous client (a job is a known identity's: a token, a client certificate or a trusted DN)"],
+        403: ["the token does not allow `jobs`"],
+    },
+)
+_OWNED_JOB = _merge(
+    _JOB_CLIENT,
+    {
+        403: ["the job belongs to another identity (only its owner or an administrator may see or change it)"],
+        404: ["no such job"],
+    },
+)
+
+
+def _states(states: Any) -> str:
+    return ", ".join(f"`{state}`" for state in sorted(states))
+
+
+def _job_list() -> Object:
+    return _operation(
+        "jobList",
+        "jobs",
+        "The client's transfer jobs, oldest first (without their files)",
+        {
+            "200": _json(
+                "A page of jobs; `next` is the `after` of the following page (null on the last)",
+                _schema("JobList"),
+                {"Cache-Control": _NO_STORE},
+            ),
+            **_errors(
+                _merge(_JOB_CLIENT, {400: ["a `state` that is no job state, or `limit` or `after` out of range"]})
+            ),
+        },
+        parameters=[
+            {
+                "name": "state",
+                "in": "query",
+                "required": False,
+                "description": "only jobs in these states (repeat the parameter for several; any case)",
+                "schema": {"type": "array", "items": {"enum": [str(state) for state in JobState]}},
+                "style": "form",
+                "explode": True,
+            },
+            {
+                "name": "limit",
+                "in": "query",
+                "required": False,
+                "description": "jobs per page",
+                "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+            },
+            {
+                "name": "after",
+                "in": "query",
+                "required": False,
+                "description": "the previous page's `next`",
+                "schema": {"type": "integer", "minimum": 0, "maximum": 2**62, "default": 0},
+            },
+            {
+                "name": "all",
+                "in": "query",
+                "required": False,
+                "description": "an administrator's `1` or `true`: everyone's jobs (ignored for others)",
+                "schema": {"type": "boolean"},
+            },
+        ],
+        security=_KNOWN,
+    )
+
+
+def _job_submit() -> Object:
+    job_headers = {"Location": _header("the job's URL, `/_api/v1/jobs/{id}`"), "Cache-Control": _NO_STORE}
+    return _operation(
+        "jobSubmit",
+        "jobs",
+        "Submit a transfer job",
+        {
+            "201": _json('The new job, queued (or `SUBMITTED` with `"commit": false`)', _schema("Job"), job_headers),
+            "200": _json(
+                "The job submitted before under the same `submission_id` (nothing new)", _schema("Job"), job_headers
+            ),
+            **_errors(
+                _merge(
+                    _JOB_CLIENT,
+                    {
+                        400: [
+                            "the body is not JSON, not an object of the fields below, or breaks a field's rule (the "
+                            "message names it), or an end is no `local:/PREFIX/NAME`, `http(s)://HOST/...` or "
+                            "`rclone:REMOTE:PATH` (a destination on another store is `http(s)://HOST/PREFIX/NAME`; "
+                            "credentials go in `source_token` or `destination_token`, not in the URL)"
+                        ],
+                        403: [
+                            "an http(s) end whose host is not in `job_hosts`, or an rclone end where the store has "
+                            "no rclone remotes",
+                            "the prefix's policy or handler does not let the client read a `local:` source or upload "
+                            "a `local:` destination",
+                            CROSS_SITE,
+                        ],
+                        404: ["a `local:` end names no prefix this store serves (`Path not found`)"],
+                        408: [SLOW],
+                        413: [f"a body of more than {MAX_JOB_REQUEST} bytes, or more than `max_job_files` files"],
+                        415: ["a body that is not `application/json`"],
+                        429: ["the client has `max_jobs_per_client` unfinished jobs already"],
+                    },
+                )
+            ),
+        },
+        description="Each end is checked now (a clear 400 or 403 rather than a failed job): this store's prefixes "
+        "as the submitter may use them (read a source, upload a destination), http(s) hosts against `job_hosts`, "
+        "rclone remotes against the operator's configuration. The job is committed (queued) unless "
+        '`"commit": false`. Credentials for the other ends (`source_token`, `destination_token`) are stored with '
+        "the job and never shown again; the URLs are shown without user information, query or fragment.",
+        body={
+            "required": True,
+            "content": {
+                JSON: {
+                    "schema": _schema("JobSubmission"),
+                    "example": {
+                        "files": [{"source": "local:/files/report.pdf", "destination": "local:/files/report-copy.pdf"}],
+                        "priority": 3,
+                        "verify_checksum": "both",
+                    },
+                }
+            },
+        },
+        security=_KNOWN,
+    )
+
+
+def _job_status() -> Object:
+    return _operation(
+        "jobStatus",
+        "jobs",
+        "A job: its state, files, their attempts and its totals",
+        {
+            "200": _json("The job", _schema("Job"), {"Cache-Control": _NO_STORE}),
+            **_errors(_OWNED_JOB),
+        },
+        security=_KNOWN,
+    )
+
+
+def _job_priority() -> Object:
+    return _operation(
+        "jobPriority",
+        "jobs",
+        "Change a job's priority",
+        {
+            "200": _json("The job, with its new priority", _schema("Job")),
+            **_errors(
+                _merge(
+                    _OWNED_JOB,
+                    {
+                        400: ['the body is not JSON, or not exactly `{"priority": 1-5}`'],
+                        403: [CROSS_SITE],
+                        408: [SLOW],
+                        409: [
+                            "the job's priority can change only while it is "
+                            + _states(REPRIORITIZABLE_JOB_STATES)
+                            + " (not once it runs or has finished)"
+                        ],
+                        413: ["a body of more than 4096 bytes"],
+                    },
+                )
+            ),
+        },
+        body={
+            "required": True,
+            "content": {
+                JSON: {
+                    "schema": _closed({"priority": {"type": "integer", "minimum": 1, "maximum": 5}}),
+                    "example": {"priority": 5},
+                }
+            },
+        },
+        security=_KNOWN,
+    )
+
+
+def _job_clear() -> Object:
+    return _operation(
+        "jobClear",
+        "jobs",
+        "Clear a job: forget it, and drop what its destinations hold of unfinished files",
+        {
+            "204": {"description": "Cleared"},
+            **_errors(
+                _merge(
+                    _OWNED_JOB,
+                    {
+                        403: [CROSS_SITE],
+                        409: [
+                            "only a job that is "
+                            + _states(CLEARABLE_JOB_STATES)
+                            + " (and none of whose files is still being copied) can be cleared"
+                        ],
+                    },
+                )
+            ),
+        },
+        security=_KNOWN,
+    )
+
+
+def _job_step() -> Object:
+    allowed = "; ".join(f"`{verb}` from {_states(job_sources(step))}" for verb, step in JOB_STEPS.items())
+    return _operation(
+        "jobStep",
+        "jobs",
+        "Commit, pause, resume, stop or retry a job",
+        {
+            "200": _json("The job after the step", _schema("Job")),
+            **_errors(
+                _merge(
+                    _OWNED_JOB,
+                    {
+                        403: [CROSS_SITE],
+                        404: ["no such step"],
+                        409: ["the job's state does not allow the step"],
+                    },
+                )
+            ),
+        },
+        description=f"A step applies to a job in these states: {allowed}. `commit` queues a job submitted with "
+        '`"commit": false`; `stop` keeps the bytes copied so far, and `resume` continues from them; `retry` '
+        "queues again the files that did not finish.",
+        security=_KNOWN,
+    )
+
+
+def _job_events() -> Object:
+    return _operation(
+        "jobEvents",
+        "events",
+        "Follow the events of the client's transfer jobs",
+        {
+            "200": _event_stream("The events of the client's jobs (an administrator's: everyone's)", "JobEvent"),
+            **_errors(_merge(_JOB_CLIENT, {400: ["a malformed Last-Event-ID"]})),
+        },
+        description=_EVENT_STREAM_DESCRIPTION + " The `data` is a JobEvent object.",
+        parameters=_stream_parameters(),
+        security=_KNOWN,
+    )
+
+
+def _job_events_one() -> Object:
+    return _operation(
+        "jobEventsOne",
+        "events",
+        "Follow one transfer job's events",
+        {
+            "200": _event_stream("The job's events", "JobEvent"),
+            **_errors(_merge(_OWNED_JOB, {400: ["a malformed Last-Event-ID"]})),
+        },
+        description=_EVENT_STREAM_DESCRIPTION
+        + " The `data` is a JobEvent object. Only the job's owner, or an administrator, may follow it.",
+        parameters=_stream_parameters(),
+        security=_KNOWN,
     )
 
 
@@ -1220,6 +1516,20 @@ def _parameters(prefixes: list[str]) -> Object:
             "description": "a token's id (the 12 hex digits after `dst_`)",
             "schema": {"type": "string", "pattern": "^[0-9a-f]{12}$"},
         },
+        "jobId": {
+            "name": "id",
+            "in": "path",
+            "required": True,
+            "description": "a transfer job's id (32 hex digits), as its submission's answer gave it",
+            "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+        },
+        "step": {
+            "name": "step",
+            "in": "path",
+            "required": True,
+            "description": "the step to take (404 for another)",
+            "schema": {"type": "string", "enum": list(JOB_STEPS)},
+        },
     }
 
 
@@ -1253,6 +1563,219 @@ def _closed(properties: Object, required: list[str] | None = None, **extra: Any)
         "required": list(properties) if required is None else required,
         "additionalProperties": False,
         **extra,
+    }
+
+
+def _job_schemas(settings: Settings) -> Object:
+    """The jobs API's bodies: what ``parse_job`` takes, what ``job_summary``, ``job_document`` and
+    ``job_event_document`` give."""
+    count = {"type": "integer", "minimum": 0}
+    job_states = {"enum": [str(state) for state in JobState]}
+    file_states = {"enum": [str(state) for state in FileJobState]}
+    reason = _nullable({"enum": [str(reason) for reason in FailureReason]})
+    verify = {"enum": [str(v) for v in VerifyChecksum]}
+    text = {"type": "string", "minLength": 1, "description": "printable characters"}
+    credential = {
+        **text,
+        "maxLength": MAX_URL,
+        "writeOnly": True,
+        "description": "sent as `Authorization: Bearer` to those ends; stored with the job, never shown",
+    }
+    end = {"type": "string", "minLength": 1, "maxLength": MAX_URL}
+    summary = {
+        "id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+        "url": {"type": "string", "description": "`/_api/v1/jobs/{id}`"},
+        "state": job_states,
+        "owner": _nullable({"type": "string"}),
+        "priority": {"type": "integer", "minimum": 1, "maximum": 5},
+        "verify_checksum": verify,
+        "retry": {"type": "integer", "minimum": 0, "maximum": 100},
+        "retry_delay": {"type": "number", "minimum": 0},
+        "max_time_in_queue": _nullable({"type": "number", "minimum": 0}),
+        "deadline": _nullable(_TIME),
+        "submission_id": _nullable({"type": "string"}),
+        "bandwidth": _nullable(count),
+        "chunk_size": _nullable(count),
+        "reason": _nullable({"type": "string", "description": "why the job is where it is (a stop, an expiry)"}),
+        "created_at": _TIME,
+        "committed_at": _nullable(_TIME),
+        "started_at": _nullable(_TIME),
+        "finished_at": _nullable(_TIME),
+        "updated_at": _TIME,
+    }
+    attempt = _closed(
+        {
+            "attempt": {"type": "integer", "minimum": 1},
+            "started_at": _TIME,
+            "ended_at": _nullable(_TIME),
+            "from": {**count, "description": "the offset the attempt started at"},
+            "to": _nullable({**count, "description": "the bytes the file had when the attempt ended"}),
+            "outcome": _nullable({"enum": ["finished", "retrying", "failed"]}),
+            "reason": reason,
+            "error": _nullable({"type": "string"}),
+        }
+    )
+    job_file = _closed(
+        {
+            "index": count,
+            "source": {"type": "string", "description": "without user information, query or fragment"},
+            "destination": {"type": "string", "description": "without user information, query or fragment"},
+            "state": file_states,
+            "size": _nullable(count),
+            "bytes": count,
+            "rate": {"type": "number", "minimum": 0, "description": "bytes per second"},
+            "attempts": count,
+            "reason": reason,
+            "error": _nullable({"type": "string"}),
+            "stalled": {"type": "boolean"},
+            "next_attempt_at": _nullable(_TIME),
+            "md5": _nullable(_HEX32),
+            "sha256": _nullable(_HEX64),
+            "started_at": _nullable(_TIME),
+            "finished_at": _nullable(_TIME),
+            "history": {"type": "array", "items": attempt},
+        }
+    )
+    checksum = "^(?:(?:[Mm][Dd]-?5)?:)?[0-9a-fA-F]{32}$|^(?:(?:[Ss][Hh][Aa]-?256)?:)?[0-9a-fA-F]{64}$"
+    return {
+        "JobSubmission": _closed(
+            {
+                "files": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": settings.max_job_files,
+                    "items": _closed(
+                        {
+                            "source": {
+                                **end,
+                                "description": "`local:/PREFIX/NAME`, `http(s)://HOST/...` or `rclone:REMOTE:PATH`",
+                            },
+                            "destination": {
+                                **end,
+                                "description": "`local:/PREFIX/NAME`, `http(s)://HOST/PREFIX/NAME` (a store's "
+                                "upload) or `rclone:REMOTE:PATH`",
+                            },
+                            "size": _nullable(
+                                {
+                                    **count,
+                                    "maximum": MAX_SIZE,
+                                    "description": "the bytes the source should have (all the files' together at "
+                                    f"most {MAX_SIZE}, 400 beyond)",
+                                }
+                            ),
+                            "checksum": _nullable(
+                                {
+                                    "type": "string",
+                                    "pattern": checksum,
+                                    "description": "`md5:HEX`, `sha256:HEX` (or `sha-256:HEX`), or bare hex (32 "
+                                    "digits MD5, 64 SHA-256): what the copy must have",
+                                }
+                            ),
+                        },
+                        required=["source", "destination"],
+                    ),
+                },
+                "priority": {"type": "integer", "minimum": 1, "maximum": 5, "default": 3},
+                "verify_checksum": {**verify, "default": str(VerifyChecksum.BOTH)},
+                "retry": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "maximum": 100,
+                    "default": 3,
+                    "description": "attempts after the first for a file that failed for a transient reason",
+                },
+                "retry_delay": {
+                    "type": "number",
+                    "minimum": 0,
+                    "maximum": 86400,
+                    "default": 5,
+                    "description": "seconds before the first retry; each further one waits twice as long",
+                },
+                "max_time_in_queue": _nullable(
+                    {
+                        "type": "number",
+                        "minimum": 1,
+                        "maximum": 10 * 365 * 86400,
+                        "description": "seconds the job may wait queued before it expires (null: forever)",
+                    }
+                ),
+                "deadline": _nullable(
+                    {
+                        "anyOf": [
+                            {
+                                **_TIME,
+                                "description": "an ISO 8601 time with its zone, from 1970 to 9999 (400 otherwise)",
+                            },
+                            {
+                                "type": "number",
+                                "minimum": 0,
+                                "maximum": LAST_DEADLINE,
+                                "description": "seconds since the epoch",
+                            },
+                        ],
+                        "description": "when the job must have finished, or it expires",
+                    }
+                ),
+                "commit": {"type": "boolean", "default": True, "description": "false: `SUBMITTED`, until a `commit`"},
+                "submission_id": _nullable(
+                    {
+                        **text,
+                        "maxLength": 255,
+                        "description": "the client's name for the submission: sent again, the same job answers",
+                    }
+                ),
+                "bandwidth": _nullable(
+                    {"type": "integer", "minimum": 1024, "maximum": 1 << 40, "description": "bytes per second"}
+                ),
+                "chunk_size": _nullable(
+                    {"type": "integer", "minimum": 4096, "maximum": 64 << 20, "description": "bytes per step"}
+                ),
+                "source_token": _nullable(credential),
+                "destination_token": _nullable(credential),
+            },
+            required=["files"],
+            description="A transfer job: the files to copy and how.",
+        ),
+        "JobSummary": _closed(summary, description="A job without its files."),
+        "Job": _closed(
+            {
+                **summary,
+                "files_by_state": {
+                    "type": "object",
+                    "propertyNames": file_states,
+                    "additionalProperties": {"type": "integer", "minimum": 1},
+                },
+                "bytes": count,
+                "size": _nullable({**count, "description": "null while a file's size is unknown"}),
+                "rate": {"type": "number", "minimum": 0, "description": "bytes per second"},
+                "last_error": _nullable(_closed({"file": count, "reason": reason, "message": {"type": "string"}})),
+                "files": {"type": "array", "items": job_file},
+            },
+            description="A job, its files, their attempts and its totals.",
+        ),
+        "JobList": _closed(
+            {
+                "jobs": {"type": "array", "items": _schema("JobSummary")},
+                "next": _nullable(count),
+            }
+        ),
+        "JobEvent": _closed(
+            {
+                "id": {"type": "integer", "minimum": 1},
+                "type": {"enum": [str(kind) for kind in EventType if kind.startswith("job.")]},
+                "time": _TIME,
+                "job": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+                "file": _nullable(count),
+                "destination": _nullable({"type": "string"}),
+                "owner": _nullable({"type": "string"}),
+                "bytes": _nullable(count),
+                "size": _nullable(count),
+                "md5": _nullable({"type": "string"}),
+                "sha256": _nullable({"type": "string"}),
+                "reason": _nullable({"type": "string"}),
+            },
+            description="One transfer job's event, as the `data` of an SSE message.",
+        ),
     }
 
 
@@ -1436,6 +1959,7 @@ def _schemas(settings: Settings) -> Object:
             }
         ),
         "TokenList": _closed({"tokens": {"type": "array", "items": _schema("TokenRecord")}}),
+        **_job_schemas(settings),
         "TokenRequest": _closed(
             {
                 "subject": {"type": "string", "minLength": 1, "description": "the identity the token is for"},
