@@ -37,16 +37,6 @@ def flatmap_path_parameters(context: Any, path_parameters: dict[str, Any] | None
     return st.one_of(st.just(path_parameters), st.sampled_from(real))
 
 
-@schemathesis.hook
-def filter_case(context: Any, case: Any) -> bool:
-    """No `retry` of a job: the fuzzer reuses the ids of the jobs it submitted, which fail (their
-    sources do not exist), and retrying a failed job's file breaks the runner's claim (the file's
-    attempts count again from 1 while its recorded attempts stay: `UNIQUE constraint failed:
-    job_attempts...`, every round, logged as an error). Known bug of the job store; drop this filter
-    once a retried job runs again."""
-    return not (case.path == "/_api/v1/jobs/{id}/{step}" and (case.path_parameters or {}).get("step") == "retry")
-
-
 #: What a Python traceback looks like in a body.
 TRACEBACK_MARKERS = (b"Traceback (most recent call last)", b'File "/', b"site-packages/")
 

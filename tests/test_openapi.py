@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 from openapi_spec_validator import validate
 
-from datastore.http.jobs import _FIELDS as JOB_FIELDS
-from datastore.http.jobs import _STEPS as JOB_STEPS
+from datastore.http.jobs import JOB_FIELDS
+from datastore.http.jobs import JOB_STEPS as JOB_STEPS
 from datastore.http.openapi import OPENAPI_PATH
 from datastore.jobs.states import JobState
 from datastore.security.policy import Policy

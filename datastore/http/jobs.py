@@ -60,7 +60,8 @@ MAX_JOB_REQUEST = 16 << 20
 #: Longest URL or credential accepted for an end.
 MAX_URL = 4096
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
-_FIELDS = {
+#: The fields a submission may carry.
+JOB_FIELDS = {
     "files",
     "priority",
     "verify_checksum",
@@ -76,7 +77,7 @@ _FIELDS = {
     "destination_token",
 }
 #: The user's steps: the URL's verb and the step.
-_STEPS = {
+JOB_STEPS = {
     "commit": JobStep.COMMIT,
     "pause": JobStep.PAUSE,
     "resume": JobStep.RESUME,
@@ -161,9 +162,9 @@ async def handle_job_step(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     job = await _owned_job(request)
     verb = request.match_info["step"]
-    step = _STEPS.get(verb)
+    step = JOB_STEPS.get(verb)
     if step is None:
-        raise NotFound(f"no such step {verb!r}: use {', '.join(_STEPS)}")
+        raise NotFound(f"no such step {verb!r}: use {', '.join(JOB_STEPS)}")
     identity = await identify(request)
     reason = f"{verb} by {identity.dn or identity.subject}" if step in (JobStep.STOP, JobStep.PAUSE) else None
     after = await ctx.state.step(job.id, step, now=time.time(), reason=reason)
@@ -216,7 +217,7 @@ def parse_job(document: Any, ctx: StoreContext) -> tuple[JobSpec, bool]:
     """The job a submission describes, and whether to commit it; BadRequest naming the field."""
     if not isinstance(document, dict):
         raise BadRequest("the body must be a JSON object")
-    unknown = sorted(set(document) - _FIELDS)
+    unknown = sorted(set(document) - JOB_FIELDS)
     if unknown:
         raise BadRequest(f"unknown field {unknown[0]!r}")
     files = document.get("files")

@@ -39,7 +39,7 @@ from ..security.identity import DN_HEADER, MAX_IDENTITY_BYTES, IdentityKind
 from ..security.tokens import ACTIONS, MAX_LIFETIME
 from .api import MAX_TOKEN_REQUEST
 from .context import CONTEXT
-from .jobs import _STEPS as JOB_STEPS
+from .jobs import JOB_STEPS as JOB_STEPS
 from .jobs import LAST_DEADLINE, MAX_JOB_REQUEST, MAX_SIZE, MAX_URL
 from .metrics_page import METRICS_PATH
 from .tus import CHECKSUM_ALGORITHMS, EXTENSIONS, MAX_METADATA_BYTES, OFFSET_CONTENT_TYPE, TUS_VERSION
