@@ -267,6 +267,13 @@ class Settings:
         default=None,
         metadata={"doc": "rclone configuration whose named remotes jobs may use (rclone:NAME:path); none: no rclone."},
     )
+    invitation_max_wait: float = field(
+        default=7 * 86400.0,
+        metadata={"doc": "Seconds an invitation to this store waits for an answer at most (then it expires)."},
+    )
+    max_invitations_per_client: int = field(
+        default=20, metadata={"doc": "Invitations one client may have waiting for an answer here (403 beyond)."}
+    )
     job_tls_cert: Path | None = field(
         default=None, metadata={"doc": "Client certificate (PEM) jobs present to https stores that ask for one."}
     )
@@ -325,6 +332,7 @@ class Settings:
             "job_max_idle_attempts",
             "max_jobs_per_client",
             "max_job_files",
+            "max_invitations_per_client",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -346,6 +354,7 @@ class Settings:
             "hook_timeout",
             "job_stall_timeout",
             "job_retention",
+            "invitation_max_wait",
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive")

@@ -18,6 +18,7 @@ The tree::
     ├── NotAuthorized                   403  "Not authorized"
     │   ├── IdentityMismatch            403  key used by another identity
     │   ├── CertificateRefused          403  client certificate revoked or expired (connection closed)
+    │   ├── VoucherExhausted            403  a voucher's byte budget is used up (until extended)
     │   └── CrossSiteRequest            403  a browser sent a state-changing request for another site
     ├── NotFound                        404
     │   ├── PathNotFound                404  "Path not found" (unknown prefix)
@@ -125,6 +126,17 @@ class NotAuthorized(DatastoreError):
     status = 403
     reason = "Not authorized"
     code = "not_authorized"
+
+
+class VoucherExhausted(NotAuthorized):
+    """A voucher's byte budget is used up: the transfer waits until its issuer extends it."""
+
+    reason = "Voucher budget used up"
+    code = "voucher_exhausted"
+    headers: ClassVar[dict[str, str]] = {
+        "WWW-Authenticate": 'Bearer realm="datastore", error="insufficient_scope",'
+        ' error_description="voucher_exhausted"'
+    }
 
 
 class IdentityMismatch(NotAuthorized):

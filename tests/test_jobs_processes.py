@@ -147,6 +147,24 @@ def finished(document: dict[str, Any]) -> bool:
     return bool(document["state"] == "FINISHED")
 
 
+async def admin(served: Served) -> dict[str, str]:
+    """The headers of the administrator token the store wrote at its first start."""
+    token = await asyncio.to_thread((served.folder / "state" / "admin.token").read_text)
+    return {"Authorization": f"Bearer {token.strip()}"}
+
+
+async def upload_token(s: aiohttp.ClientSession, served: Served) -> str:
+    """A token of ``served`` allowed to upload to ``files`` (what a job pushing there presents)."""
+    reply = await s.post(
+        f"{served.base}/_api/v1/tokens",
+        json={"subject": "a pushing store", "actions": ["upload"], "prefixes": ["files"]},
+        headers=await admin(served),
+    )
+    assert reply.status == 201, await reply.text()
+    token: str = (await reply.json())["token"]
+    return token
+
+
 def payload(size: int, seed: int = 7) -> bytes:
     block = bytes((seed * 31 + i * 7) % 251 for i in range(65536))
     return (block * (size // len(block) + 1))[:size]
@@ -184,9 +202,19 @@ async def test_pull_and_push_between_two_stores_over_plain_http(tmp_path: Path) 
         pull = await submit(
             s, b.base, files=[{"source": f"{a.base}/files/a.bin", "destination": "local:/files/pulled.bin"}]
         )
+        # Pushing to B, which A holds no credential for: A asks B for an invitation, B's administrator
+        # accepts it, and the voucher it becomes carries the push.
         push = await submit(
             s, a.base, files=[{"source": "local:/files/a.bin", "destination": f"{b.base}/files/pushed.bin"}]
         )
+        waiting = await wait_for(a, push, lambda d: d["invitation"] and "id" in d["invitation"], "A asked B")
+        assert waiting["state"] == "AWAITING_ACCEPTANCE"
+        invitations = (await (await s.get(f"{b.base}/_api/v1/invitations", headers=await admin(b))).json())[
+            "invitations"
+        ]
+        assert [(i["names"], i["budget"], i["state"]) for i in invitations] == [(["pushed.bin"], len(data), "PENDING")]
+        accepted = await s.post(f"{b.base}/_api/v1/invitations/{invitations[0]['id']}/accept", headers=await admin(b))
+        assert accepted.status == 200, await accepted.text()
         pulled = await wait_for(b, pull, finished, "the pull finished")
         pushed = await wait_for(a, push, finished, "the push finished")
         assert await download(s, f"{b.base}/files/pulled.bin") == data
@@ -264,6 +292,7 @@ async def test_cuts_stalls_and_503s_on_the_way_all_end_verified_without_resendin
                 s,
                 a.base,
                 files=[{"source": "local:/files/a.bin", "destination": f"{destination.url}/files/pushed.bin"}],
+                destination_token=await upload_token(s, b),
                 retry=20,
                 retry_delay=0.05,
                 bandwidth=2 * MIB,
@@ -312,6 +341,7 @@ async def test_kill_9_of_the_destination_store_mid_file_then_the_push_resumes(tm
                 s,
                 runner.base,
                 files=[{"source": "local:/files/big.bin", "destination": f"{proxy.url}/files/big.bin"}],
+                destination_token=await upload_token(s, destination),
                 bandwidth=2 * MIB,
                 retry=50,
                 retry_delay=0.1,

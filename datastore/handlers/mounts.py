@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,10 +64,25 @@ class Mount:
         )
 
     async def authorize(self, identity: Identity, action: Action, name: str | None = None) -> None:
-        """Raise 401/403 unless the prefix's policy, and then its handler, let ``identity`` do ``action``."""
+        """Raise 401/403 unless the prefix's policy, and then its handler, let ``identity`` do ``action``
+        (on ``name``; a voucher that names its files reaches no other, and lists nothing; an upload's
+        names are checked as its manifest names them: :meth:`authorize_names`)."""
         self.policy.check(identity, action, self.prefix)
+        if not (action is Action.UPLOAD and name is None):
+            self.authorize_names(identity, [name])
         if self.authorizer is not None and not await self.authorizer.authorize(identity, action.value, name):
             raise NotAuthorized(f"the store does not let you {action} here")
+
+    def authorize_names(self, identity: Identity, names: Iterable[str | None]) -> None:
+        """NotAuthorized unless ``identity``'s voucher (if it names files) covers each of ``names``."""
+        grant = identity.grant
+        if grant is None or grant.names is None:
+            return
+        for name in names:
+            if not grant.covers_name(name):
+                if name is None:
+                    raise NotAuthorized("the voucher covers only the files it names")
+                raise NotAuthorized(f"the voucher does not cover {name!r}")
 
     async def locate(self, identity: Identity, name: str) -> Download:
         """What a download of ``name`` serves (the caller authorized the read): its path, its status

@@ -42,6 +42,7 @@ from ..security.identity import Identity
 from ..security.policy import Action, Audience
 from .context import CONTEXT, base_url, identify
 from .page import Listed, page_response, refused_page, wants_page
+from .vouchers import charge
 
 #: The outcome of a download, by the status of its answer (else "error").
 OUTCOMES = {
@@ -151,6 +152,8 @@ async def _download(request: web.Request, *, counted: bool) -> web.StreamRespons
     name = _valid_name(request.match_info["name"])
     await mount.authorize(identity, Action.READ, name)
     download = await mount.locate(identity, name)
+    if request.method == "GET":
+        await charge(ctx, identity, download.stat.st_size)
     if download.stored is not None and _tls_only(mount, download.stored) and not request.secure:
         raise NotAuthorized("this file was uploaded over TLS and is served over TLS only")
     if download.body is not None and not any(header in request.headers for header in _CONDITIONAL):

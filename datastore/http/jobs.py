@@ -35,6 +35,7 @@ from ..jobs.drivers.interface import DriverError
 from ..jobs.drivers.local import SCHEME as LOCAL
 from ..jobs.drivers.local import parse_local
 from ..jobs.ends import check_url
+from ..jobs.invitations import needs_invitation
 from ..jobs.runner import job_quota
 from ..jobs.states import (
     CLEARABLE_JOB_STATES,
@@ -100,7 +101,17 @@ async def handle_job_submit(request: web.Request) -> web.Response:
     spec, commit = parse_job(document, ctx)
     for file in spec.files:
         await _check_ends(ctx, identity, file)
-    job, created = await ctx.state.submit(identity, spec, commit=commit, now=time.time(), quota=job_quota(ctx.settings))
+    try:
+        invite = needs_invitation(
+            spec.destination_token,
+            [f.destination for f in spec.files],
+            certificate=ctx.settings.job_tls_cert is not None,
+        )
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    job, created = await ctx.state.submit(
+        identity, spec, commit=commit, now=time.time(), quota=job_quota(ctx.settings), invite=invite
+    )
     if created and ctx.jobs is not None:
         ctx.jobs.wake()
     return web.json_response(
@@ -167,6 +178,10 @@ async def handle_job_step(request: web.Request) -> web.Response:
         raise NotFound(f"no such step {verb!r}: use {', '.join(JOB_STEPS)}")
     identity = await identify(request)
     reason = f"{verb} by {identity.dn or identity.subject}" if step in (JobStep.STOP, JobStep.PAUSE) else None
+    destinations = [f.destination for f in job.files]
+    certificate = ctx.settings.job_tls_cert is not None
+    if step is JobStep.COMMIT and needs_invitation(job.spec.destination_token, destinations, certificate=certificate):
+        step = JobStep.INVITE  # committed, it first asks its destination store for an invitation
     after = await ctx.state.step(job.id, step, now=time.time(), reason=reason)
     if after is None:
         allowed = ", ".join(str(s) for s in job_sources(step))
@@ -412,6 +427,7 @@ def job_summary(job: Job) -> dict[str, Any]:
         "bandwidth": spec.bandwidth,
         "chunk_size": spec.chunk_size,
         "reason": job.reason,
+        "invitation": None if job.invitation is None else dict(job.invitation),
         "created_at": _time(job.created_at),
         "committed_at": _time(job.committed_at),
         "started_at": _time(job.started_at),

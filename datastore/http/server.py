@@ -29,6 +29,11 @@ start with ``_`` belong to the server)::
     GET     /_api/v1/transfers/{key}/events one transfer's events (SSE; owner or administrator)
     GET     /_api/v1/transfers/{key}        a transfer's state (owner or administrator)
     DELETE  /_api/v1/transfers/{key}        cancel it
+    GET     /_api/v1/invitations            invitations the client may answer (vouchers.py)
+    POST    /_api/v1/invitations            ask for one (anyone): a voucher-to-be
+    GET     /_api/v1/invitations/{id}       one (its answerers, or its asker with its token)
+    DELETE  /_api/v1/invitations/{id}       revoke it
+    POST    /_api/v1/invitations/{id}/{answer} accept, decline or extend it
     GET     /_api/v1/jobs                   the client's transfer jobs (jobs.py)
     POST    /_api/v1/jobs                   submit one
     GET     /_api/v1/jobs/events            the events of the client's jobs (SSE)
@@ -117,6 +122,13 @@ from .page import handle_asset
 from .sse import handle_events, handle_transfer_events
 from .tus import handle_create, handle_head, handle_options, handle_patch, handle_terminate
 from .upload import handle_manifest, handle_upload, upload_expect_handler
+from .vouchers import (
+    handle_answer,
+    handle_invitation,
+    handle_invitations,
+    handle_invite,
+    handle_revoke_invitation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -312,6 +324,11 @@ class TransferServer(abc.ABC):
         app.router.add_get("/_api/v1/transfers/{key}/events", handle_transfer_events)
         app.router.add_get("/_api/v1/transfers/{key}", handle_transfer_status)
         app.router.add_delete("/_api/v1/transfers/{key}", handle_transfer_cancel)
+        app.router.add_get("/_api/v1/invitations", handle_invitations)
+        app.router.add_post("/_api/v1/invitations", handle_invite)
+        app.router.add_get("/_api/v1/invitations/{id}", handle_invitation)
+        app.router.add_delete("/_api/v1/invitations/{id}", handle_revoke_invitation)
+        app.router.add_post("/_api/v1/invitations/{id}/{answer}", handle_answer)
         app.router.add_get("/_api/v1/jobs", handle_job_list)
         app.router.add_post("/_api/v1/jobs", handle_job_submit)
         app.router.add_get("/_api/v1/jobs/events", handle_all_job_events)

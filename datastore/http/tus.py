@@ -49,6 +49,7 @@ from ..state.interface import Transfer
 from .bodies import stream_chunks
 from .context import CONTEXT, client_key, identify
 from .upload import resolve_upload
+from .vouchers import spending
 
 log = logging.getLogger(__name__)
 
@@ -194,11 +195,14 @@ async def append_resumable(
     """Append the request's body to the file at ``claimed_offset`` (``Lifecycle.append_resumable``);
     the new offset. A full disk is a tus client's 507, not a legacy client's 405."""
     ctx = request.app[CONTEXT]
-    chunks = stream_chunks(request, ctx.settings)
+    length = request.content_length
+    wanted = length if length is not None else max(0, target.file.size - claimed_offset)
     try:
-        return await ctx.lifecycle.append_resumable(
-            target, claimed_offset, chunks, length=request.content_length, checksum=checksum
-        )
+        async with spending(ctx, target.identity, wanted, whole=False) as within_budget:
+            chunks = within_budget(stream_chunks(request, ctx.settings))
+            return await ctx.lifecycle.append_resumable(
+                target, claimed_offset, chunks, length=length, checksum=checksum
+            )
     except NotEnoughSpace as exc:
         raise InsufficientStorage(exc.detail) from None
 

@@ -45,6 +45,7 @@ from ..storage import staging
 from ..storage.staging import Digests
 from .bodies import FORM_OVERHEAD, check_form, form_file_chunks, read_bounded, stream_chunks
 from .context import CONTEXT, StoreContext, base_url, client_key, identify, prefers_json, render_error
+from .vouchers import Limit, spending
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +156,16 @@ async def handle_upload(request: web.Request) -> web.Response:
 async def _receive_whole(request: web.Request) -> web.Response:
     target = await resolve_upload(request)
     ctx = request.app[CONTEXT]
+    async with spending(ctx, target.identity, target.file.size, whole=True) as within_budget:
+        return await _receive_within(request, target, within_budget)
+
+
+async def _receive_within(request: web.Request, target: UploadTarget, within_budget: Limit) -> web.Response:
+    ctx = request.app[CONTEXT]
     lifecycle = ctx.lifecycle
     async with lifecycle.claimed(target, resumable=False) as upload:
         try:
-            chunks = _body_chunks(request, target.file.size, ctx.settings)
+            chunks = within_budget(_body_chunks(request, target.file.size, ctx.settings))
             if not upload.reserved:
                 await upload.regate()
             path = await upload.upload_path()

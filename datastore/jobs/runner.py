@@ -43,7 +43,8 @@ from ..security.logsafe import redact
 from ..state.jobs import ClaimedFile, Job, JobFile, JobQuota, RunnerLimits
 from .drivers.interface import Destination, DriverError, Order, Published, Source, SourceInfo
 from .ends import Ends
-from .states import FailureKind, FailureReason, FileJobState, JobStep, VerifyChecksum, public_url
+from .invitations import VOUCHER_PAUSE, answer_of, ask, destination_name, invitation_target
+from .states import FailureKind, FailureReason, FileJobState, JobState, JobStep, VerifyChecksum, public_url
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ MAX_BACKOFF = 3600.0
 POLL_INTERVAL = 1.0
 #: Hashing a chunk this large goes to a thread (it would hold the loop).
 HASH_IN_THREAD = 256 << 10
+#: How often a job waiting for an invitation's answer (or a voucher's extension) asks again.
+INVITATION_POLL = 2.0
 
 
 def job_quota(settings: Settings) -> JobQuota:
@@ -144,6 +147,8 @@ class JobRunner:
         self._wake = asyncio.Event()
         self._throttles: dict[str, _Throttle] = {}
         self._stopping = False
+        #: When each job waiting on another store's answer asks again.
+        self._next_look: dict[str, float] = {}
 
     def wake(self) -> None:
         """Look at the queue now (a job was submitted, committed, resumed or retried here)."""
@@ -200,6 +205,7 @@ class JobRunner:
     async def _housekeeping(self, now: float) -> None:
         for job in await self.state.expire_due_jobs(now):
             log.info("job %s expired", job.id[:8])
+        await self._follow_invitations(now)
         for job_id, index, holder in await self.state.expired_job_leases(now):
             if (job_id, index) in self.running and holder == self.holder:
                 continue
@@ -213,6 +219,101 @@ class JobRunner:
                 reason=FailureReason.LEASE_EXPIRED,
                 error="the runner copying it stopped answering",
             )
+
+    # -- invitations ----------------------------------------------------------------------------
+
+    async def _follow_invitations(self, now: float) -> None:
+        """Ask for the invitations jobs wait for, and follow their answers (one process per job)."""
+        waiting = await self.state.jobs(None, states=[JobState.AWAITING_ACCEPTANCE, JobState.PAUSED], limit=1000)
+        for job in waiting:
+            if job.state is JobState.PAUSED and not (job.reason or "").startswith(VOUCHER_PAUSE):
+                continue
+            if self._next_look.get(job.id, 0.0) > now:
+                continue
+            self._next_look[job.id] = now + INVITATION_POLL
+            lease = f"job-invitation:{job.id}"
+            if not await self.state.acquire(lease, self.holder, lease=60.0, now=now):
+                continue
+            try:
+                await self._invitation(job, now)
+            except DriverError as exc:
+                log.info("job %s: the invitation: %s", job.id[:8], exc.message)
+            except Exception:
+                log.exception("job %s: following its invitation failed", job.id[:8])
+            finally:
+                await self.state.release(lease, self.holder)
+
+    async def _invitation(self, summary: Job, now: float) -> None:
+        job = await self.state.job(summary.id)
+        if job is None:
+            return
+        invitation = dict(job.invitation or {})
+        if "id" not in invitation:
+            if job.state is JobState.AWAITING_ACCEPTANCE:
+                await self._ask(job, now)
+            return
+        token = job.spec.destination_token
+        if token is None:
+            return
+        answer = await answer_of(self.ends.session, invitation, token)
+        state = str(answer.get("state"))
+        if state != invitation.get("state") or answer.get("left") != invitation.get("left"):
+            await self.state.set_invitation(job.id, {**invitation, "state": state, "left": answer.get("left")})
+        if job.state is JobState.AWAITING_ACCEPTANCE:
+            if state == "ACCEPTED":
+                await self.state.step(job.id, JobStep.ACCEPT, now=now)
+                self.wake()
+            elif state == "DECLINED":
+                reason = f"declined by {answer.get('answered_by')}"
+                await self.state.step(job.id, JobStep.DECLINE, now=now, reason=reason)
+            elif state in ("EXPIRED", "REVOKED"):
+                reason = f"the invitation was not accepted by {answer.get('answer_by')}"
+                await self.state.step(job.id, JobStep.INVITE_TIMEOUT, now=now, reason=reason)
+        elif state == "ACCEPTED" and (answer.get("left") is None or answer["left"] > 0):
+            log.info("job %s: its voucher was extended; it resumes", job.id[:8])
+            await self.state.step(job.id, JobStep.RESUME, now=now)
+            self.wake()
+
+    async def _ask(self, job: Job, now: float) -> None:
+        """Ask the destination store for the invitation the job waits for."""
+        certificate = self.settings.job_tls_cert is not None
+        target = invitation_target([f.destination for f in job.files], certificate=certificate)
+        if target is None:
+            await self.state.step(job.id, JobStep.ACCEPT, now=now)
+            return
+        base, prefix = target
+        mine = [f for f in job.files if f.destination.startswith(f"{base}/")]
+        size = 0
+        for file in mine:
+            if file.declared_size is not None:
+                size += file.declared_size
+                continue
+            source = self.ends.source(job, file.source, file.destination)
+            try:
+                size += (await source.stat()).size
+            finally:
+                await source.close()
+        await self.state.set_invitation(job.id, {"base": base, "prefix": prefix, "state": "ASKING"})
+        owner = job.owner.dn or job.owner.subject
+        requester = f"{self.settings.public_url or 'a datastore'}: job {job.id[:8]} of {owner}"[:200]
+        try:
+            document, token = await ask(
+                self.ends.session,
+                base,
+                prefix,
+                names=sorted({destination_name(f.destination) for f in mine}),
+                size=size,
+                requester="".join(c if c.isprintable() else "?" for c in requester),
+                wait=job.spec.max_time_in_queue,
+            )
+        except DriverError as exc:
+            if exc.reason.kind is FailureKind.PERMANENT:
+                reason = f"the destination refused the invitation: {exc.message}"
+                await self.state.step(job.id, JobStep.DECLINE, now=now, reason=reason)
+            raise
+        invitation = {"base": base, "prefix": prefix, "id": document["id"], "state": document["state"]}
+        await self.state.set_invitation(job.id, {**invitation, "answer_by": document.get("answer_by")}, token)
+        log.info("job %s: asked %s for an invitation to /%s/", job.id[:8], public_url(base), prefix)
 
     async def _bytes_of(self, job_id: str, index: int) -> int:
         job = await self.state.job(job_id)
@@ -405,6 +506,13 @@ class JobRunner:
     async def _failed(self, attempt: _Running, failure: DriverError) -> None:
         job, file = attempt.claimed.job, attempt.claimed.file
         message = redact(failure.message)
+        if failure.reason is FailureReason.VOUCHER_EXHAUSTED:
+            # The job waits (its bytes kept) until the voucher's issuer extends it; then it resumes.
+            reason = f"{VOUCHER_PAUSE}: the destination's voucher is used up; waiting for its issuer to extend it"
+            await self.state.step(job.id, JobStep.PAUSE, now=time.time(), reason=reason)
+            self._next_look.pop(job.id, None)
+            await self._end(attempt, JobStep.REQUEUE, reason=failure.reason, error=message)
+            return
         idle = file.idle_attempts + (1 if attempt.offset <= attempt.start_offset else 0)
         transient = failure.reason.kind is FailureKind.TRANSIENT
         if transient and idle >= self.settings.job_max_idle_attempts:

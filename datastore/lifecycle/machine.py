@@ -286,6 +286,7 @@ class Lifecycle:
         sent again, say after its answer was lost, finds the transfer registered the first time,
         in whatever state it is now; the same key with other files is a Conflict (409).
         """
+        mount.authorize_names(identity, [f.name for f in manifest.files])
         if idempotency_key is not None and not identity.anonymous:
             found = await self._idempotent(mount, identity, manifest, idempotency_key)
             if found is not None:

@@ -61,6 +61,14 @@ class Grant:
     actions: frozenset[str]
     prefixes: frozenset[str] | None
     expires_at: float
+    #: A voucher's further scope: the file names it covers (None: any), and whether its bytes are
+    #: counted against a budget (checked where they arrive or leave).
+    names: frozenset[str] | None = None
+    budget: int | None = None
+
+    def covers_name(self, name: str | None) -> bool:
+        """Whether the token reaches the file ``name`` (None: no single file, as a listing)."""
+        return self.names is None or (name is not None and name in self.names)
 
     def covers(self, action: str, prefix: str | None) -> bool:
         """Whether the token was issued for ``action`` on ``prefix`` (``None``: no prefix involved)."""

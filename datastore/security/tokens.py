@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import os
 import re
 import secrets
@@ -61,6 +62,31 @@ CREATE TABLE IF NOT EXISTS tokens (
 );
 """
 
+#: Columns of vouchers and invitations (``vouchers.py``), added to files from before them.
+_ADDED_COLUMNS = {
+    # The file names a voucher covers (JSON list), NULL for any.
+    "names": "TEXT",
+    # Bytes a voucher lets its holder move in all (NULL: no limit), and those moved or reserved.
+    "budget": "INTEGER",
+    "used": "INTEGER NOT NULL DEFAULT 0",
+    # An invitation: PENDING until answered (the token works for nothing meanwhile), then ACCEPTED
+    # (an active voucher) or DECLINED; NULL for a token issued directly.
+    "invitation": "TEXT",
+    # Who asked (as the asking store says), for the people answering.
+    "requester": "TEXT",
+    # Until when an invitation waits for its answer.
+    "answer_by": "REAL",
+    "answered_by": "TEXT",
+    "answered_at": "REAL",
+}
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    present = {row["name"] for row in db.execute("PRAGMA table_info(tokens)")}
+    for column, declaration in _ADDED_COLUMNS.items():
+        if column not in present:
+            db.execute(f"ALTER TABLE tokens ADD COLUMN {column} {declaration}")
+
 
 class TokenError(ValueError):
     """A token cannot be issued as asked; the message says why."""
@@ -78,16 +104,37 @@ class TokenRecord:
     created_at: float
     expires_at: float
     revoked_at: float | None
+    #: A voucher's scope beyond actions and prefixes: the names it covers (None: any) and the bytes
+    #: it lets its holder move (None: no limit), of which ``used`` are moved or reserved.
+    names: frozenset[str] | None = None
+    budget: int | None = None
+    used: int = 0
+    #: An invitation's answer: PENDING, ACCEPTED or DECLINED (None: a token issued directly).
+    invitation: str | None = None
+    requester: str | None = None
+    answer_by: float | None = None
+    answered_by: str | None = None
+    answered_at: float | None = None
 
     def state(self, now: float) -> str:
-        """``active``, ``expired`` or ``revoked``."""
+        """``active``, ``expired`` or ``revoked``; an invitation's ``pending`` or ``declined`` (whose
+        token works for nothing)."""
         if self.revoked_at is not None:
             return "revoked"
+        if self.invitation == "DECLINED":
+            return "declined"
+        if self.invitation == "PENDING":
+            return "expired" if self.answer_by is not None and now >= self.answer_by else "pending"
         return "expired" if now >= self.expires_at else "active"
+
+    @property
+    def left(self) -> int | None:
+        """Bytes of the budget not yet moved or reserved (None: no limit)."""
+        return None if self.budget is None else max(0, self.budget - self.used)
 
     def identity(self) -> Identity:
         """The identity a request presenting this token has."""
-        grant = Grant(self.id, self.actions, self.prefixes, self.expires_at)
+        grant = Grant(self.id, self.actions, self.prefixes, self.expires_at, names=self.names, budget=self.budget)
         return Identity(IdentityKind.TOKEN, self.subject, dn=self.subject, admin="admin" in self.actions, grant=grant)
 
 
@@ -103,7 +150,7 @@ class TokenStore:
     """Tokens persisted in SQLite; safe to share between worker processes."""
 
     def __init__(self, path: Path) -> None:
-        self._db = Database(path, _SCHEMA)
+        self._db = Database(path, _SCHEMA, _migrate)
 
     async def create(
         self,
@@ -147,6 +194,154 @@ class TokenStore:
         record = _record(row)
         return record if record.state(time.time() if now is None else now) == "active" else None
 
+    # -- vouchers and invitations ---------------------------------------------------------------
+
+    async def invite(
+        self,
+        *,
+        prefix: str,
+        action: str,
+        names: Iterable[str],
+        size: int,
+        requester: str,
+        wait: float,
+        client: str,
+        limit: int,
+        now: float | None = None,
+    ) -> IssuedToken:
+        """An invitation: a voucher for ``action`` (``upload``: a push; ``read``: a pull) of ``names``
+        on ``prefix``, ``size`` bytes in all, that works once someone answering for the prefix
+        accepts it, within ``wait`` seconds. Its secret goes to the asker, who follows the answer
+        with it (:meth:`lookup`). TokenError if ``client`` (who asks) already has ``limit`` pending."""
+        now = time.time() if now is None else now
+        if action not in ("upload", "read"):
+            raise TokenError("an invitation is for upload (push) or read (pull)")
+        covered = frozenset(names)
+        if not covered or size < 0:
+            raise TokenError("an invitation names its files and their size")
+        if not requester.isprintable() or not 0 < len(requester) <= 200:
+            raise TokenError("say who asks in at most 200 printable characters")
+        token_id = secrets.token_hex(6)
+        token = f"dst_{token_id}_{secrets.token_urlsafe(32)}"
+        row = (
+            token_id,
+            _hash(token),
+            f"voucher-{token_id}",
+            action,
+            prefix,
+            client,
+            now,
+            now + wait,
+            json.dumps(sorted(covered)),
+            size,
+            "PENDING",
+            requester,
+            now + wait,
+        )
+
+        def insert(db: sqlite3.Connection) -> None:
+            pending = db.execute(
+                "SELECT COUNT(*) FROM tokens WHERE invitation = 'PENDING' AND description = ? AND answer_by > ?"
+                " AND revoked_at IS NULL",
+                (client, now),
+            ).fetchone()[0]
+            if pending >= limit:
+                raise TokenError(f"you have {pending} invitations waiting for an answer; the limit is {limit}")
+            db.execute(
+                "INSERT INTO tokens (id, hash, subject, actions, prefixes, description, created_at, expires_at,"
+                " names, budget, invitation, requester, answer_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
+
+        await self._db.run(insert)
+        record = await self.get(token_id)
+        assert record is not None
+        return IssuedToken(record, token)
+
+    async def answer(
+        self, token_id: str, *, accept: bool, by: str, budget: int | None = None, lifetime: float = DEFAULT_LIFETIME
+    ) -> TokenRecord | None:
+        """Accept (the voucher works from now for ``lifetime`` seconds, for ``budget`` bytes, default the
+        size asked) or decline a pending invitation; the record after it, or None if it was not
+        pending (answered, revoked or past its wait)."""
+        if not 0 < lifetime <= MAX_LIFETIME:
+            raise TokenError(f"the lifetime must be between 1 second and {MAX_LIFETIME / 86400:g} days")
+        if budget is not None and budget < 0:
+            raise TokenError("the budget is a number of bytes")
+        now = time.time()
+
+        state, expires = ("ACCEPTED", now + lifetime) if accept else ("DECLINED", now)
+
+        def answer(db: sqlite3.Connection) -> TokenRecord | None:
+            changed = db.execute(
+                "UPDATE tokens SET invitation = ?, answered_by = ?, answered_at = ?, expires_at = ?,"
+                " budget = COALESCE(?, budget) WHERE id = ? AND invitation = 'PENDING' AND revoked_at IS NULL"
+                " AND answer_by > ?",
+                (state, by, now, expires, budget, token_id, now),
+            ).rowcount
+            row = db.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
+            return _record(row) if changed and row is not None else None
+
+        return await self._db.run(answer)
+
+    async def extend(self, token_id: str, more: int) -> TokenRecord | None:
+        """Add ``more`` bytes to an active voucher's budget; the record after it, or None."""
+        if more <= 0:
+            raise TokenError("extend by a positive number of bytes")
+        now = time.time()
+
+        def extend(db: sqlite3.Connection) -> TokenRecord | None:
+            changed = db.execute(
+                "UPDATE tokens SET budget = budget + ? WHERE id = ? AND budget IS NOT NULL AND revoked_at IS NULL"
+                " AND expires_at > ? AND COALESCE(invitation, 'ACCEPTED') = 'ACCEPTED'",
+                (more, token_id, now),
+            ).rowcount
+            row = db.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
+            return _record(row) if changed and row is not None else None
+
+        return await self._db.run(extend)
+
+    async def reserve(self, token_id: str, wanted: int) -> int:
+        """Take up to ``wanted`` bytes of a voucher's budget for a request about to move them; how many
+        it got (0: the budget is used up). :meth:`release` gives back what the request did not move."""
+
+        def reserve(db: sqlite3.Connection) -> int:
+            row = db.execute("SELECT budget, used FROM tokens WHERE id = ?", (token_id,)).fetchone()
+            if row is None:
+                return 0
+            granted = wanted if row["budget"] is None else max(0, min(wanted, row["budget"] - row["used"]))
+            db.execute("UPDATE tokens SET used = used + ? WHERE id = ?", (granted, token_id))
+            return int(granted)
+
+        return await self._db.run(reserve)
+
+    async def release(self, token_id: str, unused: int) -> None:
+        """Give back ``unused`` reserved bytes."""
+        if unused > 0:
+            await self._db.run(
+                lambda db: db.execute("UPDATE tokens SET used = MAX(0, used - ?) WHERE id = ?", (unused, token_id))
+            )
+
+    async def lookup(self, token: str) -> TokenRecord | None:
+        """The record of ``token`` whatever its state (an invitation's asker follows the answer with
+        it), or None if it is not one this store issued."""
+        match = _TOKEN.match(token)
+        if match is None:
+            return None
+        row = await self._db.read(lambda db: db.execute("SELECT * FROM tokens WHERE id = ?", (match["id"],)).fetchone())
+        if row is None or not hmac.compare_digest(row["hash"], _hash(token)):
+            return None
+        return _record(row)
+
+    async def invitations(self) -> list[TokenRecord]:
+        """Every invitation still recorded, newest first."""
+        rows = await self._db.read(
+            lambda db: db.execute(
+                "SELECT * FROM tokens WHERE invitation IS NOT NULL ORDER BY created_at DESC"
+            ).fetchall()
+        )
+        return [_record(row) for row in rows]
+
     async def list(self) -> list[TokenRecord]:
         """Every token, newest first."""
         rows = await self._db.read(lambda db: db.execute("SELECT * FROM tokens ORDER BY created_at DESC").fetchall())
@@ -189,7 +384,15 @@ class TokenStore:
 
 def token_json(record: TokenRecord, now: float) -> dict[str, object]:
     """A token as the admin API and ``datastore tokens --json`` show it (never its secret)."""
+    voucher = {}
+    if record.names is not None or record.budget is not None or record.invitation is not None:
+        voucher = {
+            "names": None if record.names is None else sorted(record.names),
+            "budget": record.budget,
+            "used": record.used,
+        }
     return {
+        **voucher,
         "id": record.id,
         "subject": record.subject,
         "actions": sorted(record.actions),
@@ -281,6 +484,14 @@ def _hash(token: str) -> str:
 
 def _record(row: sqlite3.Row) -> TokenRecord:
     return TokenRecord(
+        names=None if row["names"] is None else frozenset(json.loads(row["names"])),
+        budget=row["budget"],
+        used=row["used"],
+        invitation=row["invitation"],
+        requester=row["requester"],
+        answer_by=row["answer_by"],
+        answered_by=row["answered_by"],
+        answered_at=row["answered_at"],
         id=row["id"],
         subject=row["subject"],
         actions=frozenset(row["actions"].split()),

@@ -118,6 +118,8 @@ class Job:
     reason: str | None = None
     #: Its position in submission order (pagination cursor).
     seq: int = 0
+    #: The invitation asked of its destination store (id, state, ...; never its token), or None.
+    invitation: Mapping[str, Any] | None = None
 
     @property
     def priority(self) -> int:
@@ -192,10 +194,11 @@ class JobStore(Protocol):
     """Transfer jobs, their files, attempts and the leases on active files."""
 
     async def submit(
-        self, owner: Identity, spec: JobSpec, *, commit: bool, now: float, quota: JobQuota
+        self, owner: Identity, spec: JobSpec, *, commit: bool, now: float, quota: JobQuota, invite: bool = False
     ) -> tuple[Job, bool]:
-        """Store a new job under a fresh unguessable id: QUEUED (``commit``) or SUBMITTED, every file
-        alike; appends ``job.submitted`` (and ``job.queued``). With a ``spec.submission_id`` that
+        """Store a new job under a fresh unguessable id: QUEUED (``commit``; AWAITING_ACCEPTANCE if it
+        must ``invite`` its destination first) or SUBMITTED, every file alike; appends
+        ``job.submitted`` (and the event of the state it is committed in). With a ``spec.submission_id`` that
         ``owner`` used before, the job stored then, and False (nothing new). QuotaExceeded unless
         ``owner``'s unfinished jobs leave room."""
         ...
@@ -220,6 +223,11 @@ class JobStore(Protocol):
         after it, or None if its state may not take the step (nothing changes). Files a runner holds are
         asked to stop (``stop_request``) and take the job's state when their attempt ends; resume and
         retry make the files that wait work again (retry: from a fresh count of attempts)."""
+        ...
+
+    async def set_invitation(self, job_id: str, invitation: Mapping[str, Any], token: str | None = None) -> bool:
+        """Record the invitation asked of the job's destination (and, once known, its token, which
+        becomes the job's destination credential); False if the job is gone."""
         ...
 
     async def set_priority(self, job_id: str, priority: int) -> Job | None:

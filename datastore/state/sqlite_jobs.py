@@ -56,6 +56,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     submission_id TEXT,
     source_token TEXT,
     destination_token TEXT,
+    -- The invitation asked of the destination store (JSON, without its token), or NULL.
+    invitation TEXT,
     reason TEXT,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
@@ -149,7 +151,7 @@ class SqliteJobs:
     _run: Callable[..., Any]
 
     async def submit(
-        self, owner: Identity, spec: JobSpec, *, commit: bool, now: float, quota: JobQuota
+        self, owner: Identity, spec: JobSpec, *, commit: bool, now: float, quota: JobQuota, invite: bool = False
     ) -> tuple[Job, bool]:
         def submit(db: sqlite3.Connection) -> tuple[Job, bool]:
             if spec.submission_id is not None:
@@ -166,7 +168,7 @@ class SqliteJobs:
                 (owner.principal, *_UNFINISHED),
             ).fetchone()[0]
             quota.check(open_jobs, len(spec.files))
-            state = _J.QUEUED if commit else _J.SUBMITTED
+            state = (_J.AWAITING_ACCEPTANCE if invite else _J.QUEUED) if commit else _J.SUBMITTED
             settings = _settings_json(spec)
             cursor = db.execute(
                 "INSERT INTO jobs (id, owner, owner_id, state, priority, spec, submission_id, source_token,"
@@ -200,7 +202,7 @@ class SqliteJobs:
             total = sum(f.size or 0 for f in spec.files)
             events = [_job_event(EventType.JOB_SUBMITTED, job, size=total)]
             if commit:
-                events.append(_job_event(EventType.JOB_QUEUED, job))
+                events.append(_job_event(JOB_STATE_EVENTS[state], job))
             insert_events(db, events)
             return job, True
 
@@ -285,6 +287,17 @@ class SqliteJobs:
             return job
 
         result: Job | None = await self._run(make)
+        return result
+
+    async def set_invitation(self, job_id: str, invitation: Mapping[str, Any], token: str | None = None) -> bool:
+        def record(db: sqlite3.Connection) -> bool:
+            changed = db.execute(
+                "UPDATE jobs SET invitation = ?, destination_token = COALESCE(?, destination_token) WHERE id = ?",
+                (json.dumps(dict(invitation)), token, job_id),
+            ).rowcount
+            return bool(changed)
+
+        result: bool = await self._run(record)
         return result
 
     async def set_priority(self, job_id: str, priority: int) -> Job | None:
@@ -662,6 +675,7 @@ def _job(row: sqlite3.Row) -> Job:
         finished_at=row["finished_at"],
         reason=row["reason"],
         seq=row["seq"],
+        invitation=None if row["invitation"] is None else json.loads(row["invitation"]),
     )
 
 

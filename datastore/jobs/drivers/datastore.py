@@ -29,7 +29,6 @@ from urllib.parse import quote, unquote
 import aiohttp
 from yarl import URL
 
-from ...protocol.digests import parse_repr_digest
 from ..states import FailureReason, public_url
 from .http import driver_error, refuse
 from .interface import DriverError, Handle, Order, Published
@@ -121,21 +120,30 @@ class DatastoreDestination:
             # Another offset than ours (an earlier request's bytes arrived after all): resume from it.
             held = await self.offset(handle)
             raise DriverError(FailureReason.CONNECTION, f"{what}: the store holds {held} bytes; resume from there")
-        refuse(response.status, what, reason)
+        refuse(response.status, what, reason, response.headers)
 
     async def finish(self, handle: Handle) -> Published:
+        """The published file as its transfer's status tells its owner (this upload's identity, which
+        a push voucher lets upload but not read): state, size and the digests the store computed."""
         what = f"finish {self._shown}"
+        key = handle.get("transfer_key")
+        if not isinstance(key, str):
+            raise DriverError(FailureReason.RESTARTED, f"{what}: the upload is unknown; it starts again")
         try:
-            async with self._request("HEAD", self.download_url, headers=self.headers) as response:
+            async with self._request(
+                "GET", f"{self.base}/_api/v1/transfers/{key}", headers={**self.headers, "Accept": "application/json"}
+            ) as response:
                 if response.status != 200:
-                    refuse(response.status, what, response.reason)
-                size = response.content_length
-                digests = parse_repr_digest(", ".join(response.headers.getall("Repr-Digest", [])))
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    refuse(response.status, what, response.reason, response.headers)
+                status = await response.json()
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
             raise driver_error(exc, what) from None
-        if size is None:
-            raise DriverError(FailureReason.UNSUPPORTED, f"{what}: the store states no size")
-        return Published(size, digests.get("md5"), digests.get("sha-256"))
+        files = status.get("files") if isinstance(status, dict) else None
+        file = files[0] if isinstance(files, list) and files and isinstance(files[0], dict) else {}
+        if file.get("state") != "FINISHED" or not isinstance(file.get("size"), int):
+            state = file.get("state")
+            raise DriverError(FailureReason.SERVER_ERROR, f"{what}: the store has not published it ({state})")
+        return Published(file["size"], file.get("md5"), file.get("sha256"))
 
     async def discard(self, handle: Handle) -> None:
         upload_url = handle.get("upload_url")

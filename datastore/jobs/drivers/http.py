@@ -26,6 +26,7 @@ from typing import NoReturn
 import aiohttp
 from multidict import CIMultiDictProxy
 
+from ...errors import VoucherExhausted
 from ...protocol.digests import parse_repr_digest
 from ..states import FailureReason, failure_for_status, public_url
 from .interface import DriverError, SourceInfo
@@ -56,10 +57,17 @@ def driver_error(exc: BaseException, what: str) -> DriverError:
     return DriverError(FailureReason.CONNECTION, f"{what}: {name}")
 
 
-def refuse(status: int, what: str, reason: str | None = None) -> NoReturn:
-    """Raise the DriverError for an unexpected HTTP ``status``."""
+def refuse(status: int, what: str, reason: str | None = None, headers: Mapping[str, str] | None = None) -> NoReturn:
+    """Raise the DriverError for an unexpected HTTP ``status`` (a datastore's 403 for a voucher whose
+    budget is used up, by its ``WWW-Authenticate``, is VOUCHER_EXHAUSTED)."""
     phrase = f" {_one_line(reason)}" if reason else ""
-    raise DriverError(failure_for_status(status), f"{what}: HTTP {status}{phrase}")
+    failure = failure_for_status(status)
+    if status == 403 and headers is not None and headers.get("WWW-Authenticate") == _EXHAUSTED:
+        failure = FailureReason.VOUCHER_EXHAUSTED
+    raise DriverError(failure, f"{what}: HTTP {status}{phrase}")
+
+
+_EXHAUSTED = VoucherExhausted.headers["WWW-Authenticate"]
 
 
 def _one_line(text: str) -> str:
@@ -180,7 +188,7 @@ class HttpSource:
         """Check a GET's answer against ``info``; how many leading body bytes to drop."""
         status = response.status
         if status not in (200, 206):
-            refuse(status, what, response.reason)
+            refuse(status, what, response.reason, response.headers)
         if info.validator is not None:
             # Like with like: an ETag with the answer's ETag, a date with its Last-Modified.
             header = "ETag" if info.validator.startswith('"') else "Last-Modified"
