@@ -58,6 +58,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     destination_token TEXT,
     -- The invitation asked of the destination store (JSON, without its token), or NULL.
     invitation TEXT,
+    -- The spec's deadline and max_time_in_queue, for finding the jobs due to expire in SQL.
+    deadline REAL,
+    max_wait REAL,
     reason TEXT,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
@@ -69,6 +72,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_submission ON jobs (owner_id, submissi
     WHERE submission_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner_id, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, finished_at);
+CREATE INDEX IF NOT EXISTS jobs_by_priority ON jobs (state, priority DESC, seq);
 CREATE TABLE IF NOT EXISTS job_files (
     job_seq INTEGER NOT NULL REFERENCES jobs (seq) ON DELETE CASCADE,
     idx INTEGER NOT NULL,
@@ -172,7 +176,8 @@ class SqliteJobs:
             settings = _settings_json(spec)
             cursor = db.execute(
                 "INSERT INTO jobs (id, owner, owner_id, state, priority, spec, submission_id, source_token,"
-                " destination_token, created_at, updated_at, committed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " destination_token, created_at, updated_at, committed_at, deadline, max_wait)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     new_job_id(),
                     owner.dn,
@@ -186,6 +191,8 @@ class SqliteJobs:
                     now,
                     now,
                     now if commit else None,
+                    spec.deadline,
+                    spec.max_time_in_queue,
                 ),
             )
             seq = cursor.lastrowid
@@ -510,18 +517,11 @@ class SqliteJobs:
         def due(db: sqlite3.Connection) -> list[str]:
             states = job_sources(JobStep.EXPIRE)
             rows = db.execute(
-                f"SELECT id, spec, committed_at, started_at FROM jobs WHERE state IN {_in(states)}", states
+                f"SELECT id FROM jobs WHERE state IN {_in(states)} AND (deadline <= ?"
+                " OR (started_at IS NULL AND committed_at + max_wait <= ?))",
+                (*states, now, now),
             ).fetchall()
-            found = []
-            for row in rows:
-                spec = json.loads(row["spec"])
-                deadline, waiting = spec.get("deadline"), spec.get("max_time_in_queue")
-                queued_since = row["committed_at"] or 0.0
-                if (deadline is not None and now >= deadline) or (
-                    waiting is not None and row["started_at"] is None and now >= queued_since + waiting
-                ):
-                    found.append(row["id"])
-            return found
+            return [row["id"] for row in rows]
 
         expired = []
         for job_id in await self._db.read(due):
