@@ -82,6 +82,7 @@ class Gated:
         self.flowing.set()
         self.hold_after = 64 << 10
         self.starts: list[tuple[str, int]] = []
+        self.asked: list[tuple[str, str]] = []
 
     def put(self, name: str, data: bytes) -> None:
         self.files[name] = data
@@ -92,6 +93,9 @@ class Gated:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
+        if name == "elsewhere":  # a redirect to the same server by another name: a host jobs may not reach
+            raise web.HTTPFound(f"http://localhost:{request.url.port}/a.bin")
+        self.asked.append((request.method, name))
         if name not in self.files:
             raise web.HTTPNotFound()
         data, etag = self.files[name], self.etag(name)
@@ -252,8 +256,10 @@ async def test_a_source_that_changes_restarts_cleanly_unless_its_checksum_was_pi
     source.flowing.set()
     await store.client.post(f"/_api/v1/jobs/{job['id']}/resume", headers=ADA)
     done = await finished(store, job["id"])
+    # Whether the runner saw the change as it read (source_changed) or at its next look, the file
+    # was copied again from byte 0, and nothing of the first version was kept.
     assert done["files"][0]["sha256"] == sha256_hex(second)
-    assert [h["reason"] for h in done["files"][0]["history"]][-2] == "source_changed"
+    assert done["files"][0]["history"][-1]["from"] == 0
     assert await (await store.client.get("/files/v.bin", headers=ADA)).read() == second
 
     pinned = await submit(
@@ -330,3 +336,15 @@ async def test_a_jobs_event_stream_replays_from_last_event_id(make_store: MakeSt
                 if event["type"] == "job.finished":
                     break
     assert seen[0] == "job.submitted" and "job.file.finished" in seen and seen[-1] == "job.finished"
+
+
+async def test_a_redirect_to_a_host_jobs_may_not_reach_is_not_followed(
+    make_store: MakeStore, gated: tuple[Gated, str]
+) -> None:
+    source, base = gated
+    store = await make_store(**JOB_SETTINGS)
+    source.put("a.bin", b"secret")
+    job = await submit(store, files=[{"source": f"{base}/elsewhere", "destination": "local:/files/a.bin"}])
+    failed = await finished(store, job["id"], "FAILED")
+    assert failed["last_error"]["reason"] == "forbidden" and "job_hosts" in failed["last_error"]["message"]
+    assert source.asked == []  # the redirect's target was never asked

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 import aiohttp
+from yarl import URL
 
 from ..config import Settings
 from ..lifecycle.machine import Lifecycle
@@ -92,12 +93,29 @@ class Ends:
     def session(self) -> aiohttp.ClientSession:
         """The runner's HTTP session: the store's client certificate and CAs for https peers."""
         if self._session is None:
+            guard = aiohttp.TraceConfig()
+            guard.on_request_start.append(self._check_request)
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=self._ssl_context(), limit=64),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.settings.job_stall_timeout),
                 auto_decompress=False,
+                trace_configs=[guard],
             )
         return self._session
+
+    def _allowed(self, url: URL) -> bool:
+        """Whether a job may send a request to ``url`` (its host is in ``job_hosts``)."""
+        if url.scheme not in ("http", "https") or not url.host:
+            return False
+        return host_allowed(url.host, url.port or (443 if url.scheme == "https" else 80), self.settings.job_hosts)
+
+    async def _check_request(
+        self, _: aiohttp.ClientSession, __: object, params: aiohttp.TraceRequestStartParams
+    ) -> None:
+        """Every request a job makes (a redirect's too) goes only to a host the operator allows."""
+        url = params.url
+        if not self._allowed(url):
+            raise DriverError(FailureReason.FORBIDDEN, f"jobs may not reach {url.host}: it is not in job_hosts")
 
     def _ssl_context(self) -> ssl.SSLContext:
         settings = self.settings

@@ -164,8 +164,9 @@ class DatastoreDestination:
     # -- helpers --------------------------------------------------------------------------------
 
     def _request(self, method: str, url: str, **kwargs: Any) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
-        """``session.request`` with the URL's credentials, if it had any."""
-        return self.session.request(method, url, auth=self.auth, **kwargs)
+        """``session.request`` with the URL's credentials, if it had any (never following a redirect: a
+        store's upload API does not move)."""
+        return self.session.request(method, url, auth=self.auth, allow_redirects=False, **kwargs)
 
     def _headers(self, extra: Mapping[str, str]) -> dict[str, str]:
         return {**self.headers, **extra}

@@ -20,11 +20,13 @@ Choices:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from typing import NoReturn
 
 import aiohttp
 from multidict import CIMultiDictProxy
+from yarl import URL
 
 from ...errors import VoucherExhausted
 from ...protocol.digests import parse_repr_digest
@@ -97,6 +99,11 @@ def _validator(headers: Mapping[str, str]) -> str | None:
     return headers.get("Last-Modified") or None
 
 
+#: Redirects a source may go through, and the statuses that are one.
+MAX_REDIRECTS = 5
+_REDIRECTS = (301, 302, 303, 307, 308)
+
+
 def _int(value: str | None) -> int | None:
     return int(value) if value is not None and value.strip().isdigit() else None
 
@@ -111,17 +118,41 @@ class HttpSource:
         *,
         headers: Mapping[str, str] | None = None,
         chunk_size: int = 1 << 20,
+        allowed: Callable[[URL], bool] | None = None,
     ) -> None:
         self.url = url
         self.session = session
         self.headers = dict(headers or {})
         self.chunk_size = chunk_size
+        #: Whether a redirect may be followed to a URL (None: any).
+        self.allowed = allowed
         self._shown = public_url(url)
+
+    @asynccontextmanager
+    async def _fetch(self, method: str, headers: Mapping[str, str], what: str) -> AsyncIterator[aiohttp.ClientResponse]:
+        """``method`` on the URL, following up to MAX_REDIRECTS redirects to URLs :attr:`allowed`
+        (credentials go only to the URL's own origin)."""
+        url, sent = URL(self.url), dict(headers)
+        for _ in range(MAX_REDIRECTS + 1):
+            async with self.session.request(method, url, headers=sent, allow_redirects=False) as response:
+                location = response.headers.get("Location")
+                if response.status not in _REDIRECTS or location is None:
+                    yield response
+                    return
+                target = url.join(URL(location))
+                if self.allowed is not None and not self.allowed(target):
+                    raise DriverError(
+                        FailureReason.FORBIDDEN, f"{what}: redirected to {target.host}, a host jobs may not reach"
+                    )
+                if target.origin() != url.origin():
+                    sent = {k: v for k, v in sent.items() if k.lower() != "authorization"}
+                url = target
+        raise DriverError(FailureReason.BAD_REQUEST, f"{what}: more than {MAX_REDIRECTS} redirects")
 
     async def stat(self) -> SourceInfo:
         what = f"stat {self._shown}"
         try:
-            async with self.session.head(self.url, headers=self.headers, allow_redirects=True) as response:
+            async with self._fetch("HEAD", self.headers, what) as response:
                 if response.status not in (405, 501):
                     if response.status != 200:
                         refuse(response.status, what, response.reason)
@@ -131,7 +162,7 @@ class HttpSource:
                     return self._info(size, response.headers)
             # HEAD refused: the first byte with GET tells the size in Content-Range.
             headers = {**self.headers, "Range": "bytes=0-0"}
-            async with self.session.get(self.url, headers=headers, allow_redirects=True) as response:
+            async with self._fetch("GET", headers, what) as response:
                 if response.status == 206:
                     _, _, total = content_range(response.headers.get("Content-Range"))
                 elif response.status == 416:  # an empty file has no byte 0
@@ -164,7 +195,7 @@ class HttpSource:
             if info.validator is not None:
                 headers["If-Range"] = info.validator
         try:
-            async with self.session.get(self.url, headers=headers, allow_redirects=True) as response:
+            async with self._fetch("GET", headers, what) as response:
                 skip = self._check(response, offset, info, what, "If-Range" in headers)
                 remaining = info.size - offset
                 async for chunk in response.content.iter_chunked(self.chunk_size):
