@@ -236,6 +236,10 @@ class Settings:
         default=4, metadata={"doc": "Files transfer jobs copy at once, all jobs and processes together."}
     )
     job_concurrency_per_job: int = field(default=2, metadata={"doc": "Files one transfer job copies at once."})
+    job_concurrency_per_client: int = field(
+        default=2,
+        metadata={"doc": "Files one identity's transfer jobs copy at once, all together (no one takes every slot)."},
+    )
     job_concurrency_per_host: int = field(
         default=4, metadata={"doc": "Files transfer jobs copy at once to one destination host."}
     )
@@ -328,6 +332,7 @@ class Settings:
             "hook_backlog",
             "job_concurrency",
             "job_concurrency_per_job",
+            "job_concurrency_per_client",
             "job_concurrency_per_host",
             "job_max_idle_attempts",
             "max_jobs_per_client",

@@ -23,7 +23,7 @@ LEASE = 30.0
 ADA = Identity(IdentityKind.TOKEN, "ada", None, dn="ada")
 BOB = Identity(IdentityKind.TOKEN, "bob", None, dn="bob")
 QUOTA = JobQuota()
-LIMITS = RunnerLimits(per_job=8, per_host=8, total=8)
+LIMITS = RunnerLimits(per_job=8, per_host=8, total=8, per_owner=8)
 
 
 def spec(*names: str, priority: int = 3, **options: object) -> JobSpec:
@@ -88,11 +88,22 @@ async def test_limits_per_job_per_host_and_in_all(state: StateStore) -> None:
     assert await state.claim_next("r", lease=LEASE, now=T0, limits=limits) is not None
     assert await state.claim_next("r", lease=LEASE, now=T0, limits=limits) is None
     other, _ = await state.submit(BOB, spec("x"), commit=True, now=T0, quota=QUOTA)
-    assert await state.claim_next("r", lease=LEASE, now=T0, limits=RunnerLimits(8, 2, 8)) is None  # one host: dest
-    claimed = await state.claim_next("r", lease=LEASE, now=T0, limits=RunnerLimits(8, 8, 3))
+    assert await state.claim_next("r", lease=LEASE, now=T0, limits=RunnerLimits(8, 2, 8, 8)) is None  # one host: dest
+    claimed = await state.claim_next("r", lease=LEASE, now=T0, limits=RunnerLimits(8, 8, 3, 8))
     assert claimed is not None and claimed.job.id == job.id
-    assert await state.claim_next("r", lease=LEASE, now=T0, limits=RunnerLimits(8, 8, 3)) is None
+    assert await state.claim_next("r", lease=LEASE, now=T0, limits=RunnerLimits(8, 8, 3, 8)) is None
     assert other.state is JobState.QUEUED
+
+
+async def test_one_owner_never_takes_every_slot(state: StateStore) -> None:
+    await state.submit(ADA, spec("a", "b", "c"), commit=True, now=T0, quota=QUOTA)
+    await state.submit(ADA, spec("d"), commit=True, now=T0 + 1, quota=QUOTA)
+    bobs, _ = await state.submit(BOB, spec("x"), commit=True, now=T0 + 2, quota=QUOTA)
+    limits = RunnerLimits(per_job=8, per_host=8, total=8, per_owner=2)
+    taken = [await state.claim_next("r", lease=LEASE, now=T0, limits=limits) for _ in range(4)]
+    owners = [c.job.owner if c is not None else None for c in taken]
+    assert owners == [ADA, ADA, BOB, None]
+    assert taken[2] is not None and taken[2].job.id == bobs.id
 
 
 async def test_two_runners_never_claim_the_same_file(open_store: Opener) -> None:
@@ -183,7 +194,7 @@ async def test_an_expired_lease_is_found_and_its_file_requeued_by_anyone(state: 
 
 async def test_pause_asks_the_runner_and_the_file_takes_the_jobs_state_then_resume_requeues(state: StateStore) -> None:
     job, _ = await state.submit(ADA, spec("a", "b"), commit=True, now=T0, quota=QUOTA)
-    await state.claim_next("r", lease=LEASE, now=T0, limits=RunnerLimits(1, 8, 8))
+    await state.claim_next("r", lease=LEASE, now=T0, limits=RunnerLimits(1, 8, 8, 8))
     paused = await state.step(job.id, JobStep.PAUSE, now=T0 + 1)
     assert paused is not None and paused.state is JobState.PAUSED
     assert [f.state for f in paused.files] == [FileJobState.ACTIVE, FileJobState.PAUSED]

@@ -71,6 +71,7 @@ def runner_limits(settings: Settings) -> RunnerLimits:
         per_job=settings.job_concurrency_per_job,
         per_host=settings.job_concurrency_per_host,
         total=settings.job_concurrency,
+        per_owner=settings.job_concurrency_per_client,
     )
 
 

@@ -159,11 +159,13 @@ class ClaimedFile:
 
 @dataclass(frozen=True, slots=True)
 class RunnerLimits:
-    """How many files may be ACTIVE at once: per job, per destination host, and in all."""
+    """How many files may be ACTIVE at once: per job, per destination host, in all, and per owner (so
+    that no one owner's jobs take every slot)."""
 
     per_job: int = 2
     per_host: int = 4
     total: int = 8
+    per_owner: int = 8
 
 
 @dataclass(frozen=True, slots=True)

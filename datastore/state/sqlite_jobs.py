@@ -340,19 +340,28 @@ class SqliteJobs:
 
     async def claim_next(self, holder: str, *, lease: float, now: float, limits: RunnerLimits) -> ClaimedFile | None:
         def claim(db: sqlite3.Connection) -> ClaimedFile | None:
-            active = db.execute("SELECT job_seq, host FROM job_files WHERE state = ?", (_F.ACTIVE,)).fetchall()
+            active = db.execute(
+                "SELECT f.job_seq, f.host, j.owner_id FROM job_files f JOIN jobs j ON j.seq = f.job_seq"
+                " WHERE f.state = ?",
+                (_F.ACTIVE,),
+            ).fetchall()
             if len(active) >= limits.total:
                 return None
             per_job = Counter(row["job_seq"] for row in active)
             per_host = Counter(row["host"] for row in active)
+            per_owner = Counter(row["owner_id"] for row in active)
             candidates = db.execute(
-                "SELECT f.job_seq, f.idx, f.host FROM job_files f JOIN jobs j ON j.seq = f.job_seq"
+                "SELECT f.job_seq, f.idx, f.host, j.owner_id FROM job_files f JOIN jobs j ON j.seq = f.job_seq"
                 f" WHERE f.state = ? AND f.not_before <= ? AND j.state IN {_in(_RUNNABLE)}"
                 " ORDER BY j.priority DESC, j.seq, f.idx",
                 (_F.QUEUED, now, *_RUNNABLE),
             )
             for row in candidates:
-                if per_job[row["job_seq"]] >= limits.per_job or per_host[row["host"]] >= limits.per_host:
+                if (
+                    per_job[row["job_seq"]] >= limits.per_job
+                    or per_host[row["host"]] >= limits.per_host
+                    or per_owner[row["owner_id"]] >= limits.per_owner
+                ):
                     continue
                 return _claim(db, row["job_seq"], row["idx"], holder, lease=lease, now=now)
             return None
