@@ -9,7 +9,8 @@ revokes them and writes the CRL. ``datastore tokens`` issues, lists and
 revokes bearer tokens in the store's state directory (also while it runs). ``upload``, ``download``, ``ls``,
 ``status`` and ``cancel`` are the client, with progress bars (rich) and
 ``--json`` for scripts; ``datastore jobs`` submits, lists, follows and steers
-transfer jobs. User errors print one line and exit non-zero (2 for a bad
+transfer jobs; ``datastore invites`` lists and answers the invitations other stores ask
+for. User errors print one line and exit non-zero (2 for a bad
 command line); no tracebacks.
 """
 
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .client.commands import run_client_command, run_jobs_command
+from .client.commands import run_client_command, run_invites_command, run_jobs_command
 from .config import METRICS_ACCESS, Settings, SettingsError, load_settings, parse_duration, parse_size, settings_help
 from .http.server import make_server
 from .http.workers import run_workers
@@ -231,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--transfer", metavar="KEY", help="only this transfer's events (you must own it)")
     watch.add_argument("--after", type=int, metavar="ID", help="first the events after this id")
     _add_jobs(commands, client_options)
+    _add_invites(commands, client_options)
     return parser
 
 
@@ -313,6 +315,44 @@ def _add_jobs(commands: Any, client_options: argparse.ArgumentParser) -> None:
     watch.add_argument("id", metavar="ID", help="the job's id")
 
 
+def _add_invites(commands: Any, client_options: argparse.ArgumentParser) -> None:
+    """``datastore invites SUBCOMMAND URL ...``: the invitations of the store at URL."""
+    invites = commands.add_parser(
+        "invites",
+        help="list and answer invitations (other stores asking to copy files in or out)",
+        description="The invitations of the store at URL (its base URL, e.g. http://127.0.0.1:8006): a store "
+        "that asks to push files into one of its prefixes (or pull them out) without a credential waits for "
+        "someone who may upload there to accept (with a byte budget), decline, extend or revoke it.",
+    )
+    actions = invites.add_subparsers(dest="invite_command", metavar="SUBCOMMAND")
+    actions.required = True
+
+    def action(name: str, help: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = actions.add_parser(
+            name, parents=[client_options], help=help, description=help[0].upper() + help[1:] + "."
+        )
+        parser.add_argument("url", metavar="URL", help="the store's URL, e.g. http://127.0.0.1:8006")
+        return parser
+
+    listing = action("ls", "list the pending invitations you may answer")
+    listing.add_argument("--all", action="store_true", help="also those answered, revoked or expired")
+    accept = action("accept", "accept a pending invitation: its token becomes a voucher")
+    accept.add_argument("id", metavar="ID", help="the invitation's id")
+    accept.add_argument(
+        "--budget", type=_size, metavar="SIZE", help="bytes the voucher may move (10M, 1G; default the size asked)"
+    )
+    accept.add_argument(
+        "--lifetime", type=_duration, metavar="DURATION", help="how long the voucher works (12h, 7d; default 30d)"
+    )
+    action("decline", "decline a pending invitation").add_argument("id", metavar="ID", help="the invitation's id")
+    extend = action("extend", "add bytes to an accepted voucher's budget (a job paused for it resumes)")
+    extend.add_argument("id", metavar="ID", help="the invitation's id")
+    extend.add_argument("size", type=_size, metavar="SIZE", help="bytes to add (512K, 10M, 1G)")
+    action("revoke", "revoke an invitation or its voucher at once").add_argument(
+        "id", metavar="ID", help="the invitation's id"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = build_parser().parse_args(argv)
@@ -324,6 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return tokens(args)
     if args.command == "jobs":
         return run_jobs_command(args)
+    if args.command == "invites":
+        return run_invites_command(args)
     return run_client_command(args)
 
 

@@ -1,4 +1,5 @@
-"""A client for datastore servers: upload (manifest, resumable), download (Range resume), list, status, cancel.
+"""A client for datastore servers: upload (manifest, resumable), download (Range resume), list, status, cancel,
+transfer jobs, and invitations (asked, answered, extended, revoked).
 
 ::
 
@@ -658,6 +659,69 @@ class DataStoreClient:
                 return {}
             return await _json(response)
 
+    # -- invitations and vouchers -----------------------------------------------------------
+
+    async def invitations(self) -> builtins.list[dict[str, Any]]:
+        """The invitations this client may answer (those to prefixes it may upload to; every one, for
+        an administrator), newest first, whatever their state."""
+        found: builtins.list[dict[str, Any]] = (await self._invitations_request("GET", ""))["invitations"]
+        return found
+
+    async def invitation(self, invitation_id: str) -> dict[str, Any]:
+        """The invitation ``invitation_id`` (to its answerers, or to its asker holding its token)."""
+        return await self._invitations_request("GET", invitation_id)
+
+    async def accept_invitation(
+        self, invitation_id: str, budget: int | None = None, lifetime: float | None = None
+    ) -> dict[str, Any]:
+        """Accept a pending invitation: its token becomes a voucher for ``budget`` bytes (default: the
+        size asked) that works for ``lifetime`` seconds (default: the store's); return it."""
+        answer = {k: v for k, v in (("budget", budget), ("lifetime", lifetime)) if v is not None}
+        return await self._invitations_request("POST", f"{invitation_id}/accept", json_body=answer)
+
+    async def decline_invitation(self, invitation_id: str) -> dict[str, Any]:
+        """Decline a pending invitation (its token never works); return it."""
+        return await self._invitations_request("POST", f"{invitation_id}/decline")
+
+    async def extend_invitation(self, invitation_id: str, bytes: int) -> dict[str, Any]:
+        """Add ``bytes`` to an accepted voucher's budget (a job paused for it resumes); return it."""
+        return await self._invitations_request("POST", f"{invitation_id}/extend", json_body={"bytes": bytes})
+
+    async def revoke_invitation(self, invitation_id: str) -> dict[str, Any]:
+        """Revoke an invitation or its voucher: it stops working at once; return it."""
+        return await self._invitations_request("DELETE", invitation_id)
+
+    async def ask_invitation(
+        self,
+        prefix: str,
+        names: Iterable[str],
+        size: int,
+        direction: str = "push",
+        requester: str | None = None,
+        wait: float | None = None,
+    ) -> dict[str, Any]:
+        """Ask the store for an invitation to push ``names`` (``size`` bytes in all) into ``prefix`` (or,
+        ``direction="pull"``, to read them from it), answered within ``wait`` seconds (default: the
+        store's longest). The answer holds its ``token``, this once: once accepted, it is the voucher."""
+        document: dict[str, Any] = {"prefix": prefix, "direction": direction, "names": list(names), "size": size}
+        if requester is not None:
+            document["requester"] = requester
+        if wait is not None:
+            document["wait"] = wait
+        return await self._invitations_request("POST", "", json_body=document, expect=(201,))
+
+    async def _invitations_request(
+        self, method: str, path: str, *, json_body: Any = None, expect: tuple[int, ...] = (200,)
+    ) -> dict[str, Any]:
+        url = f"{self.base}/_api/v1/invitations" + (f"/{quote(path, safe='/')}" if path else "")
+        async with self.session.request(
+            method, url, json=json_body, headers={"Accept": "application/json"}
+        ) as response:
+            body = await _json(response)
+            if response.status not in expect:
+                raise RequestFailed(response.status, str(body.get("message", response.reason)))
+        return body
+
     async def _transfer(self, method: str, key: str) -> dict[str, Any]:
         url = f"{self.base}/_api/v1/transfers/{quote(key, safe='')}"
         async with self.session.request(method, url, headers={"Accept": "application/json"}) as response:
@@ -769,6 +833,44 @@ class SyncDataStoreClient:
     def wait_job(self, job_id: str, states: Iterable[str] = FINAL_JOB_STATES, **options: Any) -> dict[str, Any]:
         """See :meth:`DataStoreClient.wait_job`."""
         return self._runner.run(self._client.wait_job(job_id, states, **options))
+
+    def invitations(self) -> builtins.list[dict[str, Any]]:
+        """See :meth:`DataStoreClient.invitations`."""
+        return self._runner.run(self._client.invitations())
+
+    def invitation(self, invitation_id: str) -> dict[str, Any]:
+        """See :meth:`DataStoreClient.invitation`."""
+        return self._runner.run(self._client.invitation(invitation_id))
+
+    def accept_invitation(
+        self, invitation_id: str, budget: int | None = None, lifetime: float | None = None
+    ) -> dict[str, Any]:
+        """See :meth:`DataStoreClient.accept_invitation`."""
+        return self._runner.run(self._client.accept_invitation(invitation_id, budget, lifetime))
+
+    def decline_invitation(self, invitation_id: str) -> dict[str, Any]:
+        """See :meth:`DataStoreClient.decline_invitation`."""
+        return self._runner.run(self._client.decline_invitation(invitation_id))
+
+    def extend_invitation(self, invitation_id: str, bytes: int) -> dict[str, Any]:
+        """See :meth:`DataStoreClient.extend_invitation`."""
+        return self._runner.run(self._client.extend_invitation(invitation_id, bytes))
+
+    def revoke_invitation(self, invitation_id: str) -> dict[str, Any]:
+        """See :meth:`DataStoreClient.revoke_invitation`."""
+        return self._runner.run(self._client.revoke_invitation(invitation_id))
+
+    def ask_invitation(
+        self,
+        prefix: str,
+        names: Iterable[str],
+        size: int,
+        direction: str = "push",
+        requester: str | None = None,
+        wait: float | None = None,
+    ) -> dict[str, Any]:
+        """See :meth:`DataStoreClient.ask_invitation`."""
+        return self._runner.run(self._client.ask_invitation(prefix, names, size, direction, requester, wait))
 
 
 def client_ssl_context(cafile: str | None = None, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:

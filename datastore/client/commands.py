@@ -1,5 +1,5 @@
 """The client half of the command line: ``upload``, ``download``, ``ls``, ``status``, ``cancel``,
-``watch``.
+``watch``; ``datastore jobs ...`` and ``datastore invites ...``.
 
 Progress goes to standard error as rich progress bars (one per file and a
 total); results go to standard output, as text or, with ``--json``, as JSON.
@@ -63,6 +63,18 @@ def run_jobs_command(args: argparse.Namespace) -> int:
         "status": _job_status,
         "watch": _job_watch,
     }[args.job_command]
+    return _run(args, command, print_json=True)
+
+
+def run_invites_command(args: argparse.Namespace) -> int:
+    """Run one ``datastore invites SUBCOMMAND``; return the exit status."""
+    command: Callable[[DataStoreClient, argparse.Namespace, str], Any] = {
+        "ls": _invite_list,
+        "accept": _invite_answer,
+        "decline": _invite_answer,
+        "extend": _invite_answer,
+        "revoke": _invite_answer,
+    }[args.invite_command]
     return _run(args, command, print_json=True)
 
 
@@ -574,3 +586,83 @@ def _rate(rate: float) -> str:
             return f"{value:.0f} {unit}" if unit == "B/s" else f"{value:.1f} {unit}"
         value /= 1000
     return f"{value:.1f} GB/s"  # pragma: no cover
+
+
+# -- invitations (datastore invites ...) -------------------------------------------------------
+
+#: The longest NAMES cell of ``datastore invites ls``.
+_NAMES_WIDTH = 40
+
+
+async def _invite_list(client: DataStoreClient, args: argparse.Namespace, prefix: str) -> Any:
+    """The invitations this client may answer (the pending ones, or with --all every one) as a table,
+    or as JSON."""
+    shown = [i for i in await client.invitations() if args.all or i["state"] == "PENDING"]
+    if args.json:
+        return shown
+    rows = [_invite_row(invitation) for invitation in shown]
+    if rows:
+        header = ("ID", "STATE", "PREFIX", "DIRECTION", "NAMES", "BUDGET", "USED", "ANSWER BY", "REQUESTER")
+        widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
+        for row in [header, *rows]:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return None
+
+
+def _invite_row(invitation: dict[str, Any]) -> tuple[str, ...]:
+    budget = invitation.get("budget")
+    return (
+        invitation["id"],
+        invitation["state"],
+        invitation.get("prefix") or "",
+        invitation.get("direction") or "",
+        _names(invitation.get("names") or []),
+        "unlimited" if budget is None else str(budget),
+        str(invitation.get("used") or 0),
+        invitation.get("answer_by") or "-",
+        _one_line(invitation.get("requester") or ""),
+    )
+
+
+def _names(names: list[str]) -> str:
+    """``a.bin`` / ``a.bin,b.bin`` / ``a.bin,b.bin +3 more``, at most _NAMES_WIDTH characters."""
+    cell = ""
+    for shown, name in enumerate(names):
+        rest = len(names) - shown - 1
+        more = f" +{rest} more" if rest else ""
+        joined = f"{cell},{name}" if cell else name
+        if len(joined) + len(more) > _NAMES_WIDTH:
+            if not cell:  # one long name: cut it
+                keep = max(1, _NAMES_WIDTH - len(more) - 1)
+                return f"{name[:keep]}~{more}"
+            return f"{cell} +{len(names) - shown} more"
+        cell = joined
+    return cell
+
+
+async def _invite_answer(client: DataStoreClient, args: argparse.Namespace, prefix: str) -> Any:
+    """Accept, decline, extend or revoke an invitation; print it in one line (or as JSON)."""
+    verb = args.invite_command
+    if verb == "accept":
+        lifetime = args.lifetime
+        if lifetime is not None and lifetime <= 0:
+            raise UsageError("--lifetime must be positive, e.g. 7d")
+        invitation = await client.accept_invitation(args.id, budget=args.budget, lifetime=lifetime)
+    elif verb == "decline":
+        invitation = await client.decline_invitation(args.id)
+    elif verb == "extend":
+        if args.size <= 0:
+            raise UsageError("extend by a positive size, e.g. 10M")
+        invitation = await client.extend_invitation(args.id, args.size)
+    else:
+        invitation = await client.revoke_invitation(args.id)
+    if args.json:
+        return invitation
+    if not args.quiet:
+        line = [invitation["id"], invitation["state"]]
+        if invitation["state"] == "ACCEPTED":
+            budget = invitation.get("budget")
+            line.append("budget unlimited" if budget is None else f"budget {budget} left {invitation.get('left')}")
+            line.append(f"until {invitation['expires_at']}")
+        print("  ".join(line))
+    return None
