@@ -13,7 +13,7 @@ from aiohttp import web
 from datastore.http.context import CONTEXT
 
 from .conftest import MakeStore
-from .harness import Store, eventually, json_manifest, md5_hex, sha256_hex
+from .harness import Store, eventually, json_manifest, md5_hex, sha256_hex, staged_bytes, until
 from .waiting import WallClock
 
 ADA = {"X-Client-DN": "/O=Lab/CN=Ada"}
@@ -194,7 +194,7 @@ async def test_pause_stop_resume_and_clear_keep_the_bytes_already_copied(
     source.put("a.bin", data)
     source.flowing.clear()
     job = await submit(store, files=[{"source": f"{base}/a.bin", "destination": "local:/files/a.bin"}])
-    await reach(store, job["id"], lambda d: d["state"] == "ACTIVE", "the job runs")
+    await until(lambda: staged_bytes(store.staging) >= source.hold_after, "what the source sent is staged")
     paused = await store.client.post(f"/_api/v1/jobs/{job['id']}/pause", headers=ADA)
     assert paused.status == 200 and (await paused.json())["state"] == "PAUSED"
     again = await store.client.post(f"/_api/v1/jobs/{job['id']}/pause", headers=ADA)

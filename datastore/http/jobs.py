@@ -188,6 +188,8 @@ async def handle_job_step(request: web.Request) -> web.Response:
         raise Conflict(f"the job is {job.state}: {verb} applies to a job that is {allowed}")
     if step in (JobStep.COMMIT, JobStep.RESUME, JobStep.RETRY) and ctx.jobs is not None:
         ctx.jobs.wake()
+    if step in (JobStep.PAUSE, JobStep.STOP) and ctx.jobs is not None:
+        await ctx.jobs.notice(job.id)
     return web.json_response(job_document(after, await ctx.state.attempts(job.id)))
 
 

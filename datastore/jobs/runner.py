@@ -155,6 +155,13 @@ class JobRunner:
         """Look at the queue now (a job was submitted, committed, resumed or retried here)."""
         self._wake.set()
 
+    async def notice(self, job_id: str) -> None:
+        """A job was paused, stopped or expired here: its running files end now, not at their next
+        lease renewal (other processes' files end at theirs)."""
+        for attempt in list(self.running.values()):
+            if attempt.claimed.job.id == job_id:
+                await self._look_at_lease(attempt)
+
     async def run(self) -> None:
         """Claim and copy files until cancelled."""
         try:
@@ -471,16 +478,21 @@ class JobRunner:
     async def _keep_lease(self, attempt: _Running) -> None:
         """Renew the file's lease while the attempt runs; end the attempt when asked to (or if lost)."""
         interval = self.settings.lease_time / 3
-        while True:
+        while attempt.ending is None:
             await asyncio.sleep(interval)
-            lease = await self.state.renew_job_file(
-                *self._place(attempt), self.holder, lease=self.settings.lease_time, now=time.time()
-            )
-            why = "lost" if not lease.held else lease.stop_request
-            if why is not None and attempt.task is not None:
-                attempt.ending = why
-                attempt.task.cancel()
-                return
+            await self._look_at_lease(attempt)
+
+    async def _look_at_lease(self, attempt: _Running) -> None:
+        """Renew the attempt's lease; end the attempt if it was lost or a stop was asked."""
+        if attempt.ending is not None:
+            return
+        lease = await self.state.renew_job_file(
+            *self._place(attempt), self.holder, lease=self.settings.lease_time, now=time.time()
+        )
+        why = "lost" if not lease.held else lease.stop_request
+        if why is not None and attempt.task is not None and attempt.ending is None:
+            attempt.ending = why
+            attempt.task.cancel()
 
     async def _persist(self, attempt: _Running, handle: dict[str, Any], size: int | None) -> None:
         if not await self.state.set_handle(*self._place(attempt), self.holder, handle, size=size):
