@@ -362,7 +362,8 @@ function jobProgress(event) {
   if (!entry) return;
   if (entry.doc.files) {
     const file = entry.doc.files.find((f) => f.index === event.file);
-    if (file && typeof event.bytes === "number") {
+    // Not for a file the page already knows ended: an event older than the document read last.
+    if (file && typeof event.bytes === "number" && !["FINISHED", "FAILED"].includes(file.state)) {
       file.bytes = event.bytes;
       if (typeof event.size === "number" && file.size === null) file.size = event.size;
       entry.doc.bytes = entry.doc.files.reduce((sum, f) => sum + (f.bytes || 0), 0);
