@@ -15,6 +15,7 @@ const RETRY_DELAYS = [500, 1000, 2000, 4000, 8000, 15000, 30000];
 const prefix = decodeURIComponent(location.pathname.split("/").filter(Boolean)[0] || "");
 const base = `/${encodeURIComponent(prefix)}/`;
 const $ = (selector) => document.querySelector(selector);
+let currentIdentity = null;
 
 class UploadError extends Error {
   constructor(message, retryable) {
@@ -29,6 +30,7 @@ class UploadError extends Error {
 // browser's client certificate is the identity instead.
 
 function showIdentity(who) {
+  currentIdentity = who;
   const signedIn = who.kind === "token";
   const text = {
     anonymous: "Not signed in.",
@@ -69,11 +71,13 @@ async function signIn(token) {
   say("");
   await refreshList();
   follow();
+  await loadJobs(currentIdentity);
 }
 
 async function signOut() {
   await fetch("/_api/v1/session", { method: "DELETE" });
   showIdentity({ kind: "anonymous" });
+  hideJobs();
   await refreshList();
   follow();
 }
@@ -226,6 +230,357 @@ function showArriving() {
   const any = arriving.size > 0;
   $("#live").hidden = !any;
   $("#live-heading").hidden = !any;
+}
+
+// -- transfer jobs ----------------------------------------------------------------------------
+// The signed-in identity's jobs (GET /_api/v1/jobs), newest first, at most JOBS_SHOWN of them;
+// the section shows only when the store answers that list (401/403: no jobs for this client).
+// They stay current from the stream of all the identity's job events (no polling): a state
+// event refetches the job at once, a progress event moves its bar at once and refetches it (for
+// its rate) at most once a second. The buttons are those the job's state allows
+// (jobs/states.py's transition table); a refused step shows the store's message.
+
+const JOBS_SHOWN = 50;
+const JOBS_PAGE = 500;
+const JOBS_PAGES = 20; // the list is oldest first: at most this many pages are read to find the newest
+const JOB_REFETCH_MS = 1000;
+const JOB_EVENTS = [
+  "job.submitted",
+  "job.queued",
+  "job.awaiting_acceptance",
+  "job.active",
+  "job.paused",
+  "job.user_stopped",
+  "job.finished",
+  "job.finished_dirty",
+  "job.failed",
+  "job.expired",
+  "job.declined",
+  "job.invite_not_accepted_on_time",
+  "job.priority",
+  "job.file.started",
+  "job.file.retrying",
+  "job.file.interrupted",
+  "job.file.finished",
+  "job.file.failed",
+];
+// The steps each job state allows (JOB_TRANSITIONS and CLEARABLE_JOB_STATES in jobs/states.py).
+const JOB_STEPS = {
+  pause: ["QUEUED", "ACTIVE"],
+  resume: ["PAUSED", "USER_STOPPED"],
+  stop: ["QUEUED", "AWAITING_ACCEPTANCE", "ACTIVE", "PAUSED"],
+  retry: ["FINISHED_DIRTY", "FAILED", "EXPIRED"],
+  clear: [
+    "SUBMITTED",
+    "USER_STOPPED",
+    "FINISHED",
+    "FINISHED_DIRTY",
+    "FAILED",
+    "INVITE_NOT_ACCEPTED_ON_TIME",
+    "DECLINED",
+    "EXPIRED",
+  ],
+};
+const STEP_LABELS = { pause: "Pause", resume: "Resume", stop: "Stop", retry: "Retry", clear: "Clear" };
+
+let jobEvents = null;
+let jobsGeneration = 0; // a sign-in or sign-out starts again; answers for an older one are dropped
+const jobs = new Map(); // id -> { doc, row, fetching, again, timer, fetchedAt }
+const olderJobs = new Set(); // ids known to be older than the jobs shown: their events are ignored
+const addingJobs = new Map(); // id -> whether another event came while its first fetch was out
+
+function sayJobs(message) {
+  $("#jobs-message").textContent = message;
+}
+
+function hideJobs() {
+  jobsGeneration += 1;
+  if (jobEvents) jobEvents.close();
+  jobEvents = null;
+  for (const entry of jobs.values()) clearTimeout(entry.timer);
+  jobs.clear();
+  olderJobs.clear();
+  addingJobs.clear();
+  $("#jobs tbody").replaceChildren();
+  $("#jobs-section").hidden = true;
+  sayJobs("");
+}
+
+async function loadJobs(who) {
+  hideJobs();
+  if (who && who.kind === "anonymous") return;
+  const generation = jobsGeneration;
+  let summaries = [];
+  let after = 0;
+  for (let page = 0; page < JOBS_PAGES; page += 1) {
+    const response = await fetch(`/_api/v1/jobs?limit=${JOBS_PAGE}&after=${after}`, {
+      headers: { Accept: "application/json" },
+      cache: "no-store",
+    });
+    if (generation !== jobsGeneration) return;
+    if (response.status === 401 || response.status === 403) return; // this client has no jobs
+    if (!response.ok) {
+      $("#jobs-section").hidden = false;
+      sayJobs(`Could not list the transfer jobs: ${await errorMessage(response)}`);
+      return;
+    }
+    const body = await response.json();
+    summaries = summaries.concat(body.jobs).slice(-JOBS_SHOWN);
+    if (body.next === null || body.next === undefined) break;
+    after = body.next;
+  }
+  if (generation !== jobsGeneration) return;
+  $("#jobs-section").hidden = false;
+  followJobs(generation);
+  for (const summary of summaries.reverse()) placeJob(summary);
+  showJobsEmpty();
+  // The list carries no progress: each job's own document does.
+  await Promise.all(Array.from(jobs.keys(), (id) => refetchJob(id)));
+}
+
+function followJobs(generation) {
+  jobEvents = new EventSource("/_api/v1/jobs/events");
+  for (const type of JOB_EVENTS) {
+    jobEvents.addEventListener(type, (message) => {
+      if (generation === jobsGeneration) jobEvent(type, JSON.parse(message.data));
+    });
+  }
+  jobEvents.addEventListener("job.file.progress", (message) => {
+    if (generation === jobsGeneration) jobProgress(JSON.parse(message.data));
+  });
+}
+
+function jobEvent(type, event) {
+  if (olderJobs.has(event.job)) return;
+  if (jobs.has(event.job)) refetchJob(event.job);
+  // A job this page has not seen (just submitted, or while the page was not listening).
+  else addJob(event.job).catch((error) => sayJobs(`Could not read job ${shortId(event.job)}: ${error.message}`));
+}
+
+function jobProgress(event) {
+  const entry = jobs.get(event.job);
+  if (!entry) return;
+  if (entry.doc.files) {
+    const file = entry.doc.files.find((f) => f.index === event.file);
+    // Not for a file the page already knows ended: an event older than the document read last.
+    if (file && typeof event.bytes === "number" && !["FINISHED", "FAILED"].includes(file.state)) {
+      file.bytes = event.bytes;
+      if (typeof event.size === "number" && file.size === null) file.size = event.size;
+      entry.doc.bytes = entry.doc.files.reduce((sum, f) => sum + (f.bytes || 0), 0);
+      const sizes = entry.doc.files.map((f) => f.size);
+      entry.doc.size = sizes.includes(null) ? null : sizes.reduce((sum, size) => sum + size, 0);
+      showJob(entry);
+    }
+  }
+  scheduleJob(event.job);
+}
+
+async function addJob(id) {
+  if (addingJobs.has(id)) {
+    addingJobs.set(id, true);
+    return;
+  }
+  const generation = jobsGeneration;
+  addingJobs.set(id, false);
+  let doc;
+  let again = false;
+  try {
+    doc = await fetchJob(id);
+  } finally {
+    if (generation === jobsGeneration) {
+      again = addingJobs.get(id);
+      addingJobs.delete(id);
+    }
+  }
+  if (!doc || generation !== jobsGeneration) return;
+  if (jobs.has(id)) refetchJob(id);
+  else placeJob(doc);
+  if (again) refetchJob(id);
+  showJobsEmpty();
+}
+
+async function fetchJob(id) {
+  const response = await fetch(`/_api/v1/jobs/${encodeURIComponent(id)}`, {
+    headers: { Accept: "application/json" },
+    cache: "no-store",
+  });
+  if (response.status === 404) return null;
+  if (!response.ok) throw new Error(await errorMessage(response));
+  return response.json();
+}
+
+function newest(a, b) {
+  // Newest first: by creation time, then by id for the same instant.
+  const when = (doc) => Date.parse(doc.created_at) || 0;
+  return when(b) - when(a) || (a.id < b.id ? 1 : a.id > b.id ? -1 : 0);
+}
+
+function placeJob(doc) {
+  const entry = { doc, row: makeJobRow(doc.id), fetching: false, again: false, timer: null, fetchedAt: 0 };
+  jobs.set(doc.id, entry);
+  const body = $("#jobs tbody");
+  const before = Array.from(body.rows).find((other) => newest(doc, jobs.get(other.dataset.job).doc) < 0);
+  body.insertBefore(entry.row, before || null);
+  showJob(entry);
+  // Only the newest JOBS_SHOWN stay.
+  while (body.rows.length > JOBS_SHOWN) {
+    const last = body.rows[body.rows.length - 1];
+    const id = last.dataset.job;
+    const dropped = jobs.get(id);
+    if (dropped) clearTimeout(dropped.timer);
+    jobs.delete(id);
+    olderJobs.add(id);
+    last.remove();
+  }
+}
+
+function scheduleJob(id) {
+  // A progress event: refetch, but not more than once a JOB_REFETCH_MS.
+  const entry = jobs.get(id);
+  if (!entry || entry.timer) return;
+  const wait = Math.max(0, entry.fetchedAt + JOB_REFETCH_MS - Date.now());
+  entry.timer = setTimeout(() => {
+    entry.timer = null;
+    refetchJob(id);
+  }, wait);
+}
+
+async function refetchJob(id) {
+  const entry = jobs.get(id);
+  if (!entry) return;
+  clearTimeout(entry.timer);
+  entry.timer = null;
+  if (entry.fetching) {
+    entry.again = true; // one more when this answer is in: an event came after the request left
+    return;
+  }
+  const generation = jobsGeneration;
+  entry.fetching = true;
+  entry.fetchedAt = Date.now();
+  try {
+    const doc = await fetchJob(id);
+    if (generation !== jobsGeneration || jobs.get(id) !== entry) return;
+    if (doc === null) {
+      dropJob(id);
+      return;
+    }
+    entry.doc = doc;
+    showJob(entry);
+  } catch (error) {
+    sayJobs(`Could not read job ${shortId(id)}: ${error.message}`);
+  } finally {
+    entry.fetching = false;
+    if (entry.again && jobs.get(id) === entry) {
+      entry.again = false;
+      refetchJob(id);
+    }
+  }
+}
+
+function dropJob(id) {
+  const entry = jobs.get(id);
+  if (!entry) return;
+  clearTimeout(entry.timer);
+  entry.row.remove();
+  jobs.delete(id);
+  showJobsEmpty();
+}
+
+function showJobsEmpty() {
+  $("#jobs-empty").hidden = jobs.size > 0;
+  $("#jobs").hidden = jobs.size === 0;
+}
+
+function shortId(id) {
+  return id.slice(0, 8);
+}
+
+function makeJobRow(id) {
+  const row = $("#job-row").content.firstElementChild.cloneNode(true);
+  row.dataset.job = id;
+  const code = row.querySelector(".job code");
+  code.textContent = shortId(id);
+  code.title = id;
+  row.querySelector("progress").setAttribute("aria-label", `Progress of job ${shortId(id)}`);
+  for (const button of row.querySelectorAll("button[data-step]")) {
+    const step = button.dataset.step;
+    button.setAttribute("aria-label", `${STEP_LABELS[step]} job ${shortId(id)}`);
+    button.addEventListener("click", () => {
+      jobStep(id, step, button).catch((error) => sayJobs(`${STEP_LABELS[step]} failed: ${error.message}`));
+    });
+  }
+  return row;
+}
+
+function showJob(entry) {
+  const { doc, row } = entry;
+  row.dataset.state = doc.state;
+  row.querySelector(".state .name").textContent = doc.state;
+  // Its files by state ("1 ACTIVE, 2 QUEUED"): a job's state does not say all (a resumed job is
+  // QUEUED while a file a runner still holds goes on).
+  const counts = Object.entries(doc.files_by_state || {});
+  row.querySelector(".state .files").textContent = counts.length
+    ? `files: ${counts.map(([state, count]) => `${count} ${state}`).join(", ")}`
+    : "";
+  const bar = row.querySelector("progress");
+  const numbers = row.querySelector(".progress .numbers");
+  const bytes = doc.bytes;
+  const size = doc.size;
+  if (typeof bytes !== "number") {
+    // A summary, before its document arrives.
+    bar.removeAttribute("value");
+    numbers.textContent = "";
+  } else if (typeof size === "number" && size > 0) {
+    const percent = doc.state === "FINISHED" ? 100 : Math.min(100, Math.floor((bytes / size) * 100));
+    bar.max = size;
+    bar.value = Math.min(bytes, size);
+    numbers.textContent = `${percent} % (${human(bytes)} of ${human(size)})`;
+  } else if (size === 0) {
+    bar.max = 1;
+    bar.value = doc.state === "FINISHED" ? 1 : 0;
+    numbers.textContent = `${doc.state === "FINISHED" ? 100 : 0} % (0 bytes)`;
+  } else {
+    bar.removeAttribute("value"); // the size is not known yet
+    numbers.textContent = human(bytes);
+  }
+  const rate = row.querySelector(".rate");
+  rate.textContent = doc.state === "ACTIVE" && doc.rate > 0 ? `${human(Math.round(doc.rate))}/s` : "—";
+  const error = row.querySelector(".error");
+  const last = doc.last_error;
+  const text = last ? [last.reason, last.message].filter(Boolean).join(": ") : doc.reason || "";
+  error.textContent = (text.split("\n")[0] || "").trim();
+  error.title = text;
+  for (const button of row.querySelectorAll("button[data-step]")) {
+    button.hidden = !JOB_STEPS[button.dataset.step].includes(doc.state);
+  }
+}
+
+async function jobStep(id, step, button) {
+  button.disabled = true;
+  try {
+    const clear = step === "clear";
+    const response = await fetch(clear ? `/_api/v1/jobs/${encodeURIComponent(id)}` : `/_api/v1/jobs/${encodeURIComponent(id)}/${step}`, {
+      method: clear ? "DELETE" : "POST",
+      headers: { Accept: "application/json" },
+    });
+    if (!response.ok) {
+      sayJobs(`${STEP_LABELS[step]} refused for job ${shortId(id)}: ${await errorMessage(response)}`);
+      refetchJob(id);
+      return;
+    }
+    sayJobs("");
+    if (clear) {
+      dropJob(id);
+      return;
+    }
+    const entry = jobs.get(id);
+    if (entry) {
+      entry.doc = await response.json();
+      showJob(entry);
+    }
+  } finally {
+    button.disabled = false;
+  }
 }
 
 // -- uploads --------------------------------------------------------------------------------
@@ -467,6 +822,7 @@ function start() {
   whoAmI()
     .then(() => {
       follow();
+      loadJobs(currentIdentity).catch((error) => sayJobs(`Could not list the transfer jobs: ${error.message}`));
       if (!fromLink) return refreshList();
       $("#signin").hidden = false;
       $("#token").value = fromLink;
