@@ -43,7 +43,10 @@ async def finished(store: Store, job_id: str, state: str = "FINISHED") -> dict[s
         last = await job_state(store, job_id)
         return bool(last["state"] == state)
 
-    await eventually(done, f"job {job_id} is {state}")
+    try:
+        await eventually(done, f"job {job_id} is {state}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {last}") from None
     return last
 
 
@@ -214,7 +217,7 @@ async def test_pause_stop_resume_and_clear_keep_the_bytes_already_copied(
     # Stopped, the partial file waits; cleared, the store drops what it staged.
     source.flowing.clear()
     stopped_job = await submit(store, files=[{"source": f"{base}/a.bin", "destination": "local:/files/b.bin"}])
-    await reach(store, stopped_job["id"], lambda d: d["state"] == "ACTIVE", "the second job runs")
+    await until(lambda: staged_bytes(store.staging) >= source.hold_after, "the second job's first bytes are staged")
     busy = await store.client.delete(f"/_api/v1/jobs/{stopped_job['id']}", headers=ADA)
     assert busy.status == 409
     stop = await store.client.post(f"/_api/v1/jobs/{stopped_job['id']}/stop", headers=ADA)

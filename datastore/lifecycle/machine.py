@@ -300,6 +300,24 @@ class Lifecycle:
         if manifest.total_size > available:
             raise InsufficientStorage(f"{manifest.total_size} bytes declared, {max(0, available)} available")
         infos = [FileInfo(f.name, f.size, f.md5, f.sha256) for f in manifest.files]
+        # Reserving and recording go to their end together, even for a caller cancelled meanwhile (a
+        # client gone, a job paused): cut between the two, a reservation would hold its names for no
+        # transfer. A caller cancelled meanwhile leaves a transfer that expires, or that its
+        # idempotency key finds again.
+        return await staging.uncancellable(
+            self._reserve_and_create(mount, identity, client, manifest, infos, upload_metadata, idempotency_key)
+        )
+
+    async def _reserve_and_create(
+        self,
+        mount: Mount,
+        identity: Identity,
+        client: str,
+        manifest: Manifest,
+        infos: list[FileInfo],
+        upload_metadata: str | None,
+        idempotency_key: str | None,
+    ) -> tuple[Transfer | None, list[str]]:
         async with mount.lock:
             reserved: list[FileInfo] = []
             if mount.reserver is not None:

@@ -158,6 +158,12 @@ class LocalDestination(_Local):
         mount = await self._mount(Action.UPLOAD)
         state = self.lifecycle.state
         key = handle.get("key")
+        if key is None and isinstance(handle.get("idempotency_key"), str):
+            # Registered by an attempt stopped before it could record the key: found by the intent.
+            found = await state.idempotent(self.prefix, self.identity, handle["idempotency_key"])
+            if found is not None:
+                key = found.key
+                handle = {**handle, "key": key}
         if key is not None:
             transfer = await state.get(key)
             usable = (
