@@ -184,14 +184,10 @@ class TokenStore:
         return IssuedToken(record, token)
 
     async def verify(self, token: str, now: float | None = None) -> TokenRecord | None:
-        """The record of a valid (known, unexpired, unrevoked) ``token``, else ``None``."""
-        match = _TOKEN.match(token)
-        if match is None:
+        """The record of a valid (known, unexpired, unrevoked; an invitation's: accepted) ``token``, else ``None``."""
+        record = await self.lookup(token)
+        if record is None:
             return None
-        row = await self._db.read(lambda db: db.execute("SELECT * FROM tokens WHERE id = ?", (match["id"],)).fetchone())
-        if row is None or not hmac.compare_digest(row["hash"], _hash(token)):
-            return None
-        record = _record(row)
         return record if record.state(time.time() if now is None else now) == "active" else None
 
     # -- vouchers and invitations ---------------------------------------------------------------
