@@ -163,7 +163,8 @@ class JobRunner:
                 await self._look_at_lease(attempt)
 
     async def run(self) -> None:
-        """Claim and copy files until cancelled."""
+        """Claim and copy files until cancelled (and, beside, follow the invitations jobs wait for)."""
+        invitations = asyncio.create_task(self._invitations_loop(), name="datastore-job-invitations")
         try:
             while True:
                 now = time.time()
@@ -179,7 +180,20 @@ class JobRunner:
                     async with asyncio.timeout(delay):
                         await self._wake.wait()
         finally:
+            invitations.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await invitations
             await self.stop()
+
+    async def _invitations_loop(self) -> None:
+        """Every INVITATION_POLL: ask and follow invitations, apart from the claims (another store
+        slow to answer holds up no copy)."""
+        while True:
+            try:
+                await self._follow_invitations(time.time())
+            except Exception:
+                log.exception("following the jobs' invitations failed")
+            await asyncio.sleep(INVITATION_POLL)
 
     async def stop(self) -> None:
         """End every running attempt (its file goes back to the queue, its bytes kept) and close."""
@@ -213,7 +227,7 @@ class JobRunner:
     async def _housekeeping(self, now: float) -> None:
         for job in await self.state.expire_due_jobs(now):
             log.info("job %s expired", job.id[:8])
-        await self._follow_invitations(now)
+            await self.notice(job.id)
         for job_id, index, holder in await self.state.expired_job_leases(now):
             if (job_id, index) in self.running and holder == self.holder:
                 continue
@@ -233,6 +247,8 @@ class JobRunner:
     async def _follow_invitations(self, now: float) -> None:
         """Ask for the invitations jobs wait for, and follow their answers (one process per job)."""
         waiting = await self.state.jobs(None, states=[JobState.AWAITING_ACCEPTANCE, JobState.PAUSED], limit=1000)
+        ids = {job.id for job in waiting}
+        self._next_look = {job_id: when for job_id, when in self._next_look.items() if job_id in ids}
         for job in waiting:
             if job.state is JobState.PAUSED and not (job.reason or "").startswith(VOUCHER_PAUSE):
                 continue
@@ -243,7 +259,10 @@ class JobRunner:
             if not await self.state.acquire(lease, self.holder, lease=60.0, now=now):
                 continue
             try:
-                await self._invitation(job, now)
+                async with asyncio.timeout(self.settings.job_stall_timeout):
+                    await self._invitation(job, now)
+            except TimeoutError:
+                log.info("job %s: its destination store did not answer about the invitation", job.id[:8])
             except DriverError as exc:
                 log.info("job %s: the invitation: %s", job.id[:8], exc.message)
             except Exception:
@@ -379,6 +398,8 @@ class JobRunner:
                     with contextlib.suppress(Exception):
                         await end.close()
             self.running.pop(place, None)
+            if not any(other.claimed.job.id == job.id for other in self.running.values()):
+                self._throttles.pop(job.id, None)
             if not self._stopping:
                 self._wake.set()
 
