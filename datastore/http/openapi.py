@@ -1597,6 +1597,23 @@ def _job_schemas(settings: Settings) -> Object:
         "bandwidth": _nullable(count),
         "chunk_size": _nullable(count),
         "reason": _nullable({"type": "string", "description": "why the job is where it is (a stop, an expiry)"}),
+        "invitation": _nullable(
+            _closed(
+                {
+                    "base": {"type": "string", "description": "the destination store's URL"},
+                    "prefix": {"type": "string"},
+                    "id": {"type": "string", "pattern": "^[0-9a-f]{12}$"},
+                    "state": {
+                        "type": "string",
+                        "description": "`ASKING`, then the invitation's state as the destination store says it",
+                    },
+                    "answer_by": _nullable(_TIME),
+                    "left": _nullable({**count, "description": "bytes left of the voucher's budget"}),
+                },
+                required=["base", "prefix", "state"],
+                description="The invitation the job asked of its destination store (never its token)",
+            )
+        ),
         "created_at": _TIME,
         "committed_at": _nullable(_TIME),
         "started_at": _nullable(_TIME),
@@ -1610,7 +1627,12 @@ def _job_schemas(settings: Settings) -> Object:
             "ended_at": _nullable(_TIME),
             "from": {**count, "description": "the offset the attempt started at"},
             "to": _nullable({**count, "description": "the bytes the file had when the attempt ended"}),
-            "outcome": _nullable({"enum": ["finished", "retrying", "failed"]}),
+            "outcome": _nullable(
+                {
+                    "enum": ["finished", "retrying", "failed", "interrupted"],
+                    "description": "`interrupted`: the job was paused, stopped or expired while the attempt ran",
+                }
+            ),
             "reason": reason,
             "error": _nullable({"type": "string"}),
         }
