@@ -116,6 +116,37 @@ async def test_a_job_submission_beyond_the_documented_bounds_is_400(make_store: 
     assert reply.status == 400, await reply.text()
 
 
+_INVITATION = {"prefix": "files", "names": ["invited.bin"], "size": 10}
+
+
+@pytest.mark.parametrize(
+    ("answer", "body"),
+    [
+        ("accept", {"budget": 2**62}),
+        ("accept", {"lifetime": 10**400}),
+        ("extend", {"bytes": 2**62 - 10}),
+        ("extend", {"bytes": 2**70}),
+    ],
+    ids=["budget", "lifetime-int", "extend-to-bound", "extend-huge"],
+)
+async def test_an_invitation_answer_beyond_the_documented_bounds_is_400(
+    make_store: MakeStore, answer: str, body: Any
+) -> None:
+    # Each of these was a 500 (SQLite or float overflow) or, the extension, a budget SQLite kept as a float.
+    store = await make_store()
+    who = {"X-Client-DN": "/O=Lab/CN=Ada"}
+    asked = await store.client.post("/_api/v1/invitations", json=_INVITATION)
+    assert asked.status == 201, await asked.text()
+    url = (await asked.json())["url"]
+    if answer == "extend":
+        accepted = await store.client.post(f"{url}/accept", json={}, headers=who)
+        assert accepted.status == 200, await accepted.text()
+
+    reply = await store.client.post(f"{url}/{answer}", json=body, headers=who)
+
+    assert reply.status == 400, await reply.text()
+
+
 # -- fuzzing ------------------------------------------------------------------------------------
 
 #: Examples per operation in each generating phase, and the bound of one run over every operation.
