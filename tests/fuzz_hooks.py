@@ -2,11 +2,12 @@
 
 The test writes the real values of the fuzzed store to the JSON file named by
 ``FUZZ_TARGETS``: half of the generated path parameters are swapped for a
-real transfer key and file number, a published file, a token id or a job id,
-so that fuzzing reaches past the 404s of random keys. Targets are keyed by
-the operation's path where one is given for it (a job's ``id`` is not a
-token's), else by the names of its path parameters. The check ``no_traceback``
-fails any answer whose body shows a Python traceback.
+real transfer key and file number, a published file, a token id, a job id
+or an invitation id, so that fuzzing reaches past the 404s of random keys.
+Targets are keyed by the operation's path where one is given for it (a job's
+or an invitation's ``id`` is not a token's), else by the names of its path
+parameters. The check ``no_traceback`` fails any answer whose body shows a
+Python traceback.
 """
 
 from __future__ import annotations

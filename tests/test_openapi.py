@@ -24,7 +24,7 @@ from openapi_spec_validator import validate
 
 from datastore.http.jobs import JOB_FIELDS
 from datastore.http.jobs import JOB_STEPS as JOB_STEPS
-from datastore.http.openapi import OPENAPI_PATH
+from datastore.http.openapi import INVITATION_ANSWERS, OPENAPI_PATH
 from datastore.jobs.states import JobState
 from datastore.security.policy import Policy
 
@@ -112,6 +112,37 @@ async def test_a_job_submission_beyond_the_documented_bounds_is_400(make_store: 
     store = await make_store()
 
     reply = await store.client.post("/_api/v1/jobs", json=body, headers={"X-Client-DN": "/O=Lab/CN=Ada"})
+
+    assert reply.status == 400, await reply.text()
+
+
+_INVITATION = {"prefix": "files", "names": ["invited.bin"], "size": 10}
+
+
+@pytest.mark.parametrize(
+    ("answer", "body"),
+    [
+        ("accept", {"budget": 2**62}),
+        ("accept", {"lifetime": 10**400}),
+        ("extend", {"bytes": 2**62 - 10}),
+        ("extend", {"bytes": 2**70}),
+    ],
+    ids=["budget", "lifetime-int", "extend-to-bound", "extend-huge"],
+)
+async def test_an_invitation_answer_beyond_the_documented_bounds_is_400(
+    make_store: MakeStore, answer: str, body: Any
+) -> None:
+    # Each of these was a 500 (SQLite or float overflow) or, the extension, a budget SQLite kept as a float.
+    store = await make_store()
+    who = {"X-Client-DN": "/O=Lab/CN=Ada"}
+    asked = await store.client.post("/_api/v1/invitations", json=_INVITATION)
+    assert asked.status == 201, await asked.text()
+    url = (await asked.json())["url"]
+    if answer == "extend":
+        accepted = await store.client.post(f"{url}/accept", json={}, headers=who)
+        assert accepted.status == 200, await accepted.text()
+
+    reply = await store.client.post(f"{url}/{answer}", json=body, headers=who)
 
     assert reply.status == 400, await reply.text()
 
@@ -233,6 +264,23 @@ def _jobs(url: str, headers: dict[str, str], prefix: str, run: str) -> dict[str,
     }
 
 
+def _invitations(url: str, headers: dict[str, str], prefix: str, run: str) -> dict[str, list[dict[str, Any]]]:
+    """Two invitations to ``prefix``, pending until the fuzzer answers or revokes them; the hooks'
+    targets for the invitation routes."""
+    ids = []
+    for direction in ("push", "pull"):
+        body = {"prefix": prefix, "direction": direction, "names": [f"{run}-invited.bin"], "size": 10}
+        status, invitation = _call(url, "POST", "/_api/v1/invitations", headers, body)
+        assert status == 201, invitation
+        ids.append(invitation["id"])
+    return {
+        "/_api/v1/invitations/{id}": [{"id": id} for id in ids],
+        "/_api/v1/invitations/{id}/{answer}": [
+            {"id": id, "answer": answer} for id in ids for answer in INVITATION_ANSWERS
+        ],
+    }
+
+
 @pytest.fixture(scope="module")
 def fuzz_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzStore]:
     """``datastore serve`` on 127.0.0.1, port 0, with transfers and a published file for each run."""
@@ -263,7 +311,12 @@ def fuzz_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzStore]:
         assert status == 201, spare
         tokens = {"id": [{"id": spare["id"]}]}
         targets = {
-            "admin": {**_prepare(url, admin, "files", "admin"), **tokens, **_jobs(url, admin, "files", "admin")},
+            "admin": {
+                **_prepare(url, admin, "files", "admin"),
+                **tokens,
+                **_jobs(url, admin, "files", "admin"),
+                **_invitations(url, admin, "files", "admin"),
+            },
             "anonymous": {**_prepare(url, {}, "open", "anonymous"), **tokens},
         }
         yield FuzzStore(url, root, admin_token, targets)
@@ -277,11 +330,30 @@ def fuzz_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzStore]:
             process.wait()
 
 
-#: Without credentials every jobs operation answers 401: a few examples show it; as many as the
-#: others get (and the coverage phase's boundary values) would only make the run longer.
+#: Invitations: a client has at most `max_invitations_per_client` (20) waiting, so after the first
+#: few the asks are 400 however many more the fuzzer sends; fewer examples keep the runs' time.
+INVITATIONS_CONFIG = """
+[[operations]]
+include-tag = "invitations"
+generation.max-examples = 15
+"""
+
+#: Without credentials every jobs operation, and every invitations operation but asking for one,
+#: answers 401: a few examples show it; as many as the others get (and the coverage phase's
+#: boundary values) would only make the run longer.
 ANONYMOUS_CONFIG = """
 [[operations]]
 include-tag = "jobs"
+generation.max-examples = 5
+phases.coverage.enabled = false
+
+[[operations]]
+include-operation-id = "invitationAsk"
+generation.max-examples = 15
+
+[[operations]]
+include-tag = "invitations"
+exclude-operation-id = "invitationAsk"
 generation.max-examples = 5
 phases.coverage.enabled = false
 """
@@ -320,7 +392,7 @@ def fuzz(store: FuzzStore, run: str, headers: dict[str, str], extra: str = "") -
 
 
 def test_fuzzing_as_an_administrator_finds_no_error(fuzz_store: FuzzStore) -> None:
-    fuzz(fuzz_store, "admin", {"Authorization": f"Bearer {fuzz_store.admin_token}"})
+    fuzz(fuzz_store, "admin", {"Authorization": f"Bearer {fuzz_store.admin_token}"}, INVITATIONS_CONFIG)
 
 
 def test_fuzzing_without_credentials_finds_no_error(fuzz_store: FuzzStore) -> None:

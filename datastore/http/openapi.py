@@ -2,7 +2,7 @@
 
 This module owns the document: every route of ``server.py`` (legacy INI and
 JSON manifests, whole-body and form uploads, tus, downloads, the listing,
-the control plane, the token API and the transfer jobs API), its parameters,
+the control plane, the token API, invitations and the transfer jobs API), its parameters,
 request bodies, security schemes, and for each operation the status codes it
 really answers with their content types, headers and schemas.
 
@@ -10,8 +10,8 @@ It is built in code rather than shipped as a JSON file so that it takes its
 numbers from the same places the server does (the prefix pattern, the
 error codes of :mod:`datastore.errors`, tus's version, extensions and
 checksum algorithms, token actions and lifetimes, the job and file states,
-the jobs API's steps and limits, the running store's manifest limits and
-prefixes) and cannot drift from them; ``servers`` names the URL the client
+the jobs API's steps and limits, the invitations' limits, the running
+store's manifest limits and prefixes) and cannot drift from them; ``servers`` names the URL the client
 reached the store under. The tests validate it with
 ``openapi-spec-validator`` and fuzz the running store from it with
 Schemathesis.
@@ -36,13 +36,14 @@ from ..jobs.states import (
 )
 from ..lifecycle.states import EventType
 from ..security.identity import DN_HEADER, MAX_IDENTITY_BYTES, IdentityKind
-from ..security.tokens import ACTIONS, MAX_LIFETIME
+from ..security.tokens import ACTIONS, DEFAULT_LIFETIME, MAX_LIFETIME
 from .api import MAX_TOKEN_REQUEST
 from .context import CONTEXT
 from .jobs import JOB_STEPS as JOB_STEPS
 from .jobs import LAST_DEADLINE, MAX_JOB_REQUEST, MAX_SIZE, MAX_URL
 from .metrics_page import METRICS_PATH
 from .tus import CHECKSUM_ALGORITHMS, EXTENSIONS, MAX_METADATA_BYTES, OFFSET_CONTENT_TYPE, TUS_VERSION
+from .vouchers import MAX_INVITATION_NAMES, MAX_INVITATION_REQUEST
 
 #: Where the document is served.
 OPENAPI_PATH = "/_api/v1/openapi.json"
@@ -85,6 +86,11 @@ def build_document(settings: Settings, prefixes: list[str]) -> Object:
             {"name": "files", "description": "Downloads, the listing and deletion."},
             {"name": "control", "description": "The control plane under /_api/v1/."},
             {"name": "tokens", "description": "Bearer tokens (administrators)."},
+            {
+                "name": "invitations",
+                "description": "Invitations: another store asks for a voucher (a token scoped to a prefix, push or "
+                "pull, the names and a byte budget) that works once someone who may upload to the prefix accepts it.",
+            },
             {
                 "name": "jobs",
                 "description": "Transfer jobs: copies the store runs between its own prefixes (`local:/PREFIX/NAME`), "
@@ -192,6 +198,12 @@ QUOTA = (
     "`max_reserved_names_per_client`, `max_reserved_bytes_per_client`)"
 )
 
+EXHAUSTED = (
+    "a voucher's byte budget is used up (`voucher_exhausted`, with `WWW-Authenticate`; bytes that arrived before "
+    "are kept): its issuer may extend it"
+)
+VOUCHER_NAMES = "a voucher that does not name the file"
+
 _IDENTIFIED = {400: [BAD_DN], 401: [BAD_CREDENTIAL], 403: [CERTIFICATE]}
 _ON_A_PREFIX = {400: [BAD_DN], 401: [SIGN_IN, BAD_CREDENTIAL], 403: [POLICY, CERTIFICATE], 404: [NO_PREFIX]}
 
@@ -225,6 +237,11 @@ def _header(description: str, schema: Object | None = None, *, required: bool = 
 _WWW_AUTHENTICATE = _header('`Bearer realm="datastore"`, with `error="invalid_token"` for a bad token')
 _ALLOW = _header("the methods the path takes")
 _RETRY_AFTER = _header("seconds to wait", {"type": "string", "pattern": "^[0-9]+$"})
+_INSUFFICIENT_SCOPE = _header(
+    '`voucher_exhausted` only: `Bearer realm="datastore", error="insufficient_scope", '
+    'error_description="voucher_exhausted"`',
+    required=False,
+)
 _TUS_RESUMABLE_OUT = _header("the protocol version", {"const": TUS_VERSION})
 _UPLOAD_EXPIRES = _header("when the transfer key expires (RFC 9110 date)")
 _OFFSET_OUT = _header("bytes of the file the store holds", {"type": "string", "pattern": "^[0-9]+$"})
@@ -244,6 +261,8 @@ def _errors(reasons: dict[int, list[str]], *, body: bool = True) -> dict[str, Ob
             429: {"Retry-After": {**_RETRY_AFTER, "required": False}},
             503: {"Retry-After": _RETRY_AFTER},
         }.get(status)
+        if status == 403 and EXHAUSTED in reasons[status]:
+            headers = {"WWW-Authenticate": _INSUFFICIENT_SCOPE}
         if headers:
             response["headers"] = headers
         responses[str(status)] = response
@@ -296,6 +315,16 @@ def _paths() -> Object:
             "parameters": [_ref("parameters", "tokenId")],
             "get": _token_show(),
             "delete": _token_revoke(),
+        },
+        "/_api/v1/invitations": {"get": _invitation_list(), "post": _invitation_ask()},
+        "/_api/v1/invitations/{id}": {
+            "parameters": [_ref("parameters", "invitationId")],
+            "get": _invitation_show(),
+            "delete": _invitation_revoke(),
+        },
+        "/_api/v1/invitations/{id}/{answer}": {
+            "parameters": [_ref("parameters", "invitationId"), _ref("parameters", "answer")],
+            "post": _invitation_answer(),
         },
         "/_api/v1/events": {"get": _events()},
         "/_api/v1/transfers/{key}/events": {"parameters": [_ref("parameters", "key")], "get": _transfer_events()},
@@ -546,6 +575,189 @@ def _token_revoke() -> Object:
             **_errors(_merge(_ADMIN_ERRORS, {403: [CROSS_SITE], 404: ["no such token"]})),
         },
         security=_ADMIN,
+    )
+
+
+# -- invitations ---------------------------------------------------------------------------------
+
+#: The answers ``POST /_api/v1/invitations/{id}/{answer}`` takes (``vouchers.handle_answer``).
+INVITATION_ANSWERS = ("accept", "decline", "extend")
+#: Sizes, budgets and extensions are below this (``vouchers.handle_invite``, ``handle_answer``).
+_MAX_BYTES = 2**62 - 1
+
+_ANSWERER = _merge(
+    _IDENTIFIED,
+    {
+        401: ["an anonymous client"],
+        403: ["a voucher (vouchers answer no invitation)"],
+    },
+)
+_ANSWERABLE = _merge(
+    _ANSWERER,
+    {
+        403: [
+            "the client may not upload to the invitation's prefix (only those who may, and administrators, answer it)"
+        ],
+        404: ["no such invitation"],
+    },
+)
+
+
+def _invitation_list() -> Object:
+    return _operation(
+        "invitationList",
+        "invitations",
+        "The invitations the client may answer, newest first (never their tokens)",
+        {
+            "200": _json(
+                "Every recorded invitation to a prefix the client may upload to (an administrator's: all), in any "
+                "state",
+                _schema("InvitationList"),
+                {"Cache-Control": _NO_STORE},
+            ),
+            **_errors(_ANSWERER),
+        },
+        security=_KNOWN,
+    )
+
+
+def _invitation_ask() -> Object:
+    return _operation(
+        "invitationAsk",
+        "invitations",
+        "Ask for an invitation: a voucher that works once it is accepted",
+        {
+            "201": _json(
+                "The invitation, `PENDING`, and, this once, its token (`token`): the asker follows the answer with "
+                "it (`GET /_api/v1/invitations/{id}`) and, accepted, uses it as its voucher",
+                _schema("IssuedInvitation"),
+                {
+                    "Location": _header("the invitation's URL, `/_api/v1/invitations/{id}`"),
+                    "Cache-Control": _NO_STORE,
+                },
+            ),
+            **_errors(
+                _merge(
+                    _IDENTIFIED,
+                    {
+                        400: [
+                            "the body is not JSON, not an object of the fields below, or breaks a field's rule (the "
+                            "message names it), or a name breaks the naming rules",
+                            "`requester` (or, without one, the client's identity) is not 1 to 200 printable characters",
+                            "the client has `max_invitations_per_client` invitations waiting for an answer already",
+                        ],
+                        403: [CROSS_SITE],
+                        404: ["no such prefix (`Path not found`)"],
+                        408: [SLOW],
+                        413: [f"a body of more than {MAX_INVITATION_REQUEST} bytes"],
+                        415: ["a body that is not `application/json`"],
+                    },
+                )
+            ),
+        },
+        description="Anyone may ask (no credential needed): the answer is a voucher-to-be, a token of this store "
+        "scoped to the prefix, the direction (`push`: upload; `pull`: read), the names and a byte budget (`size`), "
+        "that works for nothing until someone who may upload to the prefix (or an administrator) accepts it, "
+        "within `wait` seconds (at most the store's `invitation_max_wait`). Declined, revoked or unanswered in "
+        "time, it never works.",
+        body={
+            "required": True,
+            "content": {
+                JSON: {
+                    "schema": _schema("InvitationRequest"),
+                    "example": {
+                        "prefix": "files",
+                        "direction": "push",
+                        "names": ["report.pdf"],
+                        "size": 1048576,
+                        "requester": "https://other.example: job 1a2b3c4d of ada",
+                    },
+                }
+            },
+        },
+    )
+
+
+def _invitation_show() -> Object:
+    return _operation(
+        "invitationShow",
+        "invitations",
+        "One invitation: whether it was answered, and its voucher's budget",
+        {
+            "200": _json("The invitation", _schema("Invitation"), {"Cache-Control": _NO_STORE}),
+            **_errors(
+                _merge(
+                    _ANSWERABLE,
+                    {401: ["another invitation's token (a pending or declined invitation's token works nowhere else)"]},
+                )
+            ),
+        },
+        description="To those who may answer it, and to its asker, who presents the invitation's own token as "
+        "`Authorization: Bearer` (whatever the invitation's state: pending, declined, expired or revoked too).",
+        security=_KNOWN,
+    )
+
+
+def _invitation_revoke() -> Object:
+    return _operation(
+        "invitationRevoke",
+        "invitations",
+        "Revoke an invitation: its voucher stops working at once",
+        {
+            "200": _json("The invitation, `REVOKED`", _schema("Invitation"), {"Cache-Control": _NO_STORE}),
+            **_errors(_merge(_ANSWERABLE, {403: [CROSS_SITE]})),
+        },
+        security=_KNOWN,
+    )
+
+
+def _invitation_answer() -> Object:
+    return _operation(
+        "invitationAnswer",
+        "invitations",
+        "Accept or decline an invitation, or extend its voucher's budget",
+        {
+            "200": _json("The invitation after the answer", _schema("Invitation"), {"Cache-Control": _NO_STORE}),
+            **_errors(
+                _merge(
+                    _ANSWERABLE,
+                    {
+                        400: [
+                            "the body is not JSON or not an object",
+                            "`accept` and `decline`: a `budget` that is not a number of bytes below 2^62, or a "
+                            f"`lifetime` that is not seconds up to {MAX_LIFETIME:.0f}",
+                            "`extend`: `bytes` is not a positive number of bytes, or would take the budget to 2^62",
+                        ],
+                        403: [CROSS_SITE],
+                        404: ["no such answer"],
+                        408: [SLOW],
+                        409: [
+                            "`accept` or `decline` of an invitation that is not pending (answered, revoked or past its "
+                            "wait)",
+                            "`extend` of a voucher that is not active (pending, declined, expired or revoked)",
+                        ],
+                        413: ["a body of more than 4096 bytes"],
+                    },
+                )
+            ),
+        },
+        description="`accept`: the voucher works from now, for `lifetime` seconds (default 30 days) and `budget` "
+        "bytes (default the size asked); `decline`: it never works (a `budget` sent is recorded); `extend`: an "
+        "accepted voucher's budget grows by `bytes` (a transfer paused on `voucher_exhausted` goes on). The body "
+        "may be empty (`accept` and `decline`); each answer reads only its own fields and ignores others.",
+        body={
+            "required": False,
+            "content": {
+                JSON: {
+                    "schema": {"anyOf": [_schema("InvitationAcceptance"), _schema("InvitationExtension")]},
+                    "examples": {
+                        "accept": {"value": {"budget": 1048576, "lifetime": 86400}},
+                        "extend": {"value": {"bytes": 1048576}},
+                    },
+                }
+            },
+        },
+        security=_KNOWN,
     )
 
 
@@ -1035,7 +1247,13 @@ def _manifest() -> Object:
 
 
 def _refused_403() -> Object:
-    reasons = [POLICY, "the JSON form: the handler refused files (listed in `files`)", CROSS_SITE, CERTIFICATE]
+    reasons = [
+        POLICY,
+        "the JSON form: the handler refused files (listed in `files`)",
+        "a voucher that does not name every file of the manifest",
+        CROSS_SITE,
+        CERTIFICATE,
+    ]
     return {
         "description": _sentence(reasons),
         "content": {
@@ -1058,7 +1276,7 @@ _RESOLVE = _merge(
 #: What receiving a file's bytes can answer, whatever the route.
 _RECEIVE = {
     400: ["the body ended before its declared length, or the connection failed"],
-    403: ["the handler no longer accepts the file (sent again after a failure)"],
+    403: ["the handler no longer accepts the file (sent again after a failure)", EXHAUSTED],
     404: ["the handler gave no path for the file (`Upload file not found`)"],
     405: [
         "a client that asks for no JSON: the running uploads would not leave `min_free_bytes` free, or the disk "
@@ -1307,7 +1525,7 @@ def _tus_create() -> Object:
                             f"malformed, longer than {MAX_METADATA_BYTES} bytes or naming no valid file (`filename`),"
                             " or `Upload-Checksum` malformed"
                         ],
-                        403: ["the handler refused the file", CROSS_SITE],
+                        403: ["the handler refused the file", VOUCHER_NAMES, CROSS_SITE],
                         413: ["`Upload-Length` over `max_file_size`"],
                         429: [QUOTA],
                         507: [
@@ -1345,7 +1563,15 @@ def _tus_create() -> Object:
 
 
 def _listing() -> Object:
-    errors = _errors(_merge(_ON_A_PREFIX, {404: ["the prefix's handler offers no listing"]}))
+    errors = _errors(
+        _merge(
+            _ON_A_PREFIX,
+            {
+                403: ["a voucher that names its files (it lists nothing)"],
+                404: ["the prefix's handler offers no listing"],
+            },
+        )
+    )
     for status in ("401", "403", "404"):
         # The page, without the list, where the listing is refused (an unknown prefix stays text or JSON).
         errors[status]["content"]["text/html"] = {"schema": {"type": "string"}}
@@ -1431,7 +1657,11 @@ def _download(operation_id: str, *, head: bool) -> Object:
                     {400: ["a name that breaks the naming rules"]},
                     _ON_A_PREFIX,
                     {
-                        403: ["the file was uploaded over TLS and is served over TLS only"],
+                        403: [
+                            "the file was uploaded over TLS and is served over TLS only",
+                            VOUCHER_NAMES,
+                            *([] if head else [EXHAUSTED]),
+                        ],
                         404: ["no such file (`File not found`)"],
                     },
                 ),
@@ -1509,6 +1739,20 @@ def _parameters(prefixes: list[str]) -> Object:
             "trailing dot or space, or Windows device name (400 for one that breaks a rule)",
             "schema": {"type": "string", "minLength": 1},
         },
+        "invitationId": {
+            "name": "id",
+            "in": "path",
+            "required": True,
+            "description": "an invitation's id (12 hex digits: its token's id), as the answer to asking for it gave it",
+            "schema": {"type": "string", "pattern": "^[0-9a-f]{12}$"},
+        },
+        "answer": {
+            "name": "answer",
+            "in": "path",
+            "required": True,
+            "description": "the answer (404 for another)",
+            "schema": {"type": "string", "enum": list(INVITATION_ANSWERS)},
+        },
         "tokenId": {
             "name": "id",
             "in": "path",
@@ -1549,6 +1793,11 @@ def _error_codes() -> list[str]:
 _HEX32 = {"type": "string", "pattern": "^[0-9a-f]{32}$"}
 _HEX64 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 _TIME = {"type": "string", "format": "date-time"}
+_TOKEN_SECRET = {
+    "type": "string",
+    "pattern": "^dst_[0-9a-f]{12}_[A-Za-z0-9_-]{43}$",
+    "description": "the secret, shown this once",
+}
 
 
 def _nullable(schema: Object) -> Object:
@@ -1563,6 +1812,89 @@ def _closed(properties: Object, required: list[str] | None = None, **extra: Any)
         "required": list(properties) if required is None else required,
         "additionalProperties": False,
         **extra,
+    }
+
+
+def _invitation_schemas(settings: Settings) -> Object:
+    """The invitations API's bodies: what ``handle_invite`` and ``handle_answer`` take, what
+    ``invitation_json`` gives."""
+    count = {"type": "integer", "minimum": 0}
+    invitation = {
+        "id": {"type": "string", "pattern": "^[0-9a-f]{12}$", "description": "its token's id"},
+        "url": {"type": "string", "description": "`/_api/v1/invitations/{id}`"},
+        "state": {
+            "enum": ["PENDING", "ACCEPTED", "DECLINED", "EXPIRED", "REVOKED"],
+            "description": "`ACCEPTED`: its token is an active voucher; `EXPIRED`: unanswered in time, or the "
+            "voucher's lifetime ended",
+        },
+        "prefix": _nullable({"type": "string"}),
+        "direction": {"enum": ["push", "pull"]},
+        "names": {"type": "array", "items": {"type": "string"}},
+        "budget": _nullable({**count, "description": "the bytes the voucher lets its holder move in all"}),
+        "used": {**count, "description": "the bytes moved, or reserved by requests under way"},
+        "left": _nullable(count),
+        "requester": _nullable({"type": "string", "description": "who asked, as the asker says"}),
+        "created_at": _TIME,
+        "answer_by": _nullable({**_TIME, "description": "until when it waits for its answer"}),
+        "answered_by": _nullable({"type": "string"}),
+        "answered_at": _nullable(_TIME),
+        "expires_at": _TIME,
+    }
+    return {
+        "InvitationRequest": _closed(
+            {
+                "prefix": {"type": "string", "description": "a prefix the store serves (404 for another)"},
+                "direction": {
+                    "enum": ["push", "pull"],
+                    "default": "push",
+                    "description": "`push`: upload into this store; `pull`: read out of it",
+                },
+                "names": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": MAX_INVITATION_NAMES,
+                    "items": {"type": "string", "minLength": 1, "description": "a file name (the naming rules)"},
+                },
+                "size": {**count, "maximum": _MAX_BYTES, "description": "the bytes to move, in all"},
+                "requester": {
+                    "type": "string",
+                    "maxLength": 200,
+                    "description": "who asks, in printable characters (empty or absent: the client's identity)",
+                },
+                "wait": {
+                    "type": "number",
+                    "exclusiveMinimum": 0,
+                    "maximum": settings.invitation_max_wait,
+                    "default": settings.invitation_max_wait,
+                    "description": "seconds the invitation waits for its answer",
+                },
+            },
+            required=["prefix", "names", "size"],
+            description="An invitation asked for: a voucher for these names under the prefix.",
+        ),
+        "Invitation": _closed(invitation, description="An invitation as its asker and its answerers see it."),
+        "IssuedInvitation": _closed(
+            {**invitation, "token": {**_TOKEN_SECRET, "description": "the invitation's token, shown this once"}}
+        ),
+        "InvitationList": _closed({"invitations": {"type": "array", "items": _schema("Invitation")}}),
+        "InvitationAcceptance": _closed(
+            {
+                "budget": _nullable({**count, "maximum": _MAX_BYTES, "description": "bytes (default: the size asked)"}),
+                "lifetime": {
+                    "type": "number",
+                    "exclusiveMinimum": 0,
+                    "maximum": MAX_LIFETIME,
+                    "default": DEFAULT_LIFETIME,
+                    "description": "seconds the voucher works from now",
+                },
+            },
+            required=[],
+            description="`accept`'s (and `decline`'s) body.",
+        ),
+        "InvitationExtension": _closed(
+            {"bytes": {"type": "integer", "minimum": 1, "maximum": _MAX_BYTES, "description": "bytes to add"}},
+            description="`extend`'s body: the bytes to add to the voucher's budget (which stays below 2^62).",
+        ),
     }
 
 
@@ -1597,6 +1929,23 @@ def _job_schemas(settings: Settings) -> Object:
         "bandwidth": _nullable(count),
         "chunk_size": _nullable(count),
         "reason": _nullable({"type": "string", "description": "why the job is where it is (a stop, an expiry)"}),
+        "invitation": _nullable(
+            _closed(
+                {
+                    "base": {"type": "string", "description": "the destination store's URL"},
+                    "prefix": {"type": "string"},
+                    "id": {"type": "string", "pattern": "^[0-9a-f]{12}$"},
+                    "state": {
+                        "type": "string",
+                        "description": "`ASKING`, then the invitation's state as the destination store says it",
+                    },
+                    "answer_by": _nullable(_TIME),
+                    "left": _nullable({**count, "description": "bytes left of the voucher's budget"}),
+                },
+                required=["base", "prefix", "state"],
+                description="The invitation the job asked of its destination store (never its token)",
+            )
+        ),
         "created_at": _TIME,
         "committed_at": _nullable(_TIME),
         "started_at": _nullable(_TIME),
@@ -1610,7 +1959,12 @@ def _job_schemas(settings: Settings) -> Object:
             "ended_at": _nullable(_TIME),
             "from": {**count, "description": "the offset the attempt started at"},
             "to": _nullable({**count, "description": "the bytes the file had when the attempt ended"}),
-            "outcome": _nullable({"enum": ["finished", "retrying", "failed"]}),
+            "outcome": _nullable(
+                {
+                    "enum": ["finished", "retrying", "failed", "interrupted"],
+                    "description": "`interrupted`: the job was paused, stopped or expired while the attempt ran",
+                }
+            ),
             "reason": reason,
             "error": _nullable({"type": "string"}),
         }
@@ -1790,8 +2144,16 @@ def _schemas(settings: Settings) -> Object:
         "created_at": _TIME,
         "expires_at": _TIME,
         "revoked_at": _nullable(_TIME),
-        "state": {"enum": ["active", "expired", "revoked"]},
+        "state": {
+            "enum": ["active", "expired", "revoked", "pending", "declined"],
+            "description": "`pending` and `declined`: an invitation's token, which works for nothing",
+        },
+        # A voucher's (an invitation's token's) scope beyond actions and prefixes; absent for other tokens.
+        "names": _nullable({"type": "array", "items": {"type": "string"}, "description": "the files it covers"}),
+        "budget": _nullable({**size, "description": "the bytes it lets its holder move in all (null: no limit)"}),
+        "used": {**size, "description": "the bytes moved, or reserved by requests under way"},
     }
+    token_required = [field for field in token_record if field not in ("names", "budget", "used")]
     file_states = ["PENDING", "IN_PROGRESS", "FINISHED", "FAILED", "CANCELLED", "EXPIRED"]
     manifest_hex = {"type": "string", "description": "hex digits, either case"}
     return {
@@ -1947,18 +2309,13 @@ def _schemas(settings: Settings) -> Object:
                 ),
             }
         ),
-        "TokenRecord": _closed(token_record),
+        "TokenRecord": _closed(token_record, required=token_required),
         "IssuedToken": _closed(
-            {
-                **token_record,
-                "token": {
-                    "type": "string",
-                    "pattern": "^dst_[0-9a-f]{12}_[A-Za-z0-9_-]{43}$",
-                    "description": "the secret, shown this once",
-                },
-            }
+            {**token_record, "token": _TOKEN_SECRET},
+            required=[*token_required, "token"],
         ),
         "TokenList": _closed({"tokens": {"type": "array", "items": _schema("TokenRecord")}}),
+        **_invitation_schemas(settings),
         **_job_schemas(settings),
         "TokenRequest": _closed(
             {

@@ -190,12 +190,16 @@ async def handle_answer(request: web.Request) -> web.Response:
         if verb in ("accept", "decline"):
             budget = document.get("budget")
             lifetime = document.get("lifetime", DEFAULT_LIFETIME)
-            if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)):
-                raise BadRequest("budget must be a number of bytes")
+            if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget >= 2**62):
+                raise BadRequest("budget must be a number of bytes below 2**62")
             if isinstance(lifetime, bool) or not isinstance(lifetime, int | float):
                 raise BadRequest("lifetime must be a number of seconds")
+            try:
+                seconds = float(lifetime)
+            except OverflowError:  # an integer beyond any float: past the longest lifetime too
+                raise BadRequest("lifetime is too long") from None
             after = await ctx.tokens.answer(
-                record.id, accept=verb == "accept", by=str(identity), budget=budget, lifetime=float(lifetime)
+                record.id, accept=verb == "accept", by=str(identity), budget=budget, lifetime=seconds
             )
             if after is None:
                 raise Conflict(f"the invitation is {record.state(time.time())}: only a pending one can be answered")
@@ -203,6 +207,8 @@ async def handle_answer(request: web.Request) -> web.Response:
             more = document.get("bytes")
             if isinstance(more, bool) or not isinstance(more, int):
                 raise BadRequest('send {"bytes": N}')
+            if more > 0 and (record.budget or 0) + more >= 2**62:
+                raise BadRequest("the budget would reach 2**62 bytes")
             after = await ctx.tokens.extend(record.id, more)
             if after is None:
                 raise Conflict(f"the voucher is {record.state(time.time())}: only an active one with a budget grows")
