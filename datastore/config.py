@@ -276,7 +276,7 @@ class Settings:
         metadata={"doc": "Seconds an invitation to this store waits for an answer at most (then it expires)."},
     )
     max_invitations_per_client: int = field(
-        default=20, metadata={"doc": "Invitations one client may have waiting for an answer here (403 beyond)."}
+        default=20, metadata={"doc": "Invitations one client may have waiting for an answer here (429 beyond)."}
     )
     job_tls_cert: Path | None = field(
         default=None, metadata={"doc": "Client certificate (PEM) jobs present to https stores that ask for one."}

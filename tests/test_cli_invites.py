@@ -150,7 +150,7 @@ async def test_an_invitation_accepted_with_half_the_size_pauses_the_job_until_ex
     assert (spent["state"], spent["used"], spent["left"]) == ("ACCEPTED", len(DATA), 0)
 
 
-_ANSWERED = re.compile(r"datastore: 409 .*the invitation is declined: only a pending one can be answered")
+_ANSWERED = re.compile(r"datastore: 409 .*the invitation is DECLINED: only a pending one can be answered")
 
 
 async def test_a_declined_invitation_ends_the_job_and_cannot_be_accepted_then_one_is_revoked(

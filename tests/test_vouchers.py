@@ -78,7 +78,7 @@ async def test_an_unanswered_invitation_expires_and_so_does_the_job(
     late = await store.client.post(
         f"/_api/v1/invitations/{invitation['id']}/accept", headers={**ADA, "Accept": "application/json"}
     )
-    assert late.status == 409 and "expired" in (await late.json())["message"]
+    assert late.status == 409 and "EXPIRED" in (await late.json())["message"]
 
 
 async def test_a_used_up_budget_pauses_the_job_until_the_voucher_is_extended(make_store: MakeStore) -> None:

@@ -644,8 +644,8 @@ def _invitation_ask() -> Object:
                             "the body is not JSON, not an object of the fields below, or breaks a field's rule (the "
                             "message names it), or a name breaks the naming rules",
                             "`requester` (or, without one, the client's identity) is not 1 to 200 printable characters",
-                            "the client has `max_invitations_per_client` invitations waiting for an answer already",
                         ],
+                        429: ["the client has `max_invitations_per_client` invitations waiting for an answer already"],
                         403: [CROSS_SITE],
                         404: ["no such prefix (`Path not found`)"],
                         408: [SLOW],

@@ -190,8 +190,8 @@ async def handle_answer(request: web.Request) -> web.Response:
         if verb in ("accept", "decline"):
             budget = document.get("budget")
             lifetime = document.get("lifetime", DEFAULT_LIFETIME)
-            if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget >= 2**62):
-                raise BadRequest("budget must be a number of bytes below 2**62")
+            if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)):
+                raise BadRequest("budget must be a number of bytes")
             if isinstance(lifetime, bool) or not isinstance(lifetime, int | float):
                 raise BadRequest("lifetime must be a number of seconds")
             try:
@@ -202,16 +202,16 @@ async def handle_answer(request: web.Request) -> web.Response:
                 record.id, accept=verb == "accept", by=str(identity), budget=budget, lifetime=seconds
             )
             if after is None:
-                raise Conflict(f"the invitation is {record.state(time.time())}: only a pending one can be answered")
+                shown = invitation_json(record, time.time())["state"]
+                raise Conflict(f"the invitation is {shown}: only a pending one can be answered")
         elif verb == "extend":
             more = document.get("bytes")
             if isinstance(more, bool) or not isinstance(more, int):
                 raise BadRequest('send {"bytes": N}')
-            if more > 0 and (record.budget or 0) + more >= 2**62:
-                raise BadRequest("the budget would reach 2**62 bytes")
             after = await ctx.tokens.extend(record.id, more)
             if after is None:
-                raise Conflict(f"the voucher is {record.state(time.time())}: only an active one with a budget grows")
+                shown = invitation_json(record, time.time())["state"]
+                raise Conflict(f"the voucher is {shown}: only an accepted one with a budget grows")
         else:
             raise NotFound(f"no such answer {verb!r}: accept, decline or extend")
     except TokenError as exc:

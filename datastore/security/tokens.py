@@ -33,13 +33,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import SettingsError, check_prefix
-from ..errors import DatastoreError
+from ..errors import DatastoreError, QuotaExceeded
 from ..protocol.timestamps import iso_time
 from ..state.database import Database
 from .identity import Grant, Identity, IdentityKind, check_length
 
 #: What a token may be issued for.
 ACTIONS = ("read", "upload", "delete", "metrics", "jobs", "admin")
+
+#: A voucher's byte budget stays below this (SQLite's integers, with room to add to it).
+MAX_BUDGET = 2**62
 
 #: Default and longest lifetime of a token, in seconds.
 DEFAULT_LIFETIME = 30 * 24 * 3600.0
@@ -242,7 +245,7 @@ class TokenStore:
                 (client, now),
             ).fetchone()[0]
             if pending >= limit:
-                raise TokenError(f"you have {pending} invitations waiting for an answer; the limit is {limit}")
+                raise QuotaExceeded(f"you have {pending} invitations waiting for an answer; the limit is {limit}")
             db.execute(
                 "INSERT INTO tokens (id, hash, subject, actions, prefixes, description, created_at, expires_at,"
                 " names, budget, invitation, requester, answer_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -262,8 +265,10 @@ class TokenStore:
         pending (answered, revoked or past its wait)."""
         if not 0 < lifetime <= MAX_LIFETIME:
             raise TokenError(f"the lifetime must be between 1 second and {MAX_LIFETIME / 86400:g} days")
-        if budget is not None and budget < 0:
-            raise TokenError("the budget is a number of bytes")
+        if budget is not None and not 0 <= budget < MAX_BUDGET:
+            raise TokenError(f"the budget is a number of bytes below {MAX_BUDGET}")
+        if not accept:
+            budget = None
         now = time.time()
 
         state, expires = ("ACCEPTED", now + lifetime) if accept else ("DECLINED", now)
@@ -282,11 +287,14 @@ class TokenStore:
 
     async def extend(self, token_id: str, more: int) -> TokenRecord | None:
         """Add ``more`` bytes to an active voucher's budget; the record after it, or None."""
-        if more <= 0:
-            raise TokenError("extend by a positive number of bytes")
+        if not 0 < more < MAX_BUDGET:
+            raise TokenError(f"extend by a positive number of bytes below {MAX_BUDGET}")
         now = time.time()
 
         def extend(db: sqlite3.Connection) -> TokenRecord | None:
+            row = db.execute("SELECT budget FROM tokens WHERE id = ?", (token_id,)).fetchone()
+            if row is not None and row["budget"] is not None and row["budget"] + more >= MAX_BUDGET:
+                raise TokenError(f"the budget would reach {MAX_BUDGET} bytes")
             changed = db.execute(
                 "UPDATE tokens SET budget = budget + ? WHERE id = ? AND budget IS NOT NULL AND revoked_at IS NULL"
                 " AND expires_at > ? AND COALESCE(invitation, 'ACCEPTED') = 'ACCEPTED'",
