@@ -17,7 +17,6 @@ key.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -34,14 +33,13 @@ from ..errors import (
     TransferExpired,
     TransferNotFound,
     Unauthorized,
-    UnsupportedMediaType,
 )
 from ..lifecycle.states import TransferState
 from ..protocol.timestamps import iso_time
 from ..security.logsafe import printable
 from ..security.tokens import DEFAULT_LIFETIME, TokenError, token_json
 from ..state.interface import Transfer
-from .bodies import read_bounded
+from .bodies import read_json_object
 from .context import CONTEXT, StoreContext, identify
 
 log = logging.getLogger(__name__)
@@ -136,15 +134,7 @@ async def handle_token_list(request: web.Request) -> web.Response:
 async def handle_token_create(request: web.Request) -> web.Response:
     """``POST /_api/v1/tokens`` ``{"subject", "actions", "prefixes"?, "expires_in"?, "description"?}``."""
     ctx = await _admin_context(request)
-    if request.content_type != "application/json":
-        raise UnsupportedMediaType("send the token request as application/json")
-    body = await read_bounded(request, MAX_TOKEN_REQUEST, ctx.settings)
-    try:
-        document = json.loads(body)
-    except (ValueError, RecursionError):
-        raise BadRequest("the body is not JSON") from None
-    if not isinstance(document, dict):
-        raise BadRequest("the body must be a JSON object")
+    document = await read_json_object(request, MAX_TOKEN_REQUEST, ctx.settings, what="the token request")
     unknown = sorted(set(document) - {"subject", "actions", "prefixes", "expires_in", "description"})
     if unknown:
         raise BadRequest(f"unknown field {unknown[0]!r}")

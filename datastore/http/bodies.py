@@ -20,16 +20,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import BodyPartReader, hdrs, web
 from aiohttp.helpers import parse_mimetype
 
 from .. import metrics
 from ..config import Settings
-from ..errors import BadRequest, DatastoreError, IncompleteUpload, PayloadTooLarge, RequestTimeout, TooManyManifests
+from ..errors import (
+    BadRequest,
+    DatastoreError,
+    IncompleteUpload,
+    PayloadTooLarge,
+    RequestTimeout,
+    TooManyManifests,
+    UnsupportedMediaType,
+)
 
 T = TypeVar("T")
 
@@ -186,3 +195,23 @@ async def read_bounded(
             take(len(chunk))
         parts.append(chunk)
     return b"".join(parts)
+
+
+async def read_json_object(
+    request: web.Request, limit: int, settings: Settings, *, what: str | None = None
+) -> dict[str, Any]:
+    """A small JSON object body of the control plane (at most ``limit`` bytes), else 400. With ``what``
+    (what the body is, for the message) it must say ``application/json`` (415); without, an empty body
+    is an empty object."""
+    if what is not None and request.content_type != "application/json":
+        raise UnsupportedMediaType(f"send {what} as application/json")
+    body = await read_bounded(request, limit, settings)
+    if what is None and not body.strip():
+        return {}
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        raise BadRequest("the body is not JSON") from None
+    if not isinstance(document, dict):
+        raise BadRequest("the body must be a JSON object")
+    return document

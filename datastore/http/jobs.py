@@ -13,7 +13,6 @@ the operator's configuration. Credentials for the other ends travel in ``source_
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from datetime import datetime
@@ -29,7 +28,6 @@ from ..errors import (
     NotFound,
     PayloadTooLarge,
     Unauthorized,
-    UnsupportedMediaType,
 )
 from ..jobs.drivers.interface import DriverError
 from ..jobs.drivers.local import SCHEME as LOCAL
@@ -52,7 +50,7 @@ from ..protocol.timestamps import iso_time
 from ..security.identity import Identity
 from ..security.policy import Action
 from ..state.jobs import Attempt, Job, JobFileSpec, JobSpec
-from .bodies import read_bounded
+from .bodies import read_json_object
 from .context import CONTEXT, StoreContext, identify
 from .sse import stream_events
 
@@ -91,13 +89,7 @@ async def handle_job_submit(request: web.Request) -> web.Response:
     """``POST /_api/v1/jobs``: submit a job (committed unless ``"commit": false``)."""
     ctx = request.app[CONTEXT]
     identity = await _job_identity(request)
-    if request.content_type != "application/json":
-        raise UnsupportedMediaType("send the job as application/json")
-    body = await read_bounded(request, MAX_JOB_REQUEST, ctx.settings)
-    try:
-        document = json.loads(body)
-    except (ValueError, RecursionError):
-        raise BadRequest("the body is not JSON") from None
+    document = await read_json_object(request, MAX_JOB_REQUEST, ctx.settings, what="the job")
     spec, commit = parse_job(document, ctx)
     for file in spec.files:
         await _check_ends(ctx, identity, file)
@@ -154,12 +146,8 @@ async def handle_job_priority(request: web.Request) -> web.Response:
     """``PATCH /_api/v1/jobs/{id}`` with ``{"priority": 1-5}``: refused (409) once the job is active or finished."""
     ctx = request.app[CONTEXT]
     job = await _owned_job(request)
-    body = await read_bounded(request, 4096, ctx.settings)
-    try:
-        document = json.loads(body)
-    except (ValueError, RecursionError):
-        raise BadRequest("the body is not JSON") from None
-    if not isinstance(document, dict) or set(document) != {"priority"}:
+    document = await read_json_object(request, 4096, ctx.settings)
+    if set(document) != {"priority"}:
         raise BadRequest('send {"priority": 1-5}')
     priority = _integer(document, "priority", 3, 1, 5)
     changed = await ctx.state.set_priority(job.id, priority)

@@ -18,7 +18,6 @@ most that, and gives back what it did not use; when nothing is left the request 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -32,7 +31,6 @@ from ..errors import (
     NotAuthorized,
     NotFound,
     Unauthorized,
-    UnsupportedMediaType,
     VoucherExhausted,
 )
 from ..protocol.names import validate_name
@@ -40,7 +38,7 @@ from ..protocol.timestamps import iso_time
 from ..security.identity import Identity
 from ..security.policy import Action
 from ..security.tokens import DEFAULT_LIFETIME, TokenError, TokenRecord
-from .bodies import read_bounded
+from .bodies import read_json_object
 from .context import CONTEXT, StoreContext, client_key, identify
 
 #: Largest invitation request (names and all).
@@ -113,9 +111,7 @@ async def handle_invite(request: web.Request) -> web.Response:
     """``POST /_api/v1/invitations``: ask this store for a voucher (no credential needed)."""
     ctx = request.app[CONTEXT]
     identity = await identify(request)
-    if request.content_type != "application/json":
-        raise UnsupportedMediaType("send the invitation as application/json")
-    document = _object(await read_bounded(request, MAX_INVITATION_REQUEST, ctx.settings))
+    document = await read_json_object(request, MAX_INVITATION_REQUEST, ctx.settings, what="the invitation")
     unknown = sorted(set(document) - {"prefix", "direction", "names", "size", "requester", "wait"})
     if unknown:
         raise BadRequest(f"unknown field {unknown[0]!r}")
@@ -184,8 +180,7 @@ async def handle_answer(request: web.Request) -> web.Response:
     identity = await _answerer(request)
     record = await _answerable(request, identity)
     verb = request.match_info["answer"]
-    body = await read_bounded(request, 4096, ctx.settings)
-    document = _object(body) if body.strip() else {}
+    document = await read_json_object(request, 4096, ctx.settings)
     try:
         if verb in ("accept", "decline"):
             budget = document.get("budget")
@@ -282,13 +277,3 @@ def _may_answer(ctx: StoreContext, identity: Identity, record: TokenRecord) -> b
 def _bearer(request: web.Request) -> str | None:
     scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
     return token.strip() or None if scheme.lower() == "bearer" else None
-
-
-def _object(body: bytes) -> dict[str, Any]:
-    try:
-        document = json.loads(body)
-    except (ValueError, RecursionError):
-        raise BadRequest("the body is not JSON") from None
-    if not isinstance(document, dict):
-        raise BadRequest("the body must be a JSON object")
-    return document
