@@ -317,3 +317,29 @@ async def test_a_read_given_up_midway_leaves_no_rclone(dav: WebDav) -> None:
     await chunks.aclose()
     assert not alive(pid)
     assert rclone_children("cat") == []
+
+
+async def test_a_file_an_earlier_attempt_published_is_taken_as_this_uploads_not_refused(dav: WebDav) -> None:
+    order = order_for(CONTENT)
+    first = destination(dav, "done.bin")
+    handle = await first.open(first.plan({}, order), order)
+    await first.write(handle, 0, chunks_of(CONTENT))
+    await first.finish(handle)  # published; the runner "crashed" before it recorded the end
+    again = destination(dav, "done.bin")
+    planned = again.plan(handle, order)
+    reopened = await again.open(planned, order)
+    assert await again.offset(reopened) == len(CONTENT)
+    published = await again.finish(reopened)
+    assert (published.size, published.sha256) == (len(CONTENT), order.sha256)
+    # A file of the same name that this upload did not write is still refused.
+    stranger = destination(dav, "done.bin")
+    other = order_for(b"another file")
+    with pytest.raises(DriverError) as caught:
+        await stranger.open(stranger.plan(handle, other), other)
+    assert caught.value.reason is FailureReason.EXISTS
+
+
+def test_a_status_in_a_name_is_no_status() -> None:
+    missing = b"Failed to deletefile: dav:.x.datastore-4be55403dd90a6e0.partial is a directory or doesn't exist"
+    assert classify("deletefile", 1, missing).reason is FailureReason.NOT_FOUND
+    assert classify("copy", 1, b"HTTP error 403 (403 Forbidden)").reason is FailureReason.FORBIDDEN

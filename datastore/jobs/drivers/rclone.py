@@ -186,7 +186,8 @@ def classify(command: str, returncode: int, stderr: bytes) -> DriverError:
     message = f"rclone {command} failed (exit {returncode}): {line}"
 
     def has(*words: str) -> bool:
-        return any(word in text for word in words)
+        # Whole words: an HTTP status must not be found inside a name's random hex digits.
+        return any(re.search(rf"(?<![0-9a-z]){re.escape(word)}(?![0-9a-z])", text) for word in words)
 
     if has("403", "forbidden", "401", "unauthorized", "permission denied", "access denied"):
         reason = FailureReason.FORBIDDEN
@@ -388,9 +389,11 @@ class RcloneDestination:
     (``lsjson --hash``); where it states none, rclone downloads the temporary and hashes it
     (``hashsum md5 --download``, ``hashsum sha256 --download``) before publishing it with a move.
     With ``overwrite`` False an existing final object is never replaced (EXISTS), though a file
-    created there between the check and the move may be. The runner persists no handle after
-    ``finish``: an attempt that crashed between the move and the runner's record of it finds the
-    file it published on the next attempt, and (with ``overwrite`` False) fails EXISTS.
+    created there between the check and the move may be. An attempt that crashed between the move
+    and the runner's record of it leaves the next attempt the file it published: found under the
+    final name, its temporary gone, with the size and a digest the order names, it is taken as this
+    upload's (``published`` in the handle) rather than refused as EXISTS; without a digest to tell,
+    it is refused.
     """
 
     def __init__(
@@ -423,22 +426,45 @@ class RcloneDestination:
         """The temporary name (kept from ``handle`` if it has one, so that ``open`` can delete what an
         earlier attempt left there) and the order's size and digests."""
         temp = handle.get("temp")
+        again = isinstance(temp, str)
         if not isinstance(temp, str):
             name = self.url[len(SCHEME) :].partition(":")[2].rsplit("/", 1)[-1]
             temp = f".{name}.datastore-{secrets.token_hex(8)}.partial"
-        return {"temp": temp, "size": order.size, "md5": order.md5, "sha256": order.sha256}
+        return {"temp": temp, "size": order.size, "md5": order.md5, "sha256": order.sha256, "again": again}
 
     async def open(self, handle: Handle, order: Order) -> Handle:
-        """Delete an earlier attempt's temporary; EXISTS if the final object exists (unless overwrite)."""
+        """Delete an earlier attempt's temporary; EXISTS if the final object exists (unless overwrite, or
+        it is what an earlier attempt of this upload published)."""
         where = await self._remote()
+        temp = await self._temporary(handle)
+        left = await _stat(self._processes, temp) if handle.get("again") else None
         await self.discard(handle)
-        if not self.overwrite and await _stat(self._processes, where) is not None:
+        final = await _stat(self._processes, where)
+        if final is not None and handle.get("again") and left is None and await self._is_ours(final, where, order):
+            return {**handle, "published": True}
+        if not self.overwrite and final is not None:
             raise DriverError(FailureReason.EXISTS, f"{printable(where.spec)} exists")
-        return handle
+        return {**handle, "published": False}
+
+    async def _is_ours(self, final: _Object, where: RemotePath, order: Order) -> bool:
+        """Whether the final object has the size and (at least one) digest of ``order``."""
+        if final.size != order.size or not (order.md5 or order.sha256):
+            return False
+        md5, sha256 = final.md5, final.sha256
+        if order.md5 and not md5:
+            md5 = await _hashsum(self._processes, "md5", where)
+        if order.sha256 and not sha256 and not md5:
+            sha256 = await _hashsum(self._processes, "sha256", where)
+        checks = [(order.md5, md5), (order.sha256, sha256)]
+        return any(want and got for want, got in checks) and all(
+            not (want and got) or want.lower() == got for want, got in checks
+        )
 
     async def offset(self, handle: Handle) -> int:
-        """Always 0: a partial temporary is never resumed, the file is sent again from its start."""
-        return 0
+        """0 (a partial temporary is never resumed, the file is sent again from its start), or the
+        whole size for an upload an earlier attempt published."""
+        size = handle.get("size")
+        return size if handle.get("published") and isinstance(size, int) else 0
 
     async def write(self, handle: Handle, offset: int, chunks: AsyncIterator[bytes]) -> int:
         """Pipe ``chunks`` into ``rclone rcat`` of the temporary; the bytes written."""
@@ -467,6 +493,15 @@ class RcloneDestination:
         """Check the temporary (size, digests against those ordered), move it to the final name and
         report the final object's size and digests."""
         where = await self._remote()
+        if handle.get("published"):
+            final = await _stat(self._processes, where)
+            if final is None:
+                raise DriverError(FailureReason.RESTARTED, f"{printable(where.spec)} is gone; it is sent again")
+            return Published(
+                size=final.size,
+                md5=final.md5 or await _hashsum(self._processes, "md5", where),
+                sha256=final.sha256 or await _hashsum(self._processes, "sha256", where),
+            )
         temp = await self._temporary(handle)
         written = await _stat(self._processes, temp)
         if written is None:
