@@ -71,6 +71,9 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_submission ON jobs (owner_id, submission_id)
     WHERE submission_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner_id, seq);
+-- Covers the quota's count of an owner's unfinished jobs at each submission (without it, every
+-- submission reads all the owner's job rows: 2 ms with 10,000 queued).
+CREATE INDEX IF NOT EXISTS jobs_by_owner_state ON jobs (owner_id, state);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, finished_at);
 CREATE INDEX IF NOT EXISTS jobs_by_priority ON jobs (state, priority DESC, seq);
 CREATE TABLE IF NOT EXISTS job_files (
@@ -167,9 +170,11 @@ class SqliteJobs:
                     job = _load(db, seq=row["seq"])
                     assert job is not None
                     return job, False
+            # Counted up to the quota only: what the check needs, in bounded time however long the queue.
             open_jobs = db.execute(
-                f"SELECT COUNT(*) FROM jobs WHERE owner_id IS ? AND state IN {_in(_UNFINISHED)}",
-                (owner.principal, *_UNFINISHED),
+                f"SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE owner_id IS ? AND state IN {_in(_UNFINISHED)}"
+                " LIMIT ?)",
+                (owner.principal, *_UNFINISHED, quota.jobs),
             ).fetchone()[0]
             quota.check(open_jobs, len(spec.files))
             state = (_J.AWAITING_ACCEPTANCE if invite else _J.QUEUED) if commit else _J.SUBMITTED
