@@ -77,8 +77,10 @@ JOBS = "/_api/v1/jobs"
 #: What every store here runs with beyond run.py's OUR_ENV: X-Client-DN trusted (the bench's identity),
 #: jobs may reach loopback.
 JOB_ENV = {"DATASTORE_TRUST_CLIENT_DN": "true", "DATASTORE_JOB_HOSTS": "127.0.0.1"}
-#: The queue store: one file at a time per destination host (the blocker holds it), and room for the jobs.
-QUEUE_ENV = {**JOB_ENV, "DATASTORE_JOB_CONCURRENCY_PER_HOST": "1", "DATASTORE_MAX_JOBS_PER_CLIENT": "1000000"}
+#: The queue store: one file at a time per destination host (the blocker holds it).
+QUEUE_ENV = {**JOB_ENV, "DATASTORE_JOB_CONCURRENCY_PER_HOST": "1"}
+#: Jobs each identity queues (the default quota, DATASTORE_MAX_JOBS_PER_CLIENT): 10,000 jobs take 10 owners.
+PER_OWNER = 1000
 #: Longest wait for one job to finish.
 JOB_TIMEOUT = 900.0
 SECTION = "## Transfer jobs"
@@ -104,16 +106,16 @@ def session(total: float = JOB_TIMEOUT, limit: int = 100) -> aiohttp.ClientSessi
     )
 
 
-async def submit(s: aiohttp.ClientSession, store: Ours, job: dict[str, Any]) -> str:
-    async with s.post(f"{store.base}{JOBS}", json=job, headers=WHO) as reply:
+async def submit(s: aiohttp.ClientSession, store: Ours, job: dict[str, Any], who: dict[str, str] = WHO) -> str:
+    async with s.post(f"{store.base}{JOBS}", json=job, headers=who) as reply:
         if reply.status != 201:
             raise BenchError(f"POST {JOBS} answered {reply.status}: {(await reply.text())[:300]}")
         job_id: str = (await reply.json())["id"]
         return job_id
 
 
-async def status(s: aiohttp.ClientSession, store: Ours, job_id: str) -> dict[str, Any]:
-    async with s.get(f"{store.base}{JOBS}/{job_id}", headers=WHO) as reply:
+async def status(s: aiohttp.ClientSession, store: Ours, job_id: str, who: dict[str, str] = WHO) -> dict[str, Any]:
+    async with s.get(f"{store.base}{JOBS}/{job_id}", headers=who) as reply:
         if reply.status != 200:
             raise BenchError(f"GET {JOBS}/{job_id} answered {reply.status}: {(await reply.text())[:300]}")
         document: dict[str, Any] = await reply.json()
@@ -169,10 +171,18 @@ def _curl_json(args: list[str]) -> dict[str, Any]:
     return document
 
 
+#: Where each store's cProfile output goes (``--profile DIR``), or None.
+PROFILE: list[Path] = []
+
+
 @contextlib.contextmanager
 def serving(*stores: Ours) -> Iterator[None]:
     try:
         for store in stores:
+            if PROFILE:
+                # The event loop's thread only (the database thread's SQL shows as the loop waiting).
+                out = PROFILE[0] / f"{store.root.name}.prof"
+                store.launcher = [sys.executable, "-m", "cProfile", "-o", str(out)]
             store.start()
         yield
     finally:
@@ -290,13 +300,19 @@ def queue_job(k: int) -> dict[str, Any]:
     return {"files": [{"source": f"local:/{PREFIX}/small.bin", "destination": f"local:/{PREFIX}/q{k:06d}.bin"}]}
 
 
-async def _fill(store: Ours, first: int, count: int, connections: int) -> list[str]:
-    ids: list[str] = []
+def owner(name: str) -> dict[str, str]:
+    return {"X-Client-DN": f"/O=Bench/CN={name}"}
+
+
+async def _fill(store: Ours, first: int, count: int, connections: int) -> list[tuple[str, dict[str, str]]]:
+    """Queue ``count`` jobs, PER_OWNER per identity: (id, owner's headers) of each."""
+    ids: list[tuple[str, dict[str, str]]] = []
     gate = asyncio.Semaphore(connections)
 
     async def one(s: aiohttp.ClientSession, k: int) -> None:
+        who = owner(f"queue-{k // PER_OWNER}")
         async with gate:
-            ids.append(await submit(s, store, queue_job(k)))
+            ids.append((await submit(s, store, queue_job(k), who), who))
 
     async with session(limit=connections) as s:
         await asyncio.gather(*(one(s, k) for k in range(first, first + count)))
@@ -351,22 +367,24 @@ def queue_rows(plan: Plan, work: Path, rows: dict[str, Row], log: Callable[[str]
         started = time.perf_counter()
         queued = asyncio.run(_fill(store, 0, plan.queue_jobs, 8))
         log(f"  {len(queued)} jobs queued in {time.perf_counter() - started:.1f} s")
-        submitted = [len(queued)]
+        submitted = [0]
 
         async def check_queue() -> None:
             async with session() as s:
                 if (await status(s, store, blocker_id))["state"] != "ACTIVE":
                     raise BenchError("the blocker job is no longer ACTIVE")
-                sample = await status(s, store, random.choice(queued))
+                sample = await status(s, store, *random.choice(queued))
                 if sample["state"] != "QUEUED":
                     raise BenchError(f"a queued job is {sample['state']}")
 
         async def submit_op(s: aiohttp.ClientSession, n: int) -> None:
-            await submit(s, store, queue_job(10_000_000 + submitted[0] * 1000 + n))
+            # Each client its own identity (n // 1,000,000 is the client), new ones each run.
+            who = owner(f"client-{submitted[0]}-{n // 1_000_000}")
+            await submit(s, store, queue_job(10_000_000 + submitted[0] * 1_000_000 + n), who)
 
         async def status_op(s: aiohttp.ClientSession, n: int) -> None:
-            job_id = random.choice(queued)
-            async with s.get(f"{store.base}{JOBS}/{job_id}", headers=WHO) as reply:
+            job_id, who = random.choice(queued)
+            async with s.get(f"{store.base}{JOBS}/{job_id}", headers=who) as reply:
                 await reply.read()
                 if reply.status != 200:
                     raise BenchError(f"GET {JOBS}/{job_id} answered {reply.status}")
@@ -448,7 +466,9 @@ def markdown(info: dict[str, Any], plan: Plan, rows: dict[str, Row]) -> str:
         "file in the same run (the faster of B's two upload rows).",
         "- Queue: " + ", ".join(f"{k}={v}" for k, v in QUEUE_ENV.items() if k not in JOB_ENV) + "; a blocker job "
         "(8 MiB at 4 KiB/s) holds the one slot of host `local`, so the queued jobs stay QUEUED and every runner "
-        "round scans them all. Submissions add one-file jobs to the queue as they are measured.",
+        f"round scans them all. The queue's jobs belong to {PER_OWNER:,} per identity (the default quota of "
+        "unfinished jobs per client); each measuring client submits as its own identity, reads as the job's owner. "
+        "Submissions add one-file jobs to the queue as they are measured.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -480,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=16, help="concurrent queue clients (default 16)")
     parser.add_argument("--only", choices=["copy", "small", "queue"], action="append", help="run only these")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 run: a smoke run")
+    parser.add_argument("--profile", type=Path, help="run the stores under cProfile, writing DIR/STORE.prof")
     parser.add_argument("--out", type=Path, default=HERE, help="where results.md and results.json go")
     parser.add_argument("--tmpdir", type=Path, default=None, help="work directory's parent (default: $TMPDIR)")
     args = parser.parse_args(argv)
@@ -496,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     if min(plan.runs, plan.size_mib, plan.small_files, plan.queue_jobs, plan.connections) < 1 or plan.seconds <= 0:
         parser.error("counts, sizes and durations must be positive")
     only = set(args.only or ["copy", "small", "queue"])
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        PROFILE.append(args.profile.resolve())
 
     def log(text: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
