@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint typecheck clean bench
+.PHONY: run test lint typecheck clean bench bench-jobs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -68,7 +68,8 @@ test: lint typecheck $(TUSJS)/node_modules/.package-lock.json debian-tools promt
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Benchmarks against nginx on loopback (not part of `make test`); e.g. make bench BENCH_ARGS="--runs 3".
-# Installs Debian's nginx and wrk when missing. Writes bench/results.md and bench/results.json.
+# Installs Debian's nginx and wrk when missing. Writes bench/results.md and bench/results.json, then
+# runs the transfer-job benchmarks (bench/jobs.py), which add their rows to both.
 bench: $(VENV)/.installed
 	@{ command -v nginx >/dev/null || [ -x /usr/sbin/nginx ]; } && command -v wrk >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -77,6 +78,11 @@ bench: $(VENV)/.installed
 	    echo "make bench: needs nginx and wrk: run 'apt-get install nginx wrk' as root" >&2; exit 1; \
 	  fi; }
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/jobs.py $(BENCH_JOBS_ARGS)
+
+# The transfer-job benchmarks alone (two stores on loopback; no nginx); e.g. BENCH_JOBS_ARGS="--runs 5".
+bench-jobs: $(VENV)/.installed
+	$(BIN)/python bench/jobs.py $(BENCH_JOBS_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -229,6 +229,8 @@ class Ours:
     ) -> None:
         self.root, self.log_path, self.log_level = root, log, log_level
         self.workers, self.env = workers, env or {}
+        #: How Python is started (bench/jobs.py --profile puts cProfile in front of the module).
+        self.launcher = [sys.executable]
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -241,7 +243,7 @@ class Ours:
 
     def start(self) -> None:
         env = {**os.environ, **OUR_ENV, **self.env}
-        cmd = [sys.executable, "-m", "datastore", "serve", "--root", str(self.root), "--port", str(self.port),
+        cmd = [*self.launcher, "-m", "datastore", "serve", "--root", str(self.root), "--port", str(self.port),
                "--workers", str(self.workers)]  # fmt: skip
         served_before = self._serving_lines()
         with open(self.log_path, "ab") as log:

@@ -50,3 +50,40 @@ def test_bench_quick_run_reports_every_row_for_our_server(tmp_path: Path) -> Non
     assert "| what | unit | ours median (min" + "\N{EN DASH}" + "max) |" in table
     # The work directory (servers' roots, test files) is gone.
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+JOB_ROWS = {
+    "jobs_upload_put",
+    "jobs_upload_tus",
+    "jobs_copy_pull",
+    "jobs_copy_push",
+    "jobs_small_files",
+    "jobs_queue_submit",
+    "jobs_queue_status",
+}
+
+
+def test_bench_jobs_quick_run_adds_its_rows_and_keeps_the_others(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps({"rows": [{"id": "upload_put"}, {"id": "jobs_stale"}]}))
+    (out / "results.md").write_text("# Benchmark results\n\nearlier table\n\n## Transfer jobs\n\nstale\n")
+    command = [sys.executable, str(REPO / "bench" / "jobs.py"), "--quick"]
+    proc = subprocess.run(
+        [*command, "--out", str(out), "--tmpdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    rows = {row["id"]: row for row in json.loads((out / "results.json").read_text())["rows"]}
+    assert set(rows) == JOB_ROWS | {"upload_put"}
+    for name in JOB_ROWS:
+        assert len(rows[name]["ours"]) == 1 and rows[name]["ours"][0] > 0, rows[name]
+    assert rows["jobs_copy_pull"]["ratio_ours_nginx"] is not None
+    table = (out / "results.md").read_text()
+    assert table.startswith("# Benchmark results\n\nearlier table\n") and "stale" not in table
+    assert table.count("## Transfer jobs") == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -71,6 +71,9 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_submission ON jobs (owner_id, submission_id)
     WHERE submission_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner_id, seq);
+-- Covers the quota's count of an owner's unfinished jobs at each submission (without it, every
+-- submission reads all the owner's job rows: 2 ms with 10,000 queued).
+CREATE INDEX IF NOT EXISTS jobs_by_owner_state ON jobs (owner_id, state);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, finished_at);
 CREATE INDEX IF NOT EXISTS jobs_by_priority ON jobs (state, priority DESC, seq);
 CREATE TABLE IF NOT EXISTS job_files (
@@ -167,9 +170,11 @@ class SqliteJobs:
                     job = _load(db, seq=row["seq"])
                     assert job is not None
                     return job, False
+            # Counted up to the quota only: what the check needs, in bounded time however long the queue.
             open_jobs = db.execute(
-                f"SELECT COUNT(*) FROM jobs WHERE owner_id IS ? AND state IN {_in(_UNFINISHED)}",
-                (owner.principal, *_UNFINISHED),
+                f"SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE owner_id IS ? AND state IN {_in(_UNFINISHED)}"
+                " LIMIT ?)",
+                (owner.principal, *_UNFINISHED, quota.jobs),
             ).fetchone()[0]
             quota.check(open_jobs, len(spec.files))
             state = (_J.AWAITING_ACCEPTANCE if invite else _J.QUEUED) if commit else _J.SUBMITTED
@@ -347,24 +352,22 @@ class SqliteJobs:
             ).fetchall()
             if len(active) >= limits.total:
                 return None
-            per_job = Counter(row["job_seq"] for row in active)
-            per_host = Counter(row["host"] for row in active)
-            per_owner = Counter(row["owner_id"] for row in active)
-            candidates = db.execute(
-                "SELECT f.job_seq, f.idx, f.host, j.owner_id FROM job_files f JOIN jobs j ON j.seq = f.job_seq"
+            # Jobs, hosts and owners at their limit are left out in SQL: the first row is the one to claim
+            # (walking the candidates here instead took 10 ms a round with 10,000 files queued behind a
+            # busy host).
+            full_jobs = [seq for seq, n in Counter(row["job_seq"] for row in active).items() if n >= limits.per_job]
+            full_hosts = [host for host, n in Counter(row["host"] for row in active).items() if n >= limits.per_host]
+            owners = Counter(row["owner_id"] or "" for row in active)
+            full_owners = [owner for owner, n in owners.items() if n >= limits.per_owner]
+            row = db.execute(
+                "SELECT f.job_seq, f.idx FROM job_files f JOIN jobs j ON j.seq = f.job_seq"
                 f" WHERE f.state = ? AND f.not_before <= ? AND j.state IN {_in(_RUNNABLE)}"
-                " ORDER BY j.priority DESC, j.seq, f.idx",
-                (_F.QUEUED, now, *_RUNNABLE),
-            )
-            for row in candidates:
-                if (
-                    per_job[row["job_seq"]] >= limits.per_job
-                    or per_host[row["host"]] >= limits.per_host
-                    or per_owner[row["owner_id"]] >= limits.per_owner
-                ):
-                    continue
-                return _claim(db, row["job_seq"], row["idx"], holder, lease=lease, now=now)
-            return None
+                f" AND f.job_seq NOT IN {_in(full_jobs)} AND f.host NOT IN {_in(full_hosts)}"
+                f" AND COALESCE(j.owner_id, '') NOT IN {_in(full_owners)}"
+                " ORDER BY j.priority DESC, j.seq, f.idx LIMIT 1",
+                (_F.QUEUED, now, *_RUNNABLE, *full_jobs, *full_hosts, *full_owners),
+            ).fetchone()
+            return None if row is None else _claim(db, row["job_seq"], row["idx"], holder, lease=lease, now=now)
 
         result: ClaimedFile | None = await self._run(claim)
         return result
