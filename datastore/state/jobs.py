@@ -287,7 +287,8 @@ class JobStore(Protocol):
         retry at ``not_before``) or FAIL; a file whose job was paused, stopped or expired meanwhile
         takes the job's state instead (unless it finished). Appends the file's event, and when no file
         of the job is left to work on, settles the job (``settled_state``) and appends its event.
-        Returns the job after it, or None if ``holder`` no longer held the file (nothing changes)."""
+        Returns the job after it (with its files only if it settled: :meth:`job` reads them), or
+        None if ``holder`` no longer held the file (nothing changes)."""
         ...
 
     async def expired_job_leases(self, now: float) -> list[tuple[str, int, str]]:

@@ -496,9 +496,9 @@ class SqliteJobs:
                     )
                 ],
             )
-            loaded = _load(db, seq=seq)
-            assert loaded is not None
-            return _settle(db, loaded, now) or loaded
+            # Without its files (reading them all for each file would make a big job's files cost
+            # the square of their number); with them once it settled.
+            return _settle(db, job, now) or job
 
         result: Job | None = await self._run(end)
         return result
@@ -612,13 +612,18 @@ def _claim(db: sqlite3.Connection, seq: int, index: int, holder: str, *, lease: 
 
 
 def _settle(db: sqlite3.Connection, job: Job, now: float) -> Job | None:
-    """End ``job`` if every file ended (finished or failed): the job after it, or None."""
+    """End ``job`` if every file ended (finished or failed): the job after it (with its files), or None.
+    Its files are counted in SQL: ``job`` need not hold them."""
     if job.state not in job_sources(JobStep.SETTLE):
         return None
-    if any(f.state in OPEN_FILE_STATES or f.state in _HALTED_FILES for f in job.files):
+    counts = {
+        FileJobState(row[0]): row[1]
+        for row in db.execute("SELECT state, COUNT(*) FROM job_files WHERE job_seq = ? GROUP BY state", (job.seq,))
+    }
+    if any(state in OPEN_FILE_STATES or state in _HALTED_FILES for state in counts):
         return None
-    finished = sum(f.state is _F.FINISHED for f in job.files)
-    after = settled_state(finished, len(job.files) - finished)
+    finished = counts.get(_F.FINISHED, 0)
+    after = settled_state(finished, sum(counts.values()) - finished)
     _update_job(db, job.seq, job.state, {"state": after, "finished_at": now, "updated_at": now})
     settled = _load(db, seq=job.seq)
     assert settled is not None
