@@ -233,11 +233,11 @@ class Settings:
         },
     )
     job_concurrency: int = field(
-        default=4, metadata={"doc": "Files transfer jobs copy at once, all jobs and processes together."}
+        default=8, metadata={"doc": "Files transfer jobs copy at once, all jobs and processes together."}
     )
-    job_concurrency_per_job: int = field(default=2, metadata={"doc": "Files one transfer job copies at once."})
+    job_concurrency_per_job: int = field(default=4, metadata={"doc": "Files one transfer job copies at once."})
     job_concurrency_per_client: int = field(
-        default=2,
+        default=4,
         metadata={"doc": "Files one identity's transfer jobs copy at once, all together (no one takes every slot)."},
     )
     job_concurrency_per_host: int = field(

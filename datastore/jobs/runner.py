@@ -428,10 +428,12 @@ class JobRunner:
                 alive()
                 if offset > info.size:
                     raise DriverError(FailureReason.SOURCE_CHANGED, "the destination holds more than the source")
+                if offset != attempt.start_offset:
+                    # The destination holds other than recorded (less staged than counted, or a restart).
+                    await self.state.progress(
+                        *self._place(attempt), self.holder, bytes=offset, rate=0.0, announce=False, resumed=True
+                    )
                 attempt.start_offset = attempt.offset = offset
-                await self.state.progress(
-                    *self._place(attempt), self.holder, bytes=offset, rate=0.0, announce=False, resumed=True
-                )
                 hasher = None if _source_digest_known(job, info) else _Hasher()
                 if hasher is not None and offset > 0:
                     # The source states no digest: hash what the destination already holds, from the source.

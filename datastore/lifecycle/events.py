@@ -3,8 +3,9 @@
 Every event a process commits (its own, and with ``--workers`` or several nodes those of the
 others) is read back from the log (``EventLog.events_after``) by one tailing task per process, in
 id order, which is commit order; so each listener sees the events of one transfer in the order they
-happened, and each once. The tail wakes at once for this process's changes (``wake``) and looks for
-other processes' every ``poll_interval``.
+happened, and each once. This process's changes reach the bus at once (``wake``: handed on as
+committed when nothing came between, else read back) and other processes' are looked for every
+``poll_interval``.
 
 Listeners:
 
@@ -23,8 +24,9 @@ import asyncio
 import contextlib
 import hashlib
 import inspect
+import itertools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .. import metrics
@@ -123,8 +125,16 @@ class EventBus:
         self._tasks.clear()
         self._log = None
 
-    def wake(self) -> None:
-        """This process committed events: read them now."""
+    def wake(self, committed: Sequence[Event] = ()) -> None:
+        """This process committed events: read them now. Events that directly follow the last one
+        read (``committed``, in id order: nothing of another transaction or process between) are
+        handed on as they are, without reading the log back."""
+        following = committed and self._log is not None and committed[0].id == self.position + 1
+        if following and all(b.id == a.id + 1 for a, b in itertools.pairwise(committed)):
+            for event in committed:
+                self._dispatch(event)
+            self.position = committed[-1].id
+            return
         if self._wakeup is not None:
             self._wakeup.set()
 
@@ -145,6 +155,8 @@ class EventBus:
         while True:
             batch = await self._log.events_after(self.position, limit=BATCH)
             for event in batch:
+                if event.id <= self.position:
+                    continue  # handed on by wake meanwhile
                 self._dispatch(event)
                 self.position = event.id
             if len(batch) < BATCH:

@@ -179,7 +179,7 @@ class Lifecycle:
     #: their leases often, so that another process can stop them.
     shared: bool = False
     #: Called after every change this process commits (the event bus reads the new events).
-    on_change: Callable[[], None] = lambda: None
+    on_change: Callable[[Sequence[Event]], None] = lambda _: None
     buffers: BufferBudget = field(init=False)
     active_uploads: int = 0
     #: Uploads now running in this process, by client.
@@ -206,7 +206,7 @@ class Lifecycle:
             outcome = _UPLOAD_OUTCOMES.get(event.type)
             if outcome is not None:
                 metrics.upload_ended(outcome, event.reason or "none")
-        self.on_change()
+        self.on_change(events)
 
     # -- what the store holds ---------------------------------------------------------------
 
