@@ -794,7 +794,9 @@ class FileUpload:
         is cut off again unless it matches (ChunkChecksumMismatch)."""
         chunk_hash, expected = checksum if checksum is not None else (None, b"")
         before = digests.copy() if chunk_hash is not None else None
-        await self.begin_chunk(verifying=chunk_hash is not None)
+        if chunk_hash is not None:
+            # Only a checksummed chunk is marked (a crash cuts it off): every claim starts unmarked.
+            await self.begin_chunk(verifying=True)
         try:
             await self.append(chunks, digests, chunk_hash=chunk_hash)
         except staging.ReadFailed as failure:

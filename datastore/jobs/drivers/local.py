@@ -14,6 +14,7 @@ resumes from the staged offset.
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 from collections.abc import AsyncIterator
 from typing import IO
@@ -98,6 +99,8 @@ class LocalSource(_Local):
     ) -> None:
         super().__init__(lifecycle, url, identity)
         self.chunk_size = chunk_size
+        #: The file as :meth:`stat` located it (read then checks it is still that file).
+        self._located: Download | None = None
         #: Whether the bytes go only where TLS (or this store) protects them.
         self.secure = secure
 
@@ -113,7 +116,7 @@ class LocalSource(_Local):
         return download
 
     async def stat(self) -> SourceInfo:
-        download = await self._locate()
+        download = self._located = await self._locate()
         stored = download.stored
         whole = stored is not None and stored.size == download.stat.st_size
         return SourceInfo(
@@ -124,10 +127,14 @@ class LocalSource(_Local):
         )
 
     async def read(self, offset: int, info: SourceInfo) -> AsyncIterator[bytes]:
-        download = await self._locate()
-        if file_etag(download.stat) != info.validator:
+        download = self._located or await self._locate()
+        try:
+            handle, now = await asyncio.to_thread(_open_at, download, offset)
+        except OSError:
+            raise DriverError(FailureReason.SOURCE_CHANGED, f"/{self.prefix}/{self.name} is gone") from None
+        if file_etag(now) != info.validator:
+            await asyncio.to_thread(handle.close)
             raise DriverError(FailureReason.SOURCE_CHANGED, f"/{self.prefix}/{self.name} changed")
-        handle = await asyncio.to_thread(_open_at, download, offset)
         try:
             while chunk := await asyncio.to_thread(handle.read, self.chunk_size):
                 yield chunk
@@ -135,10 +142,15 @@ class LocalSource(_Local):
             await asyncio.to_thread(handle.close)
 
 
-def _open_at(download: Download, offset: int) -> IO[bytes]:
+def _open_at(download: Download, offset: int) -> tuple[IO[bytes], os.stat_result]:
+    """The file open at ``offset``, and its status as opened (what it is now, not at stat time)."""
     handle = download.path.open("rb")
-    handle.seek(offset)
-    return handle
+    try:
+        handle.seek(offset)
+        return handle, os.fstat(handle.fileno())
+    except BaseException:
+        handle.close()
+        raise
 
 
 class LocalDestination(_Local):
@@ -148,6 +160,8 @@ class LocalDestination(_Local):
         super().__init__(lifecycle, url, identity)
         #: Whose share of the store the upload uses (the job's owner).
         self.client = client
+        #: The upload as :meth:`open` found or made it (so that this attempt reads it once).
+        self._opened: UploadTarget | None = None
 
     def plan(self, handle: Handle, order: Order) -> Handle:
         if "idempotency_key" in handle:
@@ -175,6 +189,8 @@ class LocalDestination(_Local):
                 )
             )
             if usable:
+                assert transfer is not None
+                self._opened = UploadTarget(mount, self.identity, transfer, transfer.files[0], self.client)
                 return dict(handle)
             await self.discard(handle)
             handle = {"idempotency_key": secrets.token_hex(16), "validator": order.validator}
@@ -193,9 +209,15 @@ class LocalDestination(_Local):
         if registered.state not in (TransferState.OPEN, TransferState.FINISHED):
             # The transfer registered under this key ended (expired, cancelled): a new key, a new one.
             return await self.open({"key": registered.key, **handle, "validator": None}, order)
+        self._opened = UploadTarget(mount, self.identity, registered, registered.files[0], self.client)
         return {**handle, "key": registered.key}
 
-    async def _file(self, handle: Handle) -> UploadTarget:
+    async def _file(self, handle: Handle, *, fresh: bool = False) -> UploadTarget:
+        """The upload ``handle`` names: as :meth:`open` left it, or (``fresh``, or not opened by this
+        object) as the state has it now."""
+        opened = self._opened
+        if not fresh and opened is not None and opened.transfer.key == handle.get("key"):
+            return opened
         mount = await self._mount(Action.UPLOAD)
         found = await self.lifecycle.state.get_file(handle["key"], 0)
         file = found[1] if found is not None else None
@@ -222,7 +244,7 @@ class LocalDestination(_Local):
             raise failure_of(exc) from None
 
     async def finish(self, handle: Handle) -> Published:
-        target = await self._file(handle)
+        target = await self._file(handle, fresh=True)
         file = target.file
         if file.state is not FileState.PUBLISHED or file.md5 is None or file.sha256 is None:
             raise DriverError(FailureReason.SERVER_ERROR, f"/{self.prefix}/{self.name} was not published")
