@@ -20,7 +20,7 @@ from datastore.security.policy import Policy
 
 from .conftest import MakeStore
 from .harness import Store, eventually
-from .test_browser import browser
+from .test_browser import ARTIFACTS, browser
 from .test_browser_jobs import signed_in, submit, upload
 
 __all__ = ["browser"]  # the fixture, shared with test_browser
@@ -130,6 +130,7 @@ async def test_invitations_are_accepted_extended_revoked_and_declined_on_the_pag
     await row.get_by_role("button", name="Decline").click()
     row = answered(page, second)
     await expect(row.locator("td.state .name")).to_have_text("DECLINED")
+    await expect(row.locator("td.budget")).to_have_text("100 bytes asked")
     await expect(row.locator("button:visible")).to_have_count(0)
     await expect(page.locator("#invites-pending-empty")).to_be_visible()
     assert (await shown(store, auth, second))["state"] == "DECLINED"
@@ -139,6 +140,8 @@ async def test_invitations_are_accepted_extended_revoked_and_declined_on_the_pag
     await page.get_by_role("button", name="Refresh").click()
     row = pending(page, third)
     await expect(row.get_by_role("button", name="Accept")).to_be_visible()
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "browser-invites.png"), full_page=True)
     declined = await store.client.post(f"/_api/v1/invitations/{third}/decline", headers=auth)
     assert declined.status == 200
     await row.get_by_role("button", name="Accept").click()

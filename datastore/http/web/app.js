@@ -770,7 +770,11 @@ function showInvite(entry) {
   const until = { ACCEPTED: "until", EXPIRED: "since" }[doc.state];
   row.querySelector(".state .until").textContent = until ? `${until} ${localTime(doc.expires_at)}` : "";
   const budget = row.querySelector(".budget");
-  if (doc.budget === null) {
+  if (doc.state === "DECLINED") {
+    // Never a voucher: what was asked, nothing used.
+    budget.textContent = doc.budget === null ? "—" : `${human(doc.budget)} asked`;
+    budget.title = doc.budget === null ? "" : exactBytes(doc.budget);
+  } else if (doc.budget === null) {
     budget.textContent = `no limit; ${human(doc.used || 0)} used`;
     budget.title = "";
   } else {
