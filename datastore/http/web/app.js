@@ -71,13 +71,17 @@ async function signIn(token) {
   say("");
   await refreshList();
   follow();
-  await loadJobs(currentIdentity);
+  await Promise.all([
+    loadJobs(currentIdentity),
+    loadInvites(currentIdentity).catch((error) => sayInvites(`Could not list the invitations: ${error.message}`)),
+  ]);
 }
 
 async function signOut() {
   await fetch("/_api/v1/session", { method: "DELETE" });
   showIdentity({ kind: "anonymous" });
   hideJobs();
+  hideInvites();
   await refreshList();
   follow();
 }
@@ -583,6 +587,276 @@ async function jobStep(id, step, button) {
   }
 }
 
+// -- invitations ------------------------------------------------------------------------------
+// The invitations the signed-in identity may answer (GET /_api/v1/invitations: administrators, and
+// whoever may upload to an invitation's prefix); the section shows only when the store answers that
+// list (401/403: this client answers none). Pending ones first, with Accept (a budget in MiB, the
+// size asked unless changed, and a lifetime in days) and Decline; answered ones below, with Extend
+// (more bytes) for an accepted voucher with a budget, and Revoke. The store has no event stream for
+// invitations and the page does not poll: it reads the list when the section opens, after each
+// answer, on Refresh, and whenever the page becomes visible again.
+
+const MIB = 1024 * 1024;
+const DAY = 24 * 3600;
+const NAMES_SHOWN = 3; // names in the row itself; all of them under "All N names"
+const NAMES_TITLED = 100; // names in the row's tooltip
+const ANSWERED_SHOWN = 100;
+const INVITE_VERBS = { accept: "Accept", decline: "Decline", extend: "Extend", revoke: "Revoke" };
+const INVITE_DONE = { accept: "Accepted", decline: "Declined", extend: "Extended", revoke: "Revoked" };
+
+let invitesGeneration = 0; // a sign-in or sign-out starts again; answers for an older one are dropped
+let invitesRead = 0; // the latest list asked for: an older answer is dropped
+let invitesShown = false;
+const invites = new Map(); // id -> { doc, row, kind ("pending" or "answered") }
+
+function sayInvites(message) {
+  $("#invites-message").textContent = message;
+}
+
+function hideInvites() {
+  invitesGeneration += 1;
+  invitesShown = false;
+  invites.clear();
+  $("#invites-pending tbody").replaceChildren();
+  $("#invites-answered tbody").replaceChildren();
+  $("#invites-section").hidden = true;
+  sayInvites("");
+}
+
+async function loadInvites(who) {
+  hideInvites();
+  if (who && who.kind === "anonymous") return;
+  await refreshInvites();
+}
+
+async function refreshInvites() {
+  const generation = invitesGeneration;
+  invitesRead += 1;
+  const read = invitesRead;
+  const current = () => generation === invitesGeneration && read === invitesRead;
+  const response = await fetch("/_api/v1/invitations", { headers: { Accept: "application/json" }, cache: "no-store" });
+  if (!current()) return;
+  if (response.status === 401 || response.status === 403) {
+    hideInvites(); // this client answers no invitations (or no longer)
+    return;
+  }
+  if (!response.ok) {
+    const message = await errorMessage(response);
+    if (!current()) return;
+    $("#invites-section").hidden = false;
+    invitesShown = true;
+    sayInvites(`Could not list the invitations: ${message}`);
+    return;
+  }
+  const { invitations } = await response.json();
+  if (!current()) return;
+  $("#invites-section").hidden = false;
+  invitesShown = true;
+  showInvites(invitations);
+}
+
+function showInvites(list) {
+  const pending = list.filter((doc) => doc.state === "PENDING");
+  const answered = list.filter((doc) => doc.state !== "PENDING").slice(0, ANSWERED_SHOWN);
+  const wanted = new Map([...pending.map((doc) => [doc.id, "pending"]), ...answered.map((doc) => [doc.id, "answered"])]);
+  for (const [id, entry] of invites) {
+    if (wanted.get(id) !== entry.kind) {
+      entry.row.remove();
+      invites.delete(id);
+    }
+  }
+  placeInvites($("#invites-pending tbody"), pending, "pending");
+  placeInvites($("#invites-answered tbody"), answered, "answered");
+  $("#invites-pending").hidden = pending.length === 0;
+  $("#invites-pending-empty").hidden = pending.length > 0;
+  $("#invites-answered").hidden = answered.length === 0;
+  $("#invites-answered-empty").hidden = answered.length > 0;
+}
+
+function placeInvites(body, docs, kind) {
+  // Rows are kept (not rebuilt), so that a refresh leaves what is being typed in them alone.
+  docs.forEach((doc, index) => {
+    let entry = invites.get(doc.id);
+    if (!entry) {
+      entry = { doc, kind, row: makeInviteRow(doc, kind) };
+      invites.set(doc.id, entry);
+    }
+    entry.doc = doc;
+    showInvite(entry);
+    if (body.children[index] !== entry.row) body.insertBefore(entry.row, body.children[index] || null);
+  });
+}
+
+function describeInvite(doc) {
+  return `invitation ${shortId(doc.id)} from ${doc.requester || "an unnamed store"}`;
+}
+
+function localTime(iso) {
+  const when = iso ? new Date(iso) : null;
+  return when && !Number.isNaN(when.getTime()) ? when.toLocaleString() : "—";
+}
+
+function exactBytes(bytes) {
+  return `${bytes.toLocaleString("en")} bytes`;
+}
+
+function makeInviteRow(doc, kind) {
+  const row = $(`#invite-${kind}-row`).content.firstElementChild.cloneNode(true);
+  const id = doc.id;
+  const described = describeInvite(doc);
+  row.dataset.invitation = id;
+  // What does not change: who asks, for which files.
+  row.querySelector(".requester .who").textContent = doc.requester || "—";
+  row.querySelector(".requester .when").textContent = `asked ${localTime(doc.created_at)}`;
+  const into = doc.direction === "push" ? "into" : "out of";
+  row.querySelector(".files .where").textContent = `${doc.direction} ${into} /${doc.prefix}/:`;
+  const names = doc.names || [];
+  const shown = row.querySelector(".files .names");
+  const more = names.length - NAMES_SHOWN;
+  shown.textContent = names.slice(0, NAMES_SHOWN).join(", ") + (more > 0 ? ` and ${more} more` : "");
+  shown.title = names.slice(0, NAMES_TITLED).join("\n") + (names.length > NAMES_TITLED ? "\n…" : "");
+  if (more > 0) {
+    const details = row.querySelector(".files details");
+    details.hidden = false;
+    details.querySelector("summary").textContent = `All ${names.length} names`;
+    details.querySelector("ul").replaceChildren(
+      ...names.map((name) => {
+        const item = document.createElement("li");
+        item.textContent = name;
+        return item;
+      }),
+    );
+  }
+  for (const input of row.querySelectorAll("input")) {
+    const label = input.closest("label").querySelector("span").textContent;
+    input.setAttribute("aria-label", `${label} for ${described}`);
+  }
+  for (const button of row.querySelectorAll("button[data-verb]")) {
+    const verb = button.dataset.verb;
+    button.setAttribute("aria-label", `${INVITE_VERBS[verb]} ${described}`);
+    if (button.type === "button") button.addEventListener("click", () => answerInvite(id, verb, button, null));
+  }
+  for (const form of row.querySelectorAll("form")) {
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      const button = form.querySelector("button[type=submit]");
+      const verb = button.dataset.verb;
+      const body = verb === "accept" ? acceptance(form) : extension(form);
+      if (body) answerInvite(id, verb, button, body);
+    });
+  }
+  return row;
+}
+
+function showInvite(entry) {
+  const { doc, row, kind } = entry;
+  row.dataset.state = doc.state;
+  if (kind === "pending") {
+    const size = row.querySelector(".size");
+    size.textContent = doc.budget === null ? "—" : human(doc.budget);
+    size.title = doc.budget === null ? "" : exactBytes(doc.budget);
+    row.querySelector(".answer-by").textContent = localTime(doc.answer_by);
+    // The budget field starts at the size asked (in MiB); what someone typed stays.
+    const field = row.querySelector("input[name=budget]");
+    const asked = doc.budget === null ? "" : String(doc.budget);
+    if (field.dataset.asked !== asked) {
+      field.dataset.asked = asked;
+      field.dataset.prefilled = asked === "" ? "" : String(Number((doc.budget / MIB).toPrecision(6)));
+      field.value = field.dataset.prefilled;
+    }
+    return;
+  }
+  row.querySelector(".state .name").textContent = doc.state;
+  const until = { ACCEPTED: "until", EXPIRED: "since" }[doc.state];
+  row.querySelector(".state .until").textContent = until ? `${until} ${localTime(doc.expires_at)}` : "";
+  const budget = row.querySelector(".budget");
+  if (doc.state === "DECLINED") {
+    // Never a voucher: what was asked, nothing used.
+    budget.textContent = doc.budget === null ? "—" : `${human(doc.budget)} asked`;
+    budget.title = doc.budget === null ? "" : exactBytes(doc.budget);
+  } else if (doc.budget === null) {
+    budget.textContent = `no limit; ${human(doc.used || 0)} used`;
+    budget.title = "";
+  } else {
+    budget.textContent = `${human(doc.used)} used of ${human(doc.budget)}; ${human(doc.left)} left`;
+    budget.title = `${exactBytes(doc.used)} used of ${exactBytes(doc.budget)}; ${exactBytes(doc.left)} left`;
+  }
+  row.querySelector(".answered-by .who").textContent = doc.answered_by || "—";
+  row.querySelector(".answered-by .when").textContent = doc.answered_at ? localTime(doc.answered_at) : "";
+  row.querySelector("form.extend").hidden = !(doc.state === "ACCEPTED" && doc.budget !== null);
+  row.querySelector(".actions > button[data-verb=revoke]").hidden = doc.state !== "ACCEPTED";
+}
+
+function acceptance(form) {
+  // {budget (bytes), lifetime (seconds)}, or null (and why) for a field that is not a number.
+  const body = {};
+  const field = form.elements.budget;
+  const text = field.value.trim();
+  if (text !== "" && text === field.dataset.prefilled) {
+    body.budget = Number(field.dataset.asked); // the size asked, to the byte
+  } else if (text !== "") {
+    const mib = Number(text);
+    if (!Number.isFinite(mib) || mib < 0) {
+      sayInvites("The budget must be a number of MiB (0 or more), or empty for the size asked.");
+      return null;
+    }
+    body.budget = Math.round(mib * MIB);
+  }
+  const days = Number(form.elements.lifetime.value.trim() || "30");
+  if (!Number.isFinite(days) || days <= 0) {
+    sayInvites("The lifetime must be a number of days, more than 0.");
+    return null;
+  }
+  body.lifetime = Math.max(1, Math.round(days * DAY));
+  return body;
+}
+
+function extension(form) {
+  const text = form.elements.bytes.value.trim();
+  const bytes = Number(text);
+  if (text === "" || !Number.isSafeInteger(bytes) || bytes <= 0) {
+    sayInvites("Extend by a whole number of bytes, more than 0.");
+    return null;
+  }
+  return { bytes };
+}
+
+async function answerInvite(id, verb, button, body) {
+  const generation = invitesGeneration;
+  const entry = invites.get(id);
+  const described = entry ? describeInvite(entry.doc) : `invitation ${shortId(id)}`;
+  const url = `/_api/v1/invitations/${encodeURIComponent(id)}`;
+  const buttons = entry ? Array.from(entry.row.querySelectorAll("button")) : [button];
+  for (const each of buttons) each.disabled = true;
+  try {
+    const headers = { Accept: "application/json" };
+    if (body) headers["Content-Type"] = "application/json";
+    const response = await fetch(verb === "revoke" ? url : `${url}/${verb}`, {
+      method: verb === "revoke" ? "DELETE" : "POST",
+      headers,
+      body: body ? JSON.stringify(body) : undefined,
+    });
+    const message = response.ok ? "" : await errorMessage(response);
+    if (generation !== invitesGeneration) return;
+    if (!response.ok) {
+      sayInvites(`${INVITE_VERBS[verb]} refused for ${described}: ${message}`);
+    } else {
+      const extra = verb === "extend" ? ` by ${exactBytes(body.bytes)}` : "";
+      sayInvites(`${INVITE_DONE[verb]} ${described}${extra}.`);
+      if (verb === "extend" && entry) entry.row.querySelector("input[name=bytes]").value = "";
+    }
+  } catch (error) {
+    if (generation === invitesGeneration) sayInvites(`${INVITE_VERBS[verb]} failed for ${described}: ${error.message}`);
+  } finally {
+    for (const each of buttons) each.disabled = false;
+  }
+  if (generation === invitesGeneration) await refreshInvites();
+}
+
+function refreshInvitesNow() {
+  refreshInvites().catch((error) => sayInvites(`Could not list the invitations: ${error.message}`));
+}
+
 // -- uploads --------------------------------------------------------------------------------
 
 function makeRow(file) {
@@ -789,6 +1063,11 @@ function start() {
     $("#token").value = "";
     if (token) signIn(token).catch((error) => say(`Sign-in failed: ${error.message}`));
   });
+  $("#invites-refresh").addEventListener("click", refreshInvitesNow);
+  // No event stream tells of new invitations: read them again whenever the page is shown again.
+  document.addEventListener("visibilitychange", () => {
+    if (document.visibilityState === "visible" && invitesShown) refreshInvitesNow();
+  });
   $("#signout").addEventListener("click", () => signOut().catch((error) => say(`Sign-out failed: ${error.message}`)));
 
   const zone = $("#drop-zone");
@@ -823,6 +1102,7 @@ function start() {
     .then(() => {
       follow();
       loadJobs(currentIdentity).catch((error) => sayJobs(`Could not list the transfer jobs: ${error.message}`));
+      loadInvites(currentIdentity).catch((error) => sayInvites(`Could not list the invitations: ${error.message}`));
       if (!fromLink) return refreshList();
       $("#signin").hidden = false;
       $("#token").value = fromLink;
