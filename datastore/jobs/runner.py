@@ -409,6 +409,7 @@ class JobRunner:
         loop = asyncio.get_running_loop()
         stall = self.settings.job_stall_timeout
         streaming = False
+        handle: dict[str, Any] = dict(file.handle)
         try:
             async with asyncio.timeout(stall) as watch:
 
@@ -419,7 +420,7 @@ class JobRunner:
                 alive()
                 _check_declared(job, file, info)
                 order = _order(job, file, info)
-                handle = destination.plan(dict(file.handle), order)
+                handle = destination.plan(handle, order)
                 await self._persist(attempt, handle, info.size)
                 handle = await destination.open(handle, order)
                 alive()
@@ -450,6 +451,9 @@ class JobRunner:
                         raise DriverError(
                             FailureReason.CONNECTION, f"the destination took {reached} of {info.size} bytes"
                         )
+                # Verifying may read the whole file again (an rclone remote without digests): a mebibyte
+                # a second is allowed on top of the stall time.
+                watch.reschedule(loop.time() + stall + info.size / (1 << 20))
                 published = await destination.finish(handle)
         except TimeoutError:
             what = "no byte moved" if streaming else "an end did not answer"
@@ -460,7 +464,7 @@ class JobRunner:
             if failure.reason is FailureReason.SOURCE_CHANGED:
                 # What the destination holds came from another version: it goes, the next attempt starts at 0.
                 with contextlib.suppress(Exception):
-                    await destination.discard(dict(handle) if "handle" in locals() else dict(file.handle))
+                    await destination.discard(handle)
                 await self._persist(attempt, {}, None)
                 attempt.offset = 0
             raise
