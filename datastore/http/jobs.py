@@ -30,8 +30,6 @@ from ..errors import (
     Unauthorized,
 )
 from ..jobs.drivers.interface import DriverError
-from ..jobs.drivers.local import SCHEME as LOCAL
-from ..jobs.drivers.local import parse_local
 from ..jobs.ends import check_url
 from ..jobs.invitations import needs_invitation
 from ..jobs.runner import job_quota
@@ -344,14 +342,14 @@ async def _check_ends(ctx: StoreContext, identity: Identity, file: JobFileSpec) 
     """Refuse at once an end the job could never reach (a clear 400/403 rather than a failed job)."""
     for url, destination in ((file.source, False), (file.destination, True)):
         try:
-            check_url(url, ctx.settings, destination=destination)
+            local = check_url(url, ctx.settings, destination=destination)
         except DriverError as exc:
             message = f"{'destination' if destination else 'source'} {public_url(url)!r}: {exc.message}"
             if exc.reason is FailureReason.FORBIDDEN:
                 raise NotAuthorized(message) from None
             raise BadRequest(message) from None
-        if url.startswith(LOCAL):
-            prefix, name = parse_local(url)
+        if local is not None:
+            prefix, name = local
             await ctx.mount(prefix).authorize(identity, Action.UPLOAD if destination else Action.READ, name)
 
 

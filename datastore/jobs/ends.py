@@ -34,17 +34,17 @@ from .states import FailureReason
 RCLONE = "rclone:"
 
 
-def check_url(url: str, settings: Settings, *, destination: bool) -> None:
-    """DriverError (BAD_REQUEST, FORBIDDEN) unless ``url`` names an end this store may use."""
+def check_url(url: str, settings: Settings, *, destination: bool) -> tuple[str, str] | None:
+    """DriverError (BAD_REQUEST, FORBIDDEN) unless ``url`` names an end this store may use; for one
+    of this store's files, its (prefix, name)."""
     if url.startswith(LOCAL):
-        parse_local(url)
-        return
+        return parse_local(url)
     if url.startswith(RCLONE):
         if settings.job_rclone_config is None:
             raise DriverError(FailureReason.FORBIDDEN, "this store has no rclone remotes (job_rclone_config)")
         if url[len(RCLONE) :].startswith(":") or url.count(":") < 2:
             raise DriverError(FailureReason.BAD_REQUEST, f"{url!r} is not rclone:REMOTE:PATH")
-        return
+        return None
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -64,6 +64,7 @@ def check_url(url: str, settings: Settings, *, destination: bool) -> None:
         raise DriverError(
             FailureReason.FORBIDDEN, f"jobs may not reach {parts.hostname}: the operator lists it in job_hosts"
         )
+    return None
 
 
 def host_allowed(host: str, port: int, allowed: tuple[str, ...]) -> bool:
