@@ -147,7 +147,7 @@ async def test_invitations_are_accepted_extended_revoked_and_declined_on_the_pag
     await row.get_by_role("button", name="Accept").click()
     message = page.locator("#invites-message")
     await expect(message).to_contain_text(f"Accept refused for invitation {third[:8]} from store D:")
-    await expect(message).to_contain_text("the invitation is declined: only a pending one can be answered")
+    await expect(message).to_contain_text("the invitation is DECLINED: only a pending one can be answered")
     await expect(answered(page, third).locator("td.state .name")).to_have_text("DECLINED")
     assert await page.evaluate("window.notReloaded") is True
     assert not [text for text in console if "Content Security Policy" in text], console
