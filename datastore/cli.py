@@ -24,7 +24,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -258,15 +258,7 @@ def _add_jobs(commands: Any, client_options: argparse.ArgumentParser) -> None:
         description="The transfer jobs of the store at URL (its base URL, e.g. http://127.0.0.1:8006): copies "
         "between local:/PREFIX/NAME, http(s)://HOST/PREFIX/NAME and rclone:REMOTE:PATH that the store runs.",
     )
-    actions = jobs.add_subparsers(dest="job_command", metavar="SUBCOMMAND")
-    actions.required = True
-
-    def action(name: str, help: str) -> argparse.ArgumentParser:
-        parser: argparse.ArgumentParser = actions.add_parser(
-            name, parents=[client_options], help=help, description=help[0].upper() + help[1:] + "."
-        )
-        parser.add_argument("url", metavar="URL", help="the store's URL, e.g. http://127.0.0.1:8006")
-        return parser
+    action = _store_actions(jobs, "job_command", client_options)
 
     submit = action("submit", "submit a job (prints its id)")
     submit.add_argument("ends", nargs="*", metavar="SOURCE DESTINATION", help="what to copy where (pairs)")
@@ -324,15 +316,7 @@ def _add_invites(commands: Any, client_options: argparse.ArgumentParser) -> None
         "that asks to push files into one of its prefixes (or pull them out) without a credential waits for "
         "someone who may upload there to accept (with a byte budget), decline, extend or revoke it.",
     )
-    actions = invites.add_subparsers(dest="invite_command", metavar="SUBCOMMAND")
-    actions.required = True
-
-    def action(name: str, help: str) -> argparse.ArgumentParser:
-        parser: argparse.ArgumentParser = actions.add_parser(
-            name, parents=[client_options], help=help, description=help[0].upper() + help[1:] + "."
-        )
-        parser.add_argument("url", metavar="URL", help="the store's URL, e.g. http://127.0.0.1:8006")
-        return parser
+    action = _store_actions(invites, "invite_command", client_options)
 
     listing = action("ls", "list the pending invitations you may answer")
     listing.add_argument("--all", action="store_true", help="also those answered, revoked or expired")
@@ -542,3 +526,21 @@ def certs(args: argparse.Namespace) -> int:
         print(f"datastore certs: {exc.filename or args.dir}: {exc.strerror}", file=sys.stderr)
         return 2
     return 0
+
+
+def _store_actions(
+    command: argparse.ArgumentParser, dest: str, client_options: argparse.ArgumentParser
+) -> Callable[[str, str], argparse.ArgumentParser]:
+    """The subcommands of ``command`` (``jobs``, ``invites``): each takes the store's URL and the client
+    options; returns what adds one."""
+    actions = command.add_subparsers(dest=dest, metavar="SUBCOMMAND")
+    actions.required = True
+
+    def action(name: str, help: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = actions.add_parser(
+            name, parents=[client_options], help=help, description=help[0].upper() + help[1:] + "."
+        )
+        parser.add_argument("url", metavar="URL", help="the store's URL, e.g. http://127.0.0.1:8006")
+        return parser
+
+    return action
