@@ -8,11 +8,13 @@ handler the test chose.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import re
+import signal
 import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -273,6 +275,24 @@ async def datastore(*args: str, cwd: Path | None = None, timeout: float = 60.0) 
         raise AssertionError(f"datastore {' '.join(args)} was still running after {timeout} s") from None
     assert process.returncode is not None
     return Ran(args, process.returncode, stdout.decode(), stderr.decode())
+
+
+@contextlib.asynccontextmanager
+async def job_store(folder: Path, data: bytes, owner: str) -> AsyncIterator[re.Match[str]]:
+    """One ``datastore serve`` whose jobs may reach 127.0.0.1, with ``a.bin`` (``data``) uploaded by
+    ``owner``: its serving line's match; stopped by its PID at the end."""
+    process, (match,) = await spawn_serve("--root", str(folder / "served"), env={"DATASTORE_JOB_HOSTS": "127.0.0.1"})
+    try:
+        source = folder / "a.bin"
+        await asyncio.to_thread(source.write_bytes, data)
+        upload = await datastore("upload", match["url"], str(source), "--identity", owner, "--quiet")
+        assert upload.returncode == 0, upload
+        yield match
+    finally:
+        if process.returncode is None:
+            os.kill(process.pid, signal.SIGTERM)
+        async with asyncio.timeout(30):
+            await process.communicate()
 
 
 def assert_one_line_failure(ran: Ran, status: int, line: str | re.Pattern[str]) -> None:

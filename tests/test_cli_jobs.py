@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
@@ -23,7 +21,7 @@ import pytest_asyncio
 
 from datastore.client import DataStoreClient, RequestFailed, SyncDataStoreClient
 
-from .harness import Ran, assert_one_line_failure, datastore, eventually, md5_hex, spawn_serve
+from .harness import Ran, assert_one_line_failure, datastore, eventually, job_store, md5_hex
 
 #: Everything here runs against one store; each test is its own user, so that it sees its own jobs.
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -62,18 +60,8 @@ def refusing_port() -> Iterator[int]:
 async def store(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Served]:
     """One ``datastore serve`` (jobs may reach 127.0.0.1) with ``a.bin`` uploaded by Ada; stopped at the end."""
     tmp = tmp_path_factory.mktemp("jobs")
-    process, (match,) = await spawn_serve("--root", str(tmp / "served"), env={"DATASTORE_JOB_HOSTS": "127.0.0.1"})
-    try:
-        source = tmp / "a.bin"
-        await asyncio.to_thread(source.write_bytes, DATA)
-        upload = await datastore("upload", match["url"], str(source), "--identity", ADA, "--quiet")
-        assert upload.returncode == 0, upload
+    async with job_store(tmp, DATA, ADA) as match:
         yield Served(match["base"], match["url"], tmp)
-    finally:
-        if process.returncode is None:
-            os.kill(process.pid, signal.SIGTERM)
-        async with asyncio.timeout(30):
-            await process.communicate()
 
 
 @pytest.fixture
