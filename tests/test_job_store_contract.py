@@ -183,12 +183,14 @@ async def test_an_expired_lease_is_found_and_its_file_requeued_by_anyone(state: 
     renewed = await state.renew_job_file(job.id, 0, "dead", lease=LEASE, now=T0 + 10)
     assert renewed.held and renewed.stop_request is None
     assert await state.expired_job_leases(T0 + 10 + LEASE) == [(job.id, 0, "dead")]
+    assert await state.progress(job.id, 0, "dead", bytes=4, rate=0.0, announce=False)
+    # Whoever finds the lease ran out cannot tell how far the file got: it keeps what was recorded.
     await state.end_attempt(
-        job.id, 0, "dead", JobStep.REQUEUE, now=T0 + 41, bytes=0, reason=FailureReason.LEASE_EXPIRED
+        job.id, 0, "dead", JobStep.REQUEUE, now=T0 + 41, bytes=None, reason=FailureReason.LEASE_EXPIRED
     )
     loaded = await state.job(job.id)
     assert loaded is not None and loaded.files[0].state is FileJobState.QUEUED
-    assert loaded.files[0].idle_attempts == 1
+    assert (loaded.files[0].bytes, loaded.files[0].idle_attempts) == (4, 0)
     assert not (await state.renew_job_file(job.id, 0, "dead", lease=LEASE, now=T0 + 42)).held
 
 

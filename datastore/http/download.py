@@ -152,10 +152,11 @@ async def _download(request: web.Request, *, counted: bool) -> web.StreamRespons
     name = _valid_name(request.match_info["name"])
     await mount.authorize(identity, Action.READ, name)
     download = await mount.locate(identity, name)
-    if request.method == "GET":
-        await charge(ctx, identity, download.stat.st_size)
     if download.stored is not None and _tls_only(mount, download.stored) and not request.secure:
         raise NotAuthorized("this file was uploaded over TLS and is served over TLS only")
+    if request.method == "GET":
+        # A voucher's budget counts the whole file (a refused download is not counted).
+        await charge(ctx, identity, download.stat.st_size)
     if download.body is not None and not any(header in request.headers for header in _CONDITIONAL):
         # A small file, whole, unconditionally: from memory, with the headers FileResponse would send.
         headers = _PREPARED.get(download)

@@ -237,7 +237,7 @@ class JobRunner:
                 holder,
                 JobStep.REQUEUE,
                 now=now,
-                bytes=await self._bytes_of(job_id, index),
+                bytes=None,
                 reason=FailureReason.LEASE_EXPIRED,
                 error="the runner copying it stopped answering",
             )
@@ -341,10 +341,6 @@ class JobRunner:
         invitation = {"base": base, "prefix": prefix, "id": document["id"], "state": document["state"]}
         await self.state.set_invitation(job.id, {**invitation, "answer_by": document.get("answer_by")}, token)
         log.info("job %s: asked %s for an invitation to /%s/", job.id[:8], public_url(base), prefix)
-
-    async def _bytes_of(self, job_id: str, index: int) -> int:
-        job = await self.state.job(job_id)
-        return job.files[index].bytes if job is not None and index < len(job.files) else 0
 
     async def _fill(self, now: float) -> None:
         while not self._stopping and len(self.running) < self.limits.total:

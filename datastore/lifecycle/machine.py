@@ -649,15 +649,13 @@ class Lifecycle:
         bytes their destinations hold are kept for the next attempt."""
         released = 0
         for job_id, index, owner in await self.state.held_by(holder):
-            job = await self.state.job(job_id)
-            done = job.files[index].bytes if job is not None else 0
             ended = await self.state.end_attempt(
                 job_id,
                 index,
                 owner,
                 JobStep.REQUEUE,
                 now=time.time(),
-                bytes=done,
+                bytes=None,
                 reason=FailureReason.RESTARTED,
                 error="the store restarted",
             )

@@ -276,7 +276,7 @@ class JobStore(Protocol):
         outcome: JobStep,
         *,
         now: float,
-        bytes: int,
+        bytes: int | None,
         reason: FailureReason | None = None,
         error: str | None = None,
         not_before: float = 0.0,
@@ -285,7 +285,8 @@ class JobStore(Protocol):
     ) -> Job | None:
         """End ``holder``'s attempt: FINISH (verified at the destination, with its digests), REQUEUE (a
         retry at ``not_before``) or FAIL; a file whose job was paused, stopped or expired meanwhile
-        takes the job's state instead (unless it finished). Appends the file's event, and when no file
+        takes the job's state instead (unless it finished); ``bytes`` is how far the destination got
+        (None: as last recorded, for a holder that cannot tell). Appends the file's event, and when no file
         of the job is left to work on, settles the job (``settled_state``) and appends its event.
         Returns the job after it (with its files only if it settled: :meth:`job` reads them), or
         None if ``holder`` no longer held the file (nothing changes)."""

@@ -438,7 +438,7 @@ class SqliteJobs:
         outcome: JobStep,
         *,
         now: float,
-        bytes: int,
+        bytes: int | None,
         reason: FailureReason | None = None,
         error: str | None = None,
         not_before: float = 0.0,
@@ -450,6 +450,7 @@ class SqliteJobs:
             if row is None:
                 return None
             seq = row["job_seq"]
+            reached = row["bytes"] if bytes is None else bytes
             job_state = JobState(row["job_state"])
             label, event_type = _OUTCOMES[outcome]
             state = file_target(outcome)
@@ -459,7 +460,7 @@ class SqliteJobs:
                     "interrupted",
                     EventType.JOB_FILE_INTERRUPTED,
                 )
-            idle = row["idle_attempts"] + 1 if bytes <= row["bytes_at_start"] and outcome is not JobStep.FINISH else 0
+            idle = row["idle_attempts"] + 1 if reached <= row["bytes_at_start"] and outcome is not JobStep.FINISH else 0
             db.execute(
                 "UPDATE job_files SET state = ?, bytes = ?, rate = 0, claimed_by = NULL, lease_until = NULL,"
                 " stop_request = NULL, reason = ?, error = ?, not_before = ?, idle_attempts = ?,"
@@ -467,7 +468,7 @@ class SqliteJobs:
                 " finished_at = ?, updated_at = ? WHERE job_seq = ? AND idx = ?",
                 (
                     state,
-                    bytes,
+                    reached,
                     reason,
                     error,
                     not_before,
@@ -483,7 +484,7 @@ class SqliteJobs:
             db.execute(
                 "UPDATE job_attempts SET ended_at = ?, bytes = ?, outcome = ?, reason = ?, error = ?"
                 " WHERE job_seq = ? AND idx = ? AND number = ?",
-                (now, bytes, label, reason, error, seq, index, row["attempts"]),
+                (now, reached, label, reason, error, seq, index, row["attempts"]),
             )
             job = _load(db, seq=seq, files=False)
             assert job is not None
@@ -492,7 +493,7 @@ class SqliteJobs:
                 db,
                 [
                     _file_event(
-                        event_type, job, file, bytes=bytes, size=row["size"], md5=md5, sha256=sha256, reason=reason
+                        event_type, job, file, bytes=reached, size=row["size"], md5=md5, sha256=sha256, reason=reason
                     )
                 ],
             )
