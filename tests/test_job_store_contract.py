@@ -192,6 +192,11 @@ async def test_an_expired_lease_is_found_and_its_file_requeued_by_anyone(state: 
     assert loaded is not None and loaded.files[0].state is FileJobState.QUEUED
     assert (loaded.files[0].bytes, loaded.files[0].idle_attempts) == (4, 0)
     assert not (await state.renew_job_file(job.id, 0, "dead", lease=LEASE, now=T0 + 42)).held
+    # An attempt that moves no byte more counts as idle.
+    await state.claim_next("r", lease=LEASE, now=T0 + 43, limits=LIMITS)
+    await state.end_attempt(job.id, 0, "r", JobStep.REQUEUE, now=T0 + 44, bytes=4, reason=FailureReason.TIMEOUT)
+    again = await state.job(job.id)
+    assert again is not None and again.files[0].idle_attempts == 1
 
 
 async def test_pause_asks_the_runner_and_the_file_takes_the_jobs_state_then_resume_requeues(state: StateStore) -> None:
