@@ -2,7 +2,10 @@
 
 Each :class:`Database` owns one connection and one worker thread; every
 query runs on that thread, so statements are serialised without locks and
-the loop only awaits. The database runs in WAL mode with a busy timeout, so
+the loop only awaits. The thread takes work from a queue and hands each
+result straight to the waiting loop's future (a thread pool's futures cost
+about twice the CPU per call, and a small transfer job makes a few dozen
+calls per file). The database runs in WAL mode with a busy timeout, so
 several processes (``serve --workers N``) may share one file: each unit of
 work passed to :meth:`Database.run` is one ``BEGIN IMMEDIATE`` transaction,
 so a read followed by a write in it cannot interleave with another
@@ -12,13 +15,36 @@ process's; :meth:`Database.read` is for work that only reads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import queue
 import sqlite3
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class _Call(Generic[T]):
+    """One unit of work for the database thread, and the future its caller awaits."""
+
+    work: Callable[[sqlite3.Connection], T]
+    begin: str
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[T]
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    """On the caller's loop: the call's outcome, unless its caller stopped waiting."""
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 class Database:
@@ -29,7 +55,9 @@ class Database:
         self.path = path
         self._schema = schema
         self._migrate = migrate
-        self._executor: ThreadPoolExecutor | None = None
+        #: The thread's queue (each thread has its own: one closing never takes another's work).
+        self._queue: queue.SimpleQueue[_Call[Any] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
         self._connection: sqlite3.Connection | None = None
 
     async def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
@@ -41,10 +69,34 @@ class Database:
         return await self._submit(work, "BEGIN")
 
     async def _submit(self, work: Callable[[sqlite3.Connection], T], begin: str) -> T:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-{self.path.stem}")
+        if self._thread is None:
+            self._queue = queue.SimpleQueue()
+            self._thread = threading.Thread(
+                target=self._serve, args=(self._queue,), name=f"sqlite-{self.path.stem}", daemon=True
+            )
+            self._thread.start()
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._run, work, begin)
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Call(work, begin, loop, future))
+        return await future
+
+    def _serve(self, calls: queue.SimpleQueue[_Call[Any] | None]) -> None:
+        """The database thread: each call in turn until :meth:`close` sends None; then the connection closes."""
+        while (call := calls.get()) is not None:
+            if call.future.cancelled():
+                # Its caller stopped waiting before it started: it does not run (as with an executor).
+                continue
+            result: Any = None
+            error: BaseException | None = None
+            try:
+                result = self._run(call.work, call.begin)
+            except BaseException as exc:  # handed to the caller
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the caller's loop closed meanwhile
+                call.loop.call_soon_threadsafe(_settle, call.future, result, error)
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
     def _run(self, work: Callable[[sqlite3.Connection], T], begin: str) -> T:
         connection = self._connect()
@@ -81,14 +133,8 @@ class Database:
 
     async def close(self) -> None:
         """Close the connection and stop the thread; a later ``run`` reopens both."""
-        executor, self._executor = self._executor, None
-        if executor is None:
+        thread, self._thread = self._thread, None
+        if thread is None:
             return
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(executor, self._close)
-        executor.shutdown(wait=False)
-
-    def _close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+        self._queue.put(None)
+        await asyncio.to_thread(thread.join)
