@@ -279,12 +279,9 @@ class DirectoryHandler:
         await self.catalogue.close()
 
     def _on_disk(self, names: list[str]) -> set[str]:
-        """Which of ``names`` (already validated flat names) exist in the folder."""
-        try:
-            present = set(os.listdir(self.directory))
-        except FileNotFoundError:
-            return set()
-        return {name for name in names if name in present}
+        """Which of ``names`` (already validated flat names) exist in the folder: one lookup per name
+        (listing the folder instead cost a job copying into it time in the square of its files)."""
+        return {name for name in names if os.path.lexists(self.directory / name)}
 
     def _path_for_writing(self, name: str) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
