@@ -6,6 +6,9 @@ Time is given, nothing sleeps."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +17,8 @@ from datastore.jobs.states import FailureReason, FileJobState, JobState, JobStep
 from datastore.lifecycle.states import EventType
 from datastore.security.identity import Identity, IdentityKind
 from datastore.state.interface import StateStore
-from datastore.state.jobs import JobFileSpec, JobQuota, JobSpec, RunnerLimits
+from datastore.state.jobs import ClaimedFile, JobFileSpec, JobQuota, JobSpec, JobStore, RunnerLimits
+from datastore.state.sqlite import SqliteState
 
 from .test_state_contract import Opener, open_store, state  # noqa: F401  (fixtures)
 
@@ -32,6 +36,13 @@ def spec(*names: str, priority: int = 3, **options: object) -> JobSpec:
         for name in names
     )
     return JobSpec(files=files, priority=priority, **options)  # type: ignore[arg-type]
+
+
+async def claim_next(store: JobStore, holder: str, **options: object) -> ClaimedFile | None:
+    """The one file a claim of one takes, or None."""
+    claims = await store.claim_files(holder, **options)  # type: ignore[arg-type]
+    assert len(claims) <= 1
+    return claims[0] if claims else None
 
 
 async def types_after(state: StateStore, last: int) -> list[str]:
@@ -73,7 +84,7 @@ async def test_claims_go_by_priority_then_age_and_skip_uncommitted_jobs(state: S
     new, _ = await state.submit(ADA, spec("new", priority=4), commit=True, now=T0 + 2, quota=QUOTA)
     order = []
     for _ in range(4):
-        claimed = await state.claim_next("r1", lease=LEASE, now=T0 + 3, limits=LIMITS)
+        claimed = await claim_next(state, "r1", lease=LEASE, now=T0 + 3, limits=LIMITS)
         if claimed is None:
             break
         order.append(claimed.job.id)
@@ -84,15 +95,27 @@ async def test_claims_go_by_priority_then_age_and_skip_uncommitted_jobs(state: S
 async def test_limits_per_job_per_host_and_in_all(state: StateStore) -> None:
     job, _ = await state.submit(ADA, spec("a", "b", "c"), commit=True, now=T0, quota=QUOTA)
     limits = RunnerLimits(per_job=2, per_host=8, total=8)
-    assert await state.claim_next("r", lease=LEASE, now=T0, limits=limits) is not None
-    assert await state.claim_next("r", lease=LEASE, now=T0, limits=limits) is not None
-    assert await state.claim_next("r", lease=LEASE, now=T0, limits=limits) is None
+    assert await claim_next(state, "r", lease=LEASE, now=T0, limits=limits) is not None
+    assert await claim_next(state, "r", lease=LEASE, now=T0, limits=limits) is not None
+    assert await claim_next(state, "r", lease=LEASE, now=T0, limits=limits) is None
     other, _ = await state.submit(BOB, spec("x"), commit=True, now=T0, quota=QUOTA)
-    assert await state.claim_next("r", lease=LEASE, now=T0, limits=RunnerLimits(8, 2, 8, 8)) is None  # one host: dest
-    claimed = await state.claim_next("r", lease=LEASE, now=T0, limits=RunnerLimits(8, 8, 3, 8))
+    assert await claim_next(state, "r", lease=LEASE, now=T0, limits=RunnerLimits(8, 2, 8, 8)) is None  # one host: dest
+    claimed = await claim_next(state, "r", lease=LEASE, now=T0, limits=RunnerLimits(8, 8, 3, 8))
     assert claimed is not None and claimed.job.id == job.id
-    assert await state.claim_next("r", lease=LEASE, now=T0, limits=RunnerLimits(8, 8, 3, 8)) is None
+    assert await claim_next(state, "r", lease=LEASE, now=T0, limits=RunnerLimits(8, 8, 3, 8)) is None
     assert other.state is JobState.QUEUED
+
+
+async def test_one_claim_takes_several_files_within_the_limits(state: StateStore) -> None:
+    first, _ = await state.submit(ADA, spec("a", "b", "c"), commit=True, now=T0, quota=QUOTA)
+    second, _ = await state.submit(BOB, spec("x", "y"), commit=True, now=T0 + 1, quota=QUOTA)
+    limits = RunnerLimits(per_job=2, per_host=8, total=3, per_owner=8)
+    claims = await state.claim_files("r", lease=LEASE, now=T0, limits=limits, count=5)
+    assert [(c.job.id, c.file.index) for c in claims] == [(first.id, 0), (first.id, 1), (second.id, 0)]
+    assert all(c.attempt == 1 and c.file.state is FileJobState.ACTIVE for c in claims)
+    assert await state.claim_files("r", lease=LEASE, now=T0, limits=limits, count=5) == []
+    more = await state.claim_files("r", lease=LEASE, now=T0, limits=RunnerLimits(2, 8, 8, 8), count=5)
+    assert [(c.job.id, c.file.index) for c in more] == [(second.id, 1)]
 
 
 async def test_one_owner_never_takes_every_slot(state: StateStore) -> None:
@@ -100,7 +123,7 @@ async def test_one_owner_never_takes_every_slot(state: StateStore) -> None:
     await state.submit(ADA, spec("d"), commit=True, now=T0 + 1, quota=QUOTA)
     bobs, _ = await state.submit(BOB, spec("x"), commit=True, now=T0 + 2, quota=QUOTA)
     limits = RunnerLimits(per_job=8, per_host=8, total=8, per_owner=2)
-    taken = [await state.claim_next("r", lease=LEASE, now=T0, limits=limits) for _ in range(4)]
+    taken = [await claim_next(state, "r", lease=LEASE, now=T0, limits=limits) for _ in range(4)]
     owners = [c.job.owner if c is not None else None for c in taken]
     assert owners == [ADA, ADA, BOB, None]
     assert taken[2] is not None and taken[2].job.id == bobs.id
@@ -111,7 +134,7 @@ async def test_two_runners_never_claim_the_same_file(open_store: Opener) -> None
     await one.submit(ADA, spec(*[f"f{i}" for i in range(6)]), commit=True, now=T0, quota=QUOTA)
     claims = await asyncio.gather(
         *[
-            store.claim_next(holder, lease=LEASE, now=T0, limits=LIMITS)
+            claim_next(store, holder, lease=LEASE, now=T0, limits=LIMITS)
             for store, holder in [(one, "r1"), (two, "r2")] * 4
         ]
     )
@@ -122,8 +145,8 @@ async def test_two_runners_never_claim_the_same_file(open_store: Opener) -> None
 async def test_a_finished_file_settles_the_job_with_its_digests(state: StateStore) -> None:
     job, _ = await state.submit(ADA, spec("a", "b"), commit=True, now=T0, quota=QUOTA)
     before = await state.last_event_id()
-    a = await state.claim_next("r", lease=LEASE, now=T0, limits=LIMITS)
-    b = await state.claim_next("r", lease=LEASE, now=T0, limits=LIMITS)
+    a = await claim_next(state, "r", lease=LEASE, now=T0, limits=LIMITS)
+    b = await claim_next(state, "r", lease=LEASE, now=T0, limits=LIMITS)
     assert a is not None and b is not None and a.attempt == 1
     assert await state.set_handle(job.id, 0, "r", {"upload_url": "u"}, size=10)
     assert await state.progress(job.id, 0, "r", bytes=5, rate=100.0, announce=True)
@@ -159,14 +182,14 @@ async def test_a_finished_file_settles_the_job_with_its_digests(state: StateStor
 
 async def test_a_requeued_file_waits_for_its_time_and_a_stale_holder_changes_nothing(state: StateStore) -> None:
     job, _ = await state.submit(ADA, spec("a"), commit=True, now=T0, quota=QUOTA)
-    await state.claim_next("r", lease=LEASE, now=T0, limits=LIMITS)
+    await claim_next(state, "r", lease=LEASE, now=T0, limits=LIMITS)
     assert await state.end_attempt(job.id, 0, "other", JobStep.FINISH, now=T0, bytes=10) is None
     await state.end_attempt(
         job.id, 0, "r", JobStep.REQUEUE, now=T0, bytes=4, reason=FailureReason.CONNECTION, not_before=T0 + 10
     )
-    assert await state.claim_next("r", lease=LEASE, now=T0 + 5, limits=LIMITS) is None
+    assert await claim_next(state, "r", lease=LEASE, now=T0 + 5, limits=LIMITS) is None
     assert await state.next_due(T0 + 5) == T0 + 10
-    again = await state.claim_next("r", lease=LEASE, now=T0 + 10, limits=LIMITS)
+    again = await claim_next(state, "r", lease=LEASE, now=T0 + 10, limits=LIMITS)
     assert again is not None and again.attempt == 2 and again.file.bytes == 4
     attempts = await state.attempts(job.id)
     assert [(a.offset, a.outcome, a.reason) for a in attempts] == [
@@ -177,7 +200,7 @@ async def test_a_requeued_file_waits_for_its_time_and_a_stale_holder_changes_not
 
 async def test_an_expired_lease_is_found_and_its_file_requeued_by_anyone(state: StateStore) -> None:
     job, _ = await state.submit(ADA, spec("a"), commit=True, now=T0, quota=QUOTA)
-    await state.claim_next("dead", lease=LEASE, now=T0, limits=LIMITS)
+    await claim_next(state, "dead", lease=LEASE, now=T0, limits=LIMITS)
     assert await state.expired_job_leases(T0 + LEASE - 1) == []
     assert await state.held_by("dead") == await state.held_by(None) == [(job.id, 0, "dead")]
     renewed = await state.renew_job_file(job.id, 0, "dead", lease=LEASE, now=T0 + 10)
@@ -193,7 +216,7 @@ async def test_an_expired_lease_is_found_and_its_file_requeued_by_anyone(state: 
     assert (loaded.files[0].bytes, loaded.files[0].idle_attempts) == (4, 0)
     assert not (await state.renew_job_file(job.id, 0, "dead", lease=LEASE, now=T0 + 42)).held
     # An attempt that moves no byte more counts as idle.
-    await state.claim_next("r", lease=LEASE, now=T0 + 43, limits=LIMITS)
+    await claim_next(state, "r", lease=LEASE, now=T0 + 43, limits=LIMITS)
     await state.end_attempt(job.id, 0, "r", JobStep.REQUEUE, now=T0 + 44, bytes=4, reason=FailureReason.TIMEOUT)
     again = await state.job(job.id)
     assert again is not None and again.files[0].idle_attempts == 1
@@ -201,13 +224,13 @@ async def test_an_expired_lease_is_found_and_its_file_requeued_by_anyone(state: 
 
 async def test_pause_asks_the_runner_and_the_file_takes_the_jobs_state_then_resume_requeues(state: StateStore) -> None:
     job, _ = await state.submit(ADA, spec("a", "b"), commit=True, now=T0, quota=QUOTA)
-    await state.claim_next("r", lease=LEASE, now=T0, limits=RunnerLimits(1, 8, 8, 8))
+    await claim_next(state, "r", lease=LEASE, now=T0, limits=RunnerLimits(1, 8, 8, 8))
     paused = await state.step(job.id, JobStep.PAUSE, now=T0 + 1)
     assert paused is not None and paused.state is JobState.PAUSED
     assert [f.state for f in paused.files] == [FileJobState.ACTIVE, FileJobState.PAUSED]
     lease = await state.renew_job_file(job.id, 0, "r", lease=LEASE, now=T0 + 1)
     assert lease.stop_request == "pause" and lease.job_state is JobState.PAUSED
-    assert await state.claim_next("r", lease=LEASE, now=T0 + 1, limits=LIMITS) is None
+    assert await claim_next(state, "r", lease=LEASE, now=T0 + 1, limits=LIMITS) is None
     await state.end_attempt(job.id, 0, "r", JobStep.REQUEUE, now=T0 + 2, bytes=6, reason=FailureReason.CONNECTION)
     loaded = await state.job(job.id)
     assert loaded is not None and [f.state for f in loaded.files] == [FileJobState.PAUSED] * 2
@@ -220,7 +243,7 @@ async def test_pause_asks_the_runner_and_the_file_takes_the_jobs_state_then_resu
 
 async def test_stop_keeps_what_was_done_and_a_stopped_job_may_resume_or_be_cleared(state: StateStore) -> None:
     job, _ = await state.submit(ADA, spec("a"), commit=True, now=T0, quota=QUOTA)
-    await state.claim_next("r", lease=LEASE, now=T0, limits=LIMITS)
+    await claim_next(state, "r", lease=LEASE, now=T0, limits=LIMITS)
     stopped = await state.step(job.id, JobStep.STOP, now=T0 + 1, reason="stopped by ada")
     assert stopped is not None and stopped.state is JobState.USER_STOPPED and stopped.reason == "stopped by ada"
     assert await state.clear(job.id) is None  # a runner still holds its file
@@ -240,14 +263,14 @@ async def test_commit_priority_and_clear_follow_pyrfts_rules(state: StateStore) 
     assert committed is not None and committed.state is JobState.QUEUED and committed.committed_at == T0 + 1
     assert await state.step(job.id, JobStep.COMMIT, now=T0 + 1) is None
     assert await state.clear(job.id) is None  # committed and not finished
-    await state.claim_next("r", lease=LEASE, now=T0 + 2, limits=LIMITS)
+    await claim_next(state, "r", lease=LEASE, now=T0 + 2, limits=LIMITS)
     assert await state.set_priority(job.id, 1) is None  # active
 
 
 async def test_retry_brings_failed_files_back_with_a_fresh_count(state: StateStore) -> None:
     job, _ = await state.submit(ADA, spec("a", "b"), commit=True, now=T0, quota=QUOTA)
     for _ in (0, 1):
-        await state.claim_next("r", lease=LEASE, now=T0, limits=LIMITS)
+        await claim_next(state, "r", lease=LEASE, now=T0, limits=LIMITS)
     await state.end_attempt(job.id, 0, "r", JobStep.FINISH, now=T0, bytes=10)
     failed = await state.end_attempt(job.id, 1, "r", JobStep.FAIL, now=T0, bytes=2, reason=FailureReason.NO_PROGRESS)
     assert failed is not None and failed.state is JobState.FINISHED_DIRTY
@@ -255,7 +278,7 @@ async def test_retry_brings_failed_files_back_with_a_fresh_count(state: StateSto
     assert retried is not None and retried.state is JobState.QUEUED and retried.finished_at is None
     assert [f.state for f in retried.files] == [FileJobState.FINISHED, FileJobState.QUEUED]
     assert (retried.files[1].attempts, retried.files[1].attempts_base, retried.files[1].bytes) == (1, 1, 2)
-    again = await state.claim_next("r", lease=LEASE, now=T0 + 2, limits=LIMITS)
+    again = await claim_next(state, "r", lease=LEASE, now=T0 + 2, limits=LIMITS)
     assert again is not None and again.attempt == 2
 
 
@@ -287,3 +310,21 @@ async def test_lists_are_per_owner_filtered_and_paginated(state: StateStore) -> 
 
 def test_every_job_event_type_is_an_event_type() -> None:
     assert EventType("job.file.finished") is EventType.JOB_FILE_FINISHED
+
+
+async def test_a_sqlite_file_from_before_the_queue_index_is_brought_up_to_date(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    before = SqliteState(path)
+    low, _ = await before.submit(ADA, spec("low", priority=2), commit=True, now=T0, quota=QUOTA)
+    high, _ = await before.submit(ADA, spec("high", priority=5), commit=True, now=T0 + 1, quota=QUOTA)
+    await before.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("DROP INDEX job_files_queue")
+        db.execute("ALTER TABLE job_files DROP COLUMN priority")
+        db.commit()
+    after = SqliteState(path)
+    try:
+        claims = await after.claim_files("r", lease=LEASE, now=T0 + 2, limits=LIMITS, count=2)
+        assert [c.job.id for c in claims] == [high.id, low.id]
+    finally:
+        await after.close()

@@ -2,7 +2,7 @@
 its source to its destination, through crashes, dropped connections and restarts.
 
 One runner runs in each serving process; they share the queue through the state store, which hands
-each file to one of them at a time (``JobStore.claim_next``: priority, then age, within the limits per
+each file to one of them at a time (``JobStore.claim_files``: priority, then age, within the limits per
 job, per destination host and in all) under a lease the runner renews while it works. Each attempt
 at a file (:meth:`JobRunner._attempt`):
 
@@ -150,6 +150,10 @@ class JobRunner:
         self._stopping = False
         #: When each job waiting on another store's answer asks again.
         self._next_look: dict[str, float] = {}
+        #: Expired jobs and leases are looked for this often (not at every wake: each file that ends
+        #: wakes the runner), and when the next look is due.
+        self.housekeeping_interval = min(POLL_INTERVAL, settings.lease_time / 3)
+        self._housekeeping_at = 0.0
 
     def wake(self) -> None:
         """Look at the queue now (a job was submitted, committed, resumed or retried here)."""
@@ -169,9 +173,11 @@ class JobRunner:
             while True:
                 now = time.time()
                 try:
-                    await self._housekeeping(now)
-                    await self._fill(now)
-                    delay = await self._delay(now)
+                    if now >= self._housekeeping_at:
+                        self._housekeeping_at = now + self.housekeeping_interval
+                        await self._housekeeping(now)
+                    full = await self._fill(now)
+                    delay = await self._delay(now, full)
                 except Exception:
                     log.exception("the job runner's round failed")
                     delay = POLL_INTERVAL
@@ -342,22 +348,27 @@ class JobRunner:
         await self.state.set_invitation(job.id, {**invitation, "answer_by": document.get("answer_by")}, token)
         log.info("job %s: asked %s for an invitation to /%s/", job.id[:8], public_url(base), prefix)
 
-    async def _fill(self, now: float) -> None:
-        while not self._stopping and len(self.running) < self.limits.total:
-            claimed = await self.state.claim_next(
-                self.holder, lease=self.settings.lease_time, now=now, limits=self.limits
-            )
-            if claimed is None:
-                return
+    async def _fill(self, now: float) -> bool:
+        """Claim as many files as there are free slots (one transaction); whether every slot is taken."""
+        free = self.limits.total - len(self.running)
+        if self._stopping or free <= 0:
+            return True
+        claims = await self.state.claim_files(
+            self.holder, lease=self.settings.lease_time, now=now, limits=self.limits, count=free
+        )
+        for claimed in claims:
             attempt = _Running(claimed, start_offset=claimed.file.bytes, offset=claimed.file.bytes)
             place = (claimed.job.id, claimed.file.index)
             self.running[place] = attempt
             attempt.task = asyncio.create_task(self._run_attempt(attempt), name=f"job-{claimed.job.id[:8]}")
+        return len(claims) == free
 
-    async def _delay(self, now: float) -> float:
-        due = await self.state.next_due(now)
+    async def _delay(self, now: float, full: bool) -> float:
+        """How long until the next round unless woken: until a retry is due (no sooner than needed: a
+        runner with every slot taken is woken when one frees), a housekeeping round at most."""
+        due = None if full else await self.state.next_due(now)
         delay = POLL_INTERVAL if due is None else min(POLL_INTERVAL, max(0.0, due - now))
-        return min(delay, self.settings.lease_time / 3)
+        return min(delay, self.housekeeping_interval)
 
     # -- one attempt ----------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@ them by, with the same contracts as the transfers' (``interface.py``): each meth
 every change a step of ``jobs.states``' tables guarded by the states it may leave, the step's events
 appended in the same transaction, leases instead of locks, and time given as ``now``.
 
-A job's files are worked on by runners that claim them one at a time (:meth:`JobStore.claim_next`),
+A job's files are worked on by runners that claim them (:meth:`JobStore.claim_files`),
 hold them by a lease they renew, persist the destination's resume state (``handle``) before each
 external call, and end each attempt with :meth:`JobStore.end_attempt`, which also ends the job
 when its last file ended. A runner that dies leaves leases that run out; whoever finds them
@@ -241,12 +241,15 @@ class JobStore(Protocol):
         job as it was (so that the caller drops what its destinations hold), or None."""
         ...
 
-    async def claim_next(self, holder: str, *, lease: float, now: float, limits: RunnerLimits) -> ClaimedFile | None:
-        """Lease the next file due to ``holder`` until ``now + lease``: the QUEUED file of an unfinished
-        QUEUED or ACTIVE job whose ``not_before`` passed, highest priority first, then oldest job,
-        then lowest index, within ``limits`` (counted over every runner); None if none. The file
-        becomes ACTIVE (its attempts count one more, an attempt is recorded), its job ACTIVE;
-        appends ``job.file.started`` (and ``job.active``)."""
+    async def claim_files(
+        self, holder: str, *, lease: float, now: float, limits: RunnerLimits, count: int = 1
+    ) -> list[ClaimedFile]:
+        """Lease up to ``count`` files due to ``holder`` until ``now + lease``, in one transaction: each
+        the QUEUED file of an unfinished QUEUED or ACTIVE job whose ``not_before`` passed, highest
+        priority first, then oldest job, then lowest index, within ``limits`` (counted over every
+        runner, and over the files claimed before it). Each file becomes ACTIVE (its attempts count
+        one more, an attempt is recorded), its job ACTIVE; appends ``job.file.started`` (and
+        ``job.active``). Fewer (or none) when no more are due within the limits."""
         ...
 
     async def renew_job_file(self, job_id: str, index: int, holder: str, *, lease: float, now: float) -> Lease:

@@ -50,7 +50,7 @@ from .interface import (
 from .sqlite_events import appended as _appended
 from .sqlite_events import event_from_row as _event
 from .sqlite_events import insert_events as _insert_events
-from .sqlite_jobs import JOBS_SCHEMA, SqliteJobs
+from .sqlite_jobs import JOBS_SCHEMA, SqliteJobs, migrate_jobs
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS transfers (
@@ -162,6 +162,7 @@ def _migrate(db: sqlite3.Connection) -> None:
         "CREATE UNIQUE INDEX IF NOT EXISTS transfers_by_idempotency ON transfers (prefix, owner_id, idempotency_key)"
         " WHERE idempotency_key IS NOT NULL"
     )
+    migrate_jobs(db)
 
 
 def new_transfer_key() -> str:
