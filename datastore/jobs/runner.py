@@ -9,8 +9,8 @@ at a file (:meth:`JobRunner._attempt`):
 1. asks the source what it holds (size, validator, digests), and checks it against what the job
    declared;
 2. persists the destination's plan (its idempotency key: the *intent*) before asking the destination
-   to open the upload, then persists what it opened; so a runner that dies between the two finds the
-   same upload again instead of making a second one;
+   to open the upload, and what it opened with the next record it writes (progress, or the attempt's
+   end); so a runner that dies before that finds the same upload again instead of making a second one;
 3. asks the destination how far it got and streams the rest from the source from that offset, counting
    the bytes, reporting progress, holding to the job's bandwidth, and watching for a stall: no byte
    (or no answer from either end) for ``job_stall_timeout`` seconds ends the attempt as *stalled*;
@@ -94,6 +94,9 @@ class _Running:
     start_offset: int = 0
     offset: int = 0
     started: float = field(default_factory=time.monotonic)
+    #: What the destination opened, not yet recorded: it goes with the next progress record or the end
+    #: of the attempt (the intent recorded before the open finds the same upload again meanwhile).
+    unrecorded: dict[str, Any] | None = None
 
     @property
     def rate(self) -> float:
@@ -429,9 +432,11 @@ class JobRunner:
                 order = _order(job, file, info)
                 handle = destination.plan(handle, order)
                 await self._persist(attempt, handle, info.size)
+                planned = handle
                 handle = await destination.open(handle, order)
                 alive()
-                await self._persist(attempt, handle, info.size)
+                if handle != planned:
+                    attempt.unrecorded = handle
                 offset = await destination.offset(handle)
                 alive()
                 if offset > info.size:
@@ -439,7 +444,13 @@ class JobRunner:
                 if offset != attempt.start_offset:
                     # The destination holds other than recorded (less staged than counted, or a restart).
                     await self.state.progress(
-                        *self._place(attempt), self.holder, bytes=offset, rate=0.0, announce=False, resumed=True
+                        *self._place(attempt),
+                        self.holder,
+                        bytes=offset,
+                        rate=0.0,
+                        announce=False,
+                        resumed=True,
+                        handle=self._unrecorded(attempt),
                     )
                 attempt.start_offset = attempt.offset = offset
                 hasher = None if _source_digest_known(job, info) else _Hasher()
@@ -498,7 +509,12 @@ class JobRunner:
             if time.monotonic() - reported >= PROGRESS_INTERVAL:
                 reported = time.monotonic()
                 await self.state.progress(
-                    *self._place(attempt), self.holder, bytes=attempt.offset, rate=attempt.rate, announce=True
+                    *self._place(attempt),
+                    self.holder,
+                    bytes=attempt.offset,
+                    rate=attempt.rate,
+                    announce=True,
+                    handle=self._unrecorded(attempt),
                 )
 
     def _throttle(self, job: Job) -> _Throttle | None:
@@ -529,8 +545,16 @@ class JobRunner:
             attempt.task.cancel()
 
     async def _persist(self, attempt: _Running, handle: dict[str, Any], size: int | None) -> None:
+        """Record ``handle`` now (an intent, before the external call it names)."""
+        attempt.unrecorded = None
         if not await self.state.set_handle(*self._place(attempt), self.holder, handle, size=size):
             raise _Ended("lost")
+
+    @staticmethod
+    def _unrecorded(attempt: _Running) -> dict[str, Any] | None:
+        """The opened handle for the record about to be written (and then no longer unrecorded)."""
+        handle, attempt.unrecorded = attempt.unrecorded, None
+        return handle
 
     # -- ending an attempt ----------------------------------------------------------------------
 
@@ -539,6 +563,7 @@ class JobRunner:
 
     async def _end(self, attempt: _Running, outcome: JobStep, **values: Any) -> Job | None:
         values.setdefault("bytes", attempt.offset)
+        values.setdefault("handle", self._unrecorded(attempt))
         call = self.state.end_attempt(*self._place(attempt), self.holder, outcome, now=time.time(), **values)
         return await asyncio.shield(call)
 

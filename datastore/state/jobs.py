@@ -257,11 +257,21 @@ class JobStore(Protocol):
         ...
 
     async def progress(
-        self, job_id: str, index: int, holder: str, *, bytes: int, rate: float, announce: bool, resumed: bool = False
+        self,
+        job_id: str,
+        index: int,
+        holder: str,
+        *,
+        bytes: int,
+        rate: float,
+        announce: bool,
+        resumed: bool = False,
+        handle: Mapping[str, Any] | None = None,
     ) -> bool:
         """Record how far the destination got; with ``announce``, append ``job.file.progress``; with
         ``resumed``, ``bytes`` is where the destination says this attempt starts (the attempt's
-        offset). False if ``holder`` no longer holds the file."""
+        offset); with ``handle``, the destination's resume state too (as :meth:`set_handle`).
+        False if ``holder`` no longer holds the file."""
         ...
 
     async def set_handle(
@@ -285,14 +295,16 @@ class JobStore(Protocol):
         not_before: float = 0.0,
         md5: str | None = None,
         sha256: str | None = None,
+        handle: Mapping[str, Any] | None = None,
     ) -> Job | None:
         """End ``holder``'s attempt: FINISH (verified at the destination, with its digests), REQUEUE (a
         retry at ``not_before``) or FAIL; a file whose job was paused, stopped or expired meanwhile
         takes the job's state instead (unless it finished); ``bytes`` is how far the destination got
-        (None: as last recorded, for a holder that cannot tell). Appends the file's event, and when no file
-        of the job is left to work on, settles the job (``settled_state``) and appends its event.
-        Returns the job after it (with its files only if it settled: :meth:`job` reads them), or
-        None if ``holder`` no longer held the file (nothing changes)."""
+        (None: as last recorded, for a holder that cannot tell); ``handle``, if given, is recorded as
+        :meth:`set_handle` does. Appends the file's event, and when no file of the job is left to
+        work on, settles the job (``settled_state``) and appends its event. Returns the job after it
+        (with its files only if it settled: :meth:`job` reads them), or None if ``holder`` no longer
+        held the file (nothing changes)."""
         ...
 
     async def expired_job_leases(self, now: float) -> list[tuple[str, int, str]]:

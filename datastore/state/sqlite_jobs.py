@@ -438,15 +438,24 @@ class SqliteJobs:
         return result
 
     async def progress(
-        self, job_id: str, index: int, holder: str, *, bytes: int, rate: float, announce: bool, resumed: bool = False
+        self,
+        job_id: str,
+        index: int,
+        holder: str,
+        *,
+        bytes: int,
+        rate: float,
+        announce: bool,
+        resumed: bool = False,
+        handle: Mapping[str, Any] | None = None,
     ) -> bool:
         def record(db: sqlite3.Connection) -> bool:
             row = _held(db, job_id, index, holder)
             if row is None:
                 return False
             db.execute(
-                "UPDATE job_files SET bytes = ?, rate = ? WHERE job_seq = ? AND idx = ?",
-                (bytes, rate, row["job_seq"], index),
+                "UPDATE job_files SET bytes = ?, rate = ?, handle = COALESCE(?, handle) WHERE job_seq = ? AND idx = ?",
+                (bytes, rate, _handle_json(handle), row["job_seq"], index),
             )
             if resumed:
                 db.execute(
@@ -473,7 +482,7 @@ class SqliteJobs:
                 return False
             db.execute(
                 "UPDATE job_files SET handle = ?, size = COALESCE(?, size) WHERE job_seq = ? AND idx = ?",
-                (json.dumps(dict(handle)), size, row["job_seq"], index),
+                (_handle_json(handle), size, row["job_seq"], index),
             )
             return True
 
@@ -494,6 +503,7 @@ class SqliteJobs:
         not_before: float = 0.0,
         md5: str | None = None,
         sha256: str | None = None,
+        handle: Mapping[str, Any] | None = None,
     ) -> Job | None:
         def end(db: sqlite3.Connection) -> Job | None:
             row = _held(db, job_id, index, holder)
@@ -515,7 +525,7 @@ class SqliteJobs:
                 "UPDATE job_files SET state = ?, bytes = ?, rate = 0, claimed_by = NULL, lease_until = NULL,"
                 " stop_request = NULL, reason = ?, error = ?, not_before = ?, idle_attempts = ?,"
                 " published_md5 = COALESCE(?, published_md5), published_sha256 = COALESCE(?, published_sha256),"
-                " finished_at = ?, updated_at = ? WHERE job_seq = ? AND idx = ?",
+                " handle = COALESCE(?, handle), finished_at = ?, updated_at = ? WHERE job_seq = ? AND idx = ?",
                 (
                     state,
                     reached,
@@ -525,6 +535,7 @@ class SqliteJobs:
                     idle,
                     md5,
                     sha256,
+                    _handle_json(handle),
                     now if state in (_F.FINISHED, _F.FAILED) else None,
                     now,
                     seq,
@@ -634,6 +645,10 @@ def migrate_jobs(db: sqlite3.Connection) -> None:
         db.execute("UPDATE job_files SET priority = (SELECT priority FROM jobs WHERE seq = job_seq)")
     # The queue per destination host, in the order files are claimed (the first due one is near its start).
     db.execute("CREATE INDEX IF NOT EXISTS job_files_queue ON job_files (state, host, priority DESC, job_seq, idx)")
+
+
+def _handle_json(handle: Mapping[str, Any] | None) -> str | None:
+    return None if handle is None else json.dumps(dict(handle))
 
 
 def _host(url: str) -> str:
