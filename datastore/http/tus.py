@@ -200,9 +200,10 @@ async def append_resumable(
     try:
         async with spending(ctx, target.identity, wanted, whole=False) as within_budget:
             chunks = within_budget(stream_chunks(request, ctx.settings))
-            return await ctx.lifecycle.append_resumable(
+            appended = await ctx.lifecycle.append_resumable(
                 target, claimed_offset, chunks, length=length, checksum=checksum
             )
+            return appended.offset
     except NotEnoughSpace as exc:
         raise InsufficientStorage(exc.detail) from None
 

@@ -149,6 +149,14 @@ class RunningUpload:
 
 
 @dataclass(frozen=True, slots=True)
+class Appended:
+    """What an append left: the file's new offset, and the file as published if the append published it."""
+
+    offset: int
+    published: FileInfo | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class UploadTarget:
     """The transfer and file an upload names, resolved for one client."""
 
@@ -274,6 +282,7 @@ class Lifecycle:
         manifest: Manifest,
         upload_metadata: str | None = None,
         idempotency_key: str | None = None,
+        new_key: bool = False,
     ) -> tuple[Transfer | None, list[str]]:
         """Gate ``manifest`` through the handler and register it: (transfer, []) or (None, refused names).
 
@@ -284,11 +293,13 @@ class Lifecycle:
 
         With an ``idempotency_key`` (a known identity's; an anonymous client's is ignored), a manifest
         sent again, say after its answer was lost, finds the transfer registered the first time,
-        in whatever state it is now; the same key with other files is a Conflict (409).
+        in whatever state it is now; the same key with other files is a Conflict (409). ``new_key``:
+        the caller made the key itself just now, so nothing can be registered under it yet (it is
+        not looked up first).
         """
         mount.authorize_names(identity, [f.name for f in manifest.files])
         if idempotency_key is not None and not identity.anonymous:
-            found = await self._idempotent(mount, identity, manifest, idempotency_key)
+            found = None if new_key else await self._idempotent(mount, identity, manifest, idempotency_key)
             if found is not None:
                 return found, []
         else:
@@ -414,9 +425,10 @@ class Lifecycle:
         *,
         length: int | None = None,
         checksum: tuple[Any, bytes] | None = None,
-    ) -> int:
-        """Append ``chunks`` (``length`` bytes, if known) to the file at ``claimed_offset``; the new
-        offset. ``checksum``: a hash object and the digest the chunk must have (tus Upload-Checksum).
+    ) -> Appended:
+        """Append ``chunks`` (``length`` bytes, if known) to the file at ``claimed_offset``: the new
+        offset (and the published file, if it was the last byte). ``checksum``: a hash object and the
+        digest the chunk must have (tus Upload-Checksum).
 
         When the last byte arrives the file is verified and published. A failure keeps the bytes that
         reached the disk (except a chunk whose checksum did not match, which is cut off); only a failed
@@ -441,13 +453,13 @@ class Lifecycle:
                 await upload.append_chunk(chunks, digests, checksum)
                 if digests.offset < target.file.size:
                     await upload.pause(digests.offset)
-                    return digests.offset
+                    return Appended(digests.offset)
                 finishing = True
                 try:
-                    await upload.finish(digests, path)
+                    published = await upload.finish(digests, path)
                 except ChecksumMismatch:
                     raise ChunkChecksumMismatch("the whole file does not match the declared checksum") from None
-                return digests.offset
+                return Appended(digests.offset, published)
             except BaseException as exc:
                 offset = digests.offset if digests is not None else received
                 await upload.end(exc, resumable=True, finishing=finishing, offset=offset)

@@ -129,28 +129,37 @@ class LocalSource(_Local):
     async def read(self, offset: int, info: SourceInfo) -> AsyncIterator[bytes]:
         download = self._located or await self._locate()
         try:
-            handle, now = await asyncio.to_thread(_open_at, download, offset)
+            handle, now, first = await asyncio.to_thread(_open_at, download, offset, self.chunk_size)
         except OSError:
             raise DriverError(FailureReason.SOURCE_CHANGED, f"/{self.prefix}/{self.name} is gone") from None
-        if file_etag(now) != info.validator:
-            await asyncio.to_thread(handle.close)
-            raise DriverError(FailureReason.SOURCE_CHANGED, f"/{self.prefix}/{self.name} changed")
         try:
-            while chunk := await asyncio.to_thread(handle.read, self.chunk_size):
+            if file_etag(now) != info.validator:
+                raise DriverError(FailureReason.SOURCE_CHANGED, f"/{self.prefix}/{self.name} changed")
+            if first:
+                yield first
+            while handle is not None and (chunk := await asyncio.to_thread(handle.read, self.chunk_size)):
                 yield chunk
         finally:
-            await asyncio.to_thread(handle.close)
+            if handle is not None:
+                await asyncio.to_thread(handle.close)
 
 
-def _open_at(download: Download, offset: int) -> tuple[IO[bytes], os.stat_result]:
-    """The file open at ``offset``, and its status as opened (what it is now, not at stat time)."""
+def _open_at(download: Download, offset: int, chunk_size: int) -> tuple[IO[bytes] | None, os.stat_result, bytes]:
+    """The file's status as opened (what it is now, not at stat time) and its first chunk from
+    ``offset``, with the file still open there, or closed (None) if that chunk reached its end: a
+    small file is read in one step."""
     handle = download.path.open("rb")
     try:
         handle.seek(offset)
-        return handle, os.fstat(handle.fileno())
+        now = os.fstat(handle.fileno())
+        first = handle.read(chunk_size)
+        if offset + len(first) < now.st_size:
+            return handle, now, first
     except BaseException:
         handle.close()
         raise
+    handle.close()
+    return None, now, first
 
 
 class LocalDestination(_Local):
@@ -162,17 +171,23 @@ class LocalDestination(_Local):
         self.client = client
         #: The upload as :meth:`open` found or made it (so that this attempt reads it once).
         self._opened: UploadTarget | None = None
+        #: The idempotency key :meth:`plan` made (nothing can be registered under it before :meth:`open`).
+        self._new_key: str | None = None
+        #: The file as :meth:`write` published it.
+        self._published: Published | None = None
 
     def plan(self, handle: Handle, order: Order) -> Handle:
         if "idempotency_key" in handle:
             return dict(handle)
-        return {"idempotency_key": secrets.token_hex(16), "validator": order.validator}
+        self._new_key = secrets.token_hex(16)
+        return {"idempotency_key": self._new_key, "validator": order.validator}
 
     async def open(self, handle: Handle, order: Order) -> Handle:
         mount = await self._mount(Action.UPLOAD)
         state = self.lifecycle.state
         key = handle.get("key")
-        if key is None and isinstance(handle.get("idempotency_key"), str):
+        new_key = self._new_key is not None and handle.get("idempotency_key") == self._new_key
+        if key is None and isinstance(handle.get("idempotency_key"), str) and not new_key:
             # Registered by an attempt stopped before it could record the key: found by the intent.
             found = await state.idempotent(self.prefix, self.identity, handle["idempotency_key"])
             if found is not None:
@@ -197,7 +212,7 @@ class LocalDestination(_Local):
         manifest = Manifest((ManifestFile(self.name, order.size, order.md5, order.sha256),))
         try:
             registered, refused = await self.lifecycle.register(
-                mount, self.identity, self.client, manifest, idempotency_key=handle["idempotency_key"]
+                mount, self.identity, self.client, manifest, idempotency_key=handle["idempotency_key"], new_key=new_key
             )
         except DatastoreError as exc:
             raise failure_of(exc) from None
@@ -237,13 +252,20 @@ class LocalDestination(_Local):
     async def write(self, handle: Handle, offset: int, chunks: AsyncIterator[bytes]) -> int:
         target = await self._file(handle)
         try:
-            return await self.lifecycle.append_resumable(target, offset, chunks)
+            appended = await self.lifecycle.append_resumable(target, offset, chunks)
         except AlreadyUploaded:
             return target.file.size
         except DatastoreError as exc:
             raise failure_of(exc) from None
+        if appended.published is not None:
+            published = appended.published
+            assert published.md5 is not None and published.sha256 is not None
+            self._published = Published(published.size, published.md5, published.sha256)
+        return appended.offset
 
     async def finish(self, handle: Handle) -> Published:
+        if self._published is not None and self._opened is not None and self._opened.transfer.key == handle.get("key"):
+            return self._published
         target = await self._file(handle, fresh=True)
         file = target.file
         if file.state is not FileState.PUBLISHED or file.md5 is None or file.sha256 is None:
