@@ -22,6 +22,7 @@ filesystem (call it from a worker thread).
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from pathlib import Path
@@ -133,6 +134,13 @@ def validate_name(name: object) -> str:
     """
     if not isinstance(name, str):
         raise InvalidName("name must be a string")
+    return _validated(name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _validated(name: str) -> str:
+    """:func:`validate_name` of a string; the names found valid lately are remembered (a job of 1,000
+    files checks each name several times), a refusal is not."""
     if name == "":
         raise InvalidName("name is empty")
     name = unicodedata.normalize("NFC", name)
