@@ -40,7 +40,7 @@ def spec(*names: str, priority: int = 3, **options: object) -> JobSpec:
 
 async def claim_next(store: JobStore, holder: str, **options: object) -> ClaimedFile | None:
     """The one file a claim of one takes, or None."""
-    claims = await store.claim_files(holder, **options)  # type: ignore[arg-type]
+    claims = (await store.claim_files(holder, **options)).files  # type: ignore[arg-type]
     assert len(claims) <= 1
     return claims[0] if claims else None
 
@@ -110,11 +110,11 @@ async def test_one_claim_takes_several_files_within_the_limits(state: StateStore
     first, _ = await state.submit(ADA, spec("a", "b", "c"), commit=True, now=T0, quota=QUOTA)
     second, _ = await state.submit(BOB, spec("x", "y"), commit=True, now=T0 + 1, quota=QUOTA)
     limits = RunnerLimits(per_job=2, per_host=8, total=3, per_owner=8)
-    claims = await state.claim_files("r", lease=LEASE, now=T0, limits=limits, count=5)
+    claims = (await state.claim_files("r", lease=LEASE, now=T0, limits=limits, count=5)).files
     assert [(c.job.id, c.file.index) for c in claims] == [(first.id, 0), (first.id, 1), (second.id, 0)]
     assert all(c.attempt == 1 and c.file.state is FileJobState.ACTIVE for c in claims)
-    assert await state.claim_files("r", lease=LEASE, now=T0, limits=limits, count=5) == []
-    more = await state.claim_files("r", lease=LEASE, now=T0, limits=RunnerLimits(2, 8, 8, 8), count=5)
+    assert (await state.claim_files("r", lease=LEASE, now=T0, limits=limits, count=5)).files == ()
+    more = (await state.claim_files("r", lease=LEASE, now=T0, limits=RunnerLimits(2, 8, 8, 8), count=5)).files
     assert [(c.job.id, c.file.index) for c in more] == [(second.id, 1)]
 
 
@@ -187,7 +187,8 @@ async def test_a_requeued_file_waits_for_its_time_and_a_stale_holder_changes_not
     await state.end_attempt(
         job.id, 0, "r", JobStep.REQUEUE, now=T0, bytes=4, reason=FailureReason.CONNECTION, not_before=T0 + 10
     )
-    assert await claim_next(state, "r", lease=LEASE, now=T0 + 5, limits=LIMITS) is None
+    waiting = await state.claim_files("r", lease=LEASE, now=T0 + 5, limits=LIMITS)
+    assert waiting.files == () and waiting.next_due == T0 + 10
     assert await state.next_due(T0 + 5) == T0 + 10
     again = await claim_next(state, "r", lease=LEASE, now=T0 + 10, limits=LIMITS)
     assert again is not None and again.attempt == 2 and again.file.bytes == 4
@@ -325,6 +326,6 @@ async def test_a_sqlite_file_from_before_the_queue_index_is_brought_up_to_date(t
     after = SqliteState(path)
     try:
         claims = await after.claim_files("r", lease=LEASE, now=T0 + 2, limits=LIMITS, count=2)
-        assert [c.job.id for c in claims] == [high.id, low.id]
+        assert [c.job.id for c in claims.files] == [high.id, low.id]
     finally:
         await after.close()

@@ -179,8 +179,7 @@ class JobRunner:
                     if now >= self._housekeeping_at:
                         self._housekeeping_at = now + self.housekeeping_interval
                         await self._housekeeping(now)
-                    full = await self._fill(now)
-                    delay = await self._delay(now, full)
+                    delay = self._delay(now, await self._fill(now))
                 except Exception:
                     log.exception("the job runner's round failed")
                     delay = POLL_INTERVAL
@@ -351,25 +350,24 @@ class JobRunner:
         await self.state.set_invitation(job.id, {**invitation, "answer_by": document.get("answer_by")}, token)
         log.info("job %s: asked %s for an invitation to /%s/", job.id[:8], public_url(base), prefix)
 
-    async def _fill(self, now: float) -> bool:
-        """Claim as many files as there are free slots (one transaction); whether every slot is taken."""
+    async def _fill(self, now: float) -> float | None:
+        """Claim as many files as there are free slots (one transaction); when the earliest file
+        waiting for a retry becomes due (None: none waits, or no slot is free)."""
         free = self.limits.total - len(self.running)
         if self._stopping or free <= 0:
-            return True
+            return None
         claims = await self.state.claim_files(
             self.holder, lease=self.settings.lease_time, now=now, limits=self.limits, count=free
         )
-        for claimed in claims:
+        for claimed in claims.files:
             attempt = _Running(claimed, start_offset=claimed.file.bytes, offset=claimed.file.bytes)
             place = (claimed.job.id, claimed.file.index)
             self.running[place] = attempt
             attempt.task = asyncio.create_task(self._run_attempt(attempt), name=f"job-{claimed.job.id[:8]}")
-        return len(claims) == free
+        return claims.next_due
 
-    async def _delay(self, now: float, full: bool) -> float:
-        """How long until the next round unless woken: until a retry is due (no sooner than needed: a
-        runner with every slot taken is woken when one frees), a housekeeping round at most."""
-        due = None if full else await self.state.next_due(now)
+    def _delay(self, now: float, due: float | None) -> float:
+        """How long until the next round unless woken: until a retry is due, a housekeeping round at most."""
         delay = POLL_INTERVAL if due is None else min(POLL_INTERVAL, max(0.0, due - now))
         return min(delay, self.housekeeping_interval)
 

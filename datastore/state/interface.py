@@ -210,12 +210,16 @@ class TransferStore(Protocol):
         client: str | None = None,
         quota: ClientQuota | None = None,
         idempotency_key: str | None = None,
+        space: int | None = None,
     ) -> Transfer:
         """A new OPEN transfer under a fresh unguessable key, every file RESERVED; appends ``transfer.created``.
 
         With a ``quota``: QuotaExceeded, and nothing stored, unless ``client``'s holdings (checked in
         the same transaction) leave room for it. With an ``idempotency_key`` that ``owner`` used on
         ``prefix`` before: DuplicateRequest, and nothing stored (:meth:`idempotent` finds that transfer).
+        With ``space`` (bytes the disk may still take): InsufficientStorage, and nothing stored,
+        unless the files' sizes fit in it less what open transfers may still write
+        (:meth:`reserved_bytes`, in the same transaction).
         """
         ...
 

@@ -158,6 +158,15 @@ class ClaimedFile:
 
 
 @dataclass(frozen=True, slots=True)
+class Claims:
+    """What one claim took, and when the earliest file waiting for a retry becomes due (as
+    :meth:`JobStore.next_due` tells), so that the runner knows how long it may wait."""
+
+    files: tuple[ClaimedFile, ...]
+    next_due: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class RunnerLimits:
     """How many files may be ACTIVE at once: per job, per destination host, in all, and per owner (so
     that no one owner's jobs take every slot)."""
@@ -243,13 +252,14 @@ class JobStore(Protocol):
 
     async def claim_files(
         self, holder: str, *, lease: float, now: float, limits: RunnerLimits, count: int = 1
-    ) -> list[ClaimedFile]:
+    ) -> Claims:
         """Lease up to ``count`` files due to ``holder`` until ``now + lease``, in one transaction: each
         the QUEUED file of an unfinished QUEUED or ACTIVE job whose ``not_before`` passed, highest
         priority first, then oldest job, then lowest index, within ``limits`` (counted over every
         runner, and over the files claimed before it). Each file becomes ACTIVE (its attempts count
         one more, an attempt is recorded), its job ACTIVE; appends ``job.file.started`` (and
-        ``job.active``). Fewer (or none) when no more are due within the limits."""
+        ``job.active``). Fewer (or none) when no more are due within the limits; with them, what
+        :meth:`next_due` would answer after the claim."""
         ...
 
     async def renew_job_file(self, job_id: str, index: int, holder: str, *, lease: float, now: float) -> Lease:

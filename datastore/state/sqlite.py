@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from ..errors import AlreadyUploaded, TransferCancelled, UploadInProgress
+from ..errors import AlreadyUploaded, InsufficientStorage, TransferCancelled, UploadInProgress
 from ..lifecycle.states import (
     FINAL_FILE_STATES,
     Event,
@@ -165,6 +165,15 @@ def _migrate(db: sqlite3.Connection) -> None:
     migrate_jobs(db)
 
 
+def _reserved_bytes(db: sqlite3.Connection) -> int:
+    reserved: int = db.execute(
+        "SELECT COALESCE(SUM(f.size - f.received), 0) FROM transfer_files f JOIN transfers t USING (key)"
+        f" WHERE t.state = ? AND f.state IN {_in(_OPEN_FILE_STATES)}",
+        (TransferState.OPEN, *_OPEN_FILE_STATES),
+    ).fetchone()[0]
+    return reserved
+
+
 def new_transfer_key() -> str:
     """An unguessable transfer key: 160 random bits as 40 hex digits."""
     return secrets.token_hex(20)
@@ -217,6 +226,7 @@ class SqliteState(SqliteJobs):
         client: str | None = None,
         quota: ClientQuota | None = None,
         idempotency_key: str | None = None,
+        space: int | None = None,
     ) -> Transfer:
         key = new_transfer_key()
         records = tuple(
@@ -239,6 +249,9 @@ class SqliteState(SqliteJobs):
                 quota.check(_holdings(db, client), len(records), sum(f.size for f in records))
             if idempotency_key is not None and _idempotent(db, prefix, owner, idempotency_key) is not None:
                 raise DuplicateRequest(idempotency_key)
+            total = sum(f.size for f in records)
+            if space is not None and total > (available := space - _reserved_bytes(db)):
+                raise InsufficientStorage(f"{total} bytes declared, {max(0, available)} available")
             db.execute(
                 "INSERT INTO transfers (key, prefix, owner, owner_authenticated, owner_id, client, state,"
                 " created_at, updated_at, expires_at, idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -261,7 +274,6 @@ class SqliteState(SqliteJobs):
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(key, f.num, f.name, f.size, f.md5, f.sha256, f.state, now, f.upload_metadata) for f in records],
             )
-            total = sum(f.size for f in records)
             _insert_events(
                 db,
                 [
@@ -535,13 +547,7 @@ class SqliteState(SqliteJobs):
         )
 
     async def reserved_bytes(self) -> int:
-        return await self._db.read(
-            lambda db: db.execute(
-                "SELECT COALESCE(SUM(f.size - f.received), 0) FROM transfer_files f JOIN transfers t USING (key)"
-                f" WHERE t.state = ? AND f.state IN {_in(_OPEN_FILE_STATES)}",
-                (TransferState.OPEN, *_OPEN_FILE_STATES),
-            ).fetchone()[0]
-        )
+        return await self._db.read(_reserved_bytes)
 
     async def purge(self, before: float) -> int:
         return await self._run(

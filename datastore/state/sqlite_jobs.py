@@ -40,7 +40,7 @@ from ..jobs.states import (
 from ..lifecycle.states import EventType, NewEvent
 from ..security.identity import Identity
 from .database import Database
-from .jobs import Attempt, ClaimedFile, Job, JobFile, JobQuota, JobSpec, Lease, RunnerLimits
+from .jobs import Attempt, ClaimedFile, Claims, Job, JobFile, JobQuota, JobSpec, Lease, RunnerLimits
 from .sqlite_events import insert_events
 
 JOBS_SCHEMA = """
@@ -366,8 +366,8 @@ class SqliteJobs:
 
     async def claim_files(
         self, holder: str, *, lease: float, now: float, limits: RunnerLimits, count: int = 1
-    ) -> list[ClaimedFile]:
-        def claim(db: sqlite3.Connection) -> list[ClaimedFile]:
+    ) -> Claims:
+        def claim(db: sqlite3.Connection) -> Claims:
             active = db.execute(
                 "SELECT f.job_seq, f.host, j.owner_id FROM job_files f JOIN jobs j ON j.seq = f.job_seq"
                 " WHERE f.state = ?",
@@ -417,9 +417,9 @@ class SqliteJobs:
                 jobs[row["job_seq"]] += 1
                 hosts[row["host"]] += 1
                 owners[row["owner_id"] or ""] += 1
-            return claimed
+            return Claims(tuple(claimed), _next_due(db, now))
 
-        result: list[ClaimedFile] = await self._run(claim)
+        result: Claims = await self._run(claim)
         return result
 
     async def renew_job_file(self, job_id: str, index: int, holder: str, *, lease: float, now: float) -> Lease:
@@ -605,15 +605,7 @@ class SqliteJobs:
         return expired
 
     async def next_due(self, now: float) -> float | None:
-        def read(db: sqlite3.Connection) -> float | None:
-            row = db.execute(
-                "SELECT MIN(f.not_before) FROM job_files f JOIN jobs j ON j.seq = f.job_seq"
-                f" WHERE f.state = ? AND f.not_before > ? AND j.state IN {_in(_RUNNABLE)}",
-                (_F.QUEUED, now, *_RUNNABLE),
-            ).fetchone()
-            return None if row[0] is None else float(row[0])
-
-        return await self._db.read(read)
+        return await self._db.read(lambda db: _next_due(db, now))
 
     async def purge_jobs(self, before: float) -> int:
         def purge(db: sqlite3.Connection) -> int:
@@ -645,6 +637,15 @@ def migrate_jobs(db: sqlite3.Connection) -> None:
         db.execute("UPDATE job_files SET priority = (SELECT priority FROM jobs WHERE seq = job_seq)")
     # The queue per destination host, in the order files are claimed (the first due one is near its start).
     db.execute("CREATE INDEX IF NOT EXISTS job_files_queue ON job_files (state, host, priority DESC, job_seq, idx)")
+
+
+def _next_due(db: sqlite3.Connection, now: float) -> float | None:
+    row = db.execute(
+        "SELECT MIN(f.not_before) FROM job_files f JOIN jobs j ON j.seq = f.job_seq"
+        f" WHERE f.state = ? AND f.not_before > ? AND j.state IN {_in(_RUNNABLE)}",
+        (_F.QUEUED, now, *_RUNNABLE),
+    ).fetchone()
+    return None if row[0] is None else float(row[0])
 
 
 def _handle_json(handle: Mapping[str, Any] | None) -> str | None:
