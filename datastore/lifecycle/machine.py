@@ -307,16 +307,17 @@ class Lifecycle:
         # Checked again where the transfer is inserted; this first look spares the handler's work.
         await self.check_quota(client, len(manifest.files), manifest.total_size)
         usage = await asyncio.to_thread(shutil.disk_usage, self.staging_dir)
-        available = usage.free - await self.state.reserved_bytes() - self.settings.min_free_bytes
-        if manifest.total_size > available:
-            raise InsufficientStorage(f"{manifest.total_size} bytes declared, {max(0, available)} available")
+        # What the open transfers may still write is counted where the transfer is inserted.
+        space = usage.free - self.settings.min_free_bytes
+        if manifest.total_size > space:
+            raise InsufficientStorage(f"{manifest.total_size} bytes declared, {max(0, space)} available")
         infos = [FileInfo(f.name, f.size, f.md5, f.sha256) for f in manifest.files]
         # Reserving and recording go to their end together, even for a caller cancelled meanwhile (a
         # client gone, a job paused): cut between the two, a reservation would hold its names for no
         # transfer. A caller cancelled meanwhile leaves a transfer that expires, or that its
         # idempotency key finds again.
         return await staging.uncancellable(
-            self._reserve_and_create(mount, identity, client, manifest, infos, upload_metadata, idempotency_key)
+            self._reserve_and_create(mount, identity, client, manifest, infos, upload_metadata, idempotency_key, space)
         )
 
     async def _reserve_and_create(
@@ -328,6 +329,7 @@ class Lifecycle:
         infos: list[FileInfo],
         upload_metadata: str | None,
         idempotency_key: str | None,
+        space: int,
     ) -> tuple[Transfer | None, list[str]]:
         async with mount.lock:
             reserved: list[FileInfo] = []
@@ -354,6 +356,7 @@ class Lifecycle:
                     client=client,
                     quota=self.quota,
                     idempotency_key=idempotency_key,
+                    space=space,
                 )
             except BaseException as exc:
                 for info in reserved:
