@@ -166,8 +166,10 @@ async def _append(
     budget: BufferBudget | None,
 ) -> None:
     loop = asyncio.get_running_loop()
-    handle = await _open_at(path, digests.offset)
-    flusher = Flusher(handle.fileno()) if fsync else None
+    #: The file, opened by the first store; a small body that ends before one is written, hashed
+    #: and settled in one step (one thread call instead of three).
+    handle: IO[bytes] | None = None
+    flusher: Flusher | None = None
     pending: asyncio.Future[None] | None = None
     #: The received bytes not yet handed to a store, kept as they arrived (no copy).
     buffer: list[bytes] = []
@@ -180,10 +182,13 @@ async def _append(
 
     async def store() -> None:
         """Hand the buffer, and its slot, to a store in the threads once the previous one has ended."""
-        nonlocal pending, buffer, buffered, holding
+        nonlocal pending, buffer, buffered, holding, handle, flusher
         if buffer:
             if pending is not None:
                 await uncancellable(pending)
+            if handle is None:
+                handle = await _open_at(path, digests.offset)
+                flusher = Flusher(handle.fileno()) if fsync else None
             pending = asyncio.ensure_future(_store(loop, handle, flusher, buffer, digests, chunk_hash))
             if holding and budget is not None:
                 pending.add_done_callback(budget.release)
@@ -243,7 +248,11 @@ async def _append(
             if buffered >= chunk_size:
                 await store()
         await after_silence()
-        await store()
+        if handle is None and buffered <= _SERIAL_STORE:
+            data, buffer, buffered = buffer, [], 0
+            await uncancellable(_store_whole(loop, path, data, digests, chunk_hash, fsync))
+        else:
+            await store()
         if pending is not None:
             await uncancellable(pending)
             pending = None
@@ -259,7 +268,8 @@ async def _append(
         if pending is not None:
             with contextlib.suppress(Exception):
                 await uncancellable(pending)
-        await uncancellable(asyncio.to_thread(_settle, handle, digests.offset, fsync, flusher))
+        if handle is not None:
+            await uncancellable(asyncio.to_thread(_settle, handle, digests.offset, fsync, flusher))
 
 
 async def uncancellable(work: Awaitable[T]) -> T:
@@ -454,6 +464,32 @@ async def _store(
         digests.restore(before)
         raise
     digests.offset += size
+
+
+async def _store_whole(
+    loop: asyncio.AbstractEventLoop, path: Path, data: list[bytes], digests: Digests, chunk_hash: Any, fsync: bool
+) -> None:
+    """Open ``path`` at ``digests.offset``, write and hash ``data``, settle and close: one thread call.
+    If the write fails, the file and the digests stay as they were."""
+    before = digests.copy()
+    hashes = (digests.md5, digests.sha256, chunk_hash)
+    try:
+        await loop.run_in_executor(None, _write_whole, path, digests.offset, data, hashes, fsync)
+    except BaseException:
+        digests.restore(before)
+        raise
+    digests.offset += sum(map(len, data))
+
+
+def _write_whole(path: Path, offset: int, data: list[bytes], hashes: tuple[Any, ...], fsync: bool) -> None:
+    handle = _open_for_append(path, offset)
+    end = offset
+    try:
+        _update_all(hashes, data)
+        _write_all(handle, data, None)
+        end += sum(map(len, data))
+    finally:
+        _settle(handle, end, fsync, None)
 
 
 #: Buffers up to this size are written and hashed in one thread.
