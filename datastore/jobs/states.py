@@ -28,6 +28,7 @@ A file that ends its attempt while its job is paused, stopped or expired takes t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from enum import StrEnum
 from urllib.parse import urlsplit, urlunsplit
@@ -267,9 +268,11 @@ class VerifyChecksum(StrEnum):
     BOTH = "both"
 
 
+@functools.lru_cache(maxsize=4096)
 def public_url(url: str) -> str:
     """``url`` as events, statuses and logs may show it: without user information, query or fragment
-    (which may carry credentials, as a signed URL's query does)."""
+    (which may carry credentials, as a signed URL's query does). Remembered for the URLs met lately
+    (each file's events and log lines show its destination)."""
     try:
         parts = urlsplit(url)
     except ValueError:

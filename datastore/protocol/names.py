@@ -218,7 +218,11 @@ def contained_path(directory: Path, name: str) -> Path:
     """
     name = validate_name(name)
     base = directory.resolve()
-    candidate = (base / name).resolve()
+    candidate = base / name
+    # Only the last part can still be a link (the rest is resolved): resolving the joined path
+    # again, part by part, would tell nothing more.
+    if candidate.is_symlink():
+        candidate = candidate.resolve()
     if candidate.parent != base or candidate.name != name:
         raise InvalidName("name resolves outside the store")
     return candidate
