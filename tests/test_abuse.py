@@ -253,17 +253,20 @@ async def test_uploads_at_once_per_client_are_limited_and_others_still_upload(ma
     ada, bob = await people(store)
     key = (await (await register(store, [(f"a{i}", b"x" * 100) for i in range(3)], ada)).json())["transfer_key"]
     host, port = "127.0.0.1", store.client.port
+    lifecycle = store.client.app[CONTEXT].lifecycle
     held = [await hold_upload(host, port, key, num, ada) for num in (0, 1)]
-    await until(lambda: len(store.staged_files()) >= 2, "two uploads of Ada's hold their slots", timeout=WAIT)
+    try:
+        await until(lambda: lifecycle.active_uploads >= 2, "two uploads of Ada's hold their slots", timeout=WAIT)
 
-    refused = await store.client.put(f"/files/{key}/2", data=b"x" * 100, headers=ada)
+        refused = await store.client.put(f"/files/{key}/2", data=b"x" * 100, headers=ada)
 
-    assert (refused.status, refused.headers["Retry-After"]) == (429, "1")
-    assert "you are running 2 uploads" in await refused.text()
-    bobs = (await (await register(store, [("b", b"y")], bob)).json())["transfer_key"]
-    assert (await store.client.put(f"/files/{bobs}/0", data=b"y", headers=bob)).status == 200
-    for _, writer in held:
-        writer.close()
+        assert (refused.status, refused.headers["Retry-After"]) == (429, "1")
+        assert "you are running 2 uploads" in await refused.text()
+        bobs = (await (await register(store, [("b", b"y")], bob)).json())["transfer_key"]
+        assert (await store.client.put(f"/files/{bobs}/0", data=b"y", headers=bob)).status == 200
+    finally:
+        for _, writer in held:
+            writer.close()
 
 
 async def hold_upload(
