@@ -632,7 +632,10 @@ def _settings_json(spec: JobSpec) -> str:
 
 def migrate_jobs(db: sqlite3.Connection) -> None:
     """Bring the job tables of an older file up to date (after ``JOBS_SCHEMA`` created what was missing)."""
-    if "priority" not in {row["name"] for row in db.execute("PRAGMA table_info(job_files)")}:
+    columns = {row["name"] for row in db.execute("PRAGMA table_info(job_files)")}
+    if not columns:
+        return  # no job tables (a file migrated piece by piece): the schema makes them whole
+    if "priority" not in columns:
         db.execute("ALTER TABLE job_files ADD COLUMN priority INTEGER NOT NULL DEFAULT 3")
         db.execute("UPDATE job_files SET priority = (SELECT priority FROM jobs WHERE seq = job_seq)")
     # The queue per destination host, in the order files are claimed (the first due one is near its start).
