@@ -417,9 +417,12 @@ async def _open_at(path: Path, offset: int) -> IO[bytes]:
 
 
 def _open_for_append(path: Path, offset: int) -> IO[bytes]:
-    path.parent.mkdir(parents=True, exist_ok=True)
     if offset == 0:
-        return open(path, "wb", buffering=0)
+        try:
+            return open(path, "wb", buffering=0)
+        except FileNotFoundError:  # the staging folder is made when first needed
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return open(path, "wb", buffering=0)
     handle = open(path, "r+b", buffering=0)  # noqa: SIM115 - closed by _settle
     try:
         if os.fstat(handle.fileno()).st_size < offset:
