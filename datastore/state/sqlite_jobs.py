@@ -14,7 +14,7 @@ import secrets
 import sqlite3
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, replace
+from dataclasses import fields, replace
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -186,12 +186,13 @@ class SqliteJobs:
             quota.check(open_jobs, len(spec.files))
             state = (_J.AWAITING_ACCEPTANCE if invite else _J.QUEUED) if commit else _J.SUBMITTED
             settings = _settings_json(spec)
+            job_id = new_job_id()
             cursor = db.execute(
                 "INSERT INTO jobs (id, owner, owner_id, state, priority, spec, submission_id, source_token,"
                 " destination_token, created_at, updated_at, committed_at, deadline, max_wait)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    new_job_id(),
+                    job_id,
                     owner.dn,
                     owner.principal,
                     state,
@@ -208,6 +209,7 @@ class SqliteJobs:
                 ),
             )
             seq = cursor.lastrowid
+            assert seq is not None
             db.executemany(
                 "INSERT INTO job_files (job_seq, idx, source, destination, host, size, declared_size, md5, sha256,"
                 " state, priority, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -229,8 +231,32 @@ class SqliteJobs:
                     for i, f in enumerate(spec.files)
                 ],
             )
-            job = _load(db, seq=seq)
-            assert job is not None
+            # The job as _load would read it back (without reading it: a submission is one insert).
+            file_state = FileJobState(state)
+            job = Job(
+                id=job_id,
+                owner=Identity.from_principal(owner.principal, owner.dn),
+                state=state,
+                spec=replace(spec, files=()),
+                created_at=now,
+                updated_at=now,
+                files=tuple(
+                    JobFile(
+                        i,
+                        f.source,
+                        f.destination,
+                        f.size,
+                        f.md5,
+                        f.sha256,
+                        file_state,
+                        updated_at=now,
+                        declared_size=f.size,
+                    )
+                    for i, f in enumerate(spec.files)
+                ),
+                committed_at=now if commit else None,
+                seq=seq,
+            )
             total = sum(f.size or 0 for f in spec.files)
             events = [_job_event(EventType.JOB_SUBMITTED, job, size=total)]
             if commit:
@@ -624,10 +650,11 @@ _UNFINISHED = tuple(s for s in JobState if s not in FINAL_JOB_STATES)
 
 
 def _settings_json(spec: JobSpec) -> str:
-    values = asdict(spec)
-    for private in ("files", "source_token", "destination_token"):
-        values.pop(private)
-    return json.dumps(values)
+    """The spec's settings, without its files and credentials (kept apart)."""
+    return json.dumps({f.name: getattr(spec, f.name) for f in fields(spec) if f.name not in _NOT_SETTINGS})
+
+
+_NOT_SETTINGS = frozenset({"files", "source_token", "destination_token"})
 
 
 def migrate_jobs(db: sqlite3.Connection) -> None:
