@@ -26,6 +26,7 @@ a certificate it is the subject in AccessGrid's one-line form
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -109,8 +110,8 @@ class Identity:
         """The identity a stored :attr:`principal` names (without a token's grant or admin rights)."""
         if principal is None:
             return ANONYMOUS
-        kind, subject, *issuer = json.loads(principal)
-        return cls(IdentityKind(kind), subject, issuer[0] if issuer else None, dn=dn if dn is not None else subject)
+        kind, subject, issuer = _parsed_principal(principal)
+        return cls(kind, subject, issuer, dn=dn if dn is not None else subject)
 
     @property
     def anonymous(self) -> bool:
@@ -127,8 +128,7 @@ class Identity:
         """The stored form of this identity as an owner; ``None`` for anonymous (who owns nothing)."""
         if self.anonymous:
             return None
-        parts = [self.kind.value, self.subject] + ([self.issuer] if self.issuer is not None else [])
-        return json.dumps(parts, ensure_ascii=False, separators=(",", ":"))
+        return _principal(self.kind, self.subject, self.issuer)
 
     def owns(self, principal: str | None) -> bool:
         """Whether this identity is the owner recorded as ``principal``."""
@@ -182,3 +182,19 @@ def check_length(value: str, what: str) -> str:
     if len(value.encode("utf-8", "surrogatepass")) > MAX_IDENTITY_BYTES:
         raise BadRequest(f"{what} is longer than {MAX_IDENTITY_BYTES} bytes")
     return value
+
+
+# The principals of the identities met lately, both ways (an identity is asked for its principal at
+# every record it owns, and a stored one read back at every record loaded).
+
+
+@functools.lru_cache(maxsize=4096)
+def _principal(kind: IdentityKind, subject: str | None, issuer: str | None) -> str:
+    parts = [kind.value, subject] + ([issuer] if issuer is not None else [])
+    return json.dumps(parts, ensure_ascii=False, separators=(",", ":"))
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_principal(principal: str) -> tuple[IdentityKind, str | None, str | None]:
+    kind, subject, *issuer = json.loads(principal)
+    return IdentityKind(kind), subject, issuer[0] if issuer else None

@@ -9,6 +9,7 @@ leave and, for a runner's steps, by the lease's holder; the step's events go in 
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import sqlite3
@@ -781,14 +782,7 @@ def _with_files(job: Job, files: tuple[JobFile, ...]) -> Job:
 
 
 def _job(row: sqlite3.Row) -> Job:
-    settings = json.loads(row["spec"])
-    settings["verify_checksum"] = VerifyChecksum(settings["verify_checksum"])
-    spec = JobSpec(
-        files=(),
-        **settings,
-        source_token=row["source_token"],
-        destination_token=row["destination_token"],
-    )
+    spec = _spec(row["spec"], row["source_token"], row["destination_token"])
     return Job(
         id=row["id"],
         owner=Identity.from_principal(row["owner_id"], row["owner"]),
@@ -803,6 +797,15 @@ def _job(row: sqlite3.Row) -> Job:
         seq=row["seq"],
         invitation=None if row["invitation"] is None else json.loads(row["invitation"]),
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _spec(settings: str, source_token: str | None, destination_token: str | None) -> JobSpec:
+    """A stored job's spec (without its files); the specs of the jobs loaded lately are remembered
+    (a job is loaded at each of its files' claims and ends)."""
+    values = json.loads(settings)
+    values["verify_checksum"] = VerifyChecksum(values["verify_checksum"])
+    return JobSpec(files=(), **values, source_token=source_token, destination_token=destination_token)
 
 
 def _file(row: Mapping[str, Any] | sqlite3.Row) -> JobFile:
