@@ -64,7 +64,18 @@ promtool: | $(BIN)/python
 	  status=$$?; rm -rf $$tmp $(BIN)/promtool.part; \
 	  [ $$status = 0 ] || { echo "make test: could not unpack promtool from Debian's prometheus package (as root, or run 'apt-get install prometheus')" >&2; exit 1; }; }
 
-test: lint typecheck $(TUSJS)/node_modules/.package-lock.json debian-tools promtool
+# Debian's PostgreSQL server (the tests start clusters of their own with its initdb and pg_ctl, which
+# Debian keeps off PATH under /usr/lib/postgresql/VERSION/bin).
+.PHONY: postgresql
+postgresql:
+	@{ ls /usr/lib/postgresql/*/bin/initdb || command -v initdb; } >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
+	  else \
+	    echo "make test: the tests need PostgreSQL's server: run 'apt-get install postgresql' as root" >&2; exit 1; \
+	  fi; }
+
+test: lint typecheck $(TUSJS)/node_modules/.package-lock.json debian-tools promtool postgresql
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Benchmarks against nginx on loopback (not part of `make test`); e.g. make bench BENCH_ARGS="--runs 3".
