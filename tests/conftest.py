@@ -13,6 +13,12 @@ from datastore.handlers.directory import DirectoryHandler
 from datastore.http.server import HTTPTransferServer
 
 from .harness import Store, make_settings
+from .postgres_server import stop_shared
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop the PostgreSQL cluster the session started, if it started one."""
+    stop_shared()
 
 
 @pytest.fixture(autouse=True)

@@ -34,7 +34,10 @@ import pytest
 from datastore.security.identity import Identity, IdentityKind
 from datastore.state import open_catalogue
 from datastore.state.catalogue import Catalogue, Conflict, NameTaken, Reservation, StoredFile
+from datastore.state.postgres_catalogue import PostgresCatalogue
 from datastore.state.sqlite_catalogue import SqliteCatalogue
+
+from .postgres_server import shared_cluster
 
 # -- backends ----------------------------------------------------------------------------------
 
@@ -51,9 +54,17 @@ async def sqlite_backend(directory: Path) -> AsyncIterator[Opener]:
     yield lambda: SqliteCatalogue(path)
 
 
+@asynccontextmanager
+async def postgres_backend(directory: Path) -> AsyncIterator[Opener]:
+    """A database of its own in the session's PostgreSQL cluster; each catalogue object opens its own pool."""
+    with shared_cluster().database() as url:
+        yield lambda: PostgresCatalogue(url, "files")
+
+
 #: Every backend the suite certifies, by name (the test ids' parameter).
 BACKENDS: dict[str, Backend] = {
     "sqlite": sqlite_backend,
+    "postgres": postgres_backend,
 }
 
 

@@ -1,6 +1,7 @@
 """Persisted state behind one interface (``interface.py``): transfers, their files, leases, the event
 log; the catalogues of published files behind another (``catalogue.py``); and the backends of them
-(``sqlite.py``, ``sqlite_catalogue.py``), chosen by the ``state_url`` setting."""
+(``sqlite.py``, ``sqlite_catalogue.py``; ``postgres_catalogue.py`` on ``postgres_database.py``),
+chosen by the ``state_url`` setting."""
 
 from __future__ import annotations
 
@@ -30,4 +31,8 @@ def open_catalogue(url: str, prefix: str, path: Path) -> Catalogue:
         from .sqlite_catalogue import SqliteCatalogue
 
         return SqliteCatalogue(path)
-    raise ValueError(f"no catalogue backend for {url!r}: use sqlite:///PATH")
+    if url.startswith(("postgresql://", "postgres://")):
+        from .postgres_catalogue import PostgresCatalogue
+
+        return PostgresCatalogue(url, prefix)
+    raise ValueError(f"no catalogue backend for {url!r}: use sqlite:///PATH or postgresql://...")

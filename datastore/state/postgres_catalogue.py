@@ -1,0 +1,207 @@
+"""The catalogue on PostgreSQL: every prefix's published files and pending names in two tables, by
+``prefix``, shared by every node (see :mod:`datastore.state.catalogue` for the contracts).
+
+A prefix's changes (reserve, release, publish, delete) take turns on an advisory lock of the
+prefix held for their transaction, as the SQLite catalogue's writes take turns on its file: of two
+nodes reserving names that fold alike at once, exactly one gets them, and the other is told which
+conflict (never an error from a constraint). Reads take no lock. Names are compared and listed code
+point by code point (``COLLATE "C"`` on UTF-8), whatever the database's collation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..protocol.names import fold_name
+from .catalogue import Conflict, NameTaken, Reservation, StoredFile, TakePolicy
+from .postgres_database import Connection, Migration, PostgresDatabase, fetch_all, fetch_one
+
+MIGRATIONS = (
+    Migration(
+        1,
+        (
+            """
+            CREATE TABLE catalogue_files (
+                prefix TEXT NOT NULL,
+                name TEXT NOT NULL COLLATE "C",
+                fold TEXT NOT NULL COLLATE "C",
+                size BIGINT NOT NULL,
+                md5 TEXT NOT NULL,
+                sha256 TEXT NOT NULL,
+                owner TEXT,
+                owner_authenticated BOOLEAN NOT NULL DEFAULT FALSE,
+                uploaded_at DOUBLE PRECISION NOT NULL,
+                -- The uploader's principal (Identity.principal; NULL: anonymous, nobody owns it),
+                -- and whether the file came over TLS.
+                owner_id TEXT,
+                tls BOOLEAN NOT NULL DEFAULT FALSE,
+                PRIMARY KEY (prefix, name),
+                UNIQUE (prefix, fold)
+            )
+            """,
+            """
+            CREATE TABLE catalogue_pending (
+                prefix TEXT NOT NULL,
+                name TEXT NOT NULL COLLATE "C",
+                fold TEXT NOT NULL COLLATE "C",
+                size BIGINT NOT NULL,
+                reserved_at DOUBLE PRECISION NOT NULL,
+                PRIMARY KEY (prefix, name),
+                UNIQUE (prefix, fold)
+            )
+            """,
+        ),
+    ),
+)
+
+
+class PostgresCatalogue:
+    """The catalogue of one prefix in a PostgreSQL database shared by every node."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self.prefix = prefix
+        self._db = PostgresDatabase(url, "catalogue", MIGRATIONS, max_size=4)
+
+    async def check(self, files: Sequence[Reservation], *, may_take: TakePolicy) -> list[Conflict]:
+        return await self._db.read(lambda db: self._conflicts(db, files, may_take))
+
+    async def reserve(self, files: Sequence[Reservation], *, may_take: TakePolicy, now: float) -> list[Conflict]:
+        async def reserve(db: Connection) -> list[Conflict]:
+            await self._lock(db)
+            conflicts = await self._conflicts(db, files, may_take)
+            if not conflicts:
+                async with db.cursor() as cursor:
+                    await cursor.executemany(
+                        "INSERT INTO catalogue_pending (prefix, name, fold, size, reserved_at)"
+                        " VALUES (%s, %s, %s, %s, %s)",
+                        [(self.prefix, f.name, fold_name(f.name), f.size, now) for f in files],
+                    )
+            return conflicts
+
+        return await self._db.run(reserve)
+
+    async def is_reserved(self, name: str) -> bool:
+        async def read(db: Connection) -> bool:
+            place = (self.prefix, name)
+            return (
+                await fetch_one(db, "SELECT 1 FROM catalogue_pending WHERE prefix = %s AND name = %s", place)
+                is not None
+            )
+
+        return await self._db.read(read)
+
+    async def release(self, name: str) -> None:
+        async def release(db: Connection) -> None:
+            await self._lock(db)
+            await db.execute("DELETE FROM catalogue_pending WHERE prefix = %s AND name = %s", (self.prefix, name))
+
+        await self._db.run(release)
+
+    async def publish(self, record: StoredFile) -> None:
+        fold = fold_name(record.name)
+
+        async def publish(db: Connection) -> None:
+            await self._lock(db)
+            place = (self.prefix, record.name)
+            await db.execute("DELETE FROM catalogue_pending WHERE prefix = %s AND name = %s", place)
+            await db.execute("DELETE FROM catalogue_files WHERE prefix = %s AND name = %s", place)
+            other = await (
+                await db.execute(
+                    "SELECT name FROM catalogue_files WHERE prefix = %s AND fold = %s", (self.prefix, fold)
+                )
+            ).fetchone()
+            if other is not None:
+                raise NameTaken(f"{other['name']!r} is published, and folds as {record.name!r} does")
+            await db.execute(
+                "INSERT INTO catalogue_files (prefix, name, fold, size, md5, sha256, owner, owner_authenticated,"
+                " uploaded_at, owner_id, tls) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (
+                    self.prefix,
+                    record.name,
+                    fold,
+                    record.size,
+                    record.md5,
+                    record.sha256,
+                    record.owner,
+                    record.owner_authenticated,
+                    record.uploaded_at,
+                    record.owner_id,
+                    record.tls,
+                ),
+            )
+
+        await self._db.run(publish)
+
+    async def describe(self, name: str) -> StoredFile | None:
+        async def read(db: Connection) -> StoredFile | None:
+            row = await fetch_one(
+                db, "SELECT * FROM catalogue_files WHERE prefix = %s AND name = %s", (self.prefix, name)
+            )
+            return _stored(row) if row is not None else None
+
+        return await self._db.read(read)
+
+    async def listing(self) -> list[StoredFile]:
+        async def read(db: Connection) -> list[StoredFile]:
+            rows = await fetch_all(db, "SELECT * FROM catalogue_files WHERE prefix = %s ORDER BY name", (self.prefix,))
+            return [_stored(row) for row in rows]
+
+        return await self._db.read(read)
+
+    async def delete(self, name: str, *, expected: StoredFile | None = None) -> bool:
+        async def delete(db: Connection) -> bool:
+            await self._lock(db)
+            place = (self.prefix, name)
+            if expected is not None:
+                row = await fetch_one(db, "SELECT * FROM catalogue_files WHERE prefix = %s AND name = %s", place)
+                if row is None or _stored(row) != expected:
+                    return False
+            removed = await db.execute("DELETE FROM catalogue_files WHERE prefix = %s AND name = %s", place)
+            return removed.rowcount > 0
+
+        return await self._db.run(delete)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def _lock(self, db: Connection) -> None:
+        """Take this prefix's turn for the rest of the transaction."""
+        await db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"datastore catalogue: {self.prefix}",))
+
+    async def _conflicts(self, db: Connection, files: Sequence[Reservation], may_take: TakePolicy) -> list[Conflict]:
+        conflicts = []
+        asked: dict[str, str] = {}
+        for file in files:
+            fold = fold_name(file.name)
+            earlier = asked.get(fold)
+            if earlier is not None:
+                conflicts.append(Conflict(file.name, pending=earlier))
+                continue
+            asked[fold] = file.name
+            where = (self.prefix, fold)
+            pending = await fetch_one(db, "SELECT name FROM catalogue_pending WHERE prefix = %s AND fold = %s", where)
+            if pending is not None:
+                conflicts.append(Conflict(file.name, pending=pending["name"]))
+                continue
+            row = await (
+                await db.execute("SELECT * FROM catalogue_files WHERE prefix = %s AND fold = %s", where)
+            ).fetchone()
+            published = _stored(row) if row is not None else None
+            if not may_take(file.name, published):
+                conflicts.append(Conflict(file.name, published=published))
+        return conflicts
+
+
+def _stored(row: dict[str, Any]) -> StoredFile:
+    return StoredFile(
+        name=row["name"],
+        size=row["size"],
+        md5=row["md5"],
+        sha256=row["sha256"],
+        owner=row["owner"],
+        uploaded_at=row["uploaded_at"],
+        owner_authenticated=row["owner_authenticated"],
+        owner_id=row["owner_id"],
+        tls=row["tls"],
+    )

@@ -1,0 +1,139 @@
+"""A PostgreSQL database used from the event loop: psycopg 3's async connection pool, each unit of
+work one transaction, and the versioned migrations of each component applied at first use.
+
+A component (the catalogue, the state store, ...) names its schema's migrations in order; the
+versions applied are recorded in ``datastore_schema``. Opening applies the missing ones, all
+nodes starting at once included (an advisory lock makes them take turns), and refuses to run
+against a schema newer than this code knows (:class:`SchemaTooNew`): a node of an older version
+must not write into tables it does not understand. Opened lazily, as the SQLite backends are:
+the first call connects, and :meth:`PostgresDatabase.close` gives the connections back (a later
+call opens them again).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, LiteralString, TypeVar
+
+from psycopg import AsyncConnection
+from psycopg.rows import DictRow, dict_row
+from psycopg_pool import AsyncConnectionPool
+
+T = TypeVar("T")
+
+#: A connection whose rows are dicts (column name -> value).
+Connection = AsyncConnection[DictRow]
+
+#: Where the versions of every component's schema are kept (one row per component).
+_SCHEMA_TABLE = """
+CREATE TABLE IF NOT EXISTS datastore_schema (
+    component TEXT PRIMARY KEY,
+    version INTEGER NOT NULL
+)
+"""
+#: Taken (for its transaction) by whoever applies migrations, so that nodes take turns.
+_MIGRATION_LOCK = "SELECT pg_advisory_xact_lock(hashtext('datastore: migrations'))"
+
+
+async def fetch_one(db: Connection, query: LiteralString, params: Sequence[Any] = ()) -> DictRow | None:
+    """The first row ``query`` answers, or None."""
+    return await (await db.execute(query, params)).fetchone()
+
+
+async def fetch_all(db: Connection, query: LiteralString, params: Sequence[Any] = ()) -> list[DictRow]:
+    """Every row ``query`` answers."""
+    return await (await db.execute(query, params)).fetchall()
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One step of a component's schema: the statements that bring it to ``version``."""
+
+    version: int
+    statements: tuple[LiteralString, ...]
+
+
+class SchemaTooNew(RuntimeError):
+    """The database holds a schema of a later version of datastore than this one."""
+
+
+class PostgresDatabase:
+    """One PostgreSQL database (a URL) for one component, through a pool of connections."""
+
+    def __init__(self, url: str, component: str, migrations: Sequence[Migration], *, max_size: int = 8) -> None:
+        self.url = url
+        self.component = component
+        self._migrations = tuple(sorted(migrations, key=lambda m: m.version))
+        self._max_size = max_size
+        self._pool: AsyncConnectionPool[Connection] | None = None
+
+    @property
+    def version(self) -> int:
+        """The schema version this code writes."""
+        return self._migrations[-1].version if self._migrations else 0
+
+    async def run(self, work: Callable[[Connection], Awaitable[T]]) -> T:
+        """Run ``work(connection)`` in one transaction (committed if it returns, rolled back if it raises)."""
+        pool = await self._open()
+        async with pool.connection() as connection, connection.transaction():
+            return await work(connection)
+
+    async def read(self, work: Callable[[Connection], Awaitable[T]]) -> T:
+        """Run ``work(connection)``, which only reads, in one read-only transaction."""
+
+        async def read_only(connection: Connection) -> T:
+            await connection.execute("SET TRANSACTION READ ONLY")
+            return await work(connection)
+
+        return await self.run(read_only)
+
+    async def _open(self) -> AsyncConnectionPool[Connection]:
+        if self._pool is None:
+            pool = AsyncConnectionPool(
+                self.url,
+                connection_class=AsyncConnection[DictRow],
+                kwargs={"row_factory": dict_row, "autocommit": True},
+                min_size=1,
+                max_size=self._max_size,
+                open=False,
+                name=f"datastore-{self.component}",
+            )
+            await pool.open(wait=True)
+            try:
+                async with pool.connection() as connection, connection.transaction():
+                    await self._migrate(connection)
+            except BaseException:
+                await pool.close()
+                raise
+            self._pool = pool
+        return self._pool
+
+    async def _migrate(self, connection: Connection) -> None:
+        await connection.execute(_MIGRATION_LOCK)
+        await connection.execute(_SCHEMA_TABLE)
+        row = await fetch_one(
+            connection, "SELECT version FROM datastore_schema WHERE component = %s", (self.component,)
+        )
+        current = 0 if row is None else int(row["version"])
+        if current > self.version:
+            raise SchemaTooNew(
+                f"the {self.component} schema in this database is version {current}; this datastore knows up to"
+                f" {self.version}: run a datastore at least as new as the one that upgraded it"
+            )
+        for migration in self._migrations:
+            if migration.version > current:
+                for statement in migration.statements:
+                    await connection.execute(statement)
+        if current < self.version:
+            await connection.execute(
+                "INSERT INTO datastore_schema (component, version) VALUES (%s, %s)"
+                " ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version",
+                (self.component, self.version),
+            )
+
+    async def close(self) -> None:
+        """Close the pool's connections; a later call opens them again."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()

@@ -1,0 +1,73 @@
+"""What only the PostgreSQL backend has: versioned migrations applied once however many nodes start
+together, and a refusal to run against a schema newer than the code (the contract suites cover the
+rest). On the session's own cluster (``postgres_server.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from datastore.state import open_catalogue
+from datastore.state.catalogue import Reservation
+from datastore.state.postgres_catalogue import MIGRATIONS, PostgresCatalogue
+from datastore.state.postgres_database import SchemaTooNew
+
+from .postgres_server import shared_cluster
+
+
+@pytest.fixture
+def url() -> Iterator[str]:
+    with shared_cluster().database() as database:
+        yield database
+
+
+def schema_versions(url: str) -> list[tuple[str, int]]:
+    with psycopg.connect(url) as db:
+        return [(row[0], row[1]) for row in db.execute("SELECT component, version FROM datastore_schema")]
+
+
+async def test_nodes_starting_together_apply_each_migration_once(url: str) -> None:
+    nodes = [PostgresCatalogue(url, "files") for _ in range(4)]
+    try:
+        # Each node's first call opens it: all four migrate at once, taking turns.
+        await asyncio.gather(*(node.describe("x.txt") for node in nodes))
+        assert await nodes[0].reserve([Reservation("a.txt", 1)], may_take=lambda *_: True, now=1.0) == []
+        assert await nodes[3].is_reserved("a.txt")
+    finally:
+        for node in nodes:
+            await node.close()
+    assert await asyncio.to_thread(schema_versions, url) == [("catalogue", MIGRATIONS[-1].version)]
+
+
+async def test_a_schema_newer_than_the_code_is_refused_and_left_alone(url: str) -> None:
+    first = PostgresCatalogue(url, "files")
+    await first.describe("x.txt")
+    await first.close()
+
+    def upgrade_elsewhere() -> None:
+        with psycopg.connect(url) as db:
+            db.execute("UPDATE datastore_schema SET version = version + 1 WHERE component = 'catalogue'")
+
+    await asyncio.to_thread(upgrade_elsewhere)
+    older = PostgresCatalogue(url, "files")
+    with pytest.raises(SchemaTooNew, match="run a datastore at least as new"):
+        await older.describe("x.txt")
+    await older.close()
+    assert await asyncio.to_thread(schema_versions, url) == [("catalogue", MIGRATIONS[-1].version + 1)]
+
+
+async def test_the_state_url_chooses_the_postgres_catalogue_per_prefix(url: str, tmp_path: Path) -> None:
+    # The SQLite file's path is of no use to PostgreSQL: every prefix is in the one database.
+    one, two = open_catalogue(url, "one", tmp_path / "one.sqlite3"), open_catalogue(url, "two", tmp_path / "x")
+    try:
+        assert await one.reserve([Reservation("same.txt", 1)], may_take=lambda *_: True, now=1.0) == []
+        # The other prefix's catalogue shares the database, not the names.
+        assert await two.reserve([Reservation("same.txt", 1)], may_take=lambda *_: True, now=1.0) == []
+        assert await one.is_reserved("same.txt") and await two.is_reserved("same.txt")
+    finally:
+        await one.close()
+        await two.close()
