@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", default=None, help="let uploads replace files of the same name"
     )
     serve.add_argument("--workers", type=int, metavar="N", help="processes sharing the port and the state (default 1)")
+    serve.add_argument("--node-id", metavar="NAME", help="this node's name in a shared state (default: the host name)")
     serve.add_argument("--config", type=Path, help="TOML file with settings")
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     access = serve.add_argument_group("access")
@@ -366,6 +367,7 @@ def serve(args: argparse.Namespace) -> int:
         "prefixes": tuple(args.prefixes) if args.prefixes else None,
         "overwrite": args.overwrite,
         "workers": args.workers,
+        "node_id": args.node_id,
         "tls": args.tls,
         "tls_port": args.tls_port,
         "tls_cert": args.tls_cert,

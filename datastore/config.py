@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from .security.policy import Audience, Policy, PolicyError
 from .security.tls import normalise_subject
 
 _PUBLIC_URL = re.compile(r"^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?(/[A-Za-z0-9._~%/-]*)?$")
+_NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _HOOK_URL = re.compile(r"^https?://[^\s/?#]+(/[^\s#]*)?$")
 #: What a prefix name matches (the route patterns and the OpenAPI document use it too).
 PREFIX_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
@@ -162,6 +164,13 @@ class Settings:
     max_connections_per_client: int = field(
         default=256, metadata={"doc": "Connections one address may hold open at once, per worker (503 beyond)."}
     )
+    node_id: str | None = field(
+        default=None,
+        metadata={
+            "doc": "This node's name among the nodes sharing a state store (in leases, logs and the health "
+            "answer): letters, digits and .-_ (up to 64); default the host's name."
+        },
+    )
     workers: int = field(
         default=1,
         metadata={"doc": "datastore serve: processes serving the same port(s) (SO_REUSEPORT) and state; 1 to 64."},
@@ -297,6 +306,19 @@ class Settings:
         return self.state_dir if self.state_dir is not None else self.root / ".datastore"
 
     @property
+    def effective_node_id(self) -> str:
+        """This node's name: the setting, or the host's name (as a node id may spell it)."""
+        if self.node_id is not None:
+            return self.node_id
+        return re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64] or "node"
+
+    @property
+    def state_kind(self) -> str:
+        """The state store's kind (``sqlite`` or ``postgresql``), as the health answer names it."""
+        scheme = self.effective_state_url.split(":", 1)[0]
+        return "postgresql" if scheme == "postgres" else scheme
+
+    @property
     def effective_state_url(self) -> str:
         """The state store's URL, defaulting to the SQLite file in the state directory."""
         if self.state_url is not None:
@@ -385,6 +407,8 @@ class Settings:
         for url in self.hook_urls:
             if not _HOOK_URL.match(url):
                 raise SettingsError(f"hook_urls: {url!r} is no http(s) URL")
+        if self.node_id is not None and not _NODE_ID.fullmatch(self.node_id):
+            raise SettingsError(f"node_id must be 1 to 64 letters, digits, '.', '-' or '_', not {self.node_id!r}")
         if self.state_url is not None and not self.state_url.startswith("sqlite:///"):
             raise SettingsError(f"state_url must be sqlite:///PATH, not {self.state_url!r}")
         if self.metrics_access not in METRICS_ACCESS:

@@ -32,7 +32,8 @@ async def start_cli(*args: str, prefixes: int = 1) -> Served:
 
 @pytest.fixture
 async def served(tmp_path: Path) -> AsyncIterator[Served]:
-    running = await start_cli("--root", str(tmp_path / "data"), "--prefix", "venue-1", "--prefix", "files", prefixes=2)
+    folders = ("--root", str(tmp_path / "data"), "--prefix", "venue-1", "--prefix", "files")
+    running = await start_cli(*folders, "--node-id", "venue-a.1", prefixes=2)
     yield running
     if running.process.returncode is None:
         running.process.send_signal(signal.SIGTERM)
@@ -54,6 +55,8 @@ async def test_serve_prints_one_url_per_prefix_and_stores_files(served: Served, 
             assert await response.read() == content
         async with session.get(url.rsplit("/", 2)[0] + "/_api/v1/health") as response:
             assert response.status == 200
+            health = await response.json()
+        assert (health["node"], health["state"]) == ("venue-a.1", "sqlite")
     stored = await asyncio.to_thread((tmp_path / "data" / "venue-1" / "a.bin").read_bytes)
     assert stored == content
 
@@ -127,6 +130,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         pytest.param(["serve", "--port", "70000"], None, "port must be between", id="port-out-of-range"),
         pytest.param(["serve"], {"DATASTORE_MAX_FILES": "many"}, "setting max_files", id="bad-environment"),
         pytest.param(["serve", "--config", "/nonexistent.toml"], None, "cannot read config file", id="missing-config"),
+        pytest.param(["serve", "--node-id", "a b"], None, "node_id must be 1 to 64 letters", id="bad-node-id"),
     ],
 )
 def test_bad_settings_exit_2_with_one_line(args: list[str], env: dict[str, str] | None, message: str) -> None:

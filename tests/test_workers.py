@@ -23,6 +23,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from datastore.config import Settings
+
 from .harness import json_manifest, spawn_serve, staged_bytes, until
 
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -226,7 +228,9 @@ async def test_killed_worker_is_replaced_and_its_upload_resumes_from_the_staged_
     holder = served.claimed_by(key)
     assert holder is not None
 
-    os.kill(int(holder), signal.SIGKILL)
+    node, pid = holder.rsplit(":", 1)  # leases are held by NODE:PID
+    assert node == Settings().effective_node_id  # the host's name, as no --node-id was given
+    os.kill(int(pid), signal.SIGKILL)
     writer.close()
     with contextlib.suppress(ConnectionError):
         await writer.wait_closed()

@@ -46,14 +46,17 @@ log = logging.getLogger(__name__)
 
 
 async def handle_health(request: web.Request) -> web.Response:
-    """``GET /_api/v1/health``: 200 once the state is open; ``worker`` is the answering worker's number,
-    ``event_streams`` how many event streams it is serving."""
+    """``GET /_api/v1/health``: 200 once the state is open; ``node`` is the answering node's name,
+    ``worker`` its worker's number, ``state`` the state store's kind (never its URL), ``event_streams``
+    how many event streams the worker is serving."""
     ctx = request.app[CONTEXT]
     return web.json_response(
         {
             "status": "ok",
             "prefixes": sorted(ctx.mounts),
+            "node": ctx.settings.effective_node_id,
             "worker": ctx.worker_index,
+            "state": ctx.settings.state_kind,
             "event_streams": ctx.events.streams,
         }
     )

@@ -395,7 +395,8 @@ def _health() -> Object:
         "Whether the store is up",
         {
             "200": _json(
-                "The state is open; `worker` is the number of the worker process that answered", _schema("Health")
+                "The state is open; `node` and `worker` name the node and worker process that answered",
+                _schema("Health"),
             )
         },
         security=_NONE,
@@ -2286,7 +2287,9 @@ def _schemas(settings: Settings) -> Object:
             {
                 "status": {"const": "ok"},
                 "prefixes": {"type": "array", "items": {"type": "string"}},
+                "node": {"type": "string", "description": "the answering node's name (--node-id)"},
                 "worker": {"type": "integer", "minimum": 0},
+                "state": {"enum": ["sqlite", "postgresql"], "description": "the state store's kind"},
                 "event_streams": {"type": "integer", "minimum": 0},
             }
         ),

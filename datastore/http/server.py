@@ -366,7 +366,7 @@ class TransferServer(abc.ABC):
             state,
             self._mounts,
             state_dir / "staging",
-            holder=holder_id(os.getpid()),
+            holder=holder_id(self.settings.effective_node_id, os.getpid()),
             shared=self.shared_state,
             on_change=self.events.wake,
         )

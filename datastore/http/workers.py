@@ -97,7 +97,8 @@ async def _lifecycle(settings: Settings) -> AsyncIterator[Lifecycle]:
     """The shared state's lifecycle, opened for one piece of the supervisor's work."""
     state = open_state(settings.effective_state_url)
     try:
-        yield Lifecycle(settings, state, {}, settings.effective_state_dir / "staging", holder=holder_id(os.getpid()))
+        holder = holder_id(settings.effective_node_id, os.getpid())
+        yield Lifecycle(settings, state, {}, settings.effective_state_dir / "staging", holder=holder)
     finally:
         await state.close()
 
@@ -224,7 +225,7 @@ class _Supervisor:
             metrics.worker_died(process.pid)
         try:
             assert process.pid is not None
-            released = asyncio.run(self._release(holder_id(process.pid)))
+            released = asyncio.run(self._release(holder_id(self.settings.effective_node_id, process.pid)))
         except Exception:
             log.exception("releasing the uploads of worker %d failed", index)
         else:

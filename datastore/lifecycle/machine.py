@@ -112,9 +112,10 @@ _UPLOAD_OUTCOMES = {
 }
 
 
-def holder_id(pid: int) -> str:
-    """Who the process ``pid`` is in the leases it holds."""
-    return str(pid)
+def holder_id(node: str, pid: int) -> str:
+    """Who the process ``pid`` of ``node`` is in the leases it holds (``node:pid``: processes of
+    several hosts share the state)."""
+    return f"{node}:{pid}"
 
 
 def stop_reason(exc: BaseException) -> StopReason:
