@@ -36,8 +36,9 @@ $(TUSJS)/node_modules/.package-lock.json: $(TUSJS)/package.json $(TUSJS)/package
 
 # Debian's programs that the tests drive as real clients: Chromium for the browser tests
 # (Playwright drives it; it never downloads a browser); curl, for the TLS and benchmark-smoke
-# tests; wget and rclone, which mirror a prefix through the page's links. Installs those missing.
-DEBIAN_TOOLS := chromium curl wget rclone
+# tests; wget and rclone, which mirror a prefix through the page's links; haproxy, the load balancer
+# the scale-out tests put in front of the nodes. Installs those missing.
+DEBIAN_TOOLS := chromium curl wget rclone haproxy
 .PHONY: debian-tools
 debian-tools:
 	@missing=$$(for tool in $(DEBIAN_TOOLS); do command -v $$tool >/dev/null || echo $$tool; done); \
