@@ -886,6 +886,24 @@ async def test_chunk_failing_its_upload_checksum_is_460_and_discarded(make_store
     assert staged_size(store.staging, path) == 1000
 
 
+async def test_a_first_checksummed_patch_refused_before_any_byte_is_staged_is_413_and_the_upload_goes_on(
+    make_store: MakeStore,
+) -> None:
+    store = await make_store()
+    data = content(1000, seed=12)
+    path = await create(store.client, "refused-first.bin", data)
+
+    async def too_long() -> AsyncIterator[bytes]:  # chunked: the length is known only as it arrives
+        yield data + b"more than declared"
+
+    reply = await patch(store.client, path, 0, too_long(), checksum=checksum_header("sha256", data))
+
+    assert reply.status == 413
+    assert await offset_of(store.client, path) == 0
+    assert (await patch(store.client, path, 0, data, checksum=checksum_header("sha256", data))).status == 204
+    await assert_published(store.client, "refused-first.bin", data)
+
+
 @pytest.mark.parametrize("algorithm", ["md5", "sha1", "sha256"])
 async def test_chunk_resent_with_its_right_upload_checksum_after_a_460_is_appended(
     make_store: MakeStore, algorithm: str

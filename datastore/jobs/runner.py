@@ -154,7 +154,7 @@ class JobRunner:
         #: When each job waiting on another store's answer asks again.
         self._next_look: dict[str, float] = {}
         #: Expired jobs and leases are looked for this often (not at every wake: each file that ends
-        #: wakes the runner), and when the next look is due.
+        #: wakes the runner), and when the next look is due (monotonic clock).
         self.housekeeping_interval = min(POLL_INTERVAL, settings.lease_time / 3)
         self._housekeeping_at = 0.0
 
@@ -176,8 +176,8 @@ class JobRunner:
             while True:
                 now = time.time()
                 try:
-                    if now >= self._housekeeping_at:
-                        self._housekeeping_at = now + self.housekeeping_interval
+                    if time.monotonic() >= self._housekeeping_at:
+                        self._housekeeping_at = time.monotonic() + self.housekeeping_interval
                         await self._housekeeping(now)
                     delay = self._delay(now, await self._fill(now))
                 except Exception:
@@ -433,7 +433,10 @@ class JobRunner:
                 planned = handle
                 handle = await destination.open(handle, order)
                 alive()
-                if handle != planned:
+                if handle.get("idempotency_key") != planned.get("idempotency_key"):
+                    # The destination chose a new intent itself: it is recorded now, as a plan is.
+                    await self._persist(attempt, handle, info.size)
+                elif handle != planned:
                     attempt.unrecorded = handle
                 offset = await destination.offset(handle)
                 alive()

@@ -12,6 +12,7 @@ call opens them again).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, LiteralString, TypeVar
@@ -67,6 +68,8 @@ class PostgresDatabase:
         self._migrations = tuple(sorted(migrations, key=lambda m: m.version))
         self._max_size = max_size
         self._pool: AsyncConnectionPool[Connection] | None = None
+        #: Held while the pool opens: concurrent first calls open one pool, not one each.
+        self._opening = asyncio.Lock()
 
     @property
     def version(self) -> int:
@@ -89,6 +92,12 @@ class PostgresDatabase:
         return await self.run(read_only)
 
     async def _open(self) -> AsyncConnectionPool[Connection]:
+        if self._pool is not None:
+            return self._pool
+        async with self._opening:
+            return await self._open_pool()
+
+    async def _open_pool(self) -> AsyncConnectionPool[Connection]:
         if self._pool is None:
             pool = AsyncConnectionPool(
                 self.url,

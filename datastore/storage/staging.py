@@ -491,8 +491,17 @@ def _write_whole(path: Path, offset: int, data: list[bytes], hashes: tuple[Any, 
         _update_all(hashes, data)
         _write_all(handle, data, None)
         end += sum(map(len, data))
-    finally:
+    except BaseException:
+        _settle(handle, offset, fsync, None)
+        raise
+    try:
         _settle(handle, end, fsync, None)
+    except BaseException:
+        # The bytes are written but not made durable: the caller keeps the digests of before, so the
+        # file goes back to where they stand (best effort; the next append cuts it there anyway).
+        with contextlib.suppress(OSError):
+            _truncate(path, offset, fsync=False)
+        raise
 
 
 #: Buffers up to this size are written and hashed in one thread.
@@ -590,6 +599,8 @@ def _settle(handle: IO[bytes], offset: int, fsync: bool, flusher: Flusher | None
 
 
 def _truncate(path: Path, length: int, fsync: bool) -> None:
+    if length == 0 and not path.exists():
+        return  # never staged (its first bytes were refused before they were stored): nothing to cut
     with open(path, "r+b") as handle:
         handle.truncate(length)
         if fsync:
