@@ -100,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="take X-Client-DN headers as identities (AccessGrid 2.x clients on a trusted network only)",
     )
     access.add_argument(
+        "--trusted-proxy",
+        dest="trusted_proxies",
+        action="append",
+        metavar="ADDRESS",
+        help="a load balancer (address or CIDR) whose X-Forwarded-For names the client (repeatable)",
+    )
+    access.add_argument(
         "--admin-subject",
         dest="admin_subjects",
         action="append",
@@ -377,6 +384,7 @@ def serve(args: argparse.Namespace) -> int:
         "policy": args.policy,
         "trust_client_dn": args.trust_client_dn,
         "admin_subjects": tuple(args.admin_subjects) if args.admin_subjects else None,
+        "trusted_proxies": tuple(args.trusted_proxies) if args.trusted_proxies else None,
         "admin_issuer": args.admin_issuer,
         "metrics_access": args.metrics_access,
     }

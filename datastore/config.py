@@ -14,6 +14,7 @@ Byte sizes accept a plain integer or a number with a K, M, G or T suffix
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import socket
 import tomllib
@@ -223,6 +224,14 @@ class Settings:
     prefix_policies: tuple[tuple[str, Policy], ...] = field(
         default=(), metadata={"doc": "Per-prefix policies ([policy.PREFIX] tables in TOML)."}
     )
+    trusted_proxies: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "doc": "Addresses or networks (CIDR) of load balancers in front of the store: a request from one "
+            "counts as from the address it saw (the last X-Forwarded-For entry) for per-client limits and "
+            "loopback-only access; from anyone else the header is ignored."
+        },
+    )
     admin_subjects: tuple[str, ...] = field(
         default=(),
         metadata={"doc": "Client-certificate subjects (RFC 4514, e.g. CN=ada,O=Lab) that are administrators."},
@@ -311,6 +320,11 @@ class Settings:
         if self.node_id is not None:
             return self.node_id
         return re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64] or "node"
+
+    @property
+    def proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """The networks of :attr:`trusted_proxies`."""
+        return tuple(ipaddress.ip_network(proxy, strict=False) for proxy in self.trusted_proxies)
 
     @property
     def state_kind(self) -> str:
@@ -407,6 +421,13 @@ class Settings:
         for url in self.hook_urls:
             if not _HOOK_URL.match(url):
                 raise SettingsError(f"hook_urls: {url!r} is no http(s) URL")
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise SettingsError(
+                    f"trusted_proxies: {proxy!r} is no address or network (10.0.0.5, 10.0.0.0/24)"
+                ) from None
         if self.node_id is not None and not _NODE_ID.fullmatch(self.node_id):
             raise SettingsError(f"node_id must be 1 to 64 letters, digits, '.', '-' or '_', not {self.node_id!r}")
         if self.state_url is not None and not self.state_url.startswith("sqlite:///"):

@@ -131,6 +131,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         pytest.param(["serve"], {"DATASTORE_MAX_FILES": "many"}, "setting max_files", id="bad-environment"),
         pytest.param(["serve", "--config", "/nonexistent.toml"], None, "cannot read config file", id="missing-config"),
         pytest.param(["serve", "--node-id", "a b"], None, "node_id must be 1 to 64 letters", id="bad-node-id"),
+        pytest.param(["serve", "--trusted-proxy", "lb.example"], None, "trusted_proxies: 'lb.example'", id="bad-proxy"),
     ],
 )
 def test_bad_settings_exit_2_with_one_line(args: list[str], env: dict[str, str] | None, message: str) -> None:

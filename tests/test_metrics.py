@@ -157,6 +157,26 @@ async def test_the_setting_opens_the_page_to_anonymous_clients(make_store: MakeS
 
 
 @pytest.mark.parametrize(
+    ("proxies", "forwarded", "status"),
+    [
+        pytest.param(("127.0.0.1",), "203.0.113.9", 401, id="a-trusted-balancer-forwards-a-remote-client"),
+        pytest.param(("127.0.0.0/8",), "198.51.100.1, 127.0.0.1", 200, id="the-entry-the-balancer-wrote-counts"),
+        pytest.param(("127.0.0.1",), None, 200, id="the-balancer-itself"),
+        pytest.param(("10.0.0.0/8",), "203.0.113.9", 200, id="an-untrusted-peer-is-not-believed"),
+        pytest.param((), "203.0.113.9", 200, id="no-balancer-trusted"),
+    ],
+)
+async def test_behind_a_trusted_balancer_loopback_means_the_client_it_saw(
+    make_store: MakeStore, proxies: tuple[str, ...], forwarded: str | None, status: int
+) -> None:
+    store = await make_store(policy=Policy(), trust_client_dn=False, metrics_access="loopback", trusted_proxies=proxies)
+
+    headers = {"X-Forwarded-For": forwarded} if forwarded is not None else {}
+    async with store.client.get(METRICS_PATH, headers=headers) as response:
+        assert response.status == status
+
+
+@pytest.mark.parametrize(
     ("peer", "loopback"),
     [
         ("127.0.0.1", True),

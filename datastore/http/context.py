@@ -91,19 +91,42 @@ def base_url(request: web.Request) -> str:
     return f"{scheme}://{host}:{local[1]}"
 
 
+def client_address(request: web.Request) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address the request comes from: the peer's, or, when the peer is a load balancer the
+    operator trusts (``trusted_proxies``), the address it saw (the last ``X-Forwarded-For`` entry,
+    which that balancer wrote; whatever a client wrote before it is not believed). An IPv4-mapped
+    IPv6 address is its IPv4 address; None if there is no usable address."""
+    peer = _address(request.remote)
+    context = request.app.get(CONTEXT)
+    proxies = context.settings.proxy_networks if context is not None else ()
+    if peer is None or not proxies or not any(peer in network for network in proxies):
+        return peer
+    forwarded = request.headers.getall("X-Forwarded-For", [])
+    seen = _address(forwarded[-1].rsplit(",", 1)[-1].strip()) if forwarded else None
+    return seen if seen is not None else peer
+
+
+def _address(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(text or "")
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 def client_key(request: web.Request, identity: Identity) -> str:
     """Whose share of the store a request uses: a proved identity (certificate, token), else the network
-    the request comes from: its IPv4 address, or its IPv6 /64 (one host's usual allocation). An
-    asserted DN is not a share of its own: a client could write a new one for every request."""
+    the request comes from (:func:`client_address`): its IPv4 address, or its IPv6 /64 (one host's usual
+    allocation). An asserted DN is not a share of its own: a client could write a new one for every
+    request."""
     if identity.authenticated and identity.principal is not None:
         return identity.principal
-    try:
-        address = ipaddress.ip_address(request.remote or "")
-    except ValueError:
+    address = client_address(request)
+    if address is None:
         return f"address:{request.remote or 'unknown'}"
     if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return f"address:{address.ipv4_mapped}"
         return f"address:{ipaddress.ip_network((address, 64), strict=False)}"
     return f"address:{address}"
 

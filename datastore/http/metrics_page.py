@@ -13,7 +13,6 @@ of the store's state when it is asked (staged and reserved bytes, the disk), off
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 import shutil
 from pathlib import Path
@@ -22,7 +21,7 @@ from aiohttp import web
 
 from .. import metrics
 from ..errors import NotAuthorized, Unauthorized
-from .context import CONTEXT, identify
+from .context import CONTEXT, client_address, identify
 
 #: Where the page is served.
 METRICS_PATH = "/_api/v1/metrics"
@@ -50,13 +49,8 @@ async def _authorize(request: web.Request, access: str) -> None:
 
 
 def _from_loopback(request: web.Request) -> bool:
-    try:
-        address = ipaddress.ip_address(request.remote or "")
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
+    address = client_address(request)
+    return address is not None and address.is_loopback
 
 
 def _page(staging_dir: Path, reserved: int) -> bytes:
