@@ -578,7 +578,7 @@ async def test_a_sqlite_state_url_opens_the_catalogue_file_of_the_prefix(tmp_pat
 
 def test_a_state_url_of_no_backend_opens_no_catalogue(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no catalogue backend"):
-        open_catalogue("postgresql://db/datastore", "files", tmp_path / "files.sqlite3")
+        open_catalogue("mysql://db/datastore", "files", tmp_path / "files.sqlite3")
 
 
 # -- the SQLite files earlier versions wrote ---------------------------------------------------
