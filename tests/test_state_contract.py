@@ -67,7 +67,10 @@ from datastore.state.interface import (
     Transfer,
     TransferFile,
 )
+from datastore.state.postgres import PostgresState
 from datastore.state.sqlite import SqliteState
+
+from .postgres_server import shared_cluster
 
 # -- backends ----------------------------------------------------------------------------------
 
@@ -84,9 +87,17 @@ async def sqlite_backend(directory: Path) -> AsyncIterator[Opener]:
     yield lambda: SqliteState(path)
 
 
+@asynccontextmanager
+async def postgres_backend(directory: Path) -> AsyncIterator[Opener]:
+    """A database of its own in the session's PostgreSQL cluster; each store object opens its own pool."""
+    with shared_cluster().database() as url:
+        yield lambda: PostgresState(url)
+
+
 #: Every backend the suite certifies, by name (the test ids' parameter).
 BACKENDS: dict[str, Backend] = {
     "sqlite": sqlite_backend,
+    "postgres": postgres_backend,
 }
 
 
