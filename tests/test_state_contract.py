@@ -1623,6 +1623,18 @@ async def test_open_state_opens_the_sqlite_file_its_url_names(tmp_path: Path) ->
         await by_url.close()
 
 
+async def test_open_state_opens_the_postgres_database_its_url_names() -> None:
+    with shared_cluster().database() as url:
+        direct, by_url = PostgresState(url), open_state(url)
+        try:
+            assert isinstance(by_url, PostgresState)
+            transfer = await new_transfer(direct)
+            assert await by_url.get(transfer.key) == transfer
+        finally:
+            await direct.close()
+            await by_url.close()
+
+
 def test_open_state_refuses_a_url_of_no_backend() -> None:
     with pytest.raises(ValueError, match="no state backend"):
-        open_state("postgresql://localhost/datastore")
+        open_state("mysql://localhost/datastore")
