@@ -1,6 +1,6 @@
-"""What only the PostgreSQL backend has: versioned migrations applied once however many nodes start
-together, and a refusal to run against a schema newer than the code (the contract suites cover the
-rest). On the session's own cluster (``postgres_server.py``)."""
+"""What only the PostgreSQL backends have: versioned migrations applied once however many nodes start
+together (the state store's two components included), and a refusal to run against a schema newer
+than the code (the contract suites cover the rest). On the session's own cluster (``postgres_server.py``)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ import pytest
 
 from datastore.state import open_catalogue
 from datastore.state.catalogue import Reservation
+from datastore.state.postgres import MIGRATIONS as STATE_MIGRATIONS
+from datastore.state.postgres import PostgresState
 from datastore.state.postgres_catalogue import MIGRATIONS, PostgresCatalogue
 from datastore.state.postgres_database import SchemaTooNew
+from datastore.state.postgres_jobs import MIGRATIONS as JOB_MIGRATIONS
 
 from .postgres_server import shared_cluster
 
@@ -71,3 +74,34 @@ async def test_the_state_url_chooses_the_postgres_catalogue_per_prefix(url: str,
     finally:
         await one.close()
         await two.close()
+
+
+async def test_the_state_store_migrates_its_transfers_and_its_jobs_as_two_components(url: str) -> None:
+    nodes = [PostgresState(url) for _ in range(3)]
+    try:
+        await asyncio.gather(*(node.last_event_id() for node in nodes))
+        assert await nodes[0].acquire("webhook", "node-1", lease=30.0, now=1.0)
+        assert not await nodes[2].acquire("webhook", "node-3", lease=30.0, now=2.0)
+    finally:
+        for node in nodes:
+            await node.close()
+    assert sorted(await asyncio.to_thread(schema_versions, url)) == [
+        ("jobs", JOB_MIGRATIONS[-1].version),
+        ("state", STATE_MIGRATIONS[-1].version),
+    ]
+
+
+async def test_a_jobs_schema_newer_than_the_code_is_refused(url: str) -> None:
+    first = PostgresState(url)
+    await first.last_event_id()
+    await first.close()
+
+    def upgrade_elsewhere() -> None:
+        with psycopg.connect(url) as db:
+            db.execute("UPDATE datastore_schema SET version = version + 1 WHERE component = 'jobs'")
+
+    await asyncio.to_thread(upgrade_elsewhere)
+    older = PostgresState(url)
+    with pytest.raises(SchemaTooNew, match="the jobs schema"):
+        await older.last_event_id()
+    await older.close()

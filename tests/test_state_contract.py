@@ -67,7 +67,10 @@ from datastore.state.interface import (
     Transfer,
     TransferFile,
 )
+from datastore.state.postgres import PostgresState
 from datastore.state.sqlite import SqliteState
+
+from .postgres_server import shared_cluster
 
 # -- backends ----------------------------------------------------------------------------------
 
@@ -84,9 +87,17 @@ async def sqlite_backend(directory: Path) -> AsyncIterator[Opener]:
     yield lambda: SqliteState(path)
 
 
+@asynccontextmanager
+async def postgres_backend(directory: Path) -> AsyncIterator[Opener]:
+    """A database of its own in the session's PostgreSQL cluster; each store object opens its own pool."""
+    with shared_cluster().database() as url:
+        yield lambda: PostgresState(url)
+
+
 #: Every backend the suite certifies, by name (the test ids' parameter).
 BACKENDS: dict[str, Backend] = {
     "sqlite": sqlite_backend,
+    "postgres": postgres_backend,
 }
 
 
@@ -1612,6 +1623,18 @@ async def test_open_state_opens_the_sqlite_file_its_url_names(tmp_path: Path) ->
         await by_url.close()
 
 
+async def test_open_state_opens_the_postgres_database_its_url_names() -> None:
+    with shared_cluster().database() as url:
+        direct, by_url = PostgresState(url), open_state(url)
+        try:
+            assert isinstance(by_url, PostgresState)
+            transfer = await new_transfer(direct)
+            assert await by_url.get(transfer.key) == transfer
+        finally:
+            await direct.close()
+            await by_url.close()
+
+
 def test_open_state_refuses_a_url_of_no_backend() -> None:
     with pytest.raises(ValueError, match="no state backend"):
-        open_state("postgresql://localhost/datastore")
+        open_state("mysql://localhost/datastore")

@@ -1,7 +1,8 @@
 """Persisted state behind one interface (``interface.py``): transfers, their files, leases, the event
-log; the catalogues of published files behind another (``catalogue.py``); and the backends of them
-(``sqlite.py``, ``sqlite_catalogue.py``; ``postgres_catalogue.py`` on ``postgres_database.py``),
-chosen by the ``state_url`` setting."""
+log, transfer jobs; the catalogues of published files behind another (``catalogue.py``); and the
+backends of them, chosen by the ``state_url`` setting: SQLite (``sqlite.py`` with ``sqlite_jobs.py``,
+``sqlite_catalogue.py``) and PostgreSQL (``postgres.py`` with ``postgres_jobs.py``,
+``postgres_catalogue.py``, both on ``postgres_database.py``)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,18 @@ from .interface import StateStore
 
 def open_state(url: str) -> StateStore:
     """The state store ``url`` names: ``sqlite:///PATH`` (the embedded default; as in SQLAlchemy, a
-    relative PATH after three slashes, an absolute one after four). Opened lazily: the first call
-    creates or migrates what is missing."""
+    relative PATH after three slashes, an absolute one after four) or ``postgresql://...`` (a
+    database shared by every node, as libpq reads the URL). Opened lazily: the first call creates
+    or migrates what is missing."""
     if url.startswith("sqlite:///"):
         from .sqlite import SqliteState
 
         return SqliteState(Path(url.removeprefix("sqlite:///")))
-    raise ValueError(f"no state backend for {url!r}: use sqlite:///PATH")
+    if url.startswith(("postgresql://", "postgres://")):
+        from .postgres import PostgresState
+
+        return PostgresState(url)
+    raise ValueError(f"no state backend for {url!r}: use sqlite:///PATH or postgresql://...")
 
 
 def open_catalogue(url: str, prefix: str, path: Path) -> Catalogue:

@@ -1,11 +1,12 @@
 """A PostgreSQL database used from the event loop: psycopg 3's async connection pool, each unit of
 work one transaction, and the versioned migrations of each component applied at first use.
 
-A component (the catalogue, the state store, ...) names its schema's migrations in order; the
-versions applied are recorded in ``datastore_schema``. Opening applies the missing ones, all
-nodes starting at once included (an advisory lock makes them take turns), and refuses to run
-against a schema newer than this code knows (:class:`SchemaTooNew`): a node of an older version
-must not write into tables it does not understand. Opened lazily, as the SQLite backends are:
+A component (the catalogue, the state store, its jobs, ...) names its schema's migrations in order;
+the versions applied are recorded in ``datastore_schema``. One database object may apply several
+components' migrations on its pool (the state store's and its jobs', in that order). Opening
+applies the missing ones, all nodes starting at once included (an advisory lock makes them take
+turns), and refuses to run against a schema newer than this code knows (:class:`SchemaTooNew`): a
+node of an older version must not write into tables it does not understand. Opened lazily, as the SQLite backends are:
 the first call connects, and :meth:`PostgresDatabase.close` gives the connections back (a later
 call opens them again).
 """
@@ -13,7 +14,7 @@ call opens them again).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, LiteralString, TypeVar
 
@@ -60,12 +61,24 @@ class SchemaTooNew(RuntimeError):
 
 
 class PostgresDatabase:
-    """One PostgreSQL database (a URL) for one component, through a pool of connections."""
+    """One PostgreSQL database (a URL) for one component (and any others ``also`` names, migrated
+    after it, in their order), through a pool of connections."""
 
-    def __init__(self, url: str, component: str, migrations: Sequence[Migration], *, max_size: int = 8) -> None:
+    def __init__(
+        self,
+        url: str,
+        component: str,
+        migrations: Sequence[Migration],
+        *,
+        max_size: int = 8,
+        also: Mapping[str, Sequence[Migration]] | None = None,
+    ) -> None:
         self.url = url
         self.component = component
-        self._migrations = tuple(sorted(migrations, key=lambda m: m.version))
+        self._components = {
+            name: tuple(sorted(steps, key=lambda m: m.version))
+            for name, steps in {component: migrations, **(also or {})}.items()
+        }
         self._max_size = max_size
         self._pool: AsyncConnectionPool[Connection] | None = None
         #: Held while the pool opens: concurrent first calls open one pool, not one each.
@@ -73,8 +86,8 @@ class PostgresDatabase:
 
     @property
     def version(self) -> int:
-        """The schema version this code writes."""
-        return self._migrations[-1].version if self._migrations else 0
+        """The schema version of :attr:`component` this code writes."""
+        return _latest(self._components[self.component])
 
     async def run(self, work: Callable[[Connection], Awaitable[T]]) -> T:
         """Run ``work(connection)`` in one transaction (committed if it returns, rolled back if it raises)."""
@@ -121,28 +134,37 @@ class PostgresDatabase:
     async def _migrate(self, connection: Connection) -> None:
         await connection.execute(_MIGRATION_LOCK)
         await connection.execute(_SCHEMA_TABLE)
-        row = await fetch_one(
-            connection, "SELECT version FROM datastore_schema WHERE component = %s", (self.component,)
-        )
-        current = 0 if row is None else int(row["version"])
-        if current > self.version:
-            raise SchemaTooNew(
-                f"the {self.component} schema in this database is version {current}; this datastore knows up to"
-                f" {self.version}: run a datastore at least as new as the one that upgraded it"
-            )
-        for migration in self._migrations:
-            if migration.version > current:
-                for statement in migration.statements:
-                    await connection.execute(statement)
-        if current < self.version:
-            await connection.execute(
-                "INSERT INTO datastore_schema (component, version) VALUES (%s, %s)"
-                " ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version",
-                (self.component, self.version),
-            )
+        for component, migrations in self._components.items():
+            await _migrate_component(connection, component, migrations)
 
     async def close(self) -> None:
         """Close the pool's connections; a later call opens them again."""
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
+
+
+def _latest(migrations: Sequence[Migration]) -> int:
+    return migrations[-1].version if migrations else 0
+
+
+async def _migrate_component(connection: Connection, component: str, migrations: Sequence[Migration]) -> None:
+    """Apply ``component``'s migrations newer than the version recorded (the migration lock held)."""
+    version = _latest(migrations)
+    row = await fetch_one(connection, "SELECT version FROM datastore_schema WHERE component = %s", (component,))
+    current = 0 if row is None else int(row["version"])
+    if current > version:
+        raise SchemaTooNew(
+            f"the {component} schema in this database is version {current}; this datastore knows up to"
+            f" {version}: run a datastore at least as new as the one that upgraded it"
+        )
+    for migration in migrations:
+        if migration.version > current:
+            for statement in migration.statements:
+                await connection.execute(statement)
+    if current < version:
+        await connection.execute(
+            "INSERT INTO datastore_schema (component, version) VALUES (%s, %s)"
+            " ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version",
+            (component, version),
+        )

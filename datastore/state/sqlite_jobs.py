@@ -781,7 +781,7 @@ def _with_files(job: Job, files: tuple[JobFile, ...]) -> Job:
     return replace(job, files=files)
 
 
-def _job(row: sqlite3.Row) -> Job:
+def _job(row: Mapping[str, Any] | sqlite3.Row) -> Job:
     spec = _spec(row["spec"], row["source_token"], row["destination_token"])
     return Job(
         id=row["id"],
@@ -838,7 +838,7 @@ def _file(row: Mapping[str, Any] | sqlite3.Row) -> JobFile:
     )
 
 
-def _attempt(row: sqlite3.Row) -> Attempt:
+def _attempt(row: Mapping[str, Any] | sqlite3.Row) -> Attempt:
     return Attempt(
         index=row["idx"],
         number=row["number"],

@@ -1,0 +1,767 @@
+"""The PostgreSQL backend of the state store (``interface.py``): transfers, their files, the event
+log, leases and cursors in one database shared by every node (the jobs: ``postgres_jobs.py``).
+
+Each method is one transaction (``postgres_database.py``). Every write transaction first takes one
+advisory lock of the database for its duration, so writers take turns as SQLite's ``BEGIN
+IMMEDIATE`` makes them (across nodes and processes alike), and the event ids, handed out under that
+lock, grow in commit order: a follower reading the log "after id N" never sees an id become
+visible after a higher one. Reads take no lock. Every state change is an UPDATE guarded by the
+states the transition table lets it leave (``lifecycle.states.sources``) and, for an upload's
+steps, by the lease's holder; the events of the step are inserted in the same transaction.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from psycopg.rows import DictRow
+
+from ..errors import AlreadyUploaded, InsufficientStorage, TransferCancelled, UploadInProgress
+from ..lifecycle.states import (
+    FINAL_FILE_STATES,
+    Event,
+    EventType,
+    FileState,
+    NewEvent,
+    Step,
+    StopReason,
+    Subject,
+    TransferState,
+    events_of,
+    sources,
+    target,
+)
+from ..protocol.manifest import ManifestFile
+from ..security.identity import Identity
+from .interface import (
+    Claim,
+    ClaimStatus,
+    ClientQuota,
+    DuplicateRequest,
+    Ended,
+    Holdings,
+    LeaseExpired,
+    StagedFile,
+    Transfer,
+    TransferFile,
+)
+from .postgres_database import Connection, Migration, PostgresDatabase, fetch_all, fetch_one
+from .postgres_events import EVENTS_SCHEMA, appended, last_event_id
+from .postgres_events import event_from_row as _event
+from .postgres_events import insert_events as _insert_events
+from .postgres_jobs import MIGRATIONS as JOB_MIGRATIONS
+from .postgres_jobs import PostgresJobs
+from .sqlite import new_transfer_key
+
+MIGRATIONS = (
+    Migration(
+        1,
+        (
+            """
+            CREATE TABLE transfers (
+                key TEXT PRIMARY KEY,
+                prefix TEXT NOT NULL,
+                -- The owner once per transfer: its name for display, and its principal
+                -- (kind, subject, issuer: what ownership is compared by; NULL if anonymous).
+                owner TEXT,
+                owner_authenticated BOOLEAN NOT NULL,
+                owner_id TEXT,
+                -- The client (address) whose quota the transfer counts against.
+                client TEXT,
+                state TEXT NOT NULL,
+                created_at DOUBLE PRECISION NOT NULL,
+                updated_at DOUBLE PRECISION NOT NULL,
+                expires_at DOUBLE PRECISION NOT NULL,
+                -- A client's name for its manifest request: sending it again finds the same transfer.
+                idempotency_key TEXT
+            )
+            """,
+            "CREATE INDEX transfers_by_state ON transfers (state, expires_at)",
+            "CREATE INDEX transfers_by_client ON transfers (client, state)",
+            "CREATE INDEX transfers_by_updated ON transfers (updated_at)",
+            "CREATE UNIQUE INDEX transfers_by_idempotency ON transfers (prefix, owner_id, idempotency_key)"
+            " WHERE idempotency_key IS NOT NULL",
+            """
+            CREATE TABLE transfer_files (
+                key TEXT NOT NULL REFERENCES transfers (key) ON DELETE CASCADE,
+                num BIGINT NOT NULL,
+                name TEXT NOT NULL,
+                size BIGINT NOT NULL,
+                md5 TEXT,
+                sha256 TEXT,
+                state TEXT NOT NULL,
+                received BIGINT NOT NULL DEFAULT 0,
+                -- TRUE while a request whose chunk carries Upload-Checksum is appending:
+                -- after a crash its unverified bytes are cut off.
+                verifying_chunk BOOLEAN NOT NULL DEFAULT FALSE,
+                error TEXT,
+                updated_at DOUBLE PRECISION NOT NULL,
+                -- The lease of an UPLOADING file: who holds it, until when, and what another
+                -- process asks of the holder ('superseded': a newer request takes over).
+                claimed_by TEXT,
+                lease_until DOUBLE PRECISION,
+                stop_request TEXT,
+                -- How many times the file was claimed: a process's cached hash state is
+                -- good only if no other request claimed the file after its own.
+                claims BIGINT NOT NULL DEFAULT 0,
+                -- A tus creation's Upload-Metadata header as sent (HEAD answers it); NULL
+                -- for the files of a manifest.
+                upload_metadata TEXT,
+                -- TRUE from a file.started until the attempt ends (interrupted, failed, completed).
+                in_attempt BOOLEAN NOT NULL DEFAULT FALSE,
+                -- TRUE once the holder began publishing the verified file: cancelling the transfer lets it finish.
+                publishing BOOLEAN NOT NULL DEFAULT FALSE,
+                PRIMARY KEY (key, num)
+            )
+            """,
+            "CREATE INDEX transfer_files_by_state ON transfer_files (state, lease_until)",
+            "CREATE INDEX transfer_files_by_holder ON transfer_files (claimed_by)",
+            *EVENTS_SCHEMA,
+            """
+            CREATE TABLE leases (
+                name TEXT PRIMARY KEY,
+                holder TEXT NOT NULL,
+                until DOUBLE PRECISION NOT NULL
+            )
+            """,
+            """
+            CREATE TABLE cursors (
+                name TEXT PRIMARY KEY,
+                position BIGINT NOT NULL
+            )
+            """,
+        ),
+    ),
+)
+
+#: Taken by every write transaction of the state store, for its duration: writers take turns.
+_WRITE_LOCK = "SELECT pg_advisory_xact_lock(hashtext('datastore: state'))"
+
+T = TypeVar("T")
+
+_OPEN_FILE_STATES = tuple(state for state in FileState if state not in FINAL_FILE_STATES)
+
+
+def _in(states: Sequence[object]) -> str:
+    return "(" + ", ".join(["%s"] * len(states)) + ")"
+
+
+class PostgresState(PostgresJobs):
+    """The state store in a PostgreSQL database (see :mod:`datastore.state.interface` for the
+    contracts), with the job store (``jobs.py``) of :class:`~.postgres_jobs.PostgresJobs`."""
+
+    def __init__(self, url: str, *, max_size: int = 8) -> None:
+        self.url = url
+        self._db = PostgresDatabase(url, "state", MIGRATIONS, max_size=max_size, also={"jobs": JOB_MIGRATIONS})
+        self.on_appended: Callable[[Sequence[Event]], None] = _ignore
+
+    async def _run(self, work: Callable[[Connection], Awaitable[T]]) -> T:
+        """``work`` in one write transaction, its turn taken; then :attr:`on_appended` hears the
+        events it appended."""
+
+        async def transaction(db: Connection) -> tuple[T, list[Event]]:
+            await db.execute(_WRITE_LOCK)
+            events: list[Event] = []
+            token = appended.set(events)
+            try:
+                return await work(db), events
+            finally:
+                appended.reset(token)
+
+        result, events = await self._db.run(transaction)
+        if events:
+            self.on_appended(events)
+        return result
+
+    # -- transfers ------------------------------------------------------------------------------
+
+    async def create(
+        self,
+        prefix: str,
+        owner: Identity,
+        files: Sequence[ManifestFile],
+        *,
+        lifetime: float,
+        now: float,
+        upload_metadata: str | None = None,
+        client: str | None = None,
+        quota: ClientQuota | None = None,
+        idempotency_key: str | None = None,
+        space: int | None = None,
+    ) -> Transfer:
+        key = new_transfer_key()
+        records = tuple(
+            TransferFile(
+                num,
+                f.name,
+                f.size,
+                f.md5,
+                f.sha256,
+                FileState.RESERVED,
+                updated_at=now,
+                upload_metadata=upload_metadata,
+            )
+            for num, f in enumerate(files)
+        )
+        transfer = Transfer(key, prefix, owner, TransferState.OPEN, now, now, now + lifetime, records)
+
+        async def insert(db: Connection) -> None:
+            if quota is not None:
+                quota.check(await _holdings(db, client), len(records), sum(f.size for f in records))
+            if idempotency_key is not None and await _idempotent(db, prefix, owner, idempotency_key) is not None:
+                raise DuplicateRequest(idempotency_key)
+            total = sum(f.size for f in records)
+            if space is not None and total > (available := space - await _reserved_bytes(db)):
+                raise InsufficientStorage(f"{total} bytes declared, {max(0, available)} available")
+            await db.execute(
+                "INSERT INTO transfers (key, prefix, owner, owner_authenticated, owner_id, client, state,"
+                " created_at, updated_at, expires_at, idempotency_key)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (
+                    key,
+                    prefix,
+                    owner.dn,
+                    owner.authenticated,
+                    owner.principal,
+                    client,
+                    transfer.state,
+                    now,
+                    now,
+                    transfer.expires_at,
+                    idempotency_key,
+                ),
+            )
+            async with db.cursor() as cursor:
+                await cursor.executemany(
+                    "INSERT INTO transfer_files (key, num, name, size, md5, sha256, state, updated_at,"
+                    " upload_metadata) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    [(key, f.num, f.name, f.size, f.md5, f.sha256, f.state, now, f.upload_metadata) for f in records],
+                )
+            await _insert_events(
+                db,
+                [
+                    NewEvent(
+                        EventType.TRANSFER_CREATED, prefix, key, owner=owner.dn, owner_id=owner.principal, size=total
+                    )
+                ],
+            )
+
+        await self._run(insert)
+        return transfer
+
+    async def idempotent(self, prefix: str, owner: Identity, idempotency_key: str) -> Transfer | None:
+        return await self._db.read(lambda db: _idempotent(db, prefix, owner, idempotency_key))
+
+    async def holdings(self, client: str | None) -> Holdings:
+        return await self._db.read(lambda db: _holdings(db, client))
+
+    async def get(self, key: str) -> Transfer | None:
+        return await self._db.read(lambda db: _load(db, key))
+
+    async def get_file(self, key: str, num: int) -> tuple[Transfer, TransferFile | None] | None:
+        async def load(db: Connection) -> tuple[Transfer, TransferFile | None] | None:
+            row = await fetch_one(db, "SELECT * FROM transfers WHERE key = %s", (key,))
+            if row is None:
+                return None
+            file_row = await fetch_one(db, "SELECT * FROM transfer_files WHERE key = %s AND num = %s", (key, num))
+            return _transfer(row, ()), (_file(file_row) if file_row is not None else None)
+
+        return await self._db.read(load)
+
+    # -- leases on files ------------------------------------------------------------------------
+
+    async def claim(self, key: str, num: int, holder: str, *, lease: float, now: float) -> Claim:
+        async def claim(db: Connection) -> Claim:
+            row = await _file_row(db, key, num)
+            before = _file(row)
+            if before.state is FileState.UPLOADING:
+                if row["lease_until"] is not None and row["lease_until"] <= now:
+                    raise LeaseExpired(_staged(row))
+                raise UploadInProgress()
+            if before.state is FileState.PUBLISHED:
+                raise AlreadyUploaded()
+            if before.state is FileState.CANCELLED:
+                raise TransferCancelled("this upload was terminated")
+            assert before.state in sources(Step.CLAIM)
+            await db.execute(
+                "UPDATE transfer_files SET state = %s, claimed_by = %s, lease_until = %s, stop_request = NULL,"
+                " claims = claims + 1, in_attempt = TRUE, updated_at = %s WHERE key = %s AND num = %s",
+                (FileState.UPLOADING, holder, now + lease, now, key, num),
+            )
+            if not row["in_attempt"]:
+                await _insert_events(db, events_of(Step.CLAIM, await _subject(db, key, row), bytes=before.received))
+            return Claim(before, row["claims"] + 1)
+
+        return await self._run(claim)
+
+    async def renew(self, key: str, num: int, holder: str, *, lease: float, now: float) -> ClaimStatus | None:
+        async def renew(db: Connection) -> ClaimStatus | None:
+            await db.execute(
+                "UPDATE transfer_files SET lease_until = %s"
+                " WHERE key = %s AND num = %s AND state = %s AND claimed_by = %s",
+                (now + lease, key, num, FileState.UPLOADING, holder),
+            )
+            return await _status(db, key, num)
+
+        return await self._run(renew)
+
+    async def status(self, key: str, num: int) -> ClaimStatus | None:
+        return await self._db.read(lambda db: _status(db, key, num))
+
+    async def request_stop(self, key: str, num: int, reason: StopReason) -> str | None:
+        async def ask(db: Connection) -> str | None:
+            row = await fetch_one(
+                db,
+                "SELECT claimed_by FROM transfer_files WHERE key = %s AND num = %s AND state = %s",
+                (key, num, FileState.UPLOADING),
+            )
+            if row is None:
+                return None
+            await db.execute(
+                "UPDATE transfer_files SET stop_request = %s WHERE key = %s AND num = %s", (reason, key, num)
+            )
+            return str(row["claimed_by"])
+
+        return await self._run(ask)
+
+    async def restore(self, key: str, num: int, holder: str, *, released: bool) -> bool:
+        step = Step.RESTORE_RELEASED if released else Step.RESTORE
+        return await self._end_lease(key, num, holder, step, {})
+
+    async def pause(self, key: str, num: int, holder: str, *, received: int) -> bool:
+        values = {"received": received, "verifying_chunk": False, "error": None}
+        return await self._end_lease(key, num, holder, Step.PAUSE, values)
+
+    async def interrupt(self, key: str, num: int, holder: str, *, received: int, reason: StopReason) -> bool:
+        values = {"received": received, "verifying_chunk": False, "error": None, "in_attempt": False}
+        return await self._end_lease(key, num, holder, Step.INTERRUPT, values, reason=reason, progress=received)
+
+    async def fail(self, key: str, num: int, holder: str, *, reason: StopReason, message: str) -> bool:
+        values = {"received": 0, "verifying_chunk": False, "error": message, "in_attempt": False}
+        return await self._end_lease(key, num, holder, Step.FAIL, values, reason=reason, progress=0)
+
+    async def reap(self, key: str, num: int, holder: str, *, received: int, now: float) -> bool:
+        values = {"received": received, "verifying_chunk": False, "in_attempt": False}
+        return await self._end_lease(
+            key, num, holder, Step.REAP, values, reason=StopReason.LEASE_EXPIRED, progress=received, now=now
+        )
+
+    async def begin_publish(self, key: str, num: int, holder: str) -> bool:
+        async def begin(db: Connection) -> bool:
+            changed = await db.execute(
+                "UPDATE transfer_files SET publishing = TRUE"
+                " WHERE key = %s AND num = %s AND state = %s AND claimed_by = %s",
+                (key, num, FileState.UPLOADING, holder),
+            )
+            return changed.rowcount > 0
+
+        return await self._run(begin)
+
+    async def publish(self, key: str, num: int, holder: str, *, md5: str, sha256: str) -> bool:
+        async def publish(db: Connection) -> bool:
+            now = time.time()
+            changed = await db.execute(
+                "UPDATE transfer_files SET state = %s, md5 = %s, sha256 = %s, received = size,"
+                " verifying_chunk = FALSE, error = NULL, claimed_by = NULL, lease_until = NULL, stop_request = NULL,"
+                " in_attempt = FALSE, publishing = FALSE, updated_at = %s WHERE key = %s AND num = %s"
+                f" AND claimed_by = %s AND state IN {_in(sources(Step.PUBLISH))}",
+                (FileState.PUBLISHED, md5, sha256, now, key, num, holder, *sources(Step.PUBLISH)),
+            )
+            if not changed.rowcount:
+                return False
+            left = {
+                FileState(row["state"])
+                for row in await fetch_all(
+                    db,
+                    "SELECT DISTINCT state FROM transfer_files WHERE key = %s AND state != %s",
+                    (key, FileState.PUBLISHED),
+                )
+            }
+            after: TransferState | None = None
+            if not left:
+                after = TransferState.FINISHED
+            elif left <= FINAL_FILE_STATES:
+                # The last open file closed, but a file was terminated: the transfer is cancelled as
+                # that termination would have cancelled it, had it come last.
+                after = TransferState.CANCELLED
+            if after is not None:
+                ended = await db.execute(
+                    "UPDATE transfers SET state = %s WHERE key = %s AND state = %s", (after, key, TransferState.OPEN)
+                )
+                if not ended.rowcount:
+                    after = None  # cancelled or expired while the file was being published
+            await db.execute("UPDATE transfers SET updated_at = %s WHERE key = %s", (now, key))
+            row = await _file_row(db, key, num)
+            subject = await _subject(db, key, row)
+            events = events_of(
+                Step.PUBLISH,
+                subject,
+                transfer_after=after if after is TransferState.FINISHED else None,
+                bytes=row["size"],
+                md5=md5,
+                sha256=sha256,
+            )
+            if after is TransferState.CANCELLED:
+                whole = Subject(subject.prefix, key, subject.owner, subject.owner_id)
+                events += events_of(Step.TERMINATE, whole, transfer_after=after, reason=StopReason.TERMINATED)
+            await _insert_events(db, events)
+            return True
+
+        return await self._run(publish)
+
+    async def terminate(self, key: str, num: int) -> TransferFile:
+        async def terminate(db: Connection) -> TransferFile:
+            now = time.time()
+            row = await _file_row(db, key, num)
+            before = _file(row)
+            if before.state is FileState.PUBLISHED or row["publishing"]:
+                raise AlreadyUploaded()
+            if before.state not in sources(Step.TERMINATE):
+                return before
+            await db.execute(
+                "UPDATE transfer_files SET state = %s, received = 0, claimed_by = NULL, lease_until = NULL,"
+                " stop_request = NULL, in_attempt = FALSE, updated_at = %s WHERE key = %s AND num = %s",
+                (FileState.CANCELLED, now, key, num),
+            )
+            left = await fetch_one(
+                db,
+                f"SELECT COUNT(*) AS n FROM transfer_files WHERE key = %s AND state IN {_in(_OPEN_FILE_STATES)}",
+                (key, *_OPEN_FILE_STATES),
+            )
+            assert left is not None
+            after: TransferState | None = None
+            if left["n"] == 0:
+                # Even if every other file was published: one of its files will never come.
+                changed = await db.execute(
+                    "UPDATE transfers SET state = %s, updated_at = %s WHERE key = %s AND state = %s",
+                    (TransferState.CANCELLED, now, key, TransferState.OPEN),
+                )
+                after = TransferState.CANCELLED if changed.rowcount else None
+            else:
+                await db.execute("UPDATE transfers SET updated_at = %s WHERE key = %s", (now, key))
+            await _insert_events(
+                db,
+                events_of(
+                    Step.TERMINATE, await _subject(db, key, row), transfer_after=after, reason=StopReason.TERMINATED
+                ),
+            )
+            return before
+
+        return await self._run(terminate)
+
+    async def cancel(self, key: str, *, now: float) -> Ended | None:
+        return await self._run(lambda db: _end(db, key, Step.CANCEL, TransferState.CANCELLED, now))
+
+    async def expire_due(self, now: float, start_timeout: float | None = None) -> list[Ended]:
+        never_started = now - start_timeout if start_timeout is not None else float("-inf")
+
+        async def expire(db: Connection) -> list[Ended]:
+            rows = await fetch_all(
+                db,
+                "SELECT key FROM transfers t WHERE state = %s AND (expires_at <= %s OR (created_at <= %s"
+                " AND NOT EXISTS (SELECT 1 FROM transfer_files f WHERE f.key = t.key AND f.claims > 0)))",
+                (TransferState.OPEN, now, never_started),
+            )
+            ended = [await _end(db, row["key"], Step.EXPIRE, TransferState.EXPIRED, now) for row in rows]
+            return [transfer for transfer in ended if transfer is not None]
+
+        return await self._run(expire)
+
+    async def begin_chunk(self, key: str, num: int, *, verifying: bool) -> None:
+        await self._update_file(key, num, verifying_chunk=verifying)
+
+    async def set_received(self, key: str, num: int, received: int) -> None:
+        await self._update_file(key, num, received=received, verifying_chunk=False)
+
+    async def claims_of(self, holder: str) -> list[StagedFile]:
+        async def read(db: Connection) -> list[StagedFile]:
+            rows = await fetch_all(
+                db,
+                "SELECT * FROM transfer_files WHERE state = %s AND claimed_by = %s",
+                (FileState.UPLOADING, holder),
+            )
+            return [_staged(row) for row in rows]
+
+        return await self._db.read(read)
+
+    async def expired_leases(self, now: float) -> list[StagedFile]:
+        async def read(db: Connection) -> list[StagedFile]:
+            rows = await fetch_all(
+                db, "SELECT * FROM transfer_files WHERE state = %s AND lease_until <= %s", (FileState.UPLOADING, now)
+            )
+            return [_staged(row) for row in rows]
+
+        return await self._db.read(read)
+
+    async def staged_files(self) -> list[StagedFile]:
+        async def read(db: Connection) -> list[StagedFile]:
+            rows = await fetch_all(
+                db,
+                "SELECT f.* FROM transfer_files f JOIN transfers t USING (key)"
+                " WHERE t.state = %s AND f.state IN (%s, %s)",
+                (TransferState.OPEN, FileState.RESERVED, FileState.UPLOADING),
+            )
+            return [_staged(row) for row in rows]
+
+        return await self._db.read(read)
+
+    async def recover(self) -> int:
+        async def recover(db: Connection) -> int:
+            changed = await db.execute(
+                "UPDATE transfer_files SET state = %s, claimed_by = NULL, lease_until = NULL, stop_request = NULL,"
+                " publishing = FALSE WHERE state = %s",
+                (FileState.RESERVED, FileState.UPLOADING),
+            )
+            return changed.rowcount
+
+        return await self._run(recover)
+
+    async def reserved_bytes(self) -> int:
+        return await self._db.read(_reserved_bytes)
+
+    async def purge(self, before: float) -> int:
+        async def purge(db: Connection) -> int:
+            removed = await db.execute(
+                "DELETE FROM transfers WHERE state != %s AND updated_at < %s", (TransferState.OPEN, before)
+            )
+            return removed.rowcount
+
+        return await self._run(purge)
+
+    # -- the event log --------------------------------------------------------------------------
+
+    async def append(self, events: Sequence[NewEvent], *, now: float) -> list[Event]:
+        return await self._run(lambda db: _insert_events(db, events, stamp=now))
+
+    async def events_after(self, last_id: int, *, limit: int) -> list[Event]:
+        async def read(db: Connection) -> list[Event]:
+            rows = await fetch_all(db, "SELECT * FROM events WHERE id > %s ORDER BY id LIMIT %s", (last_id, limit))
+            return [_event(row) for row in rows]
+
+        return await self._db.read(read)
+
+    async def last_event_id(self) -> int:
+        return await self._db.read(last_event_id)
+
+    async def prune_events(self, before: float) -> int:
+        # The counter keeps the largest id: ids of deleted events are never handed out again.
+        async def prune(db: Connection) -> int:
+            return (await db.execute("DELETE FROM events WHERE time < %s", (before,))).rowcount
+
+        return await self._run(prune)
+
+    # -- named leases and cursors ---------------------------------------------------------------
+
+    async def acquire(self, name: str, holder: str, *, lease: float, now: float) -> bool:
+        async def acquire(db: Connection) -> bool:
+            changed = await db.execute(
+                "INSERT INTO leases (name, holder, until) VALUES (%s, %s, %s) ON CONFLICT (name) DO UPDATE"
+                " SET holder = EXCLUDED.holder, until = EXCLUDED.until WHERE leases.holder = EXCLUDED.holder"
+                " OR leases.until <= %s",
+                (name, holder, now + lease, now),
+            )
+            return changed.rowcount > 0
+
+        return await self._run(acquire)
+
+    async def release(self, name: str, holder: str) -> None:
+        async def release(db: Connection) -> None:
+            await db.execute("DELETE FROM leases WHERE name = %s AND holder = %s", (name, holder))
+
+        await self._run(release)
+
+    async def cursor(self, name: str) -> int | None:
+        async def read(db: Connection) -> int | None:
+            row = await fetch_one(db, "SELECT position FROM cursors WHERE name = %s", (name,))
+            return None if row is None else int(row["position"])
+
+        return await self._db.read(read)
+
+    async def set_cursor(self, name: str, position: int) -> None:
+        async def store(db: Connection) -> None:
+            await db.execute(
+                "INSERT INTO cursors (name, position) VALUES (%s, %s)"
+                " ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position",
+                (name, position),
+            )
+
+        await self._run(store)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    async def _end_lease(
+        self,
+        key: str,
+        num: int,
+        holder: str,
+        step: Step,
+        values: Mapping[str, object],
+        *,
+        reason: StopReason | None = None,
+        progress: int | None = None,
+        now: float | None = None,
+    ) -> bool:
+        """Make ``step`` on a file ``holder`` leases, ending the lease; append its events."""
+        states = sources(step)
+        (after,) = {target(state, step) for state in states}
+        columns = "".join(f"{name} = %s, " for name in values)
+
+        async def end(db: Connection) -> bool:
+            at = time.time() if now is None else now
+            row = await fetch_one(db, "SELECT * FROM transfer_files WHERE key = %s AND num = %s", (key, num))
+            changed = await db.execute(
+                f"UPDATE transfer_files SET {columns}state = %s, claimed_by = NULL, lease_until = NULL,"
+                " stop_request = NULL, publishing = FALSE, updated_at = %s WHERE key = %s AND num = %s"
+                f" AND claimed_by = %s AND state IN {_in(states)}",
+                (*values.values(), after, at, key, num, holder, *states),
+            )
+            if not changed.rowcount or row is None:
+                return False
+            await db.execute("UPDATE transfers SET updated_at = %s WHERE key = %s", (at, key))
+            await _insert_events(db, events_of(step, await _subject(db, key, row), bytes=progress, reason=reason))
+            return True
+
+        return await self._run(end)
+
+    async def _update_file(self, key: str, num: int, **values: object) -> None:
+        columns = ", ".join(f"{name} = %s" for name in values)
+
+        async def update(db: Connection) -> None:
+            now = time.time()
+            await db.execute(
+                f"UPDATE transfer_files SET {columns}, updated_at = %s WHERE key = %s AND num = %s",
+                (*values.values(), now, key, num),
+            )
+            await db.execute("UPDATE transfers SET updated_at = %s WHERE key = %s", (now, key))
+
+        await self._run(update)
+
+
+async def _reserved_bytes(db: Connection) -> int:
+    row = await fetch_one(
+        db,
+        "SELECT COALESCE(SUM(f.size - f.received), 0) AS reserved FROM transfer_files f JOIN transfers t USING (key)"
+        f" WHERE t.state = %s AND f.state IN {_in(_OPEN_FILE_STATES)}",
+        (TransferState.OPEN, *_OPEN_FILE_STATES),
+    )
+    assert row is not None
+    return int(row["reserved"])
+
+
+async def _holdings(db: Connection, client: str | None) -> Holdings:
+    row = await fetch_one(
+        db,
+        "SELECT COUNT(DISTINCT t.key) AS transfers, COUNT(f.num) AS files,"
+        " COALESCE(SUM(f.size - f.received), 0) AS bytes FROM transfers t"
+        f" LEFT JOIN transfer_files f ON f.key = t.key AND f.state IN {_in(_OPEN_FILE_STATES)}"
+        " WHERE t.client IS NOT DISTINCT FROM %s AND t.state = %s",
+        (*_OPEN_FILE_STATES, client, TransferState.OPEN),
+    )
+    assert row is not None
+    return Holdings(int(row["transfers"]), int(row["files"]), int(row["bytes"]))
+
+
+async def _end(db: Connection, key: str, step: Step, state: TransferState, now: float) -> Ended | None:
+    """End an OPEN transfer (cancel, expire): it and its open files but one being published; its event."""
+    before = await _load(db, key)
+    if before is None or before.state is not TransferState.OPEN:
+        return None
+    await db.execute("UPDATE transfers SET state = %s, updated_at = %s WHERE key = %s", (state, now, key))
+    ending = f"key = %s AND publishing = FALSE AND state IN {_in(sources(step))}"
+    nums = {
+        row["num"]
+        for row in await fetch_all(db, f"SELECT num FROM transfer_files WHERE {ending}", (key, *sources(step)))
+    }
+    await db.execute(
+        "UPDATE transfer_files SET state = %s, received = 0, verifying_chunk = FALSE, claimed_by = NULL,"
+        f" lease_until = NULL, stop_request = NULL, in_attempt = FALSE, updated_at = %s WHERE {ending}",
+        (FileState.CANCELLED, now, key, *sources(step)),
+    )
+    subject = Subject(before.prefix, key, before.owner.dn, before.owner.principal)
+    reason = StopReason.CANCELLED if step is Step.CANCEL else StopReason.EXPIRED
+    await _insert_events(db, events_of(step, subject, transfer_after=state, reason=reason))
+    return Ended(before, tuple(f for f in before.files if f.num in nums))
+
+
+def _ignore(_: Sequence[Event]) -> None:
+    pass
+
+
+async def _subject(db: Connection, key: str, file_row: Mapping[str, Any]) -> Subject:
+    row = await fetch_one(db, "SELECT prefix, owner, owner_id FROM transfers WHERE key = %s", (key,))
+    assert row is not None
+    return Subject(
+        row["prefix"], key, row["owner"], row["owner_id"], file_row["num"], file_row["name"], file_row["size"]
+    )
+
+
+async def _file_row(db: Connection, key: str, num: int) -> DictRow:
+    row = await fetch_one(db, "SELECT * FROM transfer_files WHERE key = %s AND num = %s", (key, num))
+    if row is None:
+        raise LookupError(f"no file {num} in transfer {key[:8]}…")
+    return row
+
+
+async def _status(db: Connection, key: str, num: int) -> ClaimStatus | None:
+    row = await fetch_one(
+        db,
+        "SELECT state, claimed_by, lease_until, stop_request FROM transfer_files WHERE key = %s AND num = %s",
+        (key, num),
+    )
+    if row is None:
+        return None
+    return ClaimStatus(FileState(row["state"]), row["claimed_by"], row["lease_until"], row["stop_request"])
+
+
+def _staged(row: Mapping[str, Any]) -> StagedFile:
+    return StagedFile(row["key"], row["num"], row["received"], bool(row["verifying_chunk"]), row["claimed_by"])
+
+
+async def _idempotent(db: Connection, prefix: str, owner: Identity, idempotency_key: str) -> Transfer | None:
+    row = await fetch_one(
+        db,
+        "SELECT key FROM transfers WHERE prefix = %s AND owner_id IS NOT DISTINCT FROM %s AND idempotency_key = %s",
+        (prefix, owner.principal, idempotency_key),
+    )
+    return None if row is None else await _load(db, row["key"])
+
+
+async def _load(db: Connection, key: str) -> Transfer | None:
+    row = await fetch_one(db, "SELECT * FROM transfers WHERE key = %s", (key,))
+    if row is None:
+        return None
+    files = await fetch_all(db, "SELECT * FROM transfer_files WHERE key = %s ORDER BY num", (key,))
+    return _transfer(row, tuple(_file(f) for f in files))
+
+
+def _transfer(row: Mapping[str, Any], files: tuple[TransferFile, ...]) -> Transfer:
+    return Transfer(
+        key=row["key"],
+        prefix=row["prefix"],
+        owner=Identity.from_principal(row["owner_id"], row["owner"]),
+        state=TransferState(row["state"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        expires_at=row["expires_at"],
+        files=files,
+    )
+
+
+def _file(row: Mapping[str, Any]) -> TransferFile:
+    return TransferFile(
+        num=row["num"],
+        name=row["name"],
+        size=row["size"],
+        md5=row["md5"],
+        sha256=row["sha256"],
+        state=FileState(row["state"]),
+        received=row["received"],
+        error=row["error"],
+        updated_at=row["updated_at"],
+        upload_metadata=row["upload_metadata"],
+    )
