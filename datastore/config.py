@@ -55,8 +55,9 @@ class Settings:
     state_url: str | None = field(
         default=None,
         metadata={
-            "doc": "Where transfers, leases and events are kept: sqlite:///PATH; default the SQLite file "
-            "transfers.sqlite3 in the state directory."
+            "doc": "Where transfers, leases, events, jobs and catalogues are kept: sqlite:///PATH, or "
+            "postgresql://USER@HOST/DB (shared by several nodes); default the SQLite file transfers.sqlite3 in "
+            "the state directory."
         },
     )
     host: str = field(default="127.0.0.1", metadata={"doc": "Address to listen on."})
@@ -430,8 +431,8 @@ class Settings:
                 ) from None
         if self.node_id is not None and not _NODE_ID.fullmatch(self.node_id):
             raise SettingsError(f"node_id must be 1 to 64 letters, digits, '.', '-' or '_', not {self.node_id!r}")
-        if self.state_url is not None and not self.state_url.startswith("sqlite:///"):
-            raise SettingsError(f"state_url must be sqlite:///PATH, not {self.state_url!r}")
+        if self.state_url is not None and not self.state_url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise SettingsError(f"state_url must be sqlite:///PATH or postgresql://..., not {self.state_url!r}")
         if self.metrics_access not in METRICS_ACCESS:
             raise SettingsError(
                 f"metrics_access must be one of {', '.join(METRICS_ACCESS)}, not {self.metrics_access!r}"

@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import psycopg
 import pytest
 
@@ -19,6 +20,7 @@ from datastore.state.postgres_catalogue import MIGRATIONS, PostgresCatalogue
 from datastore.state.postgres_database import SchemaTooNew
 from datastore.state.postgres_jobs import MIGRATIONS as JOB_MIGRATIONS
 
+from .harness import json_manifest, md5_hex, spawn_serve
 from .postgres_server import shared_cluster
 
 
@@ -105,3 +107,38 @@ async def test_a_jobs_schema_newer_than_the_code_is_refused(url: str) -> None:
     with pytest.raises(SchemaTooNew, match="the jobs schema"):
         await older.last_event_id()
     await older.close()
+
+
+async def test_a_store_serving_on_postgresql_keeps_its_files_across_a_restart(url: str, tmp_path: Path) -> None:
+    content = b"kept in postgres " * 1000
+    args = ("--root", str(tmp_path / "served"), "--state", url, "--node-id", "pg-node")
+    process, (match,) = await spawn_serve(*args)
+    try:
+        async with aiohttp.ClientSession(match["base"]) as session:
+            async with session.get("/_api/v1/health") as response:
+                assert (await response.json())["state"] == "postgresql"
+            async with session.post("/files/manifest", json=json_manifest([("kept.bin", content)])) as response:
+                assert response.status == 201, await response.text()
+                key = (await response.json())["transfer_key"]
+            async with session.put(f"/files/{key}/0", data=content) as response:
+                assert response.status == 200, await response.text()
+    finally:
+        await stop(process)
+    process, (match,) = await spawn_serve(*args)
+    try:
+        async with aiohttp.ClientSession(match["base"]) as session:
+            async with session.get("/files/", headers={"Accept": "application/json"}) as response:
+                listed = {f["name"]: f for f in (await response.json())["files"]}
+            assert listed["kept.bin"]["md5"] == md5_hex(content)
+            async with session.get("/files/kept.bin") as response:
+                assert await response.read() == content
+    finally:
+        await stop(process)
+    # The records are in PostgreSQL, not in a SQLite file beside the folder.
+    assert not (tmp_path / "served" / ".datastore" / "transfers.sqlite3").exists()
+
+
+async def stop(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), 60)

@@ -286,6 +286,12 @@ class TransferServer(abc.ABC):
     async def reload(self) -> None:  # noqa: B027 - a hook; plain HTTP has nothing to reload
         """Re-read what can change without a restart (SIGHUP). Nothing, for plain HTTP."""
 
+    @property
+    def shares_state(self) -> bool:
+        """Whether other processes may use the state at once: workers of this node, or (a PostgreSQL
+        state) other nodes."""
+        return self.shared_state or self.settings.state_kind == "postgresql"
+
     # -- the application ----------------------------------------------------
 
     def create_app(self) -> web.Application:
@@ -359,6 +365,8 @@ class TransferServer(abc.ABC):
     async def _lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         state_dir = self.settings.effective_state_dir
         await asyncio.to_thread(self.settings.root.mkdir, parents=True, exist_ok=True)
+        # Made here, not by the recovery (which a shared state skips) nor by the SQLite files.
+        await asyncio.to_thread((state_dir / "staging").mkdir, parents=True, exist_ok=True)
         state = open_state(self.settings.effective_state_url)
         tokens = TokenStore(state_dir / "tokens.sqlite3")
         lifecycle = Lifecycle(
@@ -367,11 +375,12 @@ class TransferServer(abc.ABC):
             self._mounts,
             state_dir / "staging",
             holder=holder_id(self.settings.effective_node_id, os.getpid()),
-            shared=self.shared_state,
+            shared=self.shares_state,
             on_change=self.events.wake,
         )
-        if not self.shared_state:
-            # With several workers, the supervisor recovered before starting them.
+        if not self.shares_state:
+            # With several workers, the supervisor recovered before starting them; on a state other
+            # nodes share, a dead process's leases run out and whoever sweeps first reaps them.
             await lifecycle.recover()
         ctx = StoreContext(
             settings=self.settings,
@@ -388,7 +397,7 @@ class TransferServer(abc.ABC):
         )
         app[CONTEXT] = ctx
         self._contexts.append(ctx)
-        await self.events.start(state, poll_interval=EVENT_POLL_SHARED if self.shared_state else EVENT_POLL)
+        await self.events.start(state, poll_interval=EVENT_POLL_SHARED if self.shares_state else EVENT_POLL)
         ctx.jobs = JobRunner(lifecycle, self.settings)
         tasks = [
             asyncio.create_task(_sweep(lifecycle), name="datastore-sweeper"),
