@@ -60,6 +60,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -88,6 +89,7 @@ from ..security.policy import Policy
 from ..security.tls import CrlReloader, administrators, certificate_identity, peer_certificate, server_context
 from ..security.tokens import TokenStore
 from ..state import open_catalogue, open_state
+from ..state.interface import Signal, SignalKind
 from .api import (
     SESSION_COOKIE,
     handle_health,
@@ -362,6 +364,14 @@ class TransferServer(abc.ABC):
         app.router.add_get(f"/{_PREFIX}", handle_add_slash)
         return app
 
+    def _heard(self, ctx: StoreContext, signal: Signal) -> None:
+        """Another process changed the state: the event bus, the uploads and the job runner look."""
+        if signal.kind in (SignalKind.EVENTS, SignalKind.MISSED):
+            self.events.wake()
+        ctx.lifecycle.heard(signal)
+        if ctx.jobs is not None:
+            ctx.jobs.heard(signal)
+
     async def _lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         state_dir = self.settings.effective_state_dir
         await asyncio.to_thread(self.settings.root.mkdir, parents=True, exist_ok=True)
@@ -397,8 +407,12 @@ class TransferServer(abc.ABC):
         )
         app[CONTEXT] = ctx
         self._contexts.append(ctx)
-        await self.events.start(state, poll_interval=EVENT_POLL_SHARED if self.shares_state else EVENT_POLL)
         ctx.jobs = JobRunner(lifecycle, self.settings)
+        # What other processes change reaches this one as signals where the state has them
+        # (PostgreSQL); else, with others sharing the state, it is looked for every EVENT_POLL_SHARED.
+        lifecycle.signalled = await state.listen(functools.partial(self._heard, ctx))
+        polling = self.shares_state and not lifecycle.signalled
+        await self.events.start(state, poll_interval=EVENT_POLL_SHARED if polling else EVENT_POLL)
         tasks = [
             asyncio.create_task(_sweep(lifecycle), name="datastore-sweeper"),
             asyncio.create_task(ctx.jobs.run(), name="datastore-jobs"),

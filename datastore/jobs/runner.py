@@ -40,6 +40,7 @@ from typing import Any
 from ..config import Settings
 from ..lifecycle.machine import Lifecycle
 from ..security.logsafe import redact
+from ..state.interface import Signal, SignalKind
 from ..state.jobs import ClaimedFile, Job, JobFile, JobQuota, RunnerLimits
 from .drivers.interface import Destination, DriverError, Order, Published, Source, SourceInfo
 from .ends import Ends
@@ -149,6 +150,8 @@ class JobRunner:
         self.limits = runner_limits(settings)
         self.running: dict[tuple[str, int], _Running] = {}
         self._wake = asyncio.Event()
+        #: Looks at leases that signals started, running.
+        self._looks: set[asyncio.Task[None]] = set()
         self._throttles: dict[str, _Throttle] = {}
         self._stopping = False
         #: When each job waiting on another store's answer asks again.
@@ -161,6 +164,24 @@ class JobRunner:
     def wake(self) -> None:
         """Look at the queue now (a job was submitted, committed, resumed or retried here)."""
         self._wake.set()
+
+    def heard(self, signal: Signal) -> None:
+        """Another process changed the state: a queued file is claimed now; a job that changed
+        state has its files here look at their leases now (all of them, if signals were missed)."""
+        if signal.kind in (SignalKind.QUEUED, SignalKind.MISSED):
+            self.wake()
+        if signal.kind in (SignalKind.JOB, SignalKind.MISSED):
+            for attempt in list(self.running.values()):
+                if signal.kind is SignalKind.MISSED or attempt.claimed.job.id == signal.subject:
+                    task = asyncio.create_task(self._look_when_signalled(attempt), name="datastore-job-signal")
+                    self._looks.add(task)
+                    task.add_done_callback(self._looks.discard)
+
+    async def _look_when_signalled(self, attempt: _Running) -> None:
+        try:
+            await self._look_at_lease(attempt)
+        except Exception:
+            log.exception("looking at a job file's lease failed")
 
     async def notice(self, job_id: str) -> None:
         """A job was paused, stopped or expired here: its running files end now, not at their next

@@ -63,6 +63,8 @@ from ..state.interface import (
     ClientQuota,
     DuplicateRequest,
     LeaseExpired,
+    Signal,
+    SignalKind,
     StagedFile,
     StateStore,
     Transfer,
@@ -200,6 +202,11 @@ class Lifecycle:
     #: process appended since).
     digests: dict[tuple[str, int], tuple[int, Digests]] = field(default_factory=dict)
     running: dict[tuple[str, int], RunningUpload] = field(default_factory=dict)
+    #: Whether the state signals other processes' changes (:meth:`heard`): then running uploads and
+    #: superseding requests wait for a signal instead of looking every CLAIM_WATCH_INTERVAL.
+    signalled: bool = False
+    #: Who waits for a signal about each file: set when one comes.
+    pokes: dict[tuple[str, int], set[asyncio.Event]] = field(default_factory=dict)
     #: When each running upload last announced its progress, and how far it was.
     progress_at: dict[tuple[str, int], float] = field(default_factory=dict)
 
@@ -387,7 +394,8 @@ class Lifecycle:
         other processes sharing the state, lets their requests stop it too).
         """
         place = target.place
-        with self.upload_slot(target.file.size, target.client):
+        # Watched from before the claim: a signal that comes while it is made is not missed.
+        with self.upload_slot(target.file.size, target.client), self._watching(place) as poke:
             claiming = asyncio.ensure_future(self._claim(place))
             try:
                 claim = await asyncio.shield(claiming)
@@ -412,7 +420,7 @@ class Lifecycle:
             running = RunningUpload(task, resumable)
             self.running[place] = running
             self.progress_at[place] = time.monotonic()
-            watch = asyncio.create_task(self._keep_lease(place, running))
+            watch = asyncio.create_task(self._keep_lease(place, running, poke))
             try:
                 yield FileUpload(self, target, claim.before, claim.number, running)
             finally:
@@ -478,20 +486,26 @@ class Lifecycle:
             await self.reap(expired.staged)
             return await self.state.claim(*place, self.holder, lease=lease, now=time.time())
 
-    async def _keep_lease(self, place: tuple[str, int], running: RunningUpload) -> None:
+    async def _keep_lease(self, place: tuple[str, int], running: RunningUpload, poke: asyncio.Event) -> None:
         """Renew the lease while ``running`` runs, and stop it when another process ends the lease
         or asks it to stop.
 
         A file no longer UPLOADING under this holder's lease was terminated, cancelled or expired
         elsewhere, and that process cleans up (ENDED_ELSEWHERE); a stop request SUPERSEDED comes
         from a newer request of the same client in another process, and only a resumable upload
-        heeds it.
+        heeds it. With signals the watch looks when one comes for the file (``poke``), else every
+        CLAIM_WATCH_INTERVAL when others share the state.
         """
         lease = self.settings.lease_time
-        interval = CLAIM_WATCH_INTERVAL if self.shared else lease / 3
         renewed = time.monotonic()
         while not running.task.done():
-            await asyncio.sleep(interval)
+            if self.signalled:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, renewed + lease / 3 - time.monotonic())):
+                        await poke.wait()
+                poke.clear()
+            else:
+                await asyncio.sleep(CLAIM_WATCH_INTERVAL if self.shared else lease / 3)
             try:
                 if time.monotonic() - renewed >= lease / 3:
                     status = await self.state.renew(*place, self.holder, lease=lease, now=time.time())
@@ -512,6 +526,33 @@ class Lifecycle:
                 running.task.cancel()
                 return
 
+    @contextlib.contextmanager
+    def _watching(self, place: tuple[str, int]) -> Iterator[asyncio.Event]:
+        """An event set whenever a signal about file ``place`` comes, while inside."""
+        poke = asyncio.Event()
+        self.pokes.setdefault(place, set()).add(poke)
+        try:
+            yield poke
+        finally:
+            waiting = self.pokes.get(place)
+            if waiting is not None:
+                waiting.discard(poke)
+                if not waiting:
+                    del self.pokes[place]
+
+    def heard(self, signal: Signal) -> None:
+        """Another process (or this one) changed the state: wake whoever waits for a file it names
+        (everyone, if signals may have been missed)."""
+        if signal.kind is SignalKind.FILE and signal.subject is not None and signal.num is not None:
+            places = [(signal.subject, signal.num)]
+        elif signal.kind is SignalKind.MISSED:
+            places = list(self.pokes)
+        else:
+            return
+        for place in places:
+            for poke in self.pokes.get(place, ()):
+                poke.set()
+
     async def supersede(self, place: tuple[str, int]) -> None:
         """Stop an older resumable request for the same upload that is still hanging.
 
@@ -525,17 +566,25 @@ class Lifecycle:
             return
         if not self.shared:
             return
-        # Another process may hold the lease: ask it to stop, and wait (bounded) until it has.
-        holder = await self.state.request_stop(*place, StopReason.SUPERSEDED)
-        if holder is None or holder == self.holder:
-            return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + SUPERSEDE_WAIT
-        while loop.time() < deadline:
-            await asyncio.sleep(SUPERSEDE_POLL)
-            status = await self.state.status(*place)
-            if status is None or status.state is not FileState.UPLOADING or status.holder != holder:
+        # Another process may hold the lease: ask it to stop, and wait (bounded) until it has:
+        # for its signal, or looking every SUPERSEDE_POLL without signals.
+        with self._watching(place) as poke:
+            holder = await self.state.request_stop(*place, StopReason.SUPERSEDED)
+            if holder is None or holder == self.holder:
                 return
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + SUPERSEDE_WAIT
+            while loop.time() < deadline:
+                if self.signalled:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(deadline - loop.time()):
+                            await poke.wait()
+                    poke.clear()
+                else:
+                    await asyncio.sleep(SUPERSEDE_POLL)
+                status = await self.state.status(*place)
+                if status is None or status.state is not FileState.UPLOADING or status.holder != holder:
+                    return
         # Still held (a whole-body upload, or one publishing): the claim answers 409.
 
     async def progress(self, upload: FileUpload, received: int) -> None:

@@ -14,6 +14,10 @@ A backend (SQLite: ``sqlite.py``; PostgreSQL, later) is whatever passes the cont
 - **Leases, not locks.** An upload holds a file by a lease (holder id and expiry) that it renews
   while it works; a lease that ran out is anybody's to reap, so a dead process frees its files by
   itself. A lease until ``t`` has run out at ``t`` (for files and named leases alike).
+- **Signals, where the backend has them.** A backend shared by several hosts tells every process
+  what the others changed as they commit it (:class:`Signal`, by :meth:`StateStore.listen`), so that
+  followers wait instead of polling; one without them (SQLite) says so, and its followers look
+  every poll interval.
 - **Time is given.** Methods that compare against the clock take ``now``, so the contract suite
   tests expiry without waiting. The events a transition appends are stamped with the clock at
   commit, whatever ``now`` says.
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Protocol
 
 from ..errors import QuotaExceeded
@@ -402,6 +407,31 @@ class CursorStore(Protocol):
         ...
 
 
+class SignalKind(StrEnum):
+    """What another process or node changed."""
+
+    #: Events were appended: read the log.
+    EVENTS = "e"
+    #: A file's upload lease ended, changed hands or was asked to stop (``subject`` key, ``num``).
+    FILE = "f"
+    #: A transfer job changed state (``subject``: its id).
+    JOB = "j"
+    #: A job's file is queued: there is work to claim.
+    QUEUED = "q"
+    #: Signals may have been missed (the listening connection was lost, or was just made): look at
+    #: everything now.
+    MISSED = "m"
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """One signal: what changed, and (for FILE and JOB) which one."""
+
+    kind: SignalKind
+    subject: str | None = None
+    num: int | None = None
+
+
 class StateStore(TransferStore, EventLog, LeaseStore, CursorStore, JobStore, Protocol):
     """Everything a store persists besides the bytes and the handlers' catalogues (transfer jobs: ``jobs.py``)."""
 
@@ -410,6 +440,13 @@ class StateStore(TransferStore, EventLog, LeaseStore, CursorStore, JobStore, Pro
     #: counts them and wakes the event bus with it.
     on_appended: Callable[[Sequence[Event]], None]
 
+    async def listen(self, on_signal: Callable[[Signal], None]) -> bool:
+        """Call ``on_signal`` with every signal of every process sharing the state (this one's too),
+        from now until :meth:`close`; first with MISSED, and again whenever the listening
+        connection was lost and is made again. False if this backend has no signals (then nothing is
+        called: whoever follows changes looks for them every poll interval)."""
+        ...
+
     async def close(self) -> None:
-        """Release the backend's connections; a later call reopens them."""
+        """Release the backend's connections (listening included); a later call reopens them."""
         ...

@@ -43,6 +43,7 @@ from .interface import (
     Ended,
     Holdings,
     LeaseExpired,
+    Signal,
     StagedFile,
     Transfer,
     TransferFile,
@@ -53,6 +54,7 @@ from .postgres_events import event_from_row as _event
 from .postgres_events import insert_events as _insert_events
 from .postgres_jobs import MIGRATIONS as JOB_MIGRATIONS
 from .postgres_jobs import PostgresJobs
+from .postgres_signals import STATE_SIGNALS, Listener, process_name
 from .sqlite import new_transfer_key
 
 MIGRATIONS = (
@@ -134,6 +136,8 @@ MIGRATIONS = (
             """,
         ),
     ),
+    # Cross-node signals (``postgres_signals.py``).
+    Migration(2, STATE_SIGNALS),
 )
 
 #: Taken by every write transaction of the state store, for its duration: writers take turns.
@@ -154,8 +158,17 @@ class PostgresState(PostgresJobs):
 
     def __init__(self, url: str, *, max_size: int = 8) -> None:
         self.url = url
-        self._db = PostgresDatabase(url, "state", MIGRATIONS, max_size=max_size, also={"jobs": JOB_MIGRATIONS})
+        self.process_name = process_name()
+        self._db = PostgresDatabase(
+            url,
+            "state",
+            MIGRATIONS,
+            max_size=max_size,
+            also={"jobs": JOB_MIGRATIONS},
+            application_name=self.process_name,
+        )
         self.on_appended: Callable[[Sequence[Event]], None] = _ignore
+        self._listener: Listener | None = None
 
     async def _run(self, work: Callable[[Connection], Awaitable[T]]) -> T:
         """``work`` in one write transaction, its turn taken; then :attr:`on_appended` hears the
@@ -589,7 +602,22 @@ class PostgresState(PostgresJobs):
 
         await self._run(store)
 
+    async def listen(self, on_signal: Callable[[Signal], None]) -> bool:
+        await self._db.read(last_event_id)  # the schema (and its triggers) exists before anyone listens
+        listener = Listener(self.url, on_signal, own=self.process_name)
+        await listener.start()
+        await self.close_listener()
+        self._listener = listener
+        return True
+
+    async def close_listener(self) -> None:
+        """Stop listening (if this object listens)."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await listener.close()
+
     async def close(self) -> None:
+        await self.close_listener()
         await self._db.close()
 
     # -- helpers --------------------------------------------------------------------------------

@@ -72,8 +72,11 @@ class PostgresDatabase:
         *,
         max_size: int = 8,
         also: Mapping[str, Sequence[Migration]] | None = None,
+        application_name: str = "datastore",
     ) -> None:
         self.url = url
+        #: What the connections call themselves (``pg_stat_activity``; cross-node signals name their origin by it).
+        self.application_name = application_name
         self.component = component
         self._components = {
             name: tuple(sorted(steps, key=lambda m: m.version))
@@ -115,7 +118,7 @@ class PostgresDatabase:
             pool = AsyncConnectionPool(
                 self.url,
                 connection_class=AsyncConnection[DictRow],
-                kwargs={"row_factory": dict_row, "autocommit": True},
+                kwargs={"row_factory": dict_row, "autocommit": True, "application_name": self.application_name},
                 min_size=1,
                 max_size=self._max_size,
                 open=False,

@@ -41,6 +41,7 @@ from ..security.identity import Identity
 from .jobs import Attempt, ClaimedFile, Claims, Job, JobFile, JobQuota, JobSpec, Lease, RunnerLimits
 from .postgres_database import Connection, Migration, PostgresDatabase, fetch_all, fetch_one
 from .postgres_events import insert_events
+from .postgres_signals import JOB_SIGNALS
 from .sqlite_jobs import (
     _OUTCOMES,
     _attempt,
@@ -147,6 +148,8 @@ MIGRATIONS = (
             """,
         ),
     ),
+    # Cross-node signals (``postgres_signals.py``).
+    Migration(2, JOB_SIGNALS),
 )
 
 T = TypeVar("T")

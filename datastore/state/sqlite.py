@@ -43,6 +43,7 @@ from .interface import (
     Ended,
     Holdings,
     LeaseExpired,
+    Signal,
     StagedFile,
     Transfer,
     TransferFile,
@@ -618,6 +619,9 @@ class SqliteState(SqliteJobs):
                 (name, position),
             )
         )
+
+    async def listen(self, on_signal: Callable[[Signal], None]) -> bool:
+        return False  # the processes of one host look at the file every poll interval
 
     async def close(self) -> None:
         await self._db.close()
