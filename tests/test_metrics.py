@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import io
 import os
+import re
 import shutil
 import signal
 import sys
@@ -537,3 +538,17 @@ async def test_a_dead_workers_gauges_leave_the_page_and_its_counters_stay(tmp_pa
         page = parse(await served.page())
     # Its counters stay: every health request either worker answered.
     assert value(page, "datastore_http_request_duration_seconds_count", **HEALTH) == len(asked)
+
+
+async def test_each_answer_says_how_long_it_waited_for_the_state(make_store: MakeStore) -> None:
+    store = await make_store()
+    key = await store.register([("a.txt", b"abc")])
+    response = await store.client.put(f"/files/{key}/0", data=b"abc")
+    assert response.status == 200, await response.text()
+    # The upload's claim, verification and publication are transactions of the state, timed.
+    match = re.fullmatch(r'db;dur=(\d+\.\d\d);desc="(\d+) transactions"', response.headers["Server-Timing"])
+    assert match is not None, response.headers["Server-Timing"]
+    assert float(match[1]) > 0 and int(match[2]) >= 2
+    # A request that asks the state nothing says so.
+    response = await store.client.get("/_static/app.js")
+    assert response.headers["Server-Timing"] == 'db;dur=0.00;desc="0 transactions"'

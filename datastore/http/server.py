@@ -88,7 +88,7 @@ from ..security.logsafe import redact
 from ..security.policy import Policy
 from ..security.tls import CrlReloader, administrators, certificate_identity, peer_certificate, server_context
 from ..security.tokens import TokenStore
-from ..state import open_catalogue, open_state
+from ..state import open_catalogue, open_state, timing
 from ..state.interface import Signal, SignalKind
 from .api import (
     SESSION_COOKIE,
@@ -704,11 +704,17 @@ async def metrics_middleware(
 
     A handler's answer is sent after it returns, and a FileResponse settles its status (206, 304,
     416) only then; so the duration is taken when the answer's status line and headers are sent,
-    whoever sends them (aiohttp, for an HTTPException too).
+    whoever sends them (aiohttp, for an HTTPException too). An answer not yet sent says how long
+    the request waited for the state's transactions (``Server-Timing: db``, ``state/timing.py``).
     """
     if _STARTED not in request:
         request[_STARTED] = time.monotonic()
-    return await handler(request)
+    with timing.tallying() as tally:
+        response = await handler(request)
+    if not response.prepared:
+        milliseconds, count = tally.seconds * 1000, tally.transactions
+        response.headers["Server-Timing"] = f'db;dur={milliseconds:.2f};desc="{count} transactions"'
+    return response
 
 
 def _timed(

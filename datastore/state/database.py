@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from . import timing
+
 T = TypeVar("T")
 
 
@@ -77,8 +79,9 @@ class Database:
             self._thread.start()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Call(work, begin, loop, future))
-        return await future
+        async with timing.transaction():
+            self._queue.put(_Call(work, begin, loop, future))
+            return await future
 
     def _serve(self, calls: queue.SimpleQueue[_Call[Any] | None]) -> None:
         """The database thread: each call in turn until :meth:`close` sends None; then the connection closes."""

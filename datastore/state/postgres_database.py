@@ -22,6 +22,8 @@ from psycopg import AsyncConnection
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from . import timing
+
 T = TypeVar("T")
 
 #: A connection whose rows are dicts (column name -> value).
@@ -94,9 +96,10 @@ class PostgresDatabase:
 
     async def run(self, work: Callable[[Connection], Awaitable[T]]) -> T:
         """Run ``work(connection)`` in one transaction (committed if it returns, rolled back if it raises)."""
-        pool = await self._open()
-        async with pool.connection() as connection, connection.transaction():
-            return await work(connection)
+        async with timing.transaction():
+            pool = await self._open()
+            async with pool.connection() as connection, connection.transaction():
+                return await work(connection)
 
     async def read(self, work: Callable[[Connection], Awaitable[T]]) -> T:
         """Run ``work(connection)``, which only reads, in one read-only transaction."""
