@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint typecheck clean bench bench-jobs
+.PHONY: run test lint typecheck clean bench bench-jobs bench-cluster
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -98,3 +98,8 @@ bench-jobs: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+
+# The PostgreSQL and several-node benchmarks alone (PostgreSQL, HAProxy and nodes on loopback); e.g.
+# BENCH_CLUSTER_ARGS="--runs 5". Needs Debian's postgresql and haproxy (make test installs them).
+bench-cluster: $(VENV)/.installed
+	$(BIN)/python bench/cluster.py $(BENCH_CLUSTER_ARGS)

@@ -85,8 +85,10 @@ class Cluster:
             time.sleep(0.05)
 
 
-def start_cluster(directory: Path, timeout: float = 60.0) -> Cluster:
-    """``initdb`` in ``directory`` and start the cluster on a free loopback port."""
+def start_cluster(directory: Path, timeout: float = 60.0, *, durable: bool = False) -> Cluster:
+    """``initdb`` in ``directory`` and start the cluster on a free loopback port; ``durable`` keeps
+    PostgreSQL's own defaults (fsync, synchronous commit: what the benchmarks measure) instead of
+    the tests' speed."""
     data, sockets, log = directory / "data", directory / "sockets", directory / "postgres.log"
     sockets.mkdir(parents=True)
     as_user: list[str] = []
@@ -98,10 +100,9 @@ def start_cluster(directory: Path, timeout: float = 60.0) -> Cluster:
         as_user = ["runuser", "-u", "postgres", "--"]
     _run([*as_user, pg_binary("initdb"), "-D", str(data), "-U", USER, "--auth=trust", "-E", "UTF8", "--no-sync"])
     port = _free_port()
-    options = (
-        f"-c listen_addresses=127.0.0.1 -p {port} -k {sockets} -c fsync=off -c synchronous_commit=off"
-        " -c full_page_writes=off -c max_connections=300"
-    )
+    options = f"-c listen_addresses=127.0.0.1 -p {port} -k {sockets} -c max_connections=300"
+    if not durable:
+        options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
     start = [*as_user, pg_binary("pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", str(int(timeout))]
     _run([*start, "-o", options, "start"], log)
     pid = int((data / "postmaster.pid").read_text().split("\n", 1)[0])
