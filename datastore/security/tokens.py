@@ -36,15 +36,12 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from ..config import SettingsError, check_prefix
+from ..config import Settings, SettingsError, check_prefix
 from ..errors import DatastoreError, QuotaExceeded
 from ..protocol.timestamps import iso_time
 from .identity import Grant, Identity, IdentityKind, check_length
-
-if TYPE_CHECKING:
-    from ..config import Settings
 
 #: What a token may be issued for.
 ACTIONS = ("read", "upload", "delete", "metrics", "jobs", "admin")
@@ -103,16 +100,34 @@ class TokenBackend(Protocol):
     async def count(self) -> int:
         """How many rows there are."""
 
-    async def change(self, token_id: str, change: Callable[[Row], Row | None]) -> tuple[Row, bool] | None:
-        """Call ``change`` with the row of ``token_id``, which no other transaction changes until this
-        one ends, and set the columns it returns (None or nothing: leave it). The row after it and
-        whether it changed, or None if there is no such row."""
+    async def change(self, token_id: str, change: Callable[[Row], Row | None]) -> RowChange | None:
+        """Hold the row of ``token_id`` (no other transaction changes it until this one ends), call
+        ``change`` with it and set the columns it returns: what that made of the row
+        (:func:`change_row`), or None if there is no such row."""
 
     async def delete(self, doomed: Callable[[Row], bool]) -> int:
         """Delete the rows ``doomed`` says to (those it was not asked about stay); how many."""
 
     async def close(self) -> None:
         """Close the connections; a later call opens them again."""
+
+
+@dataclass(frozen=True, slots=True)
+class RowChange:
+    """What a change made of a row: the row after it, and the columns it sets (none: it changed nothing)."""
+
+    after: Row
+    sets: Row
+
+
+def change_row(row: Row | None, change: Callable[[Row], Row | None]) -> RowChange | None:
+    """What ``change`` (which returns the columns to set, or None) makes of ``row``; None if there is no
+    row. ValueError if it would set a column not of :data:`COLUMNS`."""
+    if row is None:
+        return None
+    sets = change(row) or {}
+    checked_columns(sets)
+    return RowChange({**row, **sets}, sets)
 
 
 def open_token_store(settings: Settings) -> TokenStore:
@@ -375,8 +390,8 @@ class TokenStore:
         def revoke(row: Row) -> Row | None:
             return {"revoked_at": now} if row["revoked_at"] is None else None
 
-        after = await self._backend.change(token_id, revoke)
-        return None if after is None else _record(after[0])
+        changed = await self._backend.change(token_id, revoke)
+        return None if changed is None else _record(changed.after)
 
     async def count(self) -> int:
         """How many tokens were ever issued and are still recorded."""
@@ -397,8 +412,8 @@ class TokenStore:
 
     async def _changed(self, token_id: str, change: Callable[[Row], Row | None]) -> TokenRecord | None:
         """The record after ``change``, or None if it changed nothing (or there is no such token)."""
-        after = await self._backend.change(token_id, change)
-        return _record(after[0]) if after is not None and after[1] else None
+        changed = await self._backend.change(token_id, change)
+        return _record(changed.after) if changed is not None and changed.sets else None
 
 
 def token_json(record: TokenRecord, now: float) -> dict[str, object]:

@@ -15,8 +15,9 @@ from collections.abc import Callable, Sequence
 from psycopg import sql
 
 from ..state.postgres_database import Connection, Migration, PostgresDatabase, fetch_all, fetch_one
-from .tokens import Row, checked_columns
+from .tokens import Row, RowChange, change_row, checked_columns
 
+#: The table's columns are those ``tokens.COLUMNS`` describes.
 MIGRATIONS = (
     Migration(
         1,
@@ -27,17 +28,14 @@ MIGRATIONS = (
                 hash TEXT NOT NULL,
                 subject TEXT NOT NULL,
                 actions TEXT NOT NULL,
-                -- Space-separated prefixes, or NULL for every prefix.
                 prefixes TEXT,
                 description TEXT NOT NULL DEFAULT '',
                 created_at DOUBLE PRECISION NOT NULL,
                 expires_at DOUBLE PRECISION NOT NULL,
                 revoked_at DOUBLE PRECISION,
-                -- A voucher's file names (JSON list; NULL: any), budget (NULL: no limit), bytes used.
                 names TEXT,
                 budget BIGINT,
                 used BIGINT NOT NULL DEFAULT 0,
-                -- An invitation: PENDING, ACCEPTED or DECLINED (NULL: a token issued directly).
                 invitation TEXT,
                 requester TEXT,
                 answer_by DOUBLE PRECISION,
@@ -90,20 +88,15 @@ class PostgresTokens:
 
         return await self._db.read(read)
 
-    async def change(self, token_id: str, change: Callable[[Row], Row | None]) -> tuple[Row, bool] | None:
-        async def run(db: Connection) -> tuple[Row, bool] | None:
+    async def change(self, token_id: str, change: Callable[[Row], Row | None]) -> RowChange | None:
+        async def run(db: Connection) -> RowChange | None:
             row = await fetch_one(db, "SELECT * FROM tokens WHERE id = %s FOR UPDATE", (token_id,))
-            if row is None:
-                return None
-            changes = change(row)
-            if not changes:
-                return row, False
-            columns = checked_columns(changes)
-            statement = sql.SQL("UPDATE tokens SET {} WHERE id = %s").format(
-                sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(column)) for column in columns)
-            )
-            await db.execute(statement, [*(changes[column] for column in columns), token_id])
-            return {**row, **changes}, True
+            changed = change_row(row, change)
+            if changed is not None and changed.sets:
+                assignments = (sql.SQL("{} = %s").format(sql.Identifier(column)) for column in changed.sets)
+                statement = sql.SQL("UPDATE tokens SET {} WHERE id = %s").format(sql.SQL(", ").join(assignments))
+                await db.execute(statement, [*changed.sets.values(), token_id])
+            return changed
 
         return await self._db.run(run)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..state.database import Database
-from .tokens import Row, checked_columns
+from .tokens import Row, RowChange, change_row, checked_columns
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (
@@ -84,21 +84,16 @@ class SqliteTokens:
     async def count(self) -> int:
         return int(await self._db.read(lambda db: db.execute("SELECT COUNT(*) FROM tokens").fetchone()[0]))
 
-    async def change(self, token_id: str, change: Callable[[Row], Row | None]) -> tuple[Row, bool] | None:
-        def run(db: sqlite3.Connection) -> tuple[Row, bool] | None:
-            row = _get(db, token_id)
-            if row is None:
-                return None
-            changes = change(row)
-            if not changes:
-                return row, False
-            columns = checked_columns(changes)
-            assignments = ", ".join(f"{column} = ?" for column in columns)
-            db.execute(
-                f"UPDATE tokens SET {assignments} WHERE id = ?",  # noqa: S608 - known columns
-                [*(changes[column] for column in columns), token_id],
-            )
-            return {**row, **changes}, True
+    async def change(self, token_id: str, change: Callable[[Row], Row | None]) -> RowChange | None:
+        def run(db: sqlite3.Connection) -> RowChange | None:
+            changed = change_row(_get(db, token_id), change)
+            if changed is not None and changed.sets:
+                assignments = ", ".join(f"{column} = ?" for column in changed.sets)
+                db.execute(
+                    f"UPDATE tokens SET {assignments} WHERE id = ?",  # noqa: S608 - known columns
+                    [*changed.sets.values(), token_id],
+                )
+            return changed
 
         return await self._db.run(run)
 
