@@ -36,7 +36,7 @@ from .http.workers import run_workers
 from .protocol.timestamps import iso_time
 from .security.certs import DEFAULT_DIR, CertificateDirectory, CertificateError
 from .security.logsafe import log_to_stderr
-from .security.tokens import TokenError, TokenStore, bootstrap_admin_token, parse_actions, token_json
+from .security.tokens import TokenError, TokenStore, bootstrap_admin_token, open_token_store, parse_actions, token_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tokens.add_argument("--root", type=Path, help="the store's root (default ./data)")
     tokens.add_argument("--state-dir", type=Path, help="the store's state directory (default ROOT/.datastore)")
+    tokens.add_argument(
+        "--state",
+        dest="state_url",
+        metavar="URL",
+        help="the store's state, as serve --state; postgresql://... holds the tokens every node shares",
+    )
     tokens.add_argument("--config", type=Path, help="TOML file with settings")
     token_actions = tokens.add_subparsers(dest="action", metavar="ACTION")
     token_actions.required = True
@@ -433,7 +439,7 @@ ADMIN_TOKEN_FILE = "admin.token"  # noqa: S105 - a file name, not a secret
 
 
 async def _bootstrap(settings: Settings, path: Path) -> bool:
-    store = TokenStore(settings.effective_state_dir / "tokens.sqlite3")
+    store = open_token_store(settings)
     try:
         return await bootstrap_admin_token(store, path)
     finally:
@@ -441,13 +447,14 @@ async def _bootstrap(settings: Settings, path: Path) -> bool:
 
 
 def tokens(args: argparse.Namespace) -> int:
-    """``datastore tokens ACTION``: works on the token store of the state directory directly."""
+    """``datastore tokens ACTION``: works on the token store of the state (directory or database) directly."""
     try:
-        settings = load_settings({"root": args.root, "state_dir": args.state_dir}, os.environ, args.config)
+        flags = {"root": args.root, "state_dir": args.state_dir, "state_url": args.state_url}
+        settings = load_settings(flags, os.environ, args.config)
     except SettingsError as exc:
         print(f"datastore tokens: {exc}", file=sys.stderr)
         return 2
-    store = TokenStore(settings.effective_state_dir / "tokens.sqlite3")
+    store = open_token_store(settings)
 
     async def run() -> int:
         try:

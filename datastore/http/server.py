@@ -87,7 +87,7 @@ from ..security.identity import ANONYMOUS, DN_HEADER, Identity, identity_from_he
 from ..security.logsafe import redact
 from ..security.policy import Policy
 from ..security.tls import CrlReloader, administrators, certificate_identity, peer_certificate, server_context
-from ..security.tokens import TokenStore
+from ..security.tokens import open_token_store
 from ..state import open_catalogue, open_state, timing
 from ..state.interface import Signal, SignalKind
 from .api import (
@@ -378,7 +378,7 @@ class TransferServer(abc.ABC):
         # Made here, not by the recovery (which a shared state skips) nor by the SQLite files.
         await asyncio.to_thread((state_dir / "staging").mkdir, parents=True, exist_ok=True)
         state = open_state(self.settings.effective_state_url)
-        tokens = TokenStore(state_dir / "tokens.sqlite3")
+        tokens = open_token_store(self.settings)
         lifecycle = Lifecycle(
             self.settings,
             state,

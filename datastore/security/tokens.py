@@ -1,12 +1,18 @@
-"""Bearer tokens issued by the store: create, verify on every request, list, revoke.
+"""Bearer tokens issued by the store: create, verify on every request, list, revoke; and the vouchers
+and invitations built on them. This module owns every rule about them (the token format, hashing,
+validation, how a record is built and read back, states, expiry and purging, budgets); where the
+records are kept is a backend's business, and a backend only runs SQL (:class:`TokenBackend`):
+``tokens_sqlite.py`` (the file ``tokens.sqlite3`` in a node's state directory, the default) and
+``tokens_postgres.py`` (a table in the PostgreSQL state database every node shares), chosen from the
+state setting by :func:`open_token_store`.
 
 A token is ``dst_<id>_<secret>``: ``id`` (12 hex digits) names it in lists
 and revocations, ``secret`` is 256 bits from ``secrets``. Only the SHA-256
-of the whole token is stored (``tokens.sqlite3`` in the state directory);
-a token's secret is shown once, when it is created, and never logged. A
-fast hash is the right one here: the secret has 256 bits of entropy, so
-there is nothing to brute-force, and verifying must be cheap because it
-runs on every request (a lookup by id, then a constant-time comparison).
+of the whole token is stored; a token's secret is shown once, when it is
+created, and never logged. A fast hash is the right one here: the secret
+has 256 bits of entropy, so there is nothing to brute-force, and verifying
+must be cheap because it runs on every request (a lookup by id, then a
+constant-time comparison).
 
 Each token is issued for one identity (its *subject*, a name the operator
 chooses: ``ada``, or a DN for AccessGrid venues), with *actions*
@@ -26,22 +32,21 @@ import json
 import os
 import re
 import secrets
-import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
-from ..config import SettingsError, check_prefix
+from ..config import Settings, SettingsError, check_prefix
 from ..errors import DatastoreError, QuotaExceeded
 from ..protocol.timestamps import iso_time
-from ..state.database import Database
 from .identity import Grant, Identity, IdentityKind, check_length
 
 #: What a token may be issued for.
 ACTIONS = ("read", "upload", "delete", "metrics", "jobs", "admin")
 
-#: A voucher's byte budget stays below this (SQLite's integers, with room to add to it).
+#: A voucher's byte budget stays below this (the backends' 64-bit integers, with room to add to it).
 MAX_BUDGET = 2**62
 
 #: Default and longest lifetime of a token, in seconds.
@@ -50,45 +55,103 @@ MAX_LIFETIME = 5 * 365 * 24 * 3600.0
 
 _TOKEN = re.compile(r"^dst_(?P<id>[0-9a-f]{12})_(?P<secret>[A-Za-z0-9_-]{43})$")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS tokens (
-    id TEXT PRIMARY KEY,
-    hash TEXT NOT NULL,
-    subject TEXT NOT NULL,
-    actions TEXT NOT NULL,
-    -- Space-separated prefixes, or NULL for every prefix.
-    prefixes TEXT,
-    description TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL,
-    expires_at REAL NOT NULL,
-    revoked_at REAL
-);
-"""
+#: A token's row as a backend keeps it: column name -> value (the columns of :data:`COLUMNS`).
+Row = Mapping[str, Any]
 
-#: Columns of vouchers and invitations (``vouchers.py``), added to files from before them.
-_ADDED_COLUMNS = {
-    # The file names a voucher covers (JSON list), NULL for any.
-    "names": "TEXT",
-    # Bytes a voucher lets its holder move in all (NULL: no limit), and those moved or reserved.
-    "budget": "INTEGER",
-    "used": "INTEGER NOT NULL DEFAULT 0",
-    # An invitation: PENDING until answered (the token works for nothing meanwhile), then ACCEPTED
-    # (an active voucher) or DECLINED; NULL for a token issued directly.
-    "invitation": "TEXT",
-    # Who asked (as the asking store says), for the people answering.
-    "requester": "TEXT",
-    # Until when an invitation waits for its answer.
-    "answer_by": "REAL",
-    "answered_by": "TEXT",
-    "answered_at": "REAL",
-}
+#: Every column of a token's row. ``actions`` and ``prefixes`` are space-separated (``prefixes``
+#: NULL for every prefix), ``names`` a JSON list (NULL: any name); the rest as in :class:`TokenRecord`,
+#: and ``hash`` the SHA-256 of the token.
+COLUMNS = (
+    "id",
+    "hash",
+    "subject",
+    "actions",
+    "prefixes",
+    "description",
+    "created_at",
+    "expires_at",
+    "revoked_at",
+    "names",
+    "budget",
+    "used",
+    "invitation",
+    "requester",
+    "answer_by",
+    "answered_by",
+    "answered_at",
+)
 
 
-def _migrate(db: sqlite3.Connection) -> None:
-    present = {row["name"] for row in db.execute("PRAGMA table_info(tokens)")}
-    for column, declaration in _ADDED_COLUMNS.items():
-        if column not in present:
-            db.execute(f"ALTER TABLE tokens ADD COLUMN {column} {declaration}")
+class TokenBackend(Protocol):
+    """Where the rows of tokens are kept: SQL and connections, no rule of their own. Each method is
+    one transaction; the callbacks it is given (pure Python, no I/O) run inside it, and what they
+    raise rolls it back and reaches the caller."""
+
+    async def insert(self, row: Row, admit: Callable[[Sequence[Row]], None] | None = None) -> None:
+        """Add ``row``. With ``admit``: first call it with every row of the same ``description``,
+        which no other transaction adds to meanwhile (it raises to refuse the row)."""
+
+    async def get(self, token_id: str) -> Row | None:
+        """The row of ``token_id``, if there is one."""
+
+    async def rows(self, *, invitations: bool) -> Sequence[Row]:
+        """Every row (with ``invitations``: those whose ``invitation`` is set), in no order."""
+
+    async def count(self) -> int:
+        """How many rows there are."""
+
+    async def change(self, token_id: str, change: Callable[[Row], Row | None]) -> RowChange | None:
+        """Hold the row of ``token_id`` (no other transaction changes it until this one ends), call
+        ``change`` with it and set the columns it returns: what that made of the row
+        (:func:`change_row`), or None if there is no such row."""
+
+    async def delete(self, doomed: Callable[[Row], bool]) -> int:
+        """Delete the rows ``doomed`` says to (those it was not asked about stay); how many."""
+
+    async def close(self) -> None:
+        """Close the connections; a later call opens them again."""
+
+
+@dataclass(frozen=True, slots=True)
+class RowChange:
+    """What a change made of a row: the row after it, and the columns it sets (none: it changed nothing)."""
+
+    after: Row
+    sets: Row
+
+
+def change_row(row: Row | None, change: Callable[[Row], Row | None]) -> RowChange | None:
+    """What ``change`` (which returns the columns to set, or None) makes of ``row``; None if there is no
+    row. ValueError if it would set a column not of :data:`COLUMNS`."""
+    if row is None:
+        return None
+    sets = change(row) or {}
+    checked_columns(sets)
+    return RowChange({**row, **sets}, sets)
+
+
+def open_token_store(settings: Settings) -> TokenStore:
+    """The token store of the state the settings name: beside a SQLite state, the file
+    ``tokens.sqlite3`` of the state directory (each node its own, as always); with a
+    ``postgresql://`` state, a table in that database, shared by every node. Opened lazily."""
+    url = settings.effective_state_url
+    if url.startswith("sqlite:///"):
+        from .tokens_sqlite import SqliteTokens
+
+        return TokenStore(SqliteTokens(settings.effective_state_dir / "tokens.sqlite3"))
+    if url.startswith(("postgresql://", "postgres://")):
+        from .tokens_postgres import PostgresTokens
+
+        return TokenStore(PostgresTokens(url))
+    raise ValueError(f"no token store for {url!r}: use sqlite:///PATH or postgresql://...")
+
+
+def checked_columns(values: Row) -> list[str]:
+    """The columns ``values`` sets, in its order (for a backend's SQL); ValueError for one not of :data:`COLUMNS`."""
+    unknown = set(values) - set(COLUMNS)
+    if unknown:
+        raise ValueError(f"no token column {sorted(unknown)[0]!r}")
+    return list(values)
 
 
 class TokenError(ValueError):
@@ -150,10 +213,16 @@ class IssuedToken:
 
 
 class TokenStore:
-    """Tokens persisted in SQLite; safe to share between worker processes."""
+    """Tokens, vouchers and invitations, on a backend (:func:`open_token_store`): a SQLite file (a
+    path may be given for it) or a database several nodes share. Safe to share between worker
+    processes and nodes: every change is one transaction of the backend's, on a row it holds."""
 
-    def __init__(self, path: Path) -> None:
-        self._db = Database(path, _SCHEMA, _migrate)
+    def __init__(self, backend: TokenBackend | Path) -> None:
+        if isinstance(backend, Path):
+            from .tokens_sqlite import SqliteTokens
+
+            backend = SqliteTokens(backend)
+        self._backend: TokenBackend = backend
 
     async def create(
         self,
@@ -166,24 +235,8 @@ class TokenStore:
     ) -> IssuedToken:
         """Issue a token for ``subject``; TokenError for a bad subject, action, prefix or lifetime."""
         record = _new_record(subject, actions, prefixes, lifetime, description)
-        token = f"dst_{record.id}_{secrets.token_urlsafe(32)}"
-        row = (
-            record.id,
-            _hash(token),
-            record.subject,
-            " ".join(sorted(record.actions)),
-            None if record.prefixes is None else " ".join(sorted(record.prefixes)),
-            record.description,
-            record.created_at,
-            record.expires_at,
-        )
-        await self._db.run(
-            lambda db: db.execute(
-                "INSERT INTO tokens (id, hash, subject, actions, prefixes, description, created_at, expires_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                row,
-            )
-        )
+        token = _new_token(record.id)
+        await self._backend.insert(_row(record, token))
         return IssuedToken(record, token)
 
     async def verify(self, token: str, now: float | None = None) -> TokenRecord | None:
@@ -221,41 +274,33 @@ class TokenStore:
         if not requester.isprintable() or not 0 < len(requester) <= 200:
             raise TokenError("say who asks in at most 200 printable characters")
         token_id = secrets.token_hex(6)
-        token = f"dst_{token_id}_{secrets.token_urlsafe(32)}"
-        row = (
+        token = _new_token(token_id)
+        record = TokenRecord(
             token_id,
-            _hash(token),
             f"voucher-{token_id}",
-            action,
-            prefix,
+            frozenset({action}),
+            frozenset({prefix}),
             client,
             now,
             now + wait,
-            json.dumps(sorted(covered)),
-            size,
-            "PENDING",
-            requester,
-            now + wait,
+            None,
+            names=covered,
+            budget=size,
+            invitation="PENDING",
+            requester=requester,
+            answer_by=now + wait,
         )
 
-        def insert(db: sqlite3.Connection) -> None:
-            pending = db.execute(
-                "SELECT COUNT(*) FROM tokens WHERE invitation = 'PENDING' AND description = ? AND answer_by > ?"
-                " AND revoked_at IS NULL",
-                (client, now),
-            ).fetchone()[0]
+        def admit(rows: Sequence[Row]) -> None:
+            # Those waiting for an answer, of every row the asking client's address describes.
+            pending = sum(1 for row in rows if _record(row).state(now) == "pending")
             if pending >= limit:
                 raise QuotaExceeded(f"you have {pending} invitations waiting for an answer; the limit is {limit}")
-            db.execute(
-                "INSERT INTO tokens (id, hash, subject, actions, prefixes, description, created_at, expires_at,"
-                " names, budget, invitation, requester, answer_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                row,
-            )
 
-        await self._db.run(insert)
-        record = await self.get(token_id)
-        assert record is not None
-        return IssuedToken(record, token)
+        await self._backend.insert(_row(record, token), admit)
+        stored = await self.get(token_id)
+        assert stored is not None
+        return IssuedToken(stored, token)
 
     async def answer(
         self, token_id: str, *, accept: bool, by: str, budget: int | None = None, lifetime: float = DEFAULT_LIFETIME
@@ -267,23 +312,16 @@ class TokenStore:
             raise TokenError(f"the lifetime must be between 1 second and {MAX_LIFETIME / 86400:g} days")
         if budget is not None and not 0 <= budget < MAX_BUDGET:
             raise TokenError(f"the budget is a number of bytes below {MAX_BUDGET}")
-        if not accept:
-            budget = None
         now = time.time()
-
         state, expires = ("ACCEPTED", now + lifetime) if accept else ("DECLINED", now)
+        answered: dict[str, Any] = {"invitation": state, "answered_by": by, "answered_at": now, "expires_at": expires}
+        if accept and budget is not None:
+            answered["budget"] = budget
 
-        def answer(db: sqlite3.Connection) -> TokenRecord | None:
-            changed = db.execute(
-                "UPDATE tokens SET invitation = ?, answered_by = ?, answered_at = ?, expires_at = ?,"
-                " budget = COALESCE(?, budget) WHERE id = ? AND invitation = 'PENDING' AND revoked_at IS NULL"
-                " AND answer_by > ?",
-                (state, by, now, expires, budget, token_id, now),
-            ).rowcount
-            row = db.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
-            return _record(row) if changed and row is not None else None
+        def answer(row: Row) -> Row | None:
+            return answered if _record(row).state(now) == "pending" else None
 
-        return await self._db.run(answer)
+        return await self._changed(token_id, answer)
 
     async def extend(self, token_id: str, more: int) -> TokenRecord | None:
         """Add ``more`` bytes to an active voucher's budget; the record after it, or None."""
@@ -291,40 +329,35 @@ class TokenStore:
             raise TokenError(f"extend by a positive number of bytes below {MAX_BUDGET}")
         now = time.time()
 
-        def extend(db: sqlite3.Connection) -> TokenRecord | None:
-            row = db.execute("SELECT budget FROM tokens WHERE id = ?", (token_id,)).fetchone()
-            if row is not None and row["budget"] is not None and row["budget"] + more >= MAX_BUDGET:
+        def extend(row: Row) -> Row | None:
+            record = _record(row)
+            if record.budget is None:
+                return None
+            if record.budget + more >= MAX_BUDGET:
                 raise TokenError(f"the budget would reach {MAX_BUDGET} bytes")
-            changed = db.execute(
-                "UPDATE tokens SET budget = budget + ? WHERE id = ? AND budget IS NOT NULL AND revoked_at IS NULL"
-                " AND expires_at > ? AND COALESCE(invitation, 'ACCEPTED') = 'ACCEPTED'",
-                (more, token_id, now),
-            ).rowcount
-            row = db.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
-            return _record(row) if changed and row is not None else None
+            return {"budget": record.budget + more} if record.state(now) == "active" else None
 
-        return await self._db.run(extend)
+        return await self._changed(token_id, extend)
 
     async def reserve(self, token_id: str, wanted: int) -> int:
         """Take up to ``wanted`` bytes of a voucher's budget for a request about to move them; how many
-        it got (0: the budget is used up). :meth:`release` gives back what the request did not move."""
+        it got (0: the budget is used up). :meth:`release` gives back what the request did not move.
+        The voucher's row is held meanwhile: requests on any node never take more than the budget."""
+        granted = 0
 
-        def reserve(db: sqlite3.Connection) -> int:
-            row = db.execute("SELECT budget, used FROM tokens WHERE id = ?", (token_id,)).fetchone()
-            if row is None:
-                return 0
-            granted = wanted if row["budget"] is None else max(0, min(wanted, row["budget"] - row["used"]))
-            db.execute("UPDATE tokens SET used = used + ? WHERE id = ?", (granted, token_id))
-            return int(granted)
+        def reserve(row: Row) -> Row | None:
+            nonlocal granted
+            budget, used = row["budget"], row["used"]
+            granted = wanted if budget is None else max(0, min(wanted, budget - used))
+            return {"used": used + granted} if granted else None
 
-        return await self._db.run(reserve)
+        await self._backend.change(token_id, reserve)
+        return granted
 
     async def release(self, token_id: str, unused: int) -> None:
         """Give back ``unused`` reserved bytes."""
         if unused > 0:
-            await self._db.run(
-                lambda db: db.execute("UPDATE tokens SET used = MAX(0, used - ?) WHERE id = ?", (unused, token_id))
-            )
+            await self._backend.change(token_id, lambda row: {"used": max(0, row["used"] - unused)})
 
     async def lookup(self, token: str) -> TokenRecord | None:
         """The record of ``token`` whatever its state (an invitation's asker follows the answer with
@@ -332,58 +365,55 @@ class TokenStore:
         match = _TOKEN.match(token)
         if match is None:
             return None
-        row = await self._db.read(lambda db: db.execute("SELECT * FROM tokens WHERE id = ?", (match["id"],)).fetchone())
+        row = await self._backend.get(match["id"])
         if row is None or not hmac.compare_digest(row["hash"], _hash(token)):
             return None
         return _record(row)
 
     async def invitations(self) -> list[TokenRecord]:
         """Every invitation still recorded, newest first."""
-        rows = await self._db.read(
-            lambda db: db.execute(
-                "SELECT * FROM tokens WHERE invitation IS NOT NULL ORDER BY created_at DESC"
-            ).fetchall()
-        )
-        return [_record(row) for row in rows]
+        return _newest_first(await self._backend.rows(invitations=True))
 
     async def list(self) -> list[TokenRecord]:
         """Every token, newest first."""
-        rows = await self._db.read(lambda db: db.execute("SELECT * FROM tokens ORDER BY created_at DESC").fetchall())
-        return [_record(row) for row in rows]
+        return _newest_first(await self._backend.rows(invitations=False))
 
     async def get(self, token_id: str) -> TokenRecord | None:
         """The token ``token_id``, if there is one."""
-        row = await self._db.read(lambda db: db.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone())
+        row = await self._backend.get(token_id)
         return _record(row) if row is not None else None
 
     async def revoke(self, token_id: str) -> TokenRecord | None:
-        """Revoke ``token_id`` (at once, for every worker); the record as revoked, or None if unknown."""
+        """Revoke ``token_id`` (at once, for every worker and node); the record as revoked, or None if unknown."""
+        now = time.time()
 
-        def revoke(db: sqlite3.Connection) -> TokenRecord | None:
-            db.execute("UPDATE tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (time.time(), token_id))
-            row = db.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
-            return _record(row) if row is not None else None
+        def revoke(row: Row) -> Row | None:
+            return {"revoked_at": now} if row["revoked_at"] is None else None
 
-        return await self._db.run(revoke)
+        changed = await self._backend.change(token_id, revoke)
+        return None if changed is None else _record(changed.after)
 
     async def count(self) -> int:
         """How many tokens were ever issued and are still recorded."""
-        return int(await self._db.read(lambda db: db.execute("SELECT COUNT(*) FROM tokens").fetchone()[0]))
+        return await self._backend.count()
 
     async def purge(self, before: float) -> int:
         """Forget tokens that expired or were revoked before ``before``."""
-        return await self._db.run(
-            lambda db: (
-                db.execute(
-                    "DELETE FROM tokens WHERE expires_at < ? OR (revoked_at IS NOT NULL AND revoked_at < ?)",
-                    (before, before),
-                ).rowcount
-            )
-        )
+
+        def ended(row: Row) -> bool:
+            revoked = row["revoked_at"]
+            return bool(row["expires_at"] < before or (revoked is not None and revoked < before))
+
+        return await self._backend.delete(ended)
 
     async def close(self) -> None:
-        """Close the database."""
-        await self._db.close()
+        """Close the backend's connections."""
+        await self._backend.close()
+
+    async def _changed(self, token_id: str, change: Callable[[Row], Row | None]) -> TokenRecord | None:
+        """The record after ``change``, or None if it changed nothing (or there is no such token)."""
+        changed = await self._backend.change(token_id, change)
+        return _record(changed.after) if changed is not None and changed.sets else None
 
 
 def token_json(record: TokenRecord, now: float) -> dict[str, object]:
@@ -486,7 +516,38 @@ def _hash(token: str) -> str:
     return hashlib.sha256(token.encode("ascii")).hexdigest()
 
 
-def _record(row: sqlite3.Row) -> TokenRecord:
+def _new_token(token_id: str) -> str:
+    return f"dst_{token_id}_{secrets.token_urlsafe(32)}"
+
+
+def _row(record: TokenRecord, token: str) -> dict[str, Any]:
+    """The row of a new token (every column of :data:`COLUMNS`)."""
+    return {
+        "id": record.id,
+        "hash": _hash(token),
+        "subject": record.subject,
+        "actions": " ".join(sorted(record.actions)),
+        "prefixes": None if record.prefixes is None else " ".join(sorted(record.prefixes)),
+        "description": record.description,
+        "created_at": record.created_at,
+        "expires_at": record.expires_at,
+        "revoked_at": record.revoked_at,
+        "names": None if record.names is None else json.dumps(sorted(record.names)),
+        "budget": record.budget,
+        "used": record.used,
+        "invitation": record.invitation,
+        "requester": record.requester,
+        "answer_by": record.answer_by,
+        "answered_by": record.answered_by,
+        "answered_at": record.answered_at,
+    }
+
+
+def _newest_first(rows: Iterable[Row]) -> list[TokenRecord]:
+    return sorted((_record(row) for row in rows), key=lambda record: record.created_at, reverse=True)
+
+
+def _record(row: Row) -> TokenRecord:
     return TokenRecord(
         names=None if row["names"] is None else frozenset(json.loads(row["names"])),
         budget=row["budget"],
