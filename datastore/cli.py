@@ -6,8 +6,9 @@ HTTP or TLS with client certificates. Settings come from flags, then
 ``DATASTORE_*`` variables, then ``--config`` (TOML); see ``datastore serve
 --help``. ``datastore certs`` makes a CA, server and client certificates,
 revokes them and writes the CRL. ``datastore tokens`` issues, lists and
-revokes bearer tokens in the store's state directory (also while it runs). ``upload``, ``download``, ``ls``,
-``status`` and ``cancel`` are the client, with progress bars (rich) and
+revokes bearer tokens in the store's state directory (also while it runs). ``datastore migrate``
+brings the state's schema up to date (or, with ``--check``, says what is pending) and exits.
+``upload``, ``download``, ``ls``, ``status`` and ``cancel`` are the client, with progress bars (rich) and
 ``--json`` for scripts; ``datastore jobs`` submits, lists, follows and steers
 transfer jobs; ``datastore invites`` lists and answers the invitations other stores ask
 for. User errors print one line and exit non-zero (2 for a bad
@@ -22,6 +23,7 @@ import json
 import logging
 import os
 import resource
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -69,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="POST every event to URL as JSON (repeatable)",
     )
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument(
+        "--public-url", metavar="URL", help="the store's URL as clients reach it, e.g. behind a load balancer"
+    )
     serve.add_argument("--port", type=int, help="port to listen on (default 8006)")
     serve.add_argument(
         "--prefix",
@@ -139,6 +144,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tls.add_argument(
         "--crl", dest="tls_crl", type=Path, metavar="FILE", help="revocation list (PEM), reloaded on change"
+    )
+
+    migrate = commands.add_parser(
+        "migrate",
+        help="bring the state's schema up to this version and exit",
+        description="Apply the schema migrations of every store of the configured state (the state store and "
+        "its jobs, the catalogues, the tokens) and exit, printing what was applied. The state is read as serve "
+        "reads it (--state, DATASTORE_STATE_URL, --config). serve migrates at start-up too; run migrate first "
+        "for a controlled upgrade. Exit status: 0 done or current, 1 migrations pending (--check), 2 an error "
+        "(a schema newer than this datastore, a database out of reach, bad settings).",
+    )
+    migrate.add_argument("--root", type=Path, help="the store's root (default ./data)")
+    migrate.add_argument("--state-dir", type=Path, help="the store's state directory (default ROOT/.datastore)")
+    migrate.add_argument("--state", dest="state_url", metavar="URL", help="the state store (as serve's --state)")
+    migrate.add_argument(
+        "--prefix", dest="prefixes", action="append", metavar="NAME", help="a served prefix (repeatable; as serve)"
+    )
+    migrate.add_argument("--config", type=Path, help="TOML file with settings")
+    migrate.add_argument(
+        "--check", action="store_true", help="only report pending migrations (exit status 1 if any), apply none"
     )
 
     certs = commands.add_parser(
@@ -360,6 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return certs(args)
     if args.command == "tokens":
         return tokens(args)
+    if args.command == "migrate":
+        return migrate(args)
     if args.command == "jobs":
         return run_jobs_command(args)
     if args.command == "invites":
@@ -377,6 +404,7 @@ def serve(args: argparse.Namespace) -> int:
         "hook_urls": tuple(args.hook_urls) if args.hook_urls else None,
         "host": args.host,
         "port": args.port,
+        "public_url": args.public_url,
         "prefixes": tuple(args.prefixes) if args.prefixes else None,
         "overwrite": args.overwrite,
         "workers": args.workers,
@@ -411,10 +439,15 @@ def serve(args: argparse.Namespace) -> int:
             for prefix in settings.prefixes:
                 print(f"datastore: serving {settings.root / prefix} at {url}/{prefix}/{note}", flush=True)
 
+    from .state.postgres_database import SchemaTooNew
+
     try:
         if settings.workers > 1:
             return run_workers(settings, logging.getLogger().level, ready)
         server.run(on_ready=ready)
+    except SchemaTooNew as exc:
+        print(f"datastore: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"datastore: cannot listen on {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr)
         return 1
@@ -444,6 +477,48 @@ async def _bootstrap(settings: Settings, path: Path) -> bool:
         return await bootstrap_admin_token(store, path)
     finally:
         await store.close()
+
+
+def migrate(args: argparse.Namespace) -> int:
+    """``datastore migrate [--check]``: bring the configured state's schema up to date (or report what is
+    pending) and exit; 0 done or current, 1 pending (``--check``), 2 an error."""
+    import psycopg
+
+    from .state.schema import SchemaTooNew
+    from .state.schema import migrate as migrate_state
+
+    flags = {
+        "root": args.root,
+        "state_dir": args.state_dir,
+        "state_url": args.state_url,
+        "prefixes": tuple(args.prefixes) if args.prefixes else None,
+    }
+    try:
+        settings = load_settings(flags, os.environ, args.config)
+        steps = asyncio.run(migrate_state(settings, apply=not args.check))
+    except SettingsError as exc:
+        print(f"datastore migrate: {exc}", file=sys.stderr)
+        return 2
+    except SchemaTooNew as exc:
+        print(f"datastore migrate: {exc}", file=sys.stderr)
+        return 2
+    except psycopg.Error as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"datastore migrate: the state database cannot be used: {reason}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"datastore migrate: {exc.filename or settings.effective_state_dir}: {exc.strerror}", file=sys.stderr)
+        return 2
+    except sqlite3.Error as exc:
+        print(f"datastore migrate: a SQLite file of the state cannot be used: {exc}", file=sys.stderr)
+        return 2
+    pending = [step for step in steps if step.pending]
+    for step in pending:
+        print(f"{'pending' if args.check else 'applied'}: {step}")
+    if not pending:
+        current = ", ".join(f"{step.component} {step.target}" for step in steps)
+        print(f"the schema is current: {current}")
+    return 1 if args.check and pending else 0
 
 
 def tokens(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""The control plane under ``/_api/v1/``: health, who am I, tokens, and the lifecycle of transfers.
+"""The control plane under ``/_api/v1/``: who am I, tokens, and the lifecycle of transfers (health: ``health.py``).
 
 ``GET /_api/v1/identity`` tells a client who the store takes it for (kind,
 subject, whether it is an administrator, what its token allows).
@@ -43,23 +43,6 @@ from .bodies import read_json_object
 from .context import CONTEXT, StoreContext, identify
 
 log = logging.getLogger(__name__)
-
-
-async def handle_health(request: web.Request) -> web.Response:
-    """``GET /_api/v1/health``: 200 once the state is open; ``node`` is the answering node's name,
-    ``worker`` its worker's number, ``state`` the state store's kind (never its URL), ``event_streams``
-    how many event streams the worker is serving."""
-    ctx = request.app[CONTEXT]
-    return web.json_response(
-        {
-            "status": "ok",
-            "prefixes": sorted(ctx.mounts),
-            "node": ctx.settings.effective_node_id,
-            "worker": ctx.worker_index,
-            "state": ctx.settings.state_kind,
-            "event_streams": ctx.events.streams,
-        }
-    )
 
 
 async def handle_identity(request: web.Request) -> web.Response:

@@ -392,13 +392,21 @@ def _health() -> Object:
     return _operation(
         "health",
         "control",
-        "Whether the store is up",
+        "Whether this node can serve (a load balancer's health check)",
         {
             "200": _json(
-                "The state is open; `node` and `worker` name the node and worker process that answered",
+                "The node reaches its state store and writes to its storage; `node` and `worker` name the node "
+                "and worker process that answered",
                 _schema("Health"),
-            )
+            ),
+            "503": _json(
+                "The state store is out of reach, the storage takes no file, or (on PostgreSQL) staging is on "
+                "another filesystem than the files: `database` and `storage` say which",
+                _schema("Health"),
+            ),
         },
+        description="Each check is bounded (2 s): a database or a mount that does not answer fails it. A full "
+        "disk does not (uploads are refused with 507, downloads go on): `storage.space_low` says it.",
         security=_NONE,
     )
 
@@ -2285,12 +2293,44 @@ def _schemas(settings: Settings) -> Object:
         ),
         "Health": _closed(
             {
-                "status": {"const": "ok"},
+                "status": {"enum": ["ok", "failing"], "description": "`ok` with 200, `failing` with 503"},
                 "prefixes": {"type": "array", "items": {"type": "string"}},
                 "node": {"type": "string", "description": "the answering node's name (--node-id)"},
                 "worker": {"type": "integer", "minimum": 0},
                 "state": {"enum": ["sqlite", "postgresql"], "description": "the state store's kind"},
                 "event_streams": {"type": "integer", "minimum": 0},
+                "database": _closed(
+                    {
+                        "reachable": {"type": "boolean", "description": "one read of the state store succeeded"},
+                        "round_trip_ms": _nullable(
+                            {
+                                "type": "number",
+                                "minimum": 0,
+                                "description": "its time, a wait for a connection included",
+                            }
+                        ),
+                        "error": _nullable({"type": "string", "description": "why it failed"}),
+                    }
+                ),
+                "storage": _closed(
+                    {
+                        "writable": {
+                            "type": "boolean",
+                            "description": "a file was made in staging; the folders take files",
+                        },
+                        "free_bytes": _nullable(
+                            {"type": "integer", "minimum": 0, "description": "free on the root's filesystem"}
+                        ),
+                        "space_low": {"type": "boolean", "description": "fewer free bytes than min_free_bytes"},
+                        "staging_same_filesystem": _nullable(
+                            {
+                                "type": "boolean",
+                                "description": "staging, the root and each prefix's folder on one filesystem",
+                            }
+                        ),
+                        "error": _nullable({"type": "string", "description": "why the storage fails"}),
+                    }
+                ),
             }
         ),
         "Identity": _closed(

@@ -16,7 +16,7 @@ Routes (prefix names match ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}``; paths that
 start with ``_`` belong to the server)::
 
     GET     /_api/v1/openapi.json           the OpenAPI 3.1 document of all of this (openapi.py)
-    GET     /_api/v1/health
+    GET     /_api/v1/health                 the node, its state store and storage (health.py; 503 if failing)
     GET     /_api/v1/metrics                the metrics, Prometheus text format (metrics_page.py)
     GET     /_api/v1/identity               who the store takes the client for
     POST    /_api/v1/session                the browser page signs in with a token (a cookie)
@@ -92,7 +92,6 @@ from ..state import open_catalogue, open_state, timing
 from ..state.interface import Signal, SignalKind
 from .api import (
     SESSION_COOKIE,
-    handle_health,
     handle_identity,
     handle_session_end,
     handle_session_start,
@@ -107,6 +106,7 @@ from .bodies import MemoryBudget
 from .connections import HTTP_LOG, AccessLogger, ConnectionGate, GatedServer, StoreRunner, bind_socket, connection_cap
 from .context import CONTEXT, StoreContext, render_error
 from .download import handle_delete, handle_download, handle_listing
+from .health import HEALTH, HealthChecks, handle_health
 from .hooks import Hook
 from .jobs import (
     handle_all_job_events,
@@ -313,6 +313,7 @@ class TransferServer(abc.ABC):
                 "logger": HTTP_LOG,
             },
         )
+        app[HEALTH] = HealthChecks(self.settings, self.settings.effective_state_dir / "staging")
         app.cleanup_ctx.append(self._lifecycle)
         # Event streams never end by themselves: they end when the store stops taking requests.
         app.on_shutdown.append(self._end_streams)

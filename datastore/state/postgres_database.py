@@ -9,6 +9,10 @@ turns), and refuses to run against a schema newer than this code knows (:class:`
 node of an older version must not write into tables it does not understand. Opened lazily, as the SQLite backends are:
 the first call connects, and :meth:`PostgresDatabase.close` gives the connections back (a later
 call opens them again).
+
+Every database object made in a process registers its components (:func:`registered_components`);
+:func:`migrate_schema` applies, or only reports, what they lack without opening a pool (``datastore
+migrate``, which makes the stores ``serve`` makes).
 """
 
 from __future__ import annotations
@@ -62,6 +66,24 @@ class SchemaTooNew(RuntimeError):
     """The database holds a schema of a later version of datastore than this one."""
 
 
+@dataclass(frozen=True, slots=True)
+class SchemaChange:
+    """A component's schema as found (``current``; 0: none yet) and as this code writes it (``target``)."""
+
+    component: str
+    current: int
+    target: int
+
+
+#: The migrations of every component a PostgresDatabase of this process was made with, by name.
+_REGISTERED: dict[str, tuple[Migration, ...]] = {}
+
+
+def registered_components() -> dict[str, tuple[Migration, ...]]:
+    """The components every database object made so far in this process migrates, in the order they were made."""
+    return dict(_REGISTERED)
+
+
 class PostgresDatabase:
     """One PostgreSQL database (a URL) for one component (and any others ``also`` names, migrated
     after it, in their order), through a pool of connections."""
@@ -84,6 +106,7 @@ class PostgresDatabase:
             name: tuple(sorted(steps, key=lambda m: m.version))
             for name, steps in {component: migrations, **(also or {})}.items()
         }
+        _REGISTERED.update(self._components)
         self._max_size = max_size
         self._pool: AsyncConnectionPool[Connection] | None = None
         #: Held while the pool opens: concurrent first calls open one pool, not one each.
@@ -154,16 +177,20 @@ def _latest(migrations: Sequence[Migration]) -> int:
     return migrations[-1].version if migrations else 0
 
 
+def _too_new(component: str, current: int, version: int) -> SchemaTooNew:
+    return SchemaTooNew(
+        f"the {component} schema in this database is version {current}; this datastore knows up to"
+        f" {version}: run a datastore at least as new as the one that upgraded it"
+    )
+
+
 async def _migrate_component(connection: Connection, component: str, migrations: Sequence[Migration]) -> None:
     """Apply ``component``'s migrations newer than the version recorded (the migration lock held)."""
     version = _latest(migrations)
     row = await fetch_one(connection, "SELECT version FROM datastore_schema WHERE component = %s", (component,))
     current = 0 if row is None else int(row["version"])
     if current > version:
-        raise SchemaTooNew(
-            f"the {component} schema in this database is version {current}; this datastore knows up to"
-            f" {version}: run a datastore at least as new as the one that upgraded it"
-        )
+        raise _too_new(component, current, version)
     for migration in migrations:
         if migration.version > current:
             for statement in migration.statements:
@@ -174,3 +201,28 @@ async def _migrate_component(connection: Connection, component: str, migrations:
             " ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version",
             (component, version),
         )
+
+
+async def migrate_schema(url: str, components: Mapping[str, Sequence[Migration]], *, apply: bool) -> list[SchemaChange]:
+    """Each of ``components``' schema in the database ``url`` as found and as this code writes it; with
+    ``apply``, bring the older ones up to date first (in one transaction, the migration lock held, as a
+    starting node does). Raises :class:`SchemaTooNew` (applying nothing) if any is newer than the code."""
+    ordered = {name: tuple(sorted(steps, key=lambda m: m.version)) for name, steps in components.items()}
+    connecting = AsyncConnection.connect(url, autocommit=True, row_factory=dict_row)
+    async with await connecting as connection, connection.transaction():
+        if apply:
+            await connection.execute(_MIGRATION_LOCK)
+            await connection.execute(_SCHEMA_TABLE)
+        found = await fetch_one(connection, "SELECT to_regclass('datastore_schema') IS NOT NULL AS present")
+        rows = []
+        if found is not None and found["present"]:
+            rows = await fetch_all(connection, "SELECT component, version FROM datastore_schema")
+        versions = {str(row["component"]): int(row["version"]) for row in rows}
+        changes = [SchemaChange(name, versions.get(name, 0), _latest(steps)) for name, steps in ordered.items()]
+        for change in changes:
+            if change.current > change.target:
+                raise _too_new(change.component, change.current, change.target)
+        if apply:
+            for name, steps in ordered.items():
+                await _migrate_component(connection, name, steps)
+    return changes
