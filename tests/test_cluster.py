@@ -16,16 +16,18 @@ import asyncio
 import base64
 import contextlib
 import io
+import json
 import os
 import random
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+from multidict import CIMultiDict
 
 from datastore.client.events import read_events
 
@@ -460,3 +462,328 @@ async def job_runner(cluster: Cluster, job_id: str) -> str:
 
     await eventually(active, "a node runs the job", WAIT)
     return found[-1]
+
+
+# -- 7. a long mixed run while nodes die ------------------------------------------------------------------
+
+#: Seconds the mixed run lasts (clients start no new operation after it); the env var lengthens it.
+MIXED_SECONDS = float(os.environ.get("DATASTORE_CLUSTER_SECONDS", "30"))
+#: The seed of the run's choices (sizes, operations, victims, pauses); the env var replays another.
+MIXED_SEED = int(os.environ.get("DATASTORE_CLUSTER_SEED", "13"))
+#: Concurrent clients, and the most operations each makes.
+CLIENTS = 4
+MAX_OPERATIONS = 400
+#: Seconds one upload may take to complete through kills before its client cancels it instead.
+UPLOAD_BUDGET = 25.0
+#: Answers that mean "not now" (a node died under the request, or holds too much now): try again.
+TRANSIENT = (429, 500, 502, 503, 504)
+#: 409s that mean "not now": another request (or a dead node, until its lease runs out) holds the upload,
+#: or the client's offset is behind what a request it lost staged.
+TRANSIENT_CONFLICTS = ("upload_in_progress", "offset_mismatch")
+#: What the clients send: they read errors as JSON, by their code.
+JSON_ADA = {**ADA, "Accept": "application/json"}
+
+
+@dataclass
+class Ledger:
+    """What the clients of the mixed run were told, and what they did."""
+
+    #: Every file a client registered: name -> its content.
+    contents: dict[str, bytes] = field(default_factory=dict)
+    #: Uploads the store acknowledged (200 to a PUT, 204 to the PATCH that completed the file).
+    acknowledged: set[str] = field(default_factory=set)
+    #: Transfers cancelled (their DELETE answered CANCELLED), by key: name.
+    cancelled: dict[str, str] = field(default_factory=dict)
+    #: Every transfer made, key: name.
+    keys: dict[str, str] = field(default_factory=dict)
+    #: What each cancel was answered.
+    told: dict[str, bytes] = field(default_factory=dict)
+    verified_downloads: int = 0
+    kills: int = 0
+    operations: dict[str, int] = field(default_factory=dict)
+
+    def count(self, what: str) -> None:
+        self.operations[what] = self.operations.get(what, 0) + 1
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A node's answer through the balancer."""
+
+    status: int
+    headers: CIMultiDict[str]
+    body: bytes
+
+    @property
+    def code(self) -> str | None:
+        """The error's code, for an error answered as JSON."""
+        if self.status < 400 or not self.headers.get("Content-Type", "").startswith("application/json"):
+            return None
+        code: str = json.loads(self.body).get("error")
+        return code
+
+    @property
+    def transient(self) -> bool:
+        return self.status in TRANSIENT or (self.status == 409 and self.code in TRANSIENT_CONFLICTS)
+
+
+async def attempt(session: aiohttp.ClientSession, method: str, path: str, **kwargs: Any) -> Answer | None:
+    """One request through the balancer: the answer, or None if the connection failed under it."""
+    try:
+        async with session.request(method, path, **kwargs) as response:
+            return Answer(response.status, CIMultiDict(response.headers), await response.read())
+    except (aiohttp.ClientError, TimeoutError):
+        return None
+
+
+async def until_answered(session: aiohttp.ClientSession, method: str, path: str, what: str, **kwargs: Any) -> Answer:
+    """Send the request again (bounded) until a node gives an answer that is not transient."""
+    last: list[Answer] = []
+
+    async def answered() -> bool:
+        got = await attempt(session, method, path, **kwargs)
+        if got is not None:
+            last.append(got)
+        return got is not None and not got.transient
+
+    await eventually(answered, what, UPLOAD_BUDGET)
+    return last[-1]
+
+
+async def within_budget(step: Any) -> bool:
+    """Run ``step()`` (paced, bounded by UPLOAD_BUDGET) until it says it is done; False if it never was."""
+    try:
+        await eventually(step, "the upload ended", UPLOAD_BUDGET)
+    except AssertionError:
+        return False
+    return True
+
+
+class MixedClient:
+    """One client of the mixed run: uploads (whole-body and tus), downloads and cancels, each
+    operation ended one way or the other (an upload is completed, or cancelled by its client)."""
+
+    def __init__(self, number: int, session: aiohttp.ClientSession, ledger: Ledger, cluster: Cluster) -> None:
+        self.number, self.session, self.ledger, self.cluster = number, session, ledger, cluster
+        self.url = cluster.url
+        self.random = random.Random(MIXED_SEED * 100 + number)
+
+    async def run(self, deadline: float) -> None:
+        for n in range(MAX_OPERATIONS):
+            if time.monotonic() >= deadline:
+                return
+            kind = self.random.choices(["put", "tus", "download", "cancel"], weights=[3, 3, 2, 1])[0]
+            self.ledger.count(kind)
+            if kind == "download":
+                await self.download()
+                continue
+            name = f"c{self.number}-{n}-{kind}.bin"
+            size = self.random.randrange(1, 3 * MIB)
+            content = payload(size, MIXED_SEED * 100_000 + self.number * 1000 + n)
+            key = await self.register(name, content)
+            path = f"/files/{key}/0"
+            if kind == "cancel":
+                await self.start_and_cancel(key, path, content)
+                continue
+            done = await (self.put(path, content) if kind == "put" else self.tus(path, content))
+            if done:
+                self.ledger.acknowledged.add(name)
+            else:
+                await self.cancel(key)
+
+    async def register(self, name: str, content: bytes) -> str:
+        """A JSON manifest, sent again (with the same Idempotency-Key) until a node answers it.
+
+        Nobody else registers the name, so a refusal means a node died between reserving it and
+        recording the transfer: the store frees such a name once it is older than a lease (the
+        sweep), and the manifest is sent again until then."""
+        self.ledger.contents[name] = content
+        last: list[Answer] = []
+
+        async def registered() -> bool:
+            got = await attempt(
+                self.session,
+                "POST",
+                "/files/manifest",
+                json=json_manifest([(name, content)]),
+                headers={**JSON_ADA, "Idempotency-Key": name},
+            )
+            if got is not None:
+                last.append(got)
+                if got.status == 403:
+                    self.ledger.count("refused, a reservation left by a dead node")
+            return got is not None and not got.transient and got.status != 403
+
+        try:
+            await eventually(registered, f"{name} registered", UPLOAD_BUDGET)
+        except AssertionError:
+            held = await self.cluster.query(
+                "SELECT 'pending' AS kind, name, reserved_at AS at FROM catalogue_pending WHERE name = %s"
+                " UNION ALL SELECT 'published', name, uploaded_at FROM catalogue_files WHERE name = %s",
+                (name, name),
+            )
+            raise AssertionError(f"{name} was never registered: {last[-1:]}; the catalogue holds {held}") from None
+        assert last[-1].status == 201, last[-1]
+        key: str = json.loads(last[-1].body)["transfer_key"]
+        self.ledger.keys[key] = name
+        return key
+
+    async def put(self, path: str, content: bytes) -> bool:
+        """A whole-body PUT, sent again after a transient failure: True once acknowledged (200)."""
+        acknowledged = False
+
+        async def ended() -> bool:
+            nonlocal acknowledged
+            got = await attempt(self.session, "PUT", path, data=io.BytesIO(content), headers=JSON_ADA)
+            acknowledged = got is not None and got.status == 200
+            # Another answer is final too: 409 already_uploaded (a PUT whose answer was lost published it).
+            return got is not None and not got.transient
+
+        return await within_budget(ended) and acknowledged
+
+    async def tus(self, path: str, content: bytes) -> bool:
+        """PATCHes of up to 512 KiB; after a failure HEAD for the offset and go on: True once the PATCH
+        that completed the file was acknowledged (204)."""
+        piece = 512 * 1024
+        offset = 0
+        acknowledged = False
+
+        async def ended() -> bool:
+            nonlocal offset, acknowledged
+            body = content[offset : offset + piece]
+            headers = {**patch_headers(offset), **JSON_ADA}
+            got = await attempt(self.session, "PATCH", path, data=io.BytesIO(body), headers=headers)
+            if got is not None and got.status == 204:
+                offset = int(got.headers["Upload-Offset"])
+                acknowledged = offset == len(content)
+                return acknowledged
+            if got is not None and not got.transient:
+                return True  # refused for good (409 already uploaded: a PATCH whose answer was lost completed it)
+            head = await attempt(self.session, "HEAD", path, headers={**TUS, **ADA})
+            if head is not None and head.status == 200:
+                offset = int(head.headers["Upload-Offset"])
+                return offset == len(content)  # complete, but the acknowledgement was lost
+            return False
+
+        return await within_budget(ended) and acknowledged
+
+    async def start_and_cancel(self, key: str, path: str, content: bytes) -> None:
+        """Send part of the file (a PATCH left hanging, or one that ends), then cancel the transfer."""
+        part = content[: len(content) // 2]
+        if self.random.random() < 0.5:
+            stalled = await StalledPatch.open(self.url, path, 0, len(content), part, ADA)
+            try:
+                await self.cancel(key)
+            finally:
+                stalled.close()
+        else:
+            await attempt(self.session, "PATCH", path, data=io.BytesIO(part), headers={**patch_headers(0), **ADA})
+            await self.cancel(key)
+
+    async def cancel(self, key: str) -> None:
+        got = await until_answered(
+            self.session, "DELETE", f"/_api/v1/transfers/{key}", f"{key[:8]} cancelled", headers=JSON_ADA
+        )
+        if got.status == 200 and json.loads(got.body)["state"] == "CANCELLED":
+            self.ledger.cancelled[key] = self.ledger.keys[key]
+            self.ledger.told[key] = got.body
+        else:
+            # Finished meanwhile: an upload whose acknowledgement was lost.
+            assert got.status == 409 and got.code == "conflict", (got.status, got.body)
+
+    async def download(self) -> None:
+        names = sorted(self.ledger.acknowledged)
+        if not names:
+            return
+        name = self.random.choice(names)
+        got = await attempt(self.session, "GET", f"/files/{name}")
+        if got is not None and got.status == 200:
+            assert md5_hex(got.body) == md5_hex(self.ledger.contents[name]), name
+            self.ledger.verified_downloads += 1
+        else:
+            # Only a node dying under the request may fail a download.
+            assert got is None or got.status in (502, 503, 504), got
+
+
+async def chaos(cluster: Cluster, ledger: Ledger, deadline: float) -> None:
+    """Every few seconds (a seeded schedule of faults, not a wait for anything), ``kill -9`` a node,
+    one receiving an upload if there is one, and start it again on its port."""
+    rng = random.Random(MIXED_SEED)
+    for _ in range(MAX_OPERATIONS):
+        await asyncio.sleep(rng.uniform(2.0, 4.0))
+        if time.monotonic() >= deadline:
+            return
+        rows = await cluster.query("SELECT claimed_by FROM transfer_files WHERE state = 'UPLOADING'")
+        holders = sorted({str(row["claimed_by"]).split(":", 1)[0] for row in rows})
+        alive = [node for node in cluster.nodes if node.alive and (not holders or node.node_id in holders)]
+        victim = rng.choice(alive or cluster.nodes)
+        await victim.kill()
+        ledger.kills += 1
+        await cluster.restart(victim)
+
+
+async def test_a_long_mixed_run_while_nodes_are_killed_loses_nothing_acknowledged_and_leaves_nothing_behind(
+    tmp_path: Path,
+) -> None:
+    ledger = Ledger()
+    async with three_nodes(tmp_path) as (cluster, session):
+        deadline = time.monotonic() + MIXED_SECONDS
+        clients = [MixedClient(n, session, ledger, cluster) for n in range(CLIENTS)]
+        await asyncio.gather(chaos(cluster, ledger, deadline), *(client.run(deadline) for client in clients))
+        assert ledger.kills >= MIXED_SECONDS // 5, ledger.kills
+        assert len(ledger.acknowledged) >= 2 * CLIENTS and ledger.cancelled, ledger.operations
+
+        # Once the dead nodes' leases ran out and were reaped: every transfer ended, nothing held.
+        left: list[object] = []
+
+        async def settled() -> bool:
+            open_files = await cluster.query(
+                "SELECT f.key, f.num, f.state, f.claimed_by, f.received FROM transfer_files f"
+                " JOIN transfers t ON t.key = f.key WHERE t.state = 'OPEN' OR f.state = 'UPLOADING'"
+            )
+            staged = sorted(os.listdir(cluster.staging))
+            left[:] = [open_files, staged]
+            return not open_files and not staged
+
+        try:
+            await eventually(settled, "every transfer ended, no lease held and nothing staged", WAIT)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: left {left}; the clients saw {ledger.operations}") from None
+
+        # Every acknowledged upload is published with its checksums; nothing cancelled is.
+        listed = await listing(session)
+        await assert_published(session, {name: ledger.contents[name] for name in ledger.acknowledged})
+        for name, entry in listed.items():
+            assert entry["sha256"] == sha256_hex(ledger.contents[name]), name
+        both = sorted(set(ledger.cancelled.values()) & set(listed))
+        if both:
+            name = both[0]
+            key = next(k for k, n in ledger.cancelled.items() if n == name)
+            rows = await cluster.query("SELECT id, type, bytes, reason FROM events WHERE key = %s ORDER BY id", (key,))
+            raise AssertionError(f"cancelled yet published: {both}; {name}: {rows}; told {ledger.told[key]!r}")
+        # Nothing partial is visible: the folder holds exactly the listed files, whole.
+        on_disk = {p.name: p.stat().st_size for p in cluster.served.iterdir()}
+        assert on_disk == {name: entry["size"] for name, entry in listed.items()}
+
+        # The event log agrees with the catalogue and the transfers.
+        events = await cluster.query(
+            "SELECT id, type, key, num, name, sha256 FROM events WHERE prefix = 'files' ORDER BY id"
+        )
+        transfers = {
+            str(row["key"]): str(row["state"]) for row in await cluster.query("SELECT key, state FROM transfers")
+        }
+        assert set(transfers) == set(ledger.keys)
+        completed = [e for e in events if e["type"] == "file.completed"]
+        assert sorted(str(e["name"]) for e in completed) == sorted(listed)
+        for event in completed:
+            assert event["sha256"] == listed[str(event["name"])]["sha256"]
+        for key, state in transfers.items():
+            kinds = [str(e["type"]) for e in events if e["key"] == key]
+            assert kinds[0] == "transfer.created", (key, kinds)
+            ending = {"FINISHED": "transfer.finished", "CANCELLED": "transfer.cancelled"}[state]
+            assert kinds.count(ending) == 1 and kinds[-1] in (ending, "file.cancelled"), (key, state, kinds)
+            # Each attempt that started ended, announced: completed, failed, interrupted or cancelled.
+            starts = kinds.count("file.started")
+            ends = sum(kinds.count(k) for k in ("file.completed", "file.failed", "file.interrupted"))
+            assert ends == starts or (state == "CANCELLED" and ends == starts - 1), (key, state, kinds)
+        assert ledger.verified_downloads > 0, ledger.operations
