@@ -1,6 +1,7 @@
 """A real HAProxy in front of store nodes, as an operator would put one: HTTP mode, round robin on
 every request with no stickiness, health checks on ``/_api/v1/health`` that take a dead node out
-within a second, and long timeouts for event streams and slow uploads.
+within a second, and long timeouts for event streams and slow uploads: the configuration of
+``docs/haproxy.cfg``, which this module renders, so that the deployment guide's file is the tested one.
 
 :func:`start_haproxy` writes the configuration into a test's folder and runs Debian's ``haproxy`` in
 the foreground on a loopback port the kernel picked; :meth:`Balancer.stop` ends it by its PID.
@@ -46,34 +47,20 @@ class Balancer:
             await self.process.wait()
 
 
+#: The configuration the deployment guide gives operators (``docs/haproxy.cfg``): the tests run that
+#: very file, its placeholders filled in.
+TEMPLATE = Path(__file__).resolve().parent.parent / "docs" / "haproxy.cfg"
+
+
 def configuration(port: int, nodes: Sequence[tuple[str, int]]) -> str:
-    """HAProxy's configuration: ``port`` on loopback, round robin over ``nodes`` (host, port)."""
-    servers = "\n".join(
-        f"    server node{i} {host}:{node_port} check inter 300ms fall 1 rise 1"
-        for i, (host, node_port) in enumerate(nodes)
-    )
-    return f"""global
-    maxconn 2000
-
-defaults
-    mode http
-    option httplog
-    timeout connect 2s
-    timeout client 120s
-    timeout server 120s
-    timeout tunnel 1h
-    # A request the node dropped as it died is not sent again (it may have been a PATCH).
-    retries 0
-
-frontend store
-    bind 127.0.0.1:{port}
-    default_backend nodes
-
-backend nodes
-    balance roundrobin
-    option httpchk GET /_api/v1/health
-{servers}
-"""
+    """HAProxy's configuration: ``docs/haproxy.cfg`` listening on loopback ``port``, round robin over
+    ``nodes`` (host, port), named ``node0``, ``node1``..."""
+    servers = "\n".join(f"    server node{i} {host}:{node_port} check" for i, (host, node_port) in enumerate(nodes))
+    text = TEMPLATE.read_text()
+    for placeholder in ("{bind}", "{servers}"):
+        if text.count(placeholder) != 1:
+            pytest.fail(f"{TEMPLATE} must hold its placeholder {placeholder} once")
+    return text.replace("{bind}", f"127.0.0.1:{port}").replace("{servers}", servers)
 
 
 async def start_haproxy(
@@ -83,9 +70,11 @@ async def start_haproxy(
     port = port or free_port()
     config = folder / "haproxy.cfg"
     config.write_text(configuration(port, nodes))
-    process = await asyncio.create_subprocess_exec(
-        haproxy_binary(), "-db", "-f", str(config), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
-    )
+    # Its request log (one line per request: which node served it) goes to haproxy.log beside it.
+    with (folder / "haproxy.log").open("ab") as log:
+        process = await asyncio.create_subprocess_exec(
+            haproxy_binary(), "-db", "-f", str(config), stdout=log, stderr=asyncio.subprocess.STDOUT
+        )
     balancer = Balancer(f"http://127.0.0.1:{port}", process, config)
     try:
         async with asyncio.timeout(timeout):

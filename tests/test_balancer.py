@@ -48,6 +48,8 @@ async def test_uploads_and_downloads_of_every_kind_pass_through_the_balancer(tmp
     async with node_behind_haproxy(tmp_path) as balancer, aiohttp.ClientSession(balancer.url) as session:
         async with session.get("/_api/v1/health") as response:
             assert (await response.json())["node"] == "node-a"
+            # Every answer names the node that gave it, through the balancer too.
+            assert response.headers["X-Datastore-Node"] == "node-a"
         manifest = json_manifest([("whole.bin", whole), ("resumed.bin", resumed)])
         async with session.post("/files/manifest", json=manifest) as response:
             assert response.status == 201, await response.text()
@@ -60,6 +62,7 @@ async def test_uploads_and_downloads_of_every_kind_pass_through_the_balancer(tmp
         ]
         async with session.put(f"/files/{key}/0", data=io.BytesIO(whole)) as response:
             assert response.status == 200, await response.text()
+            assert response.headers["X-Datastore-Node"] == "node-a"
         for offset, piece in ((0, resumed[:100_000]), (100_000, resumed[100_000:])):
             headers = {**TUS, "Upload-Offset": str(offset), "Content-Type": "application/offset+octet-stream"}
             async with session.patch(f"/files/{key}/1", data=piece, headers=headers) as response:

@@ -276,6 +276,17 @@ async def test_release_frees_exactly_the_name(catalogue: Catalogue) -> None:
     assert await reserve(catalogue, A) == []
 
 
+async def test_reserved_before_names_the_reservations_older_than_a_time(catalogue: Catalogue) -> None:
+    assert await catalogue.reserve([A], may_take=lambda *_: True, now=10.0) == []
+    assert await catalogue.reserve([B], may_take=lambda *_: True, now=20.0) == []
+    await catalogue.publish(record("c.txt"))
+    assert await catalogue.reserved_before(10.0) == []
+    assert await catalogue.reserved_before(15.0) == ["a.txt"]
+    assert await catalogue.reserved_before(25.0) == ["a.txt", "b.txt"]
+    await catalogue.release("a.txt")
+    assert await catalogue.reserved_before(25.0) == ["b.txt"]
+
+
 async def test_release_leaves_the_published_record(catalogue: Catalogue) -> None:
     await catalogue.publish(record("a.txt"))
     await reserve(catalogue, A, may_take=same_name)

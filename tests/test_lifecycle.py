@@ -19,6 +19,7 @@ import contextlib
 import re
 import secrets
 import shutil
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,11 +29,13 @@ import pytest
 
 from datastore.config import Settings, SettingsError
 from datastore.handlers.interface import FileInfo
+from datastore.http.context import CONTEXT
 from datastore.security.identity import Identity
+from datastore.state.catalogue import Reservation
 
 from .conftest import MakeStore
 from .fakes import RecordingHandler
-from .harness import Store, md5_hex, sha256_hex, staged_bytes, start_stalled_upload, until
+from .harness import Store, eventually, md5_hex, sha256_hex, staged_bytes, start_stalled_upload, until
 from .waiting import WallClock
 
 ADA = "/O=Lab/CN=Ada"
@@ -768,3 +771,88 @@ def test_lifecycle_settings_out_of_range_are_refused(tmp_path: Path, overrides: 
 def test_key_lifetime_defaults_to_a_day_and_record_retention_to_a_week() -> None:
     settings = Settings()
     assert (settings.key_lifetime, settings.transfer_retention) == (24 * 3600.0, 7 * 24 * 3600.0)
+
+
+async def test_names_reserved_for_a_transfer_never_recorded_are_freed_by_the_sweep(
+    make_store: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A process that dies between reserving a manifest's names (the catalogue) and recording its
+    # transfer (the state) leaves the names reserved for nothing: here, the reservation alone.
+    store = await make_store(lease_time=30.0)
+    held = await store.register([("held.bin", b"h")])
+    assert (
+        await store.handler.catalogue.reserve([Reservation("orphan.bin", 1)], may_take=lambda *_: True, now=0.0) == []
+    )
+    refused = await store.client.post("/files/manifest", json={"files": [{"name": "orphan.bin", "size": 1}]})
+    assert refused.status == 403
+    lifecycle = store.client.app[CONTEXT].lifecycle
+    clock = WallClock(monkeypatch)
+    clock.advance(31.0)
+    await lifecycle.sweep()
+    # Freed once older than a lease; the name of a recorded transfer stays reserved.
+    assert not await store.handler.catalogue.is_reserved("orphan.bin")
+    assert await store.handler.catalogue.is_reserved("held.bin")
+    assert (await store.put(held, 0, b"h"))[0] == 200
+    await store.register([("orphan.bin", b"o")])
+
+
+async def test_a_patch_whose_transfer_another_node_cancelled_meanwhile_leaves_no_staged_bytes(
+    make_store: MakeStore,
+) -> None:
+    # Another node's cancel commits in the shared state and removes the staging file it sees (none yet:
+    # this request's bytes are still buffered); the bytes this request writes after it must go too.
+    store = await make_store(lease_time=30.0)
+    data = b"x" * 40_000
+    key = await store.register([("cancelled.bin", data)])
+    lifecycle = store.client.app[CONTEXT].lifecycle
+    host, port = store.client.host, store.client.port
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(
+            (
+                f"PATCH /files/{key}/0 HTTP/1.1\r\nHost: {host}:{port}\r\nTus-Resumable: 1.0.0\r\n"
+                "Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\nContent-Length: 20000\r\n\r\n"
+            ).encode()
+            + data[:10_000]
+        )
+        await writer.drain()
+
+        async def uploading() -> bool:
+            status = await lifecycle.state.status(key, 0)
+            return status is not None and status.holder is not None
+
+        await eventually(uploading, "the PATCH holds the file")
+        assert await lifecycle.state.cancel(key, now=time.time()) is not None  # the other node's commit
+        writer.write(data[10_000:20_000])
+        await writer.drain()
+        async with asyncio.timeout(20):
+            answer = await reader.readline()
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 410"), answer[:80]
+    assert store.staged_files() == []
+
+
+async def test_a_file_its_dead_holder_published_but_never_recorded_is_recorded_when_its_lease_is_reaped(
+    make_store: MakeStore,
+) -> None:
+    # The holder verified the file, moved it into place and published it in the catalogue, then died
+    # before recording the publish in the state (two transactions): the reaper records it.
+    store = await make_store(lease_time=30.0)
+    data = b"published, then the node died"
+    dn = "/O=Lab/CN=Ada"
+    key = await store.register([("late.bin", data)], identity=dn)
+    lifecycle = store.client.app[CONTEXT].lifecycle
+    await lifecycle.state.claim(key, 0, "gone:1", lease=1.0, now=time.time() - 10)
+    await asyncio.to_thread((store.root / "files").mkdir, parents=True, exist_ok=True)
+    await asyncio.to_thread((store.root / "files" / "late.bin").write_bytes, data)
+    verified = FileInfo("late.bin", len(data), md5_hex(data), sha256_hex(data))
+    await store.handler.complete_upload(Identity.asserted(dn), verified)
+
+    await lifecycle.sweep()
+
+    transfer = await lifecycle.state.get(key)
+    assert transfer is not None and transfer.public_state() == "FINISHED"
+    events = [e.type for e in await lifecycle.state.events_after(0, limit=100) if e.key == key]
+    assert events[-2:] == ["file.completed", "transfer.finished"], events
+    assert (await store.put(key, 0, data, identity=dn))[0] == 409

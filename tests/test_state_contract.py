@@ -379,6 +379,20 @@ async def test_create_opens_a_transfer_under_a_fresh_key_with_every_file_reserve
     assert await state.get(transfer.key) == transfer
 
 
+async def test_open_names_are_those_of_open_transfers_files_neither_published_nor_cancelled(
+    state: StateStore,
+) -> None:
+    kept = await new_transfer(state, (A_BIN, B_BIN))
+    cancelled = await new_transfer(state, (C_BIN,))
+    await state.cancel(cancelled.key, now=T0)
+    names = ["a.bin", "b.bin", "c.bin", "never.bin"]
+    assert await state.open_names(PREFIX, names) == {"a.bin", "b.bin"}
+    assert await state.open_names("elsewhere", names) == set()
+    assert await state.open_names(PREFIX, []) == set()
+    await state.cancel(kept.key, now=T0)
+    assert await state.open_names(PREFIX, names) == set()
+
+
 async def test_create_never_hands_out_a_key_twice(state: StateStore) -> None:
     keys = {(await new_transfer(state, (C_BIN,))).key for _ in range(50)}
     assert len(keys) == 50

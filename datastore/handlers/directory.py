@@ -164,6 +164,12 @@ class DirectoryHandler:
     async def cancel_upload(self, identity: Identity, file: FileInfo) -> None:
         await self.catalogue.release(file.name)
 
+    async def reserved_before(self, before: float) -> list[str]:
+        return await self.catalogue.reserved_before(before)
+
+    async def release_reservation(self, name: str) -> None:
+        await self.catalogue.release(name)
+
     async def get_download_filename(self, identity: Identity, name: str) -> Path:
         if await self.describe_file(identity, name) is None:
             raise FileNotFound()

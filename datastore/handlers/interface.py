@@ -136,6 +136,18 @@ class CanReserveMany(Protocol):
 
 
 @runtime_checkable
+class CanReclaimReservations(Protocol):
+    """Capability: list the names reserved before a time, and release one, so that the store frees the
+    names a process reserved for a manifest and then died before recording its transfer."""
+
+    async def reserved_before(self, before: float) -> list[str]:
+        """The names reserved at a time before ``before``."""
+
+    async def release_reservation(self, name: str) -> None:
+        """Release the reservation of ``name`` (none: nothing happens)."""
+
+
+@runtime_checkable
 class CanList(Protocol):
     """Capability: the prefix offers a listing at ``GET /{prefix}/``."""
 

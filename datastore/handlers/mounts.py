@@ -22,6 +22,7 @@ from .interface import (
     CanList,
     CanLocateDownload,
     CanObserve,
+    CanReclaimReservations,
     CanReserveMany,
     Download,
     TransferHandler,
@@ -40,6 +41,7 @@ class Mount:
     deleter: CanDelete | None = None
     closer: CanClose | None = None
     reserver: CanReserveMany | None = None
+    reclaimer: CanReclaimReservations | None = None
     locator: CanLocateDownload | None = None
     authorizer: CanAuthorize | None = None
     observer: CanObserve | None = None
@@ -58,6 +60,7 @@ class Mount:
             deleter=handler if isinstance(handler, CanDelete) else None,
             closer=handler if isinstance(handler, CanClose) else None,
             reserver=handler if isinstance(handler, CanReserveMany) else None,
+            reclaimer=handler if isinstance(handler, CanReclaimReservations) else None,
             locator=handler if isinstance(handler, CanLocateDownload) else None,
             authorizer=handler if isinstance(handler, CanAuthorize) else None,
             observer=handler if isinstance(handler, CanObserve) else None,

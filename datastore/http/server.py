@@ -7,7 +7,8 @@ each request is from (``TransferServer.identify``: a certificate, a token, a
 trusted header, or nobody), refuses state changes a browser sends for
 another site, turns every :class:`~datastore.errors.DatastoreError` into a
 response in one middleware, times every request for the metrics (by route
-pattern, method and status class), and on start-up opens the state store (through the lifecycle) and
+pattern, method and status class), names its node in every answer
+(``X-Datastore-Node``), and on start-up opens the state store (through the lifecycle) and
 token store in the state directory, clears staging left by a crash and
 starts the sweeper that expires old keys. What a connection may do before
 it carries a request is ``connections.py``'s.
@@ -318,6 +319,7 @@ class TransferServer(abc.ABC):
         # Event streams never end by themselves: they end when the store stops taking requests.
         app.on_shutdown.append(self._end_streams)
         app.on_response_prepare.append(_observe_request)
+        app.on_response_prepare.append(_node_header(self.settings.effective_node_id))
         app.router.add_get(OPENAPI_PATH, handle_openapi)
         app.router.add_get("/_api/v1/health", handle_health)
         app.router.add_get(METRICS_PATH, handle_metrics)
@@ -739,6 +741,20 @@ async def _observe_request(request: web.Request, response: web.StreamResponse) -
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
     metrics.observe_request(route, request.method, response.status, time.monotonic() - started)
+
+
+#: The header every answer carries naming the node that gave it (its ``node_id``).
+NODE_HEADER = "X-Datastore-Node"
+
+
+def _node_header(node: str) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    """``on_response_prepare``: every answer names its node (as the health answer does), so that behind a
+    balancer a client, an operator or a test can tell which node answered a request."""
+
+    async def name_node(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers[NODE_HEADER] = node
+
+    return name_node
 
 
 # -- errors -------------------------------------------------------------------

@@ -51,6 +51,7 @@ from ..errors import (
     TooManyUploads,
     TransferCancelled,
     UploadFileNotFound,
+    UploadInProgress,
 )
 from ..handlers.interface import FileInfo
 from ..handlers.mounts import Mount
@@ -644,10 +645,31 @@ class Lifecycle:
         expired = await self.expire(now)
         for staged in await self.state.expired_leases(now):
             await self.reap(staged)
+        await self.release_orphaned_names(now)
         await self.state.purge(now - self.settings.transfer_retention)
         await self.state.purge_jobs(now - self.settings.job_retention)
         await self.state.prune_events(now - self.settings.event_retention)
         return expired
+
+    async def release_orphaned_names(self, now: float) -> int:
+        """Release the names reserved more than ``lease_time`` ago that no open transfer holds. Reserving
+        a manifest's names (the handler's catalogue) and recording its transfer (the state) are two
+        transactions: a process that died between them left the names reserved for nothing, and the
+        manifest sent again would be refused them forever. Returns how many were released."""
+        released = 0
+        for mount in list(self.mounts.values()):
+            if mount.reclaimer is None:
+                continue
+            names = await mount.reclaimer.reserved_before(now - self.settings.lease_time)
+            if not names:
+                continue
+            held = await self.state.open_names(mount.prefix, names)
+            for name in names:
+                if name not in held:
+                    log.info("releasing /%s/%s: reserved for a transfer that was never recorded", mount.prefix, name)
+                    await mount.reclaimer.release_reservation(name)
+                    released += 1
+        return released
 
     async def _discard(self, transfer: Transfer, files: tuple[TransferFile, ...] | list[TransferFile]) -> None:
         """Stop ``files`` of a transfer the state has just ended, and release them.
@@ -677,6 +699,11 @@ class Lifecycle:
             staging.reconcile_files, self.staging_dir, {(staged.key, staged.num): (staged.received, staged.verifying)}
         )
         received = offsets[(staged.key, staged.num)]
+        if received == 0 and await self._published_by(staged.key, staged.num, staged.holder):
+            log.info(
+                "the upload %s…/%d held by %s was published before it died", staged.key[:8], staged.num, staged.holder
+            )
+            return True
         reaped = await self.state.reap(staged.key, staged.num, staged.holder, received=received, now=time.time())
         if reaped:
             log.info(
@@ -687,6 +714,30 @@ class Lifecycle:
                 received,
             )
         return reaped
+
+    async def _published_by(self, key: str, num: int, holder: str) -> bool:
+        """Whether ``holder`` had published the file in the handler's catalogue (its staged bytes moved into
+        place), then died before recording it in the state (``FileUpload.finish``: two transactions):
+        then the publish is recorded now, for it, with the digests it verified."""
+        found = await self.state.get_file(key, num)
+        file = found[1] if found is not None else None
+        if found is None or file is None:
+            return False
+        transfer = found[0]
+        mount = self.mounts.get(transfer.prefix)
+        if mount is None or mount.describer is None:
+            return False
+        record = await mount.describer.describe_file(transfer.owner, file.name)
+        if (
+            record is None
+            or record.size != file.size
+            or record.owner_id != transfer.owner.principal
+            or record.uploaded_at < transfer.created_at
+            or (file.md5 is not None and record.md5 != file.md5)
+            or (file.sha256 is not None and record.sha256 != file.sha256)
+        ):
+            return False
+        return await self.state.publish(key, num, holder, md5=record.md5, sha256=record.sha256)
 
     async def settled(self, target: UploadTarget) -> TransferFile:
         """``target``'s file as it stands once a lease that ran out is reaped (so that its offset is
@@ -909,7 +960,10 @@ class FileUpload:
         """A resumable request ends as planned with ``received`` bytes staged; the client goes on later."""
         lifecycle = self.lifecycle
         await lifecycle.progress(self, received)
-        await lifecycle.state.pause(*self.place, lifecycle.holder, received=received)
+        if not await lifecycle.state.pause(*self.place, lifecycle.holder, received=received):
+            if await self._ended_elsewhere():
+                raise TransferCancelled("the upload was cancelled meanwhile")
+            raise UploadInProgress("another request took the upload over")
 
     async def end(self, exc: BaseException, *, resumable: bool, finishing: bool = False, offset: int = 0) -> None:
         """The attempt failed with ``exc``: the one place that decides what is kept.
@@ -931,8 +985,7 @@ class FileUpload:
         if self.running.stop_reason is StopReason.TERMINATED:
             return
         if self.running.stop_reason is StopReason.ENDED_ELSEWHERE:
-            lifecycle.digests.pop(self.place, None)
-            await staging.discard([self.staging_path])
+            await self._ended_elsewhere()
             return
         reason = self.running.stop_reason or stop_reason(exc)
         message = exc.message if isinstance(exc, DatastoreError) else repr(exc)
@@ -951,9 +1004,22 @@ class FileUpload:
             await lifecycle.state.fail(*self.place, lifecycle.holder, reason=reason, message=message)
         elif reason is StopReason.OFFSET_MISMATCH:
             # Refused before a byte was read: the attempt goes on with the client's next request.
-            await lifecycle.state.pause(*self.place, lifecycle.holder, received=offset)
-        else:
-            await lifecycle.state.interrupt(*self.place, lifecycle.holder, received=offset, reason=reason)
+            if not await lifecycle.state.pause(*self.place, lifecycle.holder, received=offset):
+                await self._ended_elsewhere()
+        elif not await lifecycle.state.interrupt(*self.place, lifecycle.holder, received=offset, reason=reason):
+            await self._ended_elsewhere()
+
+    async def _ended_elsewhere(self) -> bool:
+        """Another process ended the file while this attempt held it (its transfer cancelled, the file
+        terminated or expired there): that process removed the staging file, perhaps before this attempt
+        wrote its last bytes, which go now. A file another request took over (this process stalled past
+        its lease, which ran out) is left to it. Whether the file was ended."""
+        self.lifecycle.digests.pop(self.place, None)
+        status = await self.lifecycle.state.status(*self.place)
+        if status is not None and status.state is not FileState.CANCELLED:
+            return False
+        await staging.discard([self.staging_path])
+        return True
 
 
 async def _quietly(call: Awaitable[None], what: str) -> None:

@@ -114,6 +114,10 @@ class Catalogue(Protocol):
         """Release the reservation of exactly ``name``; nothing happens if there is none."""
         ...
 
+    async def reserved_before(self, before: float) -> list[str]:
+        """The names reserved (pending) at a time before ``before``, in name order."""
+        ...
+
     async def publish(self, record: StoredFile) -> None:
         """Record ``record`` as published, in one transaction: the reservation of ``record.name``
         (if any) is released and the record of ``record.name`` (if any) replaced.

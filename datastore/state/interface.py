@@ -236,6 +236,10 @@ class TransferStore(Protocol):
         """What ``client``'s OPEN transfers hold (files neither published nor cancelled)."""
         ...
 
+    async def open_names(self, prefix: str, names: Sequence[str]) -> set[str]:
+        """Which of ``names`` a file of an OPEN transfer of ``prefix`` has, neither published nor cancelled."""
+        ...
+
     async def get(self, key: str) -> Transfer | None:
         """The transfer under ``key`` with its files in order, or None."""
         ...

@@ -270,6 +270,18 @@ class PostgresState(PostgresJobs):
     async def holdings(self, client: str | None) -> Holdings:
         return await self._db.read(lambda db: _holdings(db, client))
 
+    async def open_names(self, prefix: str, names: Sequence[str]) -> set[str]:
+        async def read(db: Connection) -> set[str]:
+            rows = await fetch_all(
+                db,
+                "SELECT DISTINCT f.name FROM transfer_files f JOIN transfers t ON t.key = f.key"
+                f" WHERE t.prefix = %s AND t.state = %s AND f.state IN {_in(_OPEN_FILE_STATES)} AND f.name = ANY(%s)",
+                (prefix, TransferState.OPEN, *_OPEN_FILE_STATES, list(names)),
+            )
+            return {str(row["name"]) for row in rows}
+
+        return await self._db.read(read)
+
     async def get(self, key: str) -> Transfer | None:
         return await self._db.read(lambda db: _load(db, key))
 

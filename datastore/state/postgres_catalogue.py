@@ -98,6 +98,17 @@ class PostgresCatalogue:
 
         await self._db.run(release)
 
+    async def reserved_before(self, before: float) -> list[str]:
+        async def read(db: Connection) -> list[str]:
+            rows = await fetch_all(
+                db,
+                'SELECT name FROM catalogue_pending WHERE prefix = %s AND reserved_at < %s ORDER BY name COLLATE "C"',
+                (self.prefix, before),
+            )
+            return [str(row["name"]) for row in rows]
+
+        return await self._db.read(read)
+
     async def publish(self, record: StoredFile) -> None:
         fold = fold_name(record.name)
 

@@ -293,6 +293,24 @@ class SqliteState(SqliteJobs):
     async def holdings(self, client: str | None) -> Holdings:
         return await self._db.read(lambda db: _holdings(db, client))
 
+    async def open_names(self, prefix: str, names: Sequence[str]) -> set[str]:
+        def read(db: sqlite3.Connection) -> set[str]:
+            found: set[str] = set()
+            for start in range(0, len(names), 500):
+                batch = names[start : start + 500]
+                found.update(
+                    row[0]
+                    for row in db.execute(
+                        "SELECT DISTINCT f.name FROM transfer_files f JOIN transfers t ON t.key = f.key"
+                        f" WHERE t.prefix = ? AND t.state = ? AND f.state IN {_in(_OPEN_FILE_STATES)}"
+                        f" AND f.name IN {_in(batch)}",
+                        (prefix, TransferState.OPEN, *_OPEN_FILE_STATES, *batch),
+                    )
+                )
+            return found
+
+        return await self._db.read(read)
+
     async def get(self, key: str) -> Transfer | None:
         return await self._db.read(lambda db: _load(db, key))
 

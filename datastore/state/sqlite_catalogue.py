@@ -92,6 +92,12 @@ class SqliteCatalogue:
     async def release(self, name: str) -> None:
         await self._db.run(lambda db: db.execute("DELETE FROM pending WHERE name = ?", (name,)))
 
+    async def reserved_before(self, before: float) -> list[str]:
+        rows = await self._db.read(
+            lambda db: db.execute("SELECT name FROM pending WHERE reserved_at < ? ORDER BY name", (before,)).fetchall()
+        )
+        return [str(row["name"]) for row in rows]
+
     async def publish(self, record: StoredFile) -> None:
         row = (
             record.name,
