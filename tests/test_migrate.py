@@ -18,6 +18,7 @@ import aiohttp
 import psycopg
 import pytest
 
+from datastore.security.tokens_postgres import MIGRATIONS as TOKEN_MIGRATIONS
 from datastore.state.postgres import MIGRATIONS as STATE_MIGRATIONS
 from datastore.state.postgres_catalogue import MIGRATIONS as CATALOGUE_MIGRATIONS
 from datastore.state.postgres_jobs import MIGRATIONS as JOB_MIGRATIONS
@@ -26,6 +27,7 @@ from .harness import Ran, assert_one_line_failure, json_manifest, md5_hex, spawn
 from .postgres_server import shared_cluster
 
 STATE, JOBS, CATALOGUE = STATE_MIGRATIONS[-1].version, JOB_MIGRATIONS[-1].version, CATALOGUE_MIGRATIONS[-1].version
+TOKENS = TOKEN_MIGRATIONS[-1].version
 
 
 @pytest.fixture
@@ -65,7 +67,7 @@ def tables(url: str) -> set[str]:
         return {row[0] for row in db.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
 
 
-EVERY_COMPONENT = sorted([("catalogue", CATALOGUE), ("jobs", JOBS), ("state", STATE)])
+EVERY_COMPONENT = sorted([("catalogue", CATALOGUE), ("jobs", JOBS), ("state", STATE), ("tokens", TOKENS)])
 
 
 # -- PostgreSQL --------------------------------------------------------------------------------------
@@ -77,11 +79,11 @@ async def test_a_fresh_postgres_database_gets_every_component_and_says_so(url: s
     assert ran.stdout.splitlines() == [
         f"applied: state 0 -> {STATE}",
         f"applied: jobs 0 -> {JOBS}",
+        f"applied: tokens 0 -> {TOKENS}",
         f"applied: catalogue 0 -> {CATALOGUE}",
-        "applied: tokens (SQLite) absent -> current",
     ]
     assert await asyncio.to_thread(schema_rows, url) == EVERY_COMPONENT
-    assert {"transfers", "jobs", "catalogue_files"} <= await asyncio.to_thread(tables, url)
+    assert {"transfers", "jobs", "catalogue_files", "tokens"} <= await asyncio.to_thread(tables, url)
 
 
 async def test_a_current_postgres_database_is_left_alone(url: str, tmp_path: Path) -> None:
@@ -89,7 +91,7 @@ async def test_a_current_postgres_database_is_left_alone(url: str, tmp_path: Pat
     ran = await migrate("--root", str(tmp_path), "--state", url)
     assert ran.returncode == 0, ran
     assert ran.stdout.splitlines() == [
-        f"the schema is current: state {STATE}, jobs {JOBS}, catalogue {CATALOGUE}, tokens (SQLite) current"
+        f"the schema is current: state {STATE}, jobs {JOBS}, tokens {TOKENS}, catalogue {CATALOGUE}"
     ]
 
 
@@ -99,8 +101,8 @@ async def test_check_reports_pending_migrations_with_status_1_and_applies_none(u
     assert ran.stdout.splitlines() == [
         f"pending: state 0 -> {STATE}",
         f"pending: jobs 0 -> {JOBS}",
+        f"pending: tokens 0 -> {TOKENS}",
         f"pending: catalogue 0 -> {CATALOGUE}",
-        "pending: tokens (SQLite) absent -> current",
     ]
     assert await asyncio.to_thread(tables, url) == set()
     assert not (tmp_path / ".datastore").exists()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..config import Settings
-from ..security.tokens import TokenStore
+from ..security.tokens import TokenStore, open_token_store
 from . import open_catalogue, open_state
 from .postgres_database import SchemaTooNew, migrate_schema, registered_components
 from .sqlite import SqliteState
@@ -61,12 +61,11 @@ async def migrate(settings: Settings, *, apply: bool) -> list[SchemaStep]:
     url = settings.effective_state_url
     state_dir = settings.effective_state_dir
     if settings.state_kind == "postgresql":
-        steps.extend(await _postgres(settings, apply=apply))
-    else:
-        steps.append(await _sqlite("state", Path(url.removeprefix("sqlite:///")), _open_state, apply=apply))
-        for prefix in settings.prefixes:
-            path = state_dir / "catalogue" / f"{prefix}.sqlite3"
-            steps.append(await _sqlite(f"catalogue {prefix}", path, _open_catalogue, apply=apply))
+        return await _postgres(settings, apply=apply)
+    steps.append(await _sqlite("state", Path(url.removeprefix("sqlite:///")), _open_state, apply=apply))
+    for prefix in settings.prefixes:
+        path = state_dir / "catalogue" / f"{prefix}.sqlite3"
+        steps.append(await _sqlite(f"catalogue {prefix}", path, _open_catalogue, apply=apply))
     steps.append(await _sqlite("tokens", state_dir / "tokens.sqlite3", _open_tokens, apply=apply))
     return steps
 
@@ -74,7 +73,7 @@ async def migrate(settings: Settings, *, apply: bool) -> list[SchemaStep]:
 async def _postgres(settings: Settings, *, apply: bool) -> list[SchemaStep]:
     url = settings.effective_state_url
     # Made as serve makes them, never opened: making them registers their components.
-    stores: list[_Closable] = [open_state(url)]
+    stores: list[_Closable] = [open_state(url), open_token_store(settings)]
     stores.extend(open_catalogue(url, prefix, Path(prefix)) for prefix in settings.prefixes)
     for store in stores:
         await store.close()
