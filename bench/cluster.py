@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import socket
 import statistics
@@ -59,6 +58,8 @@ from run import (
     mbps,
     median_at_least,
     median_at_most,
+    merge_section,
+    table_line,
     verify_ours,
 )
 
@@ -324,13 +325,7 @@ def markdown(info: dict[str, Any], plan: Plan, rows: dict[str, Row]) -> str:
         "| what | unit | PostgreSQL median (min–max) | SQLite median (min–max) | ratio | target |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for row in rows.values():
-        data = row.as_json()
-        ratio = "—" if data["ratio_ours_nginx"] is None else f"{data['ratio_ours_nginx']:.2f}"
-        target = row.target or "—"
-        if data["target_met"] is not None:
-            target += " ✓" if data["target_met"] else " ✗"
-        lines.append(f"| {row.what} | {row.unit} | {cell(row.ours)} | {cell(row.nginx)} | {ratio} | {target} |")
+    lines += [table_line(row, cell(row.nginx)) for row in rows.values()]
     lines += [
         "",
         "Notes:",
@@ -349,20 +344,8 @@ def markdown(info: dict[str, Any], plan: Plan, rows: dict[str, Row]) -> str:
 
 def merge(out: Path, info: dict[str, Any], plan: Plan, rows: dict[str, Row]) -> str:
     """Put the cluster rows into results.json and their section into results.md, replacing earlier ones."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    result: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"rows": []}
-    result["rows"] = [r for r in result.get("rows", []) if not str(r.get("id", "")).startswith("cluster_")]
-    result["rows"] += [r.as_json() for r in rows.values()]
-    result["cluster"] = {"machine": info, "plan": plan.__dict__}
-    path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     section = markdown(info, plan, rows)
-    md = out / "results.md"
-    text = md.read_text() if md.exists() else "# Benchmark results\n"
-    before, _, after = text.partition(f"\n{SECTION}\n")
-    # Keep any section that follows this one (another script's).
-    rest = after[after.index("\n## ") :] if "\n## " in after else ""
-    md.write_text(f"{before.rstrip()}\n\n{section}{rest}")
+    merge_section(out, "cluster_", rows, {"machine": info, "plan": plan.__dict__}, section)
     return section
 
 

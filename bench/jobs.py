@@ -65,7 +65,9 @@ from run import (
     machine,
     mbps,
     median_at_least,
+    merge_section,
     register,
+    table_line,
     upload_curl,
     upload_tus,
     verify_ours,
@@ -447,14 +449,7 @@ def markdown(info: dict[str, Any], plan: Plan, rows: dict[str, Row]) -> str:
         "| what | unit | median (min–max) | compared with (median) | ratio | target |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for row in rows.values():
-        data = row.as_json()
-        ratio = "—" if data["ratio_ours_nginx"] is None else f"{data['ratio_ours_nginx']:.2f}"
-        target = row.target or "—"
-        if data["target_met"] is not None:
-            target += " ✓" if data["target_met"] else " ✗"
-        against = "B's PUT " + cell(row.nginx) if row.nginx else "—"
-        lines.append(f"| {row.what} | {row.unit} | {cell(row.ours)} | {against} | {ratio} | {target} |")
+    lines += [table_line(row, "B's PUT " + cell(row.nginx) if row.nginx else "—") for row in rows.values()]
     lines += [
         "",
         "Notes:",
@@ -481,18 +476,9 @@ def markdown(info: dict[str, Any], plan: Plan, rows: dict[str, Row]) -> str:
 
 def merge(out: Path, info: dict[str, Any], plan: Plan, rows: dict[str, Row]) -> str:
     """Put the job rows into results.json and their section into results.md, replacing earlier ones."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    result: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"rows": []}
-    result["rows"] = [r for r in result.get("rows", []) if not str(r.get("id", "")).startswith("jobs_")]
-    result["rows"] += [r.as_json() for r in rows.values()]
-    result["jobs"] = {"machine": info, "plan": plan.__dict__, "job_env": JOB_ENV, "queue_env": QUEUE_ENV}
-    path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     section = markdown(info, plan, rows)
-    md = out / "results.md"
-    text = md.read_text() if md.exists() else "# Benchmark results\n"
-    head = text.split(f"\n{SECTION}\n", 1)[0].rstrip("\n")
-    md.write_text(f"{head}\n\n{section}")
+    extra = {"machine": info, "plan": plan.__dict__, "job_env": JOB_ENV, "queue_env": QUEUE_ENV}
+    merge_section(out, "jobs_", rows, extra, section)
     return section
 
 

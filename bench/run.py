@@ -963,6 +963,35 @@ def cell(values: list[float]) -> str:
     return f"{fmt(statistics.median(values))} ({fmt(min(values))}–{fmt(max(values))})"
 
 
+def table_line(row: Row, compared: str) -> str:
+    """A row of a results table: what, unit, ours, ``compared`` (the other column), ratio, target and whether met."""
+    data = row.as_json()
+    ratio = "—" if data["ratio_ours_nginx"] is None else f"{data['ratio_ours_nginx']:.2f}"
+    target = row.target or "—"
+    if data["target_met"] is not None:
+        target += " ✓" if data["target_met"] else " ✗"
+    return f"| {row.what} | {row.unit} | {cell(row.ours)} | {compared} | {ratio} | {target} |"
+
+
+def merge_section(out: Path, prefix: str, rows: dict[str, Row], extra: dict[str, Any], section: str) -> None:
+    """Put another script's rows (ids starting with ``prefix``) into results.json, with ``extra`` under
+    the prefix's name, and its ``section`` (from its ``## `` title line) into results.md, replacing
+    earlier ones and keeping everything else."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    result: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    result["rows"] = [r for r in result.get("rows", []) if not str(r.get("id", "")).startswith(prefix)]
+    result["rows"] += [r.as_json() for r in rows.values()]
+    result[prefix.rstrip("_")] = extra
+    path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    title = section.split("\n", 1)[0]
+    md = out / "results.md"
+    text = md.read_text() if md.exists() else "# Benchmark results\n"
+    before, _, after = text.partition(f"\n{title}\n")
+    rest = after[after.index("\n## ") :] if "\n## " in after else ""  # the sections after this one
+    md.write_text(f"{before.rstrip()}\n\n{section}{rest}")
+
+
 def markdown(info: dict[str, Any], plan: Plan, rows: dict[str, Row], note: str) -> str:
     lines = [
         "# Benchmark results",
@@ -976,13 +1005,7 @@ def markdown(info: dict[str, Any], plan: Plan, rows: dict[str, Row], note: str) 
         "| what | unit | ours median (min–max) | nginx median (min–max) | ratio ours/nginx | target |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for row in rows.values():
-        data = row.as_json()
-        ratio = "—" if data["ratio_ours_nginx"] is None else f"{data['ratio_ours_nginx']:.2f}"
-        target = row.target or "—"
-        if data["target_met"] is not None:
-            target += " ✓" if data["target_met"] else " ✗"
-        lines.append(f"| {row.what} | {row.unit} | {cell(row.ours)} | {cell(row.nginx)} | {ratio} | {target} |")
+    lines += [table_line(row, cell(row.nginx)) for row in rows.values()]
     lines += [
         "",
         "Notes:",

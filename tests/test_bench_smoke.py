@@ -87,3 +87,24 @@ def test_bench_jobs_quick_run_adds_its_rows_and_keeps_the_others(tmp_path: Path)
     assert table.startswith("# Benchmark results\n\nearlier table\n") and "stale" not in table
     assert table.count("## Transfer jobs") == 1
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_bench_cluster_quick_run_adds_its_rows_between_the_others(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps({"rows": [{"id": "upload_put"}, {"id": "cluster_stale"}]}))
+    earlier = "# Benchmark results\n\nearlier table\n\n## Several nodes on PostgreSQL (bench/cluster.py)\n\nstale\n"
+    (out / "results.md").write_text(earlier + "\n## Transfer jobs\n\njob table\n")
+    command = [sys.executable, str(REPO / "bench" / "cluster.py"), "--quick", "--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    rows = {row["id"]: row for row in json.loads((out / "results.json").read_text())["rows"]}
+    measured = {name for name in rows if name.startswith("cluster_")}
+    assert "cluster_stale" not in rows and "upload_put" in rows
+    assert {"cluster_put_ms", "cluster_db_put_ms", "cluster_manifest_rate", "cluster_nodes3_big"} <= measured
+    # PostgreSQL in one column, SQLite in the other, for the one-node rows.
+    assert rows["cluster_put_ms"]["ours"][0] > 0 and rows["cluster_put_ms"]["nginx"][0] > 0
+    table = (out / "results.md").read_text()
+    assert table.startswith("# Benchmark results\n\nearlier table\n") and "stale" not in table
+    assert table.count("## Several nodes on PostgreSQL") == 1 and table.endswith("## Transfer jobs\n\njob table\n")

@@ -25,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from aiohttp import web
 
@@ -34,12 +34,17 @@ from .context import CONTEXT
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 #: Seconds each check (the state store's read, the look at the storage) may take before it fails.
 CHECK_TIMEOUT = 2.0
 
-#: A look at the storage younger than this is answered again rather than repeated (a balancer of
-#: several frontends, or anyone, may ask many times a second; each look writes to the mount).
+#: A look (at the storage, the state store) younger than this is answered again rather than repeated
+#: (a balancer of several frontends, or anyone, may ask many times a second; a storage look writes).
 STORAGE_REUSE = 0.5
+#: While a new look runs, a finished one younger than this (seconds since it began) answers: a
+#: failure shows within about this much more.
+STORAGE_STALE = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +68,36 @@ class StorageHealth:
         }
 
 
+class Recent(Generic[T]):
+    """One check's answers: one look shared by concurrent calls; a finished look younger than
+    STORAGE_REUSE answers again (a balancer of several frontends, or anyone, may ask many times a
+    second); while a new look runs, a finished one younger than STORAGE_STALE answers (a look made
+    slow by a busy machine does not make the health check slow); else the look is waited for, at
+    most CHECK_TIMEOUT (then ``timed_out()`` answers). A look stuck past it is never started again:
+    later calls wait on it, and fail."""
+
+    def __init__(self) -> None:
+        self._look: asyncio.Future[T] | None = None
+        self._looked_at = 0.0
+        #: The last finished look's answer, and when that look began.
+        self._last: tuple[float, T] | None = None
+
+    async def get(self, start: Callable[[], Awaitable[T]], timed_out: Callable[[], T]) -> T:
+        look = self._look
+        if look is None or (look.done() and time.monotonic() - self._looked_at > STORAGE_REUSE):
+            if look is not None and look.done() and not look.cancelled() and look.exception() is None:
+                self._last = (self._looked_at, look.result())
+            self._looked_at = time.monotonic()
+            look = self._look = asyncio.ensure_future(start())
+        if not look.done() and self._last is not None and time.monotonic() - self._last[0] < STORAGE_STALE:
+            return self._last[1]
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT):
+                return await asyncio.shield(look)
+        except TimeoutError:
+            return timed_out()
+
+
 class HealthChecks:
     """The checks of one running application: the storage look it shares among concurrent requests,
     and what each check said last (a change is logged, not every failing answer)."""
@@ -70,21 +105,16 @@ class HealthChecks:
     def __init__(self, settings: Settings, staging_dir: Path) -> None:
         self.settings = settings
         self.staging_dir = staging_dir
-        self._look: asyncio.Future[StorageHealth] | None = None
-        self._looked_at = 0.0
+        self._storage: Recent[StorageHealth] = Recent()
+        self._database: Recent[tuple[float | None, str | None]] = Recent()
         self._failing: dict[str, str] = {}
 
     async def storage(self, prefixes: list[str]) -> StorageHealth:
-        """The storage as a look at it finds it (one shared by concurrent calls; a recent one reused)."""
-        look = self._look
-        if look is None or (look.done() and time.monotonic() - self._looked_at > STORAGE_REUSE):
-            self._looked_at = time.monotonic()
-            look = self._look = asyncio.ensure_future(asyncio.to_thread(self._look_at_storage, prefixes))
-        try:
-            async with asyncio.timeout(CHECK_TIMEOUT):
-                found = await asyncio.shield(look)
-        except TimeoutError:
-            found = StorageHealth(False, None, False, None, f"no answer from the storage in {CHECK_TIMEOUT:g} s")
+        """The storage as a look at it finds it (:class:`Recent`: shared, reused, never slow twice)."""
+        found = await self._storage.get(
+            lambda: asyncio.to_thread(self._look_at_storage, prefixes),
+            lambda: StorageHealth(False, None, False, None, f"no answer from the storage in {CHECK_TIMEOUT:g} s"),
+        )
         self._note("storage", found.error if not found.writable else None)
         return found
 
@@ -107,20 +137,21 @@ class HealthChecks:
         return StorageHealth(writable, free, free < self.settings.min_free_bytes, same, error)
 
     async def database(self, read: Callable[[], Awaitable[object]]) -> tuple[float | None, str | None]:
-        """The round trip of ``read()`` in milliseconds, or None and why it failed."""
+        """The round trip of ``read()`` in milliseconds, or None and why it failed (:class:`Recent`)."""
+        round_trip, error = await self._database.get(
+            lambda: self._time(read), lambda: (None, f"no answer in {CHECK_TIMEOUT:g} s")
+        )
+        self._note("state store", error)
+        return round_trip, error
+
+    @staticmethod
+    async def _time(read: Callable[[], Awaitable[object]]) -> tuple[float | None, str | None]:
         started = time.monotonic()
-        error: str | None = None
         try:
-            async with asyncio.timeout(CHECK_TIMEOUT):
-                await read()
-        except TimeoutError:
-            error = f"no answer in {CHECK_TIMEOUT:g} s"
+            await read()
         except Exception as exc:  # whatever the driver raises: the node cannot use its state
             log.debug("the state store failed its health check", exc_info=True)
-            error = f"unreachable ({type(exc).__name__})"
-        self._note("state store", error)
-        if error is not None:
-            return None, error
+            return None, f"unreachable ({type(exc).__name__})"
         return round((time.monotonic() - started) * 1000, 3), None
 
     def _note(self, what: str, error: str | None) -> None:
