@@ -280,7 +280,7 @@ async def test_concurrent_invitations_from_two_store_objects_keep_to_the_limit(o
     stores = [open_stores(), open_stores()]
     asked = [invite(stores[n % 2], limit=3) for n in range(8)]
     outcomes = await asyncio.gather(*asked, return_exceptions=True)
-    assert sum(1 for outcome in outcomes if isinstance(outcome, QuotaExceeded)) == 5
+    assert sum(1 for outcome in outcomes if isinstance(outcome, QuotaExceeded)) == 5, outcomes
     assert [outcome for outcome in outcomes if isinstance(outcome, BaseException)] == [
         outcome for outcome in outcomes if isinstance(outcome, QuotaExceeded)
     ]

@@ -19,6 +19,7 @@ import contextlib
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,9 @@ from typing import Any, Generic, TypeVar
 from . import timing
 
 T = TypeVar("T")
+
+#: Seconds a statement waits for another connection's lock before "database is locked".
+_BUSY_TIMEOUT = 30.0
 
 
 @dataclass(slots=True)
@@ -47,6 +51,24 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+def _enter_wal(connection: sqlite3.Connection) -> None:
+    """Put the file in WAL mode, waiting (up to the busy timeout) for another connection doing the
+    same: SQLite answers a journal-mode change that meets another connection's lock with "database
+    is locked" at once, without its busy handler, which two processes opening a new file at once
+    (``--workers N``'s first start) would otherwise meet."""
+    deadline = time.monotonic() + _BUSY_TIMEOUT
+    pause = 0.001
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)  # on the database thread, as SQLite's own busy handler sleeps
+        pause = min(pause * 2, 0.05)
 
 
 class Database:
@@ -116,9 +138,9 @@ class Database:
         if self._connection is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # Autocommit mode: _run opens and ends every transaction itself.
-            connection = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            connection = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT, isolation_level=None)
             connection.row_factory = sqlite3.Row
-            connection.execute("PRAGMA journal_mode=WAL")
+            _enter_wal(connection)
             connection.execute("PRAGMA synchronous=NORMAL")
             connection.execute("PRAGMA foreign_keys=ON")
             try:
