@@ -63,12 +63,10 @@ class PostgresTokens:
 
         async def insert(db: Connection) -> None:
             if admit is not None:
-                asker = row["description"]
-                await db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"datastore tokens: {asker}",))
-                admit(await fetch_all(db, "SELECT * FROM tokens WHERE description = %s", (asker,)))
+                admit(await fetch_all(db, "SELECT * FROM tokens WHERE description = %s", (row["description"],)))
             await db.execute(statement, [row[column] for column in columns])
 
-        await self._db.run(insert)
+        await self._db.run(insert, lock=None if admit is None else f"datastore tokens: {row['description']}")
 
     async def get(self, token_id: str) -> Row | None:
         return await self._db.read(lambda db: fetch_one(db, "SELECT * FROM tokens WHERE id = %s", (token_id,)))

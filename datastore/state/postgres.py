@@ -140,8 +140,8 @@ MIGRATIONS = (
     Migration(2, STATE_SIGNALS),
 )
 
-#: Taken by every write transaction of the state store, for its duration: writers take turns.
-_WRITE_LOCK = "SELECT pg_advisory_xact_lock(hashtext('datastore: state'))"
+#: The advisory lock every write transaction of the state store takes, for its duration: writers take turns.
+_WRITE_LOCK = "datastore: state"
 
 T = TypeVar("T")
 
@@ -175,7 +175,6 @@ class PostgresState(PostgresJobs):
         events it appended."""
 
         async def transaction(db: Connection) -> tuple[T, list[Event]]:
-            await db.execute(_WRITE_LOCK)
             events: list[Event] = []
             token = appended.set(events)
             try:
@@ -183,7 +182,7 @@ class PostgresState(PostgresJobs):
             finally:
                 appended.reset(token)
 
-        result, events = await self._db.run(transaction)
+        result, events = await self._db.run(transaction, lock=_WRITE_LOCK)
         if events:
             self.on_appended(events)
         return result
@@ -246,12 +245,24 @@ class PostgresState(PostgresJobs):
                     idempotency_key,
                 ),
             )
-            async with db.cursor() as cursor:
-                await cursor.executemany(
-                    "INSERT INTO transfer_files (key, num, name, size, md5, sha256, state, updated_at,"
-                    " upload_metadata) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    [(key, f.num, f.name, f.size, f.md5, f.sha256, f.state, now, f.upload_metadata) for f in records],
-                )
+            # One statement for every file, however many: the columns go as arrays.
+            await db.execute(
+                "INSERT INTO transfer_files (key, num, name, size, md5, sha256, state, updated_at, upload_metadata)"
+                " SELECT %s, num, name, size, md5, sha256, %s, %s, %s"
+                " FROM unnest(%s::bigint[], %s::text[], %s::bigint[], %s::text[], %s::text[])"
+                " AS manifest (num, name, size, md5, sha256)",
+                (
+                    key,
+                    FileState.RESERVED,
+                    now,
+                    upload_metadata,
+                    [f.num for f in records],
+                    [f.name for f in records],
+                    [f.size for f in records],
+                    [f.md5 for f in records],
+                    [f.sha256 for f in records],
+                ),
+            )
             await _insert_events(
                 db,
                 [

@@ -62,24 +62,32 @@ class PostgresCatalogue:
     def __init__(self, url: str, prefix: str) -> None:
         self.prefix = prefix
         self._db = PostgresDatabase(url, "catalogue", MIGRATIONS, max_size=4)
+        #: The advisory lock of this prefix's changes, taken for their transaction.
+        self._lock = f"datastore catalogue: {prefix}"
 
     async def check(self, files: Sequence[Reservation], *, may_take: TakePolicy) -> list[Conflict]:
         return await self._db.read(lambda db: self._conflicts(db, files, may_take))
 
     async def reserve(self, files: Sequence[Reservation], *, may_take: TakePolicy, now: float) -> list[Conflict]:
         async def reserve(db: Connection) -> list[Conflict]:
-            await self._lock(db)
             conflicts = await self._conflicts(db, files, may_take)
             if not conflicts:
-                async with db.cursor() as cursor:
-                    await cursor.executemany(
-                        "INSERT INTO catalogue_pending (prefix, name, fold, size, reserved_at)"
-                        " VALUES (%s, %s, %s, %s, %s)",
-                        [(self.prefix, f.name, fold_name(f.name), f.size, now) for f in files],
-                    )
+                # One statement for every name, however many: the columns go as arrays.
+                await db.execute(
+                    "INSERT INTO catalogue_pending (prefix, name, fold, size, reserved_at)"
+                    " SELECT %s, name, fold, size, %s FROM unnest(%s::text[], %s::text[], %s::bigint[])"
+                    " AS asked (name, fold, size)",
+                    (
+                        self.prefix,
+                        now,
+                        [f.name for f in files],
+                        [fold_name(f.name) for f in files],
+                        [f.size for f in files],
+                    ),
+                )
             return conflicts
 
-        return await self._db.run(reserve)
+        return await self._db.run(reserve, lock=self._lock)
 
     async def is_reserved(self, name: str) -> bool:
         async def read(db: Connection) -> bool:
@@ -93,10 +101,9 @@ class PostgresCatalogue:
 
     async def release(self, name: str) -> None:
         async def release(db: Connection) -> None:
-            await self._lock(db)
             await db.execute("DELETE FROM catalogue_pending WHERE prefix = %s AND name = %s", (self.prefix, name))
 
-        await self._db.run(release)
+        await self._db.run(release, lock=self._lock)
 
     async def reserved_before(self, before: float) -> list[str]:
         async def read(db: Connection) -> list[str]:
@@ -113,15 +120,15 @@ class PostgresCatalogue:
         fold = fold_name(record.name)
 
         async def publish(db: Connection) -> None:
-            await self._lock(db)
-            place = (self.prefix, record.name)
-            await db.execute("DELETE FROM catalogue_pending WHERE prefix = %s AND name = %s", place)
-            await db.execute("DELETE FROM catalogue_files WHERE prefix = %s AND name = %s", place)
-            other = await (
-                await db.execute(
-                    "SELECT name FROM catalogue_files WHERE prefix = %s AND fold = %s", (self.prefix, fold)
-                )
-            ).fetchone()
+            # The name's reservation and its earlier file go, and another name folding alike is
+            # looked for, in one statement (whose look sees the rows as they were before it).
+            other = await fetch_one(
+                db,
+                "WITH reserved AS (DELETE FROM catalogue_pending WHERE prefix = %(prefix)s AND name = %(name)s),"
+                " earlier AS (DELETE FROM catalogue_files WHERE prefix = %(prefix)s AND name = %(name)s)"
+                " SELECT name FROM catalogue_files WHERE prefix = %(prefix)s AND fold = %(fold)s AND name <> %(name)s",
+                {"prefix": self.prefix, "name": record.name, "fold": fold},
+            )
             if other is not None:
                 raise NameTaken(f"{other['name']!r} is published, and folds as {record.name!r} does")
             await db.execute(
@@ -142,7 +149,7 @@ class PostgresCatalogue:
                 ),
             )
 
-        await self._db.run(publish)
+        await self._db.run(publish, lock=self._lock)
 
     async def describe(self, name: str) -> StoredFile | None:
         async def read(db: Connection) -> StoredFile | None:
@@ -162,7 +169,6 @@ class PostgresCatalogue:
 
     async def delete(self, name: str, *, expected: StoredFile | None = None) -> bool:
         async def delete(db: Connection) -> bool:
-            await self._lock(db)
             place = (self.prefix, name)
             if expected is not None:
                 row = await fetch_one(db, "SELECT * FROM catalogue_files WHERE prefix = %s AND name = %s", place)
@@ -171,36 +177,39 @@ class PostgresCatalogue:
             removed = await db.execute("DELETE FROM catalogue_files WHERE prefix = %s AND name = %s", place)
             return removed.rowcount > 0
 
-        return await self._db.run(delete)
+        return await self._db.run(delete, lock=self._lock)
 
     async def close(self) -> None:
         await self._db.close()
 
-    async def _lock(self, db: Connection) -> None:
-        """Take this prefix's turn for the rest of the transaction."""
-        await db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"datastore catalogue: {self.prefix}",))
-
     async def _conflicts(self, db: Connection, files: Sequence[Reservation], may_take: TakePolicy) -> list[Conflict]:
+        folds = [fold_name(file.name) for file in files]
+        # What holds any of the folds asked, in two statements whatever the manifest's length.
+        where = (self.prefix, list(set(folds)))
+        pending = {
+            row["fold"]: str(row["name"])
+            for row in await fetch_all(
+                db, "SELECT name, fold FROM catalogue_pending WHERE prefix = %s AND fold = ANY(%s)", where
+            )
+        }
+        published = {
+            row["fold"]: _stored(row)
+            for row in await fetch_all(db, "SELECT * FROM catalogue_files WHERE prefix = %s AND fold = ANY(%s)", where)
+        }
         conflicts = []
         asked: dict[str, str] = {}
-        for file in files:
-            fold = fold_name(file.name)
+        for file, fold in zip(files, folds, strict=True):
             earlier = asked.get(fold)
             if earlier is not None:
                 conflicts.append(Conflict(file.name, pending=earlier))
                 continue
             asked[fold] = file.name
-            where = (self.prefix, fold)
-            pending = await fetch_one(db, "SELECT name FROM catalogue_pending WHERE prefix = %s AND fold = %s", where)
-            if pending is not None:
-                conflicts.append(Conflict(file.name, pending=pending["name"]))
+            if fold in pending:
+                conflicts.append(Conflict(file.name, pending=pending[fold]))
                 continue
-            row = await (
-                await db.execute("SELECT * FROM catalogue_files WHERE prefix = %s AND fold = %s", where)
-            ).fetchone()
-            published = _stored(row) if row is not None else None
-            if not may_take(file.name, published):
-                conflicts.append(Conflict(file.name, published=published))
+            stored = published.get(fold)
+            if not may_take(file.name, stored):
+                conflicts.append(Conflict(file.name, published=stored))
         return conflicts
 
 

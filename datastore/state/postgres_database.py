@@ -1,5 +1,6 @@
 """A PostgreSQL database used from the event loop: psycopg 3's async connection pool, each unit of
-work one transaction, and the versioned migrations of each component applied at first use.
+work that writes one transaction (its advisory lock taken with its ``BEGIN``), each that reads
+statement by statement, and the versioned migrations of each component applied at first use.
 
 A component (the catalogue, the state store, its jobs, ...) names its schema's migrations in order;
 the versions applied are recorded in ``datastore_schema``. One database object may apply several
@@ -18,11 +19,13 @@ migrate``, which makes the stores ``serve`` makes).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, LiteralString, TypeVar
 
-from psycopg import AsyncConnection
+import psycopg
+from psycopg import AsyncConnection, pq, sql
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -44,12 +47,16 @@ CREATE TABLE IF NOT EXISTS datastore_schema (
 _MIGRATION_LOCK = "SELECT pg_advisory_xact_lock(hashtext('datastore: migrations'))"
 
 
-async def fetch_one(db: Connection, query: LiteralString, params: Sequence[Any] = ()) -> DictRow | None:
+async def fetch_one(
+    db: Connection, query: LiteralString, params: Sequence[Any] | Mapping[str, Any] = ()
+) -> DictRow | None:
     """The first row ``query`` answers, or None."""
     return await (await db.execute(query, params)).fetchone()
 
 
-async def fetch_all(db: Connection, query: LiteralString, params: Sequence[Any] = ()) -> list[DictRow]:
+async def fetch_all(
+    db: Connection, query: LiteralString, params: Sequence[Any] | Mapping[str, Any] = ()
+) -> list[DictRow]:
     """Every row ``query`` answers."""
     return await (await db.execute(query, params)).fetchall()
 
@@ -117,21 +124,37 @@ class PostgresDatabase:
         """The schema version of :attr:`component` this code writes."""
         return _latest(self._components[self.component])
 
-    async def run(self, work: Callable[[Connection], Awaitable[T]]) -> T:
-        """Run ``work(connection)`` in one transaction (committed if it returns, rolled back if it raises)."""
+    async def run(self, work: Callable[[Connection], Awaitable[T]], *, lock: str | None = None) -> T:
+        """Run ``work(connection)`` in one transaction (committed if it returns, rolled back if it
+        raises), first taking the advisory lock named ``lock`` (for the transaction) if given.
+
+        The ``BEGIN`` and the lock go in one round trip: on loopback a round trip is most of a
+        statement's cost, and every write of the state store takes a lock."""
+        begin: sql.SQL | sql.Composed = sql.SQL("BEGIN")
+        if lock is not None:
+            begin = sql.SQL("BEGIN; SELECT pg_advisory_xact_lock(hashtext({}))").format(lock)
         async with timing.transaction():
             pool = await self._open()
-            async with pool.connection() as connection, connection.transaction():
-                return await work(connection)
+            async with pool.connection() as connection:
+                await connection.execute(begin)
+                try:
+                    result = await work(connection)
+                except BaseException:
+                    await _roll_back(connection)
+                    raise
+                await connection.execute("COMMIT")
+                return result
 
     async def read(self, work: Callable[[Connection], Awaitable[T]]) -> T:
-        """Run ``work(connection)``, which only reads, in one read-only transaction."""
+        """Run ``work(connection)``, which only reads, statement by statement (autocommit).
 
-        async def read_only(connection: Connection) -> T:
-            await connection.execute("SET TRANSACTION READ ONLY")
-            return await work(connection)
-
-        return await self.run(read_only)
+        Each statement sees the database as of its start, as it would in a transaction at
+        PostgreSQL's default isolation (read committed): a transaction would add two round trips and
+        no consistency."""
+        async with timing.transaction():
+            pool = await self._open()
+            async with pool.connection() as connection:
+                return await work(connection)
 
     async def _open(self) -> AsyncConnectionPool[Connection]:
         if self._pool is not None:
@@ -171,6 +194,14 @@ class PostgresDatabase:
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
+
+
+async def _roll_back(connection: Connection) -> None:
+    """End the transaction ``work`` raised in, if the connection is still in one; a connection that
+    cannot say (broken, or cut mid-statement) is left to the pool, which discards it."""
+    if connection.pgconn.transaction_status in (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR):
+        with contextlib.suppress(psycopg.Error):
+            await connection.execute("ROLLBACK")
 
 
 def _latest(migrations: Sequence[Migration]) -> int:
