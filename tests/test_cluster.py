@@ -7,7 +7,7 @@ with a node killed and restarted every few seconds.
 Everything is real (``datastore serve`` processes, HAProxy, PostgreSQL) and stopped by PID. Which node
 answered a request is its ``X-Datastore-Node`` header; which node holds an upload is its lease in the
 shared database. Waits are for conditions, bounded; the mixed run's randomness is seeded and its
-loops bounded in count and time (``DATASTORE_CLUSTER_SECONDS`` lengthens it).
+loops bounded in count and time (60 s by default, as the issue asks; ``DATASTORE_CLUSTER_SECONDS`` changes it).
 """
 
 from __future__ import annotations
@@ -467,7 +467,7 @@ async def job_runner(cluster: Cluster, job_id: str) -> str:
 # -- 7. a long mixed run while nodes die ------------------------------------------------------------------
 
 #: Seconds the mixed run lasts (clients start no new operation after it); the env var lengthens it.
-MIXED_SECONDS = float(os.environ.get("DATASTORE_CLUSTER_SECONDS", "30"))
+MIXED_SECONDS = float(os.environ.get("DATASTORE_CLUSTER_SECONDS", "60"))
 #: The seed of the run's choices (sizes, operations, victims, pauses); the env var replays another.
 MIXED_SEED = int(os.environ.get("DATASTORE_CLUSTER_SEED", "13"))
 #: Concurrent clients, and the most operations each makes.
