@@ -80,8 +80,9 @@ test: lint typecheck $(TUSJS)/node_modules/.package-lock.json debian-tools promt
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Benchmarks against nginx on loopback (not part of `make test`); e.g. make bench BENCH_ARGS="--runs 3".
-# Installs Debian's nginx and wrk when missing. Writes bench/results.md and bench/results.json, then
-# runs the transfer-job benchmarks (bench/jobs.py), which add their rows to both.
+# Installs Debian's nginx and wrk when missing. Writes its table and rows into bench/results.md and
+# bench/results.json (the other sections stay), then runs the transfer-job benchmarks (bench/jobs.py),
+# which replace their own section and rows in both.
 bench: $(VENV)/.installed
 	@{ command -v nginx >/dev/null || [ -x /usr/sbin/nginx ]; } && command -v wrk >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

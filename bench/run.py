@@ -5,8 +5,9 @@ Run with ``make bench`` (installs nginx and wrk) or ``.venv/bin/python bench/run
 [--quick] [--no-nginx] [--out DIR]``. Both servers run on 127.0.0.1 with their roots in one temporary
 directory on the same disk; the two are measured alternately, run by run, with the same clients (curl for
 whole-body uploads and downloads, wrk for small GETs, aiohttp for tus and the concurrent uploads). Every upload
-is verified (the store's listing for ours, hashing the stored file for nginx). Writes ``results.md`` and
-``results.json`` to ``--out`` (default: this directory).
+is verified (the store's listing for ours, hashing the stored file for nginx). Writes its table (the head of
+``results.md``, before any ``## `` section) and its rows (``results.json``) to ``--out`` (default: this
+directory), keeping the sections and rows that bench/jobs.py and bench/cluster.py merged into them.
 
 Throughputs are MB/s (10^6 bytes per second, as curl reports them).
 """
@@ -973,23 +974,64 @@ def table_line(row: Row, compared: str) -> str:
     return f"| {row.what} | {row.unit} | {cell(row.ours)} | {compared} | {ratio} | {target} |"
 
 
+#: Where results.md breaks into parts: before every ``## `` title line (the head, run.py's, has none).
+SECTION_BREAK = re.compile(r"\n(?=## )")
+
+
 def merge_section(out: Path, prefix: str, rows: dict[str, Row], extra: dict[str, Any], section: str) -> None:
-    """Put another script's rows (ids starting with ``prefix``) into results.json, with ``extra`` under
-    the prefix's name, and its ``section`` (from its ``## `` title line) into results.md, replacing
-    earlier ones and keeping everything else."""
+    """Put one script's part into results.json and results.md in ``out``, replacing its earlier part where it
+    stands and keeping every other part byte for byte, in its order.
+
+    bench/jobs.py and bench/cluster.py name their rows' ids with a ``prefix`` and store ``extra`` under the
+    prefix's name; a ``section`` starts with its ``## `` title line and replaces the section of that title (a
+    new one goes last). run.py's part has the prefix ``""``: ``extra`` holds its top-level keys (first in the
+    file), its rows are those that no other part's prefix (another top-level key, with ``_``) claims, and its
+    ``section`` is the head of results.md, everything before the first ``## `` line.
+    """
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
-    result: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"rows": []}
-    result["rows"] = [r for r in result.get("rows", []) if not str(r.get("id", "")).startswith(prefix)]
-    result["rows"] += [r.as_json() for r in rows.values()]
-    result[prefix.rstrip("_")] = extra
+    old: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    if prefix:
+        result = {**old, "rows": [], prefix.rstrip("_"): extra}
+        others: tuple[str, ...] = ()
+    else:
+        result = {**extra, "rows": [], **{k: v for k, v in old.items() if k not in extra}}
+        others = tuple(f"{k}_" for k in old if k not in extra and k != "rows")
+
+    def owned(row: dict[str, Any]) -> bool:
+        row_id = str(row.get("id", ""))
+        return row_id.startswith(prefix) if prefix else not row_id.startswith(others)
+
+    old_rows: list[dict[str, Any]] = old.get("rows", [])
+    kept = [row for row in old_rows if not owned(row)]
+    # Where the earlier rows of this part began (the rows before them are all kept); else first or last.
+    at = next((i for i, row in enumerate(old_rows) if owned(row)), len(kept) if prefix else 0)
+    result["rows"] = kept[:at] + [row.as_json() for row in rows.values()] + kept[at:]
     path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    title = section.split("\n", 1)[0]
+
     md = out / "results.md"
-    text = md.read_text() if md.exists() else "# Benchmark results\n"
-    before, _, after = text.partition(f"\n{title}\n")
-    rest = after[after.index("\n## ") :] if "\n## " in after else ""  # the sections after this one
-    md.write_text(f"{before.rstrip()}\n\n{section}{rest}")
+    parts = SECTION_BREAK.split(md.read_text()) if md.exists() else ["# Benchmark results\n"]
+    part = section.rstrip("\n") + "\n"
+    title = part.split("\n", 1)[0]
+    if not prefix:
+        if title.startswith("## ") or SECTION_BREAK.search(part):
+            raise ValueError("run.py's head of results.md must have no ## title line")
+        if parts[0].startswith("## "):
+            parts.insert(0, part)
+        else:
+            parts[0] = part
+        md.write_text("\n".join(parts))
+        return
+    if not title.startswith("## ") or SECTION_BREAK.search(part):
+        raise ValueError(f"a section has one ## title line, its first, not {title!r}")
+    same = [i for i, p in enumerate(parts) if p.startswith("## ") and p.split("\n", 1)[0] == title]
+    if same:
+        parts[same[0]] = part
+        parts = [p for i, p in enumerate(parts) if i not in same[1:]]
+    else:
+        parts[-1] += "" if parts[-1].endswith("\n") else "\n"
+        parts.append(part)
+    md.write_text("\n".join(parts))
 
 
 def markdown(info: dict[str, Any], plan: Plan, rows: dict[str, Row], note: str) -> str:
@@ -1080,11 +1122,9 @@ def main(argv: list[str] | None = None) -> int:
         info["duration_s"] = round(time.monotonic() - started, 1)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    result = {"machine": info, "plan": plan.__dict__, "our_env": OUR_ENV, "rows": [r.as_json() for r in rows.values()]}
-    (args.out / "results.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     text = markdown(info, plan, rows, args.note)
-    (args.out / "results.md").write_text(text)
+    # Its rows and the head of results.md; the sections of bench/jobs.py and bench/cluster.py stay.
+    merge_section(args.out, "", rows, {"machine": info, "plan": plan.__dict__, "our_env": OUR_ENV}, text)
     print(text)
     return 0
 

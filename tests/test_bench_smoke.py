@@ -27,8 +27,27 @@ ROWS = {
 }
 
 
-def test_bench_quick_run_reports_every_row_for_our_server(tmp_path: Path) -> None:
+#: What bench/jobs.py and bench/cluster.py merged into results.md after run.py's head; run.py keeps it.
+OTHER_SECTIONS = (
+    "## Transfer jobs\n\n| jobs table |\n\nNotes:\n\n- a job note\n\n\n"
+    "## Several nodes on PostgreSQL (bench/cluster.py)\n\n| cluster table |\n"
+)
+OTHER_ROWS = [{"id": "jobs_copy_pull", "ours": [271.0]}, {"id": "cluster_put_ms", "ours": [8.7], "nginx": [2.9]}]
+
+
+def test_bench_quick_run_reports_every_row_for_our_server_and_keeps_the_other_sections(tmp_path: Path) -> None:
     out = tmp_path / "out"
+    out.mkdir()
+    earlier = {
+        "machine": {"date": "stale"},
+        "plan": {},
+        "our_env": {},
+        "rows": [{"id": "upload_put", "ours": [1.0]}, {"id": "retired_row"}, *OTHER_ROWS],
+        "jobs": {"machine": {"date": "jobs day"}},
+        "cluster": {"plan": {"runs": 3}},
+    }
+    (out / "results.json").write_text(json.dumps(earlier))
+    (out / "results.md").write_text("# Benchmark results\n\nstale head table\n\n" + OTHER_SECTIONS)
     command = [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--no-nginx"]
     proc = subprocess.run(
         [*command, "--out", str(out), "--tmpdir", str(tmp_path)],
@@ -40,14 +59,22 @@ def test_bench_quick_run_reports_every_row_for_our_server(tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     result = json.loads((out / "results.json").read_text())
-    rows = {row["id"]: row for row in result["rows"]}
-    assert set(rows) == ROWS
+    # run.py's keys first, then the others' as they were; its rows replace its earlier ones (first), theirs stay.
+    assert list(result) == ["machine", "plan", "our_env", "rows", "jobs", "cluster"]
+    assert (result["jobs"], result["cluster"]) == (earlier["jobs"], earlier["cluster"])
+    assert result["rows"][-2:] == OTHER_ROWS
+    rows = {row["id"]: row for row in result["rows"][:-2]}
+    assert set(rows) == ROWS and len(result["rows"]) == len(ROWS) + 2
     for row in rows.values():
         assert len(row["ours"]) == 1 and row["ours"][0] > 0, row
         assert row["nginx"] == [] and row["ratio_ours_nginx"] is None
     assert result["machine"]["nproc"] >= 1 and result["machine"]["python"]
     table = (out / "results.md").read_text()
-    assert "| what | unit | ours median (min" + "\N{EN DASH}" + "max) |" in table
+    head, sep, others = table.partition("\n## ")
+    assert sep + others == "\n" + OTHER_SECTIONS  # byte for byte
+    assert head.startswith("# Benchmark results\n") and table.count("# Benchmark results") == 1
+    assert "stale" not in head and head.count("| what | unit | ours median (min" + "\N{EN DASH}" + "max) |") == 1
+    assert head == proc.stdout[proc.stdout.index("# Benchmark results") :].rstrip("\n") + "\n"
     # The work directory (servers' roots, test files) is gone.
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 

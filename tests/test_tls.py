@@ -58,6 +58,7 @@ from .harness import (
     parse_legacy_reply,
     until,
 )
+from .waiting import WallClock
 
 PREFIX = "files"  # a RecordingHandler
 SHELF = "shelf"  # a DirectoryHandler (it can delete)
@@ -943,6 +944,62 @@ class KeptConnection:
     def close(self) -> None:
         self.tls.close()
 
+    def close_cleanly(self) -> None:
+        """Send close_notify and wait for the server's, as a well-behaved client does, then close.
+
+        A TLS 1.2 server keeps the session of a connection closed so (one closed without it is dropped
+        from its cache when the server lets go of the connection, at a moment no test controls)."""
+        try:
+            self.tls.unwrap()
+        finally:
+            self.tls.close()
+
+
+#: What OpenSSL says of a revoked certificate, in the line the server logs for a failed handshake.
+REVOKED = "certificate revoked"
+
+
+def hung_up(error: BaseException) -> bool:
+    """Whether ``error`` is how a client learns that the server refused it at the handshake.
+
+    asyncio sends no alert after a failed handshake; it closes the connection. The client reads that as
+    an unexpected EOF (in its handshake, TLS 1.2: SSLEOFError; at its first read, TLS 1.3, whose client
+    finishes its half of the handshake first: RemoteDisconnected, a ConnectionResetError), or as a reset
+    where the server left bytes of the client's unread (ConnectionResetError; BrokenPipeError as it
+    writes). A server that does send the alert names it. Anything else (a timeout, the client distrusting
+    the server, an HTTP answer) is no refusal.
+    """
+    if isinstance(error, ConnectionResetError | BrokenPipeError | ssl.SSLEOFError):
+        return True
+    return isinstance(error, ssl.SSLError) and error.reason == "SSLV3_ALERT_CERTIFICATE_REVOKED"
+
+
+def refused_request(port: int, context: ssl.SSLContext, session: ssl.SSLSession | None = None) -> str:
+    """Connect (offering ``session``) and send a request that must be refused (blocking); where the client
+    learnt of it: ``"handshake"`` or ``"request"``. AssertionError if it was answered or failed otherwise."""
+    try:
+        connection = KeptConnection(port, context, session)
+    except Exception as error:
+        assert hung_up(error), repr(error)
+        return "handshake"
+    try:
+        answer = connection.request("GET", f"/{PREFIX}/")
+    except Exception as error:
+        assert hung_up(error), repr(error)
+        return "request"
+    finally:
+        connection.close()
+    raise AssertionError(f"answered {answer[0]}: {answer[2]!r}")
+
+
+async def until_logged(caplog: pytest.LogCaptureFixture, text: str) -> None:
+    """Wait until a datastore log line holds ``text`` (the server logs on its loop, after the client saw the end)."""
+    await until(
+        lambda: any(text in r.getMessage() for r in caplog.records if r.name.startswith("datastore")),
+        f"the server logged {text!r}",
+        timeout=WAIT,
+    )
+
 
 async def keep(store: TlsStore, client: ClientCert, version: ssl.TLSVersion | None = None) -> KeptConnection:
     return await asyncio.to_thread(KeptConnection, store.server.port, store.pki.context(client, version))
@@ -1010,41 +1067,53 @@ def staged_size(staging: Path) -> int:
     return sum(entry.stat().st_size for entry in staging.iterdir()) if staging.exists() else 0
 
 
-@pytest.mark.parametrize("version", TLS_VERSIONS)
-async def test_tls_sessions_are_never_resumed_so_a_revoked_certificate_meets_a_full_handshake(
-    store: TlsStore, ada: ClientCert, version: ssl.TLSVersion
+async def test_tls13_sessions_are_never_resumed_so_a_revoked_certificate_meets_a_full_handshake(
+    store: TlsStore, ada: ClientCert, caplog: pytest.LogCaptureFixture, access_log: Callable[[], list[str]]
 ) -> None:
-    context = store.pki.context(ada, version)
+    caplog.set_level(logging.DEBUG, logger="datastore.http.connections")
+    context = store.pki.context(ada, ssl.TLSVersion.TLSv1_3)
     first = await asyncio.to_thread(KeptConnection, store.server.port, context)
     assert (await asyncio.to_thread(first.request, "GET", f"/{PREFIX}/"))[0] == 200
     session = first.tls.session
-    first.close()
+    await asyncio.to_thread(first.close_cleanly)
+    # The store sends no session ticket, the only way TLS 1.3 resumes: there is nothing to resume.
+    assert session is not None and not session.has_ticket
     again = await asyncio.to_thread(KeptConnection, store.server.port, context, session)
-    assert not again.tls.session_reused
-    again.close()
+    try:
+        assert not again.tls.session_reused
+    finally:
+        await asyncio.to_thread(again.close_cleanly)
 
     await revoke(store, "ada")
+    calls, requests = list(store.handler.calls), access_log()
 
-    def resume() -> None:
-        connection = KeptConnection(store.server.port, context, session)
-        try:
-            connection.request("GET", f"/{PREFIX}/")
-        finally:
-            connection.close()
-
-    with pytest.raises((ConnectionError, ssl.SSLError, http.client.HTTPException)):
-        await asyncio.to_thread(resume)
+    # The client finishes its half of the handshake; the server's check of its certificate fails, and the
+    # client learns it at its first read.
+    assert await asyncio.to_thread(refused_request, store.server.port, context, session) == "request"
+    await until_logged(caplog, REVOKED)
+    assert (store.handler.calls, access_log()) == (calls, requests)
 
 
-async def test_a_resumed_session_of_a_revoked_certificate_is_refused_by_the_per_request_check(
-    pki: Pki, ada: ClientCert, tmp_path: Path
+@pytest.mark.parametrize(
+    "tickets",
+    [
+        # The store's own context: no tickets, but a TLS 1.2 server keeps the sessions it made by their ID
+        # (Python's ssl module offers no way to turn that cache off).
+        pytest.param(False, id="session-id"),
+        # An application may hand the server a context of its own, with session tickets on.
+        pytest.param(True, id="ticket"),
+    ],
+)
+async def test_a_resumed_tls12_session_of_a_revoked_certificate_is_refused_by_the_per_request_check(
+    pki: Pki, ada: ClientCert, tmp_path: Path, caplog: pytest.LogCaptureFixture, tickets: bool
 ) -> None:
-    # An application may hand the server a context of its own, with session tickets on.
+    caplog.set_level(logging.DEBUG, logger="datastore.http.connections")
     context = await asyncio.to_thread(
         server_context, pki.certs.path("server", "pem"), pki.certs.path("server", "key"), [pki.ca_pem], pki.crl
     )
-    context.options &= ~ssl.OP_NO_TICKET
-    context.num_tickets = 2
+    if tickets:
+        context.options &= ~ssl.OP_NO_TICKET
+        context.num_tickets = 2
     root = tmp_path / "own-context"
     crl = await asyncio.to_thread(CrlReloader, context, pki.crl)
     server = HTTPSTransferServer(make_settings(root, tmp_path / "state"), context, crl=crl)
@@ -1055,30 +1124,38 @@ async def test_a_resumed_session_of_a_revoked_certificate_is_refused_by_the_per_
         first = await asyncio.to_thread(KeptConnection, server.port, client)
         assert (await asyncio.to_thread(first.request, "GET", f"/{PREFIX}/"))[0] == 200
         session = first.tls.session
-        first.close()
+        await asyncio.to_thread(first.close_cleanly)
         await asyncio.to_thread(pki.certs.revoke, "ada")
         await server.reload()
 
         resumed = await asyncio.to_thread(KeptConnection, server.port, client, session)
         try:
+            # The abbreviated handshake skipped the CRL; the request's own check does not.
             assert resumed.tls.session_reused
-            status, closing, _ = await asyncio.to_thread(resumed.request, "GET", f"/{PREFIX}/")
+            status, closing, body = await asyncio.to_thread(resumed.request, "GET", f"/{PREFIX}/")
             assert (status, closing) == (403, "close")
+            assert body == b"Client certificate refused: the client certificate has been revoked\n"
         finally:
             resumed.close()
+        # Without the session, the revoked certificate meets a full handshake, and the CRL there.
+        assert await asyncio.to_thread(refused_request, server.port, client) == "handshake"
+        await until_logged(caplog, REVOKED)
     finally:
         await server.stop()
 
 
 async def test_a_certificate_that_expires_while_its_connection_is_open_is_refused_from_then_on(
-    store: TlsStore,
+    store: TlsStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    expires = now() + datetime.timedelta(seconds=3)
+    # Valid for a day by the real clock, which the handshake reads; then the store's clock (the one the
+    # per-request check reads) moves past its end, so the test never races a short lifetime.
+    expires = now() + DAY
     brief = await asyncio.to_thread(store.pki.mint, "brief", not_after=expires)
     connection = await keep(store, brief)
     try:
         assert (await asyncio.to_thread(connection.request, "GET", f"/{PREFIX}/"))[0] == 200
-        await until(lambda: time.time() > expires.timestamp(), "the certificate expired", timeout=WAIT)
+        WallClock(monkeypatch).advance(DAY.total_seconds() + 60)
+        assert time.time() > expires.timestamp()
 
         status, _, body = await asyncio.to_thread(connection.request, "GET", f"/{PREFIX}/")
 
@@ -1196,26 +1273,32 @@ def test_an_administrator_subject_that_is_no_rfc_4514_name_is_refused_at_start(s
         make_settings(tmp_path / "root", tmp_path / "state", admin_subjects=(subject,))
 
 
-async def test_silent_connections_to_the_tls_port_count_against_the_cap_until_their_handshake_times_out(
+async def test_silent_connections_to_the_tls_port_count_against_the_cap_during_their_handshake(
+    start_store: StartStore, ada: ClientCert, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A handshake time far beyond anything the test waits for: the silent ones are still counted when the
+    # ninth arrives, however slow the machine.
+    store = await start_store(max_connections=8, tls_handshake_timeout=10 * WAIT)
+    silent = [await asyncio.open_connection("127.0.0.1", store.server.port) for _ in range(8)]
+    try:
+        # The ninth, a real client, finds the store full: closed before its handshake.
+        assert await asyncio.to_thread(refused_request, store.server.port, store.pki.context(ada)) == "handshake"
+        await until_logged(caplog, "refused 1 connection(s): the store holds 8 connections, as many as it may")
+    finally:
+        for _, writer in silent:
+            writer.close()
+
+
+async def test_silent_connections_to_the_tls_port_are_dropped_when_their_handshake_times_out(
     start_store: StartStore, ada: ClientCert
 ) -> None:
     store = await start_store(max_connections=8, tls_handshake_timeout=1.0)
     silent = [await asyncio.open_connection("127.0.0.1", store.server.port) for _ in range(8)]
     try:
-        # The ninth, a real client, finds the store full: closed before its handshake.
-        def ninth() -> None:
-            connection = KeptConnection(store.server.port, store.pki.context(ada))
-            try:
-                connection.request("GET", "/")
-            finally:
-                connection.close()
-
-        with pytest.raises((ConnectionError, ssl.SSLError, http.client.HTTPException)):
-            await asyncio.to_thread(ninth)
-        # The silent ones are dropped when their handshake time is up; then the store serves again.
         for reader, _ in silent:
             async with asyncio.timeout(WAIT):
                 assert await reader.read() == b""
+        # Dropped, they give their places back (while held, a ninth is refused: the test above).
         assert (await store.request(ada, "GET", f"/{PREFIX}/")).status == 200
     finally:
         for _, writer in silent:

@@ -72,6 +72,8 @@ def server_context(certificate: Path, key: Path, client_cas: Sequence[Path], crl
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(_TLS12_CIPHERS)
+    # No TLS 1.2 tickets; OpenSSL still keeps TLS 1.2 sessions by their ID (the ssl module cannot turn that
+    # cache off), so a TLS 1.2 client may resume one: certificate_identity checks every request.
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_TICKET
     # No TLS 1.3 session tickets either: a resumed session skips the certificate check.
     context.num_tickets = 0
