@@ -6,7 +6,8 @@ event log and its transactions (component ``jobs`` of ``datastore_schema``).
 taking the state store's turn as every write does (``postgres.py``). Every state change is an
 UPDATE guarded by the states ``jobs.states``' tables let the step leave and, for a runner's steps,
 by the lease's holder; the step's events go in the same transaction. How rows read back as jobs,
-files and attempts, and what the events of a job say, is shared with ``sqlite_jobs.py``.
+files and attempts, and what the events of a job say, is shared with ``sqlite_jobs.py``
+(``job_records.py``).
 """
 
 from __future__ import annotations
@@ -22,9 +23,7 @@ from psycopg.rows import DictRow
 from ..jobs.states import (
     CLEARABLE_JOB_STATES,
     FILE_STATE_UNDER_JOB,
-    FINAL_JOB_STATES,
     JOB_STATE_EVENTS,
-    OPEN_FILE_STATES,
     REPRIORITIZABLE_JOB_STATES,
     FailureReason,
     FileJobState,
@@ -38,22 +37,26 @@ from ..jobs.states import (
 )
 from ..lifecycle.states import EventType
 from ..security.identity import Identity
+from .job_records import (
+    FINAL,
+    OUTCOMES,
+    RUNNABLE,
+    UNFINISHED,
+    UNSETTLED,
+    attempt_from_row,
+    destination_host,
+    file_event,
+    handle_json,
+    job_event,
+    job_file_from_row,
+    job_from_row,
+    new_job_id,
+    settings_json,
+)
 from .jobs import Attempt, ClaimedFile, Claims, Job, JobFile, JobQuota, JobSpec, Lease, RunnerLimits
 from .postgres_database import Connection, Migration, PostgresDatabase, fetch_all, fetch_one
 from .postgres_events import insert_events
 from .postgres_signals import JOB_SIGNALS
-from .sqlite_jobs import (
-    _OUTCOMES,
-    _attempt,
-    _file,
-    _file_event,
-    _handle_json,
-    _host,
-    _job,
-    _job_event,
-    _settings_json,
-    new_job_id,
-)
 
 MIGRATIONS = (
     Migration(
@@ -156,14 +159,6 @@ T = TypeVar("T")
 
 _F = FileJobState
 _J = JobState
-#: Job states in which a runner works on the job's files.
-_RUNNABLE = (_J.QUEUED, _J.ACTIVE)
-#: Job states whose files wait for a resume (a file ending its attempt then takes the job's state).
-_HALTED_FILES = (_F.PAUSED, _F.USER_STOPPED)
-#: The files that keep their job from settling.
-_UNSETTLED = tuple(sorted(OPEN_FILE_STATES | set(_HALTED_FILES)))
-_FINAL = tuple(s for s in JobState if s in FINAL_JOB_STATES)
-_UNFINISHED = tuple(s for s in JobState if s not in FINAL_JOB_STATES)
 
 
 def _in(states: Sequence[object]) -> str:
@@ -194,8 +189,8 @@ class PostgresJobs:
             counted = await fetch_one(
                 db,
                 "SELECT COUNT(*) AS n FROM (SELECT 1 FROM jobs WHERE owner_id IS NOT DISTINCT FROM %s"
-                f" AND state IN {_in(_UNFINISHED)} LIMIT %s) AS open_jobs",
-                (owner.principal, *_UNFINISHED, quota.jobs),
+                f" AND state IN {_in(UNFINISHED)} LIMIT %s) AS open_jobs",
+                (owner.principal, *UNFINISHED, quota.jobs),
             )
             assert counted is not None
             quota.check(int(counted["n"]), len(spec.files))
@@ -212,7 +207,7 @@ class PostgresJobs:
                     owner.principal,
                     state,
                     spec.priority,
-                    _settings_json(spec),
+                    settings_json(spec),
                     spec.submission_id,
                     spec.source_token,
                     spec.destination_token,
@@ -235,7 +230,7 @@ class PostgresJobs:
                             i,
                             f.source,
                             f.destination,
-                            _host(f.destination),
+                            destination_host(f.destination),
                             f.size,
                             f.size,
                             f.md5,
@@ -274,9 +269,9 @@ class PostgresJobs:
                 seq=seq,
             )
             total = sum(f.size or 0 for f in spec.files)
-            events = [_job_event(EventType.JOB_SUBMITTED, job, size=total)]
+            events = [job_event(EventType.JOB_SUBMITTED, job, size=total)]
             if commit:
-                events.append(_job_event(JOB_STATE_EVENTS[state], job))
+                events.append(job_event(JOB_STATE_EVENTS[state], job))
             await insert_events(db, events)
             return job, True
 
@@ -294,7 +289,7 @@ class PostgresJobs:
                 " ORDER BY a.started_at, a.idx, a.number",
                 (job_id,),
             )
-            return [_attempt(row) for row in rows]
+            return [attempt_from_row(row) for row in rows]
 
         return await self._db.read(read)
 
@@ -312,7 +307,7 @@ class PostgresJobs:
             rows = await fetch_all(
                 db, f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY seq LIMIT %s", (*values, limit)
             )
-            return [_job(row) for row in rows]
+            return [job_from_row(row) for row in rows]
 
         return await self._db.read(read)
 
@@ -353,13 +348,13 @@ class PostgresJobs:
                 values["committed_at"] = now
             if step in (JobStep.RETRY, JobStep.RESUME):
                 values["finished_at"] = None
-            if after in _FINAL:
+            if after in FINAL:
                 values["finished_at"] = now
             await _update_job(db, seq, before, values)
             job = await _load(db, seq=seq)
             assert job is not None
-            await insert_events(db, [_job_event(JOB_STATE_EVENTS[after], job, reason=reason)])
-            if after in _RUNNABLE or after is _J.PAUSED:
+            await insert_events(db, [job_event(JOB_STATE_EVENTS[after], job, reason=reason)])
+            if after in RUNNABLE or after is _J.PAUSED:
                 return await _settle(db, job, now) or job
             return job
 
@@ -392,7 +387,7 @@ class PostgresJobs:
             await db.execute("UPDATE job_files SET priority = %s WHERE job_seq = %s", (priority, row["seq"]))
             job = await _load(db, seq=row["seq"])
             assert job is not None
-            await insert_events(db, [_job_event(EventType.JOB_PRIORITY, job, reason=str(priority))])
+            await insert_events(db, [job_event(EventType.JOB_PRIORITY, job, reason=str(priority))])
             return job
 
         result: Job | None = await self._run(change)
@@ -443,10 +438,10 @@ class PostgresJobs:
                         "SELECT f.job_seq, f.idx, f.host, f.priority, j.owner_id"
                         " FROM job_files f JOIN jobs j ON j.seq = f.job_seq"
                         " WHERE f.state = %s AND f.host = %s AND f.not_before <= %s"
-                        f" AND j.state IN {_in(_RUNNABLE)} AND f.job_seq <> ALL(%s::bigint[])"
+                        f" AND j.state IN {_in(RUNNABLE)} AND f.job_seq <> ALL(%s::bigint[])"
                         " AND COALESCE(j.owner_id, '') <> ALL(%s::text[])"
                         " ORDER BY f.priority DESC, f.job_seq, f.idx LIMIT 1",
-                        (_F.QUEUED, host, now, *_RUNNABLE, full_jobs, full_owners),
+                        (_F.QUEUED, host, now, *RUNNABLE, full_jobs, full_owners),
                     )
                     if row is not None:
                         candidates.append(row)
@@ -496,7 +491,7 @@ class PostgresJobs:
             await db.execute(
                 "UPDATE job_files SET bytes = %s, rate = %s, handle = COALESCE(%s, handle)"
                 " WHERE job_seq = %s AND idx = %s",
-                (bytes, rate, _handle_json(handle), row["job_seq"], index),
+                (bytes, rate, handle_json(handle), row["job_seq"], index),
             )
             if resumed:
                 await db.execute(
@@ -506,9 +501,10 @@ class PostgresJobs:
             if announce:
                 job = await _load(db, seq=row["job_seq"], files=False)
                 assert job is not None
-                await insert_events(
-                    db, [_file_event(EventType.JOB_FILE_PROGRESS, job, _file(row), bytes=bytes, size=row["size"])]
+                event = file_event(
+                    EventType.JOB_FILE_PROGRESS, job, job_file_from_row(row), bytes=bytes, size=row["size"]
                 )
+                await insert_events(db, [event])
             return True
 
         result: bool = await self._run(record)
@@ -523,7 +519,7 @@ class PostgresJobs:
                 return False
             await db.execute(
                 "UPDATE job_files SET handle = %s, size = COALESCE(%s, size) WHERE job_seq = %s AND idx = %s",
-                (_handle_json(handle), size, row["job_seq"], index),
+                (handle_json(handle), size, row["job_seq"], index),
             )
             return True
 
@@ -553,7 +549,7 @@ class PostgresJobs:
             seq = row["job_seq"]
             reached = row["bytes"] if bytes is None else bytes
             job_state = JobState(row["job_state"])
-            label, event_type = _OUTCOMES[outcome]
+            label, event_type = OUTCOMES[outcome]
             state = file_target(outcome)
             if outcome is not JobStep.FINISH and job_state in FILE_STATE_UNDER_JOB:
                 state, label, event_type = (
@@ -576,7 +572,7 @@ class PostgresJobs:
                     idle,
                     md5,
                     sha256,
-                    _handle_json(handle),
+                    handle_json(handle),
                     now if state in (_F.FINISHED, _F.FAILED) else None,
                     now,
                     seq,
@@ -590,11 +586,11 @@ class PostgresJobs:
             )
             job = await _load(db, seq=seq, files=False)
             assert job is not None
-            file = _file({**row, "state": state})
+            file = job_file_from_row({**row, "state": state})
             await insert_events(
                 db,
                 [
-                    _file_event(
+                    file_event(
                         event_type, job, file, bytes=reached, size=row["size"], md5=md5, sha256=sha256, reason=reason
                     )
                 ],
@@ -654,7 +650,7 @@ class PostgresJobs:
     async def purge_jobs(self, before: float) -> int:
         async def purge(db: Connection) -> int:
             removed = await db.execute(
-                f"DELETE FROM jobs WHERE state IN {_in(_FINAL)} AND finished_at < %s", (*_FINAL, before)
+                f"DELETE FROM jobs WHERE state IN {_in(FINAL)} AND finished_at < %s", (*FINAL, before)
             )
             return removed.rowcount
 
@@ -666,8 +662,8 @@ async def _next_due(db: Connection, now: float) -> float | None:
     row = await fetch_one(
         db,
         "SELECT MIN(f.not_before) AS due FROM job_files f JOIN jobs j ON j.seq = f.job_seq"
-        f" WHERE f.state = %s AND f.not_before > %s AND j.state IN {_in(_RUNNABLE)}",
-        (_F.QUEUED, now, *_RUNNABLE),
+        f" WHERE f.state = %s AND f.not_before > %s AND j.state IN {_in(RUNNABLE)}",
+        (_F.QUEUED, now, *RUNNABLE),
     )
     return None if row is None or row["due"] is None else float(row["due"])
 
@@ -694,9 +690,9 @@ async def _claim(db: Connection, seq: int, index: int, holder: str, *, lease: fl
         )
         job = await _load(db, seq=seq, files=False)
         assert job is not None
-        events.append(_job_event(EventType.JOB_ACTIVE, job))
-    file = _file(row)
-    events.append(_file_event(EventType.JOB_FILE_STARTED, job, file, bytes=file.bytes, size=file.size))
+        events.append(job_event(EventType.JOB_ACTIVE, job))
+    file = job_file_from_row(row)
+    events.append(file_event(EventType.JOB_FILE_STARTED, job, file, bytes=file.bytes, size=file.size))
     await insert_events(db, events)
     return ClaimedFile(job, file, row["attempts"])
 
@@ -708,8 +704,8 @@ async def _settle(db: Connection, job: Job, now: float) -> Job | None:
         return None
     left = await fetch_one(
         db,
-        f"SELECT 1 FROM job_files WHERE job_seq = %s AND state IN {_in(_UNSETTLED)} LIMIT 1",
-        (job.seq, *_UNSETTLED),
+        f"SELECT 1 FROM job_files WHERE job_seq = %s AND state IN {_in(UNSETTLED)} LIMIT 1",
+        (job.seq, *UNSETTLED),
     )
     if left is not None:
         return None
@@ -724,7 +720,7 @@ async def _settle(db: Connection, job: Job, now: float) -> Job | None:
     await _update_job(db, job.seq, job.state, {"state": after, "finished_at": now, "updated_at": now})
     settled = await _load(db, seq=job.seq)
     assert settled is not None
-    await insert_events(db, [_job_event(JOB_STATE_EVENTS[after], settled)])
+    await insert_events(db, [job_event(JOB_STATE_EVENTS[after], settled)])
     return settled
 
 
@@ -754,8 +750,8 @@ async def _load(db: Connection, *, job_id: str | None = None, seq: int | None = 
         row = await fetch_one(db, "SELECT * FROM jobs WHERE seq = %s", (seq,))
     if row is None:
         return None
-    job = _job(row)
+    job = job_from_row(row)
     if not files:
         return job
     rows = await fetch_all(db, "SELECT * FROM job_files WHERE job_seq = %s ORDER BY idx", (row["seq"],))
-    return replace(job, files=tuple(_file(f) for f in rows))
+    return replace(job, files=tuple(job_file_from_row(f) for f in rows))
