@@ -6,14 +6,13 @@ event log and its transactions (component ``jobs`` of ``datastore_schema``).
 taking the state store's turn as every write does (``postgres.py``). Every state change is an
 UPDATE guarded by the states ``jobs.states``' tables let the step leave and, for a runner's steps,
 by the lease's holder; the step's events go in the same transaction. How rows read back as jobs,
-files and attempts, and what the events of a job say, is shared with ``sqlite_jobs.py``
-(``job_records.py``).
+files and attempts, what the events of a job say and what its steps decide is shared with
+``sqlite_jobs.py`` (``job_records.py``).
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -21,39 +20,44 @@ from typing import Any, TypeVar
 from psycopg.rows import DictRow
 
 from ..jobs.states import (
-    CLEARABLE_JOB_STATES,
-    FILE_STATE_UNDER_JOB,
     JOB_STATE_EVENTS,
     REPRIORITIZABLE_JOB_STATES,
     FailureReason,
     FileJobState,
     JobState,
     JobStep,
-    file_sources,
-    file_target,
     job_sources,
-    job_target,
-    settled_state,
 )
 from ..lifecycle.states import EventType
 from ..security.identity import Identity
 from .job_records import (
     FINAL,
-    OUTCOMES,
     RUNNABLE,
     UNFINISHED,
     UNSETTLED,
+    Slots,
+    attempt_end,
     attempt_from_row,
+    clearable,
     destination_host,
+    expire_jobs,
     file_event,
     handle_json,
     job_event,
     job_file_from_row,
     job_from_row,
+    lease_of,
     new_job_id,
     settings_json,
+    settings_with_priority,
+    settled_in,
+    started_events,
+    step_changes,
+    submission_events,
+    submission_state,
+    submitted_job,
 )
-from .jobs import Attempt, ClaimedFile, Claims, Job, JobFile, JobQuota, JobSpec, Lease, RunnerLimits
+from .jobs import Attempt, ClaimedFile, Claims, Job, JobQuota, JobSpec, Lease, RunnerLimits
 from .postgres_database import Connection, Migration, PostgresDatabase, fetch_all, fetch_one
 from .postgres_events import insert_events
 from .postgres_signals import JOB_SIGNALS
@@ -194,7 +198,7 @@ class PostgresJobs:
             )
             assert counted is not None
             quota.check(int(counted["n"]), len(spec.files))
-            state = (_J.AWAITING_ACCEPTANCE if invite else _J.QUEUED) if commit else _J.SUBMITTED
+            state = submission_state(commit=commit, invite=invite)
             job_id = new_job_id()
             inserted = await fetch_one(
                 db,
@@ -242,37 +246,8 @@ class PostgresJobs:
                         for i, f in enumerate(spec.files)
                     ],
                 )
-            # The job as _load would read it back (without reading it: a submission is one insert).
-            file_state = FileJobState(state)
-            job = Job(
-                id=job_id,
-                owner=Identity.from_principal(owner.principal, owner.dn),
-                state=state,
-                spec=replace(spec, files=()),
-                created_at=now,
-                updated_at=now,
-                files=tuple(
-                    JobFile(
-                        i,
-                        f.source,
-                        f.destination,
-                        f.size,
-                        f.md5,
-                        f.sha256,
-                        file_state,
-                        updated_at=now,
-                        declared_size=f.size,
-                    )
-                    for i, f in enumerate(spec.files)
-                ),
-                committed_at=now if commit else None,
-                seq=seq,
-            )
-            total = sum(f.size or 0 for f in spec.files)
-            events = [job_event(EventType.JOB_SUBMITTED, job, size=total)]
-            if commit:
-                events.append(job_event(JOB_STATE_EVENTS[state], job))
-            await insert_events(db, events)
+            job = submitted_job(job_id, owner, spec, state, commit=commit, now=now, seq=seq)
+            await insert_events(db, submission_events(job))
             return job, True
 
         result: tuple[Job, bool] = await self._run(submit)
@@ -317,44 +292,29 @@ class PostgresJobs:
             if row is None or JobState(row["state"]) not in job_sources(step):
                 return None
             before = JobState(row["state"])
-            after = job_target(before, step)
             seq = row["seq"]
-            file_states = file_sources(step)
-            if step is JobStep.RESUME:
-                # Files a runner still holds go on; a stop asked of them no longer is.
+            changes = step_changes(before, step, now=now, reason=reason)
+            if changes.unask_stop:
                 await db.execute(
                     "UPDATE job_files SET stop_request = NULL WHERE job_seq = %s AND state = %s", (seq, _F.ACTIVE)
                 )
-            if step in (JobStep.PAUSE, JobStep.STOP, JobStep.EXPIRE):
-                # Held files are asked to stop; they take the job's state when their attempt ends.
+            if changes.ask_stop:
                 await db.execute(
                     "UPDATE job_files SET stop_request = %s WHERE job_seq = %s AND state = %s", (step, seq, _F.ACTIVE)
                 )
-                file_states = tuple(s for s in file_states if s is not _F.ACTIVE)
-            changes: dict[str, object] = {"state": file_target(step), "updated_at": now}
-            if step is JobStep.RETRY:
+            if changes.rebase_attempts:
                 await db.execute("UPDATE job_files SET attempts_base = attempts WHERE job_seq = %s", (seq,))
-                changes.update(idle_attempts=0, not_before=0.0, reason=None, error=None)
-            if step in (JobStep.RESUME, JobStep.RETRY):
-                changes["not_before"] = 0.0
-            if file_states:
-                assignments = ", ".join(f"{column} = %s" for column in changes)
+            if changes.file_states:
+                assignments = ", ".join(f"{column} = %s" for column in changes.file_values)
                 await db.execute(
-                    f"UPDATE job_files SET {assignments} WHERE job_seq = %s AND state IN {_in(file_states)}",
-                    (*changes.values(), seq, *file_states),
+                    f"UPDATE job_files SET {assignments} WHERE job_seq = %s AND state IN {_in(changes.file_states)}",
+                    (*changes.file_values.values(), seq, *changes.file_states),
                 )
-            values: dict[str, object] = {"state": after, "updated_at": now, "reason": reason}
-            if step is JobStep.COMMIT:
-                values["committed_at"] = now
-            if step in (JobStep.RETRY, JobStep.RESUME):
-                values["finished_at"] = None
-            if after in FINAL:
-                values["finished_at"] = now
-            await _update_job(db, seq, before, values)
+            await _update_job(db, seq, before, changes.job_values)
             job = await _load(db, seq=seq)
             assert job is not None
-            await insert_events(db, [job_event(JOB_STATE_EVENTS[after], job, reason=reason)])
-            if after in RUNNABLE or after is _J.PAUSED:
+            await insert_events(db, [job_event(JOB_STATE_EVENTS[changes.after], job, reason=reason)])
+            if changes.may_settle:
                 return await _settle(db, job, now) or job
             return job
 
@@ -380,9 +340,9 @@ class PostgresJobs:
             )
             if row is None:
                 return None
-            spec = {**json.loads(row["spec"]), "priority": priority}
+            settings = settings_with_priority(row["spec"], priority)
             await db.execute(
-                "UPDATE jobs SET priority = %s, spec = %s WHERE seq = %s", (priority, json.dumps(spec), row["seq"])
+                "UPDATE jobs SET priority = %s, spec = %s WHERE seq = %s", (priority, settings, row["seq"])
             )
             await db.execute("UPDATE job_files SET priority = %s WHERE job_seq = %s", (priority, row["seq"]))
             job = await _load(db, seq=row["seq"])
@@ -396,9 +356,7 @@ class PostgresJobs:
     async def clear(self, job_id: str) -> Job | None:
         async def clear(db: Connection) -> Job | None:
             job = await _load(db, job_id=job_id)
-            if job is None or job.state not in CLEARABLE_JOB_STATES:
-                return None
-            if any(f.state is _F.ACTIVE for f in job.files):
+            if job is None or not clearable(job):
                 return None
             await db.execute("DELETE FROM jobs WHERE seq = %s", (job.seq,))
             return job
@@ -416,22 +374,19 @@ class PostgresJobs:
                 " WHERE f.state = %s",
                 (_F.ACTIVE,),
             )
-            jobs = Counter(row["job_seq"] for row in active)
-            hosts = Counter(row["host"] for row in active)
-            owners = Counter(row["owner_id"] or "" for row in active)
+            slots = Slots(limits, active)
             queued_hosts = [
                 row["host"]
                 for row in await fetch_all(db, "SELECT DISTINCT host FROM job_files WHERE state = %s", (_F.QUEUED,))
             ]
             claimed: list[ClaimedFile] = []
-            while len(claimed) < count and len(active) + len(claimed) < limits.total:
+            while len(claimed) < count and slots.left():
                 # Per host below its limit, the first due file of a job and owner below theirs, in the
                 # queue's order; the best of them is the one to claim.
-                full_jobs = [seq for seq, n in jobs.items() if n >= limits.per_job]
-                full_owners = [owner for owner, n in owners.items() if n >= limits.per_owner]
+                full_jobs, full_owners = slots.full_jobs(), slots.full_owners()
                 candidates = []
                 for host in queued_hosts:
-                    if hosts[host] >= limits.per_host:
+                    if not slots.host_open(host):
                         continue
                     row = await fetch_one(
                         db,
@@ -447,11 +402,8 @@ class PostgresJobs:
                         candidates.append(row)
                 if not candidates:
                     break
-                best = min(candidates, key=lambda r: (-r["priority"], r["job_seq"], r["idx"]))
+                best = slots.take(candidates)
                 claimed.append(await _claim(db, best["job_seq"], best["idx"], holder, lease=lease, now=now))
-                jobs[best["job_seq"]] += 1
-                hosts[best["host"]] += 1
-                owners[best["owner_id"] or ""] += 1
             return Claims(tuple(claimed), await _next_due(db, now))
 
         result: Claims = await self._run(claim)
@@ -467,7 +419,7 @@ class PostgresJobs:
                 "UPDATE job_files SET lease_until = %s WHERE job_seq = %s AND idx = %s",
                 (now + lease, row["job_seq"], index),
             )
-            return Lease(True, row["stop_request"], JobState(row["job_state"]))
+            return lease_of(row)
 
         result: Lease = await self._run(renew)
         return result
@@ -547,33 +499,23 @@ class PostgresJobs:
             if row is None:
                 return None
             seq = row["job_seq"]
-            reached = row["bytes"] if bytes is None else bytes
-            job_state = JobState(row["job_state"])
-            label, event_type = OUTCOMES[outcome]
-            state = file_target(outcome)
-            if outcome is not JobStep.FINISH and job_state in FILE_STATE_UNDER_JOB:
-                state, label, event_type = (
-                    FILE_STATE_UNDER_JOB[job_state],
-                    "interrupted",
-                    EventType.JOB_FILE_INTERRUPTED,
-                )
-            idle = row["idle_attempts"] + 1 if reached <= row["bytes_at_start"] and outcome is not JobStep.FINISH else 0
+            ended = attempt_end(row, outcome, bytes=bytes, now=now)
             await db.execute(
                 "UPDATE job_files SET state = %s, bytes = %s, rate = 0, claimed_by = NULL, lease_until = NULL,"
                 " stop_request = NULL, reason = %s, error = %s, not_before = %s, idle_attempts = %s,"
                 " published_md5 = COALESCE(%s, published_md5), published_sha256 = COALESCE(%s, published_sha256),"
                 " handle = COALESCE(%s, handle), finished_at = %s, updated_at = %s WHERE job_seq = %s AND idx = %s",
                 (
-                    state,
-                    reached,
+                    ended.state,
+                    ended.bytes,
                     reason,
                     error,
                     not_before,
-                    idle,
+                    ended.idle_attempts,
                     md5,
                     sha256,
                     handle_json(handle),
-                    now if state in (_F.FINISHED, _F.FAILED) else None,
+                    ended.finished_at,
                     now,
                     seq,
                     index,
@@ -582,19 +524,11 @@ class PostgresJobs:
             await db.execute(
                 "UPDATE job_attempts SET ended_at = %s, bytes = %s, outcome = %s, reason = %s, error = %s"
                 " WHERE job_seq = %s AND idx = %s AND number = %s",
-                (now, reached, label, reason, error, seq, index, row["attempts"]),
+                (now, ended.bytes, ended.outcome, reason, error, seq, index, row["attempts"]),
             )
             job = await _load(db, seq=seq, files=False)
             assert job is not None
-            file = job_file_from_row({**row, "state": state})
-            await insert_events(
-                db,
-                [
-                    file_event(
-                        event_type, job, file, bytes=reached, size=row["size"], md5=md5, sha256=sha256, reason=reason
-                    )
-                ],
-            )
+            await insert_events(db, [ended.file_event(job, row, md5=md5, sha256=sha256, reason=reason)])
             # Without its files (reading them all for each file would make a big job's files cost
             # the square of their number); with them once it settled.
             return await _settle(db, job, now) or job
@@ -637,12 +571,7 @@ class PostgresJobs:
             )
             return [row["id"] for row in rows]
 
-        expired = []
-        for job_id in await self._db.read(due):
-            job = await self.step(job_id, JobStep.EXPIRE, now=now, reason="expired")
-            if job is not None:
-                expired.append(job)
-        return expired
+        return await expire_jobs(self, await self._db.read(due), now)
 
     async def next_due(self, now: float) -> float | None:
         return await self._db.read(lambda db: _next_due(db, now))
@@ -683,17 +612,15 @@ async def _claim(db: Connection, seq: int, index: int, holder: str, *, lease: fl
     )
     job = await _load(db, seq=seq, files=False)
     assert job is not None
-    events = []
-    if job.state is _J.QUEUED:
+    activated = job.state is _J.QUEUED
+    if activated:
         await _update_job(
             db, seq, _J.QUEUED, {"state": _J.ACTIVE, "started_at": job.started_at or now, "updated_at": now}
         )
         job = await _load(db, seq=seq, files=False)
         assert job is not None
-        events.append(job_event(EventType.JOB_ACTIVE, job))
     file = job_file_from_row(row)
-    events.append(file_event(EventType.JOB_FILE_STARTED, job, file, bytes=file.bytes, size=file.size))
-    await insert_events(db, events)
+    await insert_events(db, started_events(job, file, activated=activated))
     return ClaimedFile(job, file, row["attempts"])
 
 
@@ -715,8 +642,7 @@ async def _settle(db: Connection, job: Job, now: float) -> Job | None:
             db, "SELECT state, COUNT(*) AS n FROM job_files WHERE job_seq = %s GROUP BY state", (job.seq,)
         )
     }
-    finished = counts.get(_F.FINISHED, 0)
-    after = settled_state(finished, sum(counts.values()) - finished)
+    after = settled_in(counts)
     await _update_job(db, job.seq, job.state, {"state": after, "finished_at": now, "updated_at": now})
     settled = await _load(db, seq=job.seq)
     assert settled is not None

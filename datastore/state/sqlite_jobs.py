@@ -5,54 +5,58 @@ event log and its transactions.
 :class:`SqliteJobs` is mixed into ``SqliteState``; each method is one transaction on the database
 thread. Every state change is an UPDATE guarded by the states ``jobs.states``' tables let the step
 leave and, for a runner's steps, by the lease's holder; the step's events go in the same transaction.
-How rows read back as jobs, files and attempts, and what the events of a job say, is shared with
-``postgres_jobs.py`` (``job_records.py``).
+How rows read back as jobs, files and attempts, what the events of a job say and what its steps
+decide is shared with ``postgres_jobs.py`` (``job_records.py``).
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
 from ..jobs.states import (
-    CLEARABLE_JOB_STATES,
-    FILE_STATE_UNDER_JOB,
     JOB_STATE_EVENTS,
     REPRIORITIZABLE_JOB_STATES,
     FailureReason,
     FileJobState,
     JobState,
     JobStep,
-    file_sources,
-    file_target,
     job_sources,
-    job_target,
-    settled_state,
 )
 from ..lifecycle.states import EventType
 from ..security.identity import Identity
 from .database import Database
 from .job_records import (
     FINAL,
-    OUTCOMES,
     RUNNABLE,
     UNFINISHED,
     UNSETTLED,
+    Slots,
+    attempt_end,
     attempt_from_row,
+    clearable,
     destination_host,
+    expire_jobs,
     file_event,
     handle_json,
     job_event,
     job_file_from_row,
     job_from_row,
+    lease_of,
     new_job_id,
     settings_json,
+    settings_with_priority,
+    settled_in,
+    started_events,
+    step_changes,
+    submission_events,
+    submission_state,
+    submitted_job,
 )
-from .jobs import Attempt, ClaimedFile, Claims, Job, JobFile, JobQuota, JobSpec, Lease, RunnerLimits
+from .jobs import Attempt, ClaimedFile, Claims, Job, JobQuota, JobSpec, Lease, RunnerLimits
 from .sqlite_events import insert_events
 
 JOBS_SCHEMA = """
@@ -177,7 +181,7 @@ class SqliteJobs:
                 (owner.principal, *UNFINISHED, quota.jobs),
             ).fetchone()[0]
             quota.check(open_jobs, len(spec.files))
-            state = (_J.AWAITING_ACCEPTANCE if invite else _J.QUEUED) if commit else _J.SUBMITTED
+            state = submission_state(commit=commit, invite=invite)
             settings = settings_json(spec)
             job_id = new_job_id()
             cursor = db.execute(
@@ -224,37 +228,8 @@ class SqliteJobs:
                     for i, f in enumerate(spec.files)
                 ],
             )
-            # The job as _load would read it back (without reading it: a submission is one insert).
-            file_state = FileJobState(state)
-            job = Job(
-                id=job_id,
-                owner=Identity.from_principal(owner.principal, owner.dn),
-                state=state,
-                spec=replace(spec, files=()),
-                created_at=now,
-                updated_at=now,
-                files=tuple(
-                    JobFile(
-                        i,
-                        f.source,
-                        f.destination,
-                        f.size,
-                        f.md5,
-                        f.sha256,
-                        file_state,
-                        updated_at=now,
-                        declared_size=f.size,
-                    )
-                    for i, f in enumerate(spec.files)
-                ),
-                committed_at=now if commit else None,
-                seq=seq,
-            )
-            total = sum(f.size or 0 for f in spec.files)
-            events = [job_event(EventType.JOB_SUBMITTED, job, size=total)]
-            if commit:
-                events.append(job_event(JOB_STATE_EVENTS[state], job))
-            insert_events(db, events)
+            job = submitted_job(job_id, owner, spec, state, commit=commit, now=now, seq=seq)
+            insert_events(db, submission_events(job))
             return job, True
 
         result: tuple[Job, bool] = await self._run(submit)
@@ -298,42 +273,27 @@ class SqliteJobs:
             if row is None or JobState(row["state"]) not in job_sources(step):
                 return None
             before = JobState(row["state"])
-            after = job_target(before, step)
             seq = row["seq"]
-            file_states = file_sources(step)
-            if step is JobStep.RESUME:
-                # Files a runner still holds go on; a stop asked of them no longer is.
+            changes = step_changes(before, step, now=now, reason=reason)
+            if changes.unask_stop:
                 db.execute("UPDATE job_files SET stop_request = NULL WHERE job_seq = ? AND state = ?", (seq, _F.ACTIVE))
-            if step in (JobStep.PAUSE, JobStep.STOP, JobStep.EXPIRE):
-                # Held files are asked to stop; they take the job's state when their attempt ends.
+            if changes.ask_stop:
                 db.execute(
                     "UPDATE job_files SET stop_request = ? WHERE job_seq = ? AND state = ?", (step, seq, _F.ACTIVE)
                 )
-                file_states = tuple(s for s in file_states if s is not _F.ACTIVE)
-            changes = {"state": file_target(step), "updated_at": now}
-            if step is JobStep.RETRY:
+            if changes.rebase_attempts:
                 db.execute("UPDATE job_files SET attempts_base = attempts WHERE job_seq = ?", (seq,))
-                changes.update(idle_attempts=0, not_before=0.0, reason=None, error=None)
-            if step in (JobStep.RESUME, JobStep.RETRY):
-                changes["not_before"] = 0.0
-            if file_states:
-                assignments = ", ".join(f"{column} = ?" for column in changes)
+            if changes.file_states:
+                assignments = ", ".join(f"{column} = ?" for column in changes.file_values)
                 db.execute(
-                    f"UPDATE job_files SET {assignments} WHERE job_seq = ? AND state IN {_in(file_states)}",
-                    (*changes.values(), seq, *file_states),
+                    f"UPDATE job_files SET {assignments} WHERE job_seq = ? AND state IN {_in(changes.file_states)}",
+                    (*changes.file_values.values(), seq, *changes.file_states),
                 )
-            values: dict[str, object] = {"state": after, "updated_at": now, "reason": reason}
-            if step is JobStep.COMMIT:
-                values["committed_at"] = now
-            if step in (JobStep.RETRY, JobStep.RESUME):
-                values["finished_at"] = None
-            if after in FINAL:
-                values["finished_at"] = now
-            _update_job(db, seq, before, values)
+            _update_job(db, seq, before, changes.job_values)
             job = _load(db, seq=seq)
             assert job is not None
-            insert_events(db, [job_event(JOB_STATE_EVENTS[after], job, reason=reason)])
-            if after in RUNNABLE or after is _J.PAUSED:
+            insert_events(db, [job_event(JOB_STATE_EVENTS[changes.after], job, reason=reason)])
+            if changes.may_settle:
                 return _settle(db, job, now) or job
             return job
 
@@ -359,8 +319,8 @@ class SqliteJobs:
             ).fetchone()
             if row is None:
                 return None
-            spec = {**json.loads(row["spec"]), "priority": priority}
-            db.execute("UPDATE jobs SET priority = ?, spec = ? WHERE seq = ?", (priority, json.dumps(spec), row["seq"]))
+            settings = settings_with_priority(row["spec"], priority)
+            db.execute("UPDATE jobs SET priority = ?, spec = ? WHERE seq = ?", (priority, settings, row["seq"]))
             db.execute("UPDATE job_files SET priority = ? WHERE job_seq = ?", (priority, row["seq"]))
             job = _load(db, seq=row["seq"])
             assert job is not None
@@ -373,9 +333,7 @@ class SqliteJobs:
     async def clear(self, job_id: str) -> Job | None:
         def clear(db: sqlite3.Connection) -> Job | None:
             job = _load(db, job_id=job_id)
-            if job is None or job.state not in CLEARABLE_JOB_STATES:
-                return None
-            if any(f.state is _F.ACTIVE for f in job.files):
+            if job is None or not clearable(job):
                 return None
             db.execute("DELETE FROM jobs WHERE seq = ?", (job.seq,))
             return job
@@ -392,9 +350,7 @@ class SqliteJobs:
                 " WHERE f.state = ?",
                 (_F.ACTIVE,),
             ).fetchall()
-            jobs = Counter(row["job_seq"] for row in active)
-            hosts = Counter(row["host"] for row in active)
-            owners = Counter(row["owner_id"] or "" for row in active)
+            slots = Slots(limits, active)
             # The hosts files are queued for, each found by one seek of the queue's index.
             queued_hosts = [
                 row[0]
@@ -406,16 +362,15 @@ class SqliteJobs:
                 )
             ]
             claimed: list[ClaimedFile] = []
-            while len(claimed) < count and len(active) + len(claimed) < limits.total:
+            while len(claimed) < count and slots.left():
                 # Per host below its limit, the first due file of a job and owner below theirs, in the
                 # queue's order (the index's: the walk stops there; a host at its limit is not walked,
                 # however many files wait for it); the best of them is the one to claim.
-                full_jobs = [seq for seq, n in jobs.items() if n >= limits.per_job]
-                full_owners = [owner for owner, n in owners.items() if n >= limits.per_owner]
+                full_jobs, full_owners = slots.full_jobs(), slots.full_owners()
                 candidates = [
                     row
                     for host in queued_hosts
-                    if hosts[host] < limits.per_host
+                    if slots.host_open(host)
                     and (
                         row := db.execute(
                             "SELECT f.job_seq, f.idx, f.host, f.priority, j.owner_id"
@@ -431,11 +386,8 @@ class SqliteJobs:
                 ]
                 if not candidates:
                     break
-                row = min(candidates, key=lambda r: (-r["priority"], r["job_seq"], r["idx"]))
+                row = slots.take(candidates)
                 claimed.append(_claim(db, row["job_seq"], row["idx"], holder, lease=lease, now=now))
-                jobs[row["job_seq"]] += 1
-                hosts[row["host"]] += 1
-                owners[row["owner_id"] or ""] += 1
             return Claims(tuple(claimed), _next_due(db, now))
 
         result: Claims = await self._run(claim)
@@ -451,7 +403,7 @@ class SqliteJobs:
                 "UPDATE job_files SET lease_until = ? WHERE job_seq = ? AND idx = ?",
                 (now + lease, row["job_seq"], index),
             )
-            return Lease(True, row["stop_request"], JobState(row["job_state"]))
+            return lease_of(row)
 
         result: Lease = await self._run(renew)
         return result
@@ -530,33 +482,23 @@ class SqliteJobs:
             if row is None:
                 return None
             seq = row["job_seq"]
-            reached = row["bytes"] if bytes is None else bytes
-            job_state = JobState(row["job_state"])
-            label, event_type = OUTCOMES[outcome]
-            state = file_target(outcome)
-            if outcome is not JobStep.FINISH and job_state in FILE_STATE_UNDER_JOB:
-                state, label, event_type = (
-                    FILE_STATE_UNDER_JOB[job_state],
-                    "interrupted",
-                    EventType.JOB_FILE_INTERRUPTED,
-                )
-            idle = row["idle_attempts"] + 1 if reached <= row["bytes_at_start"] and outcome is not JobStep.FINISH else 0
+            ended = attempt_end(row, outcome, bytes=bytes, now=now)
             db.execute(
                 "UPDATE job_files SET state = ?, bytes = ?, rate = 0, claimed_by = NULL, lease_until = NULL,"
                 " stop_request = NULL, reason = ?, error = ?, not_before = ?, idle_attempts = ?,"
                 " published_md5 = COALESCE(?, published_md5), published_sha256 = COALESCE(?, published_sha256),"
                 " handle = COALESCE(?, handle), finished_at = ?, updated_at = ? WHERE job_seq = ? AND idx = ?",
                 (
-                    state,
-                    reached,
+                    ended.state,
+                    ended.bytes,
                     reason,
                     error,
                     not_before,
-                    idle,
+                    ended.idle_attempts,
                     md5,
                     sha256,
                     handle_json(handle),
-                    now if state in (_F.FINISHED, _F.FAILED) else None,
+                    ended.finished_at,
                     now,
                     seq,
                     index,
@@ -565,19 +507,11 @@ class SqliteJobs:
             db.execute(
                 "UPDATE job_attempts SET ended_at = ?, bytes = ?, outcome = ?, reason = ?, error = ?"
                 " WHERE job_seq = ? AND idx = ? AND number = ?",
-                (now, reached, label, reason, error, seq, index, row["attempts"]),
+                (now, ended.bytes, ended.outcome, reason, error, seq, index, row["attempts"]),
             )
             job = _load(db, seq=seq, files=False)
             assert job is not None
-            file = job_file_from_row({**dict(row), "state": state})
-            insert_events(
-                db,
-                [
-                    file_event(
-                        event_type, job, file, bytes=reached, size=row["size"], md5=md5, sha256=sha256, reason=reason
-                    )
-                ],
-            )
+            insert_events(db, [ended.file_event(job, row, md5=md5, sha256=sha256, reason=reason)])
             # Without its files (reading them all for each file would make a big job's files cost
             # the square of their number); with them once it settled.
             return _settle(db, job, now) or job
@@ -617,12 +551,7 @@ class SqliteJobs:
             ).fetchall()
             return [row["id"] for row in rows]
 
-        expired = []
-        for job_id in await self._db.read(due):
-            job = await self.step(job_id, JobStep.EXPIRE, now=now, reason="expired")
-            if job is not None:
-                expired.append(job)
-        return expired
+        return await expire_jobs(self, await self._db.read(due), now)
 
     async def next_due(self, now: float) -> float | None:
         return await self._db.read(lambda db: _next_due(db, now))
@@ -673,15 +602,13 @@ def _claim(db: sqlite3.Connection, seq: int, index: int, holder: str, *, lease: 
     )
     job = _load(db, seq=seq, files=False)
     assert job is not None
-    events = []
-    if job.state is _J.QUEUED:
+    activated = job.state is _J.QUEUED
+    if activated:
         _update_job(db, seq, _J.QUEUED, {"state": _J.ACTIVE, "started_at": job.started_at or now, "updated_at": now})
         job = _load(db, seq=seq, files=False)
         assert job is not None
-        events.append(job_event(EventType.JOB_ACTIVE, job))
     file = job_file_from_row(row)
-    events.append(file_event(EventType.JOB_FILE_STARTED, job, file, bytes=file.bytes, size=file.size))
-    insert_events(db, events)
+    insert_events(db, started_events(job, file, activated=activated))
     return ClaimedFile(job, file, row["attempts"])
 
 
@@ -699,8 +626,7 @@ def _settle(db: sqlite3.Connection, job: Job, now: float) -> Job | None:
         FileJobState(row[0]): row[1]
         for row in db.execute("SELECT state, COUNT(*) FROM job_files WHERE job_seq = ? GROUP BY state", (job.seq,))
     }
-    finished = counts.get(_F.FINISHED, 0)
-    after = settled_state(finished, sum(counts.values()) - finished)
+    after = settled_in(counts)
     _update_job(db, job.seq, job.state, {"state": after, "finished_at": now, "updated_at": now})
     settled = _load(db, seq=job.seq)
     assert settled is not None
