@@ -2,7 +2,8 @@
 log, transfer jobs; the catalogues of published files behind another (``catalogue.py``); and the
 backends of them, chosen by the ``state_url`` setting: SQLite (``sqlite.py`` with ``sqlite_jobs.py``,
 ``sqlite_catalogue.py``) and PostgreSQL (``postgres.py`` with ``postgres_jobs.py``,
-``postgres_catalogue.py``, both on ``postgres_database.py``)."""
+``postgres_catalogue.py``, both on ``postgres_database.py``), which share what is no SQL of theirs
+(``records.py``, ``job_records.py``)."""
 
 from __future__ import annotations
 

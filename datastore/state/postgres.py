@@ -50,12 +50,16 @@ from .interface import (
 )
 from .postgres_database import Connection, Migration, PostgresDatabase, fetch_all, fetch_one
 from .postgres_events import EVENTS_SCHEMA, appended, last_event_id
-from .postgres_events import event_from_row as _event
 from .postgres_events import insert_events as _insert_events
 from .postgres_jobs import MIGRATIONS as JOB_MIGRATIONS
 from .postgres_jobs import PostgresJobs
 from .postgres_signals import STATE_SIGNALS, Listener, process_name
-from .sqlite import new_transfer_key
+from .records import OPEN_FILE_STATES as _OPEN_FILE_STATES
+from .records import end_events, new_transfer, new_transfer_key, status_from_row, subject_from_rows
+from .records import event_from_row as _event
+from .records import file_from_row as _file
+from .records import staged_from_row as _staged
+from .records import transfer_from_row as _transfer
 
 MIGRATIONS = (
     Migration(
@@ -145,8 +149,6 @@ _WRITE_LOCK = "datastore: state"
 
 T = TypeVar("T")
 
-_OPEN_FILE_STATES = tuple(state for state in FileState if state not in FINAL_FILE_STATES)
-
 
 def _in(states: Sequence[object]) -> str:
     return "(" + ", ".join(["%s"] * len(states)) + ")"
@@ -204,20 +206,8 @@ class PostgresState(PostgresJobs):
         space: int | None = None,
     ) -> Transfer:
         key = new_transfer_key()
-        records = tuple(
-            TransferFile(
-                num,
-                f.name,
-                f.size,
-                f.md5,
-                f.sha256,
-                FileState.RESERVED,
-                updated_at=now,
-                upload_metadata=upload_metadata,
-            )
-            for num, f in enumerate(files)
-        )
-        transfer = Transfer(key, prefix, owner, TransferState.OPEN, now, now, now + lifetime, records)
+        transfer = new_transfer(key, prefix, owner, files, lifetime=lifetime, now=now, upload_metadata=upload_metadata)
+        records = transfer.files
 
         async def insert(db: Connection) -> None:
             if quota is not None:
@@ -733,9 +723,7 @@ async def _end(db: Connection, key: str, step: Step, state: TransferState, now: 
         f" lease_until = NULL, stop_request = NULL, in_attempt = FALSE, updated_at = %s WHERE {ending}",
         (FileState.CANCELLED, now, key, *sources(step)),
     )
-    subject = Subject(before.prefix, key, before.owner.dn, before.owner.principal)
-    reason = StopReason.CANCELLED if step is Step.CANCEL else StopReason.EXPIRED
-    await _insert_events(db, events_of(step, subject, transfer_after=state, reason=reason))
+    await _insert_events(db, end_events(before, step, state))
     return Ended(before, tuple(f for f in before.files if f.num in nums))
 
 
@@ -746,9 +734,7 @@ def _ignore(_: Sequence[Event]) -> None:
 async def _subject(db: Connection, key: str, file_row: Mapping[str, Any]) -> Subject:
     row = await fetch_one(db, "SELECT prefix, owner, owner_id FROM transfers WHERE key = %s", (key,))
     assert row is not None
-    return Subject(
-        row["prefix"], key, row["owner"], row["owner_id"], file_row["num"], file_row["name"], file_row["size"]
-    )
+    return subject_from_rows(key, row, file_row)
 
 
 async def _file_row(db: Connection, key: str, num: int) -> DictRow:
@@ -766,11 +752,7 @@ async def _status(db: Connection, key: str, num: int) -> ClaimStatus | None:
     )
     if row is None:
         return None
-    return ClaimStatus(FileState(row["state"]), row["claimed_by"], row["lease_until"], row["stop_request"])
-
-
-def _staged(row: Mapping[str, Any]) -> StagedFile:
-    return StagedFile(row["key"], row["num"], row["received"], bool(row["verifying_chunk"]), row["claimed_by"])
+    return status_from_row(row)
 
 
 async def _idempotent(db: Connection, prefix: str, owner: Identity, idempotency_key: str) -> Transfer | None:
@@ -788,31 +770,3 @@ async def _load(db: Connection, key: str) -> Transfer | None:
         return None
     files = await fetch_all(db, "SELECT * FROM transfer_files WHERE key = %s ORDER BY num", (key,))
     return _transfer(row, tuple(_file(f) for f in files))
-
-
-def _transfer(row: Mapping[str, Any], files: tuple[TransferFile, ...]) -> Transfer:
-    return Transfer(
-        key=row["key"],
-        prefix=row["prefix"],
-        owner=Identity.from_principal(row["owner_id"], row["owner"]),
-        state=TransferState(row["state"]),
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        expires_at=row["expires_at"],
-        files=files,
-    )
-
-
-def _file(row: Mapping[str, Any]) -> TransferFile:
-    return TransferFile(
-        num=row["num"],
-        name=row["name"],
-        size=row["size"],
-        md5=row["md5"],
-        sha256=row["sha256"],
-        state=FileState(row["state"]),
-        received=row["received"],
-        error=row["error"],
-        updated_at=row["updated_at"],
-        upload_metadata=row["upload_metadata"],
-    )

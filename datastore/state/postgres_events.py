@@ -1,7 +1,7 @@
 """The event log's table in the PostgreSQL backend: its DDL, how an event is inserted in the
-transaction that makes its transition, read back, and handed to ``PostgresState.on_appended`` once
-that transaction committed (shared by the transfers' and the jobs' methods, ``postgres.py`` and
-``postgres_jobs.py``).
+transaction that makes its transition and handed to ``PostgresState.on_appended`` once that
+transaction committed (shared by the transfers' and the jobs' methods, ``postgres.py`` and
+``postgres_jobs.py``); how it reads back is shared with SQLite (``records.py``).
 
 Ids are handed out from a one-row counter (``event_ids``) updated in the inserting transaction, as
 SQLite's AUTOINCREMENT keeps ``sqlite_sequence``: a rolled-back insertion gives its ids back, a
@@ -11,14 +11,14 @@ write transaction of the state store holds its lock (``postgres.py``), so ids gr
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from contextvars import ContextVar
-from typing import Any, LiteralString
+from typing import LiteralString
 
-from ..lifecycle.states import Event, EventType, NewEvent
+from ..lifecycle.states import Event, NewEvent
 from .postgres_database import Connection, fetch_one
+from .records import EVENT_FIELDS as _EVENT_FIELDS
 
 #: The statements that create the log (part of the state store's first migration).
 EVENTS_SCHEMA: tuple[LiteralString, ...] = (
@@ -49,8 +49,6 @@ EVENTS_SCHEMA: tuple[LiteralString, ...] = (
 #: While a write transaction runs (in its task): the events it appended.
 appended: ContextVar[list[Event]] = ContextVar("appended")
 
-#: The columns of an event as a NewEvent holds them, in the order the table stores them.
-_EVENT_FIELDS = tuple(f.name for f in dataclasses.fields(NewEvent))
 _INSERT_EVENT = (
     f"INSERT INTO events (id, time, {', '.join(_EVENT_FIELDS)}) VALUES (%s, %s{', %s' * len(_EVENT_FIELDS)})"
 )
@@ -83,9 +81,3 @@ async def last_event_id(db: Connection) -> int:
     """The largest id ever handed out (0 if none), whether or not its event was pruned."""
     row = await fetch_one(db, "SELECT last_id FROM event_ids")
     return 0 if row is None else int(row["last_id"])
-
-
-def event_from_row(row: Mapping[str, Any]) -> Event:
-    """An event as the log's row holds it."""
-    values = {name: row[name] for name in _EVENT_FIELDS}
-    return Event(**{**values, "type": EventType(row["type"])}, id=row["id"], time=row["time"])

@@ -6,13 +6,13 @@ event log and its transactions (component ``jobs`` of ``datastore_schema``).
 taking the state store's turn as every write does (``postgres.py``). Every state change is an
 UPDATE guarded by the states ``jobs.states``' tables let the step leave and, for a runner's steps,
 by the lease's holder; the step's events go in the same transaction. How rows read back as jobs,
-files and attempts, and what the events of a job say, is shared with ``sqlite_jobs.py``.
+files and attempts, what the events of a job say and what its steps decide is shared with
+``sqlite_jobs.py`` (``job_records.py``).
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -20,40 +20,47 @@ from typing import Any, TypeVar
 from psycopg.rows import DictRow
 
 from ..jobs.states import (
-    CLEARABLE_JOB_STATES,
-    FILE_STATE_UNDER_JOB,
-    FINAL_JOB_STATES,
     JOB_STATE_EVENTS,
-    OPEN_FILE_STATES,
     REPRIORITIZABLE_JOB_STATES,
     FailureReason,
     FileJobState,
     JobState,
     JobStep,
-    file_sources,
-    file_target,
     job_sources,
-    job_target,
-    settled_state,
 )
 from ..lifecycle.states import EventType
 from ..security.identity import Identity
-from .jobs import Attempt, ClaimedFile, Claims, Job, JobFile, JobQuota, JobSpec, Lease, RunnerLimits
+from .job_records import (
+    FINAL,
+    RUNNABLE,
+    UNFINISHED,
+    UNSETTLED,
+    Slots,
+    attempt_end,
+    attempt_from_row,
+    clearable,
+    destination_host,
+    expire_jobs,
+    file_event,
+    handle_json,
+    job_event,
+    job_file_from_row,
+    job_from_row,
+    lease_of,
+    new_job_id,
+    settings_json,
+    settings_with_priority,
+    settled_in,
+    started_events,
+    step_changes,
+    submission_events,
+    submission_state,
+    submitted_job,
+)
+from .jobs import Attempt, ClaimedFile, Claims, Job, JobQuota, JobSpec, Lease, RunnerLimits
 from .postgres_database import Connection, Migration, PostgresDatabase, fetch_all, fetch_one
 from .postgres_events import insert_events
 from .postgres_signals import JOB_SIGNALS
-from .sqlite_jobs import (
-    _OUTCOMES,
-    _attempt,
-    _file,
-    _file_event,
-    _handle_json,
-    _host,
-    _job,
-    _job_event,
-    _settings_json,
-    new_job_id,
-)
 
 MIGRATIONS = (
     Migration(
@@ -156,14 +163,6 @@ T = TypeVar("T")
 
 _F = FileJobState
 _J = JobState
-#: Job states in which a runner works on the job's files.
-_RUNNABLE = (_J.QUEUED, _J.ACTIVE)
-#: Job states whose files wait for a resume (a file ending its attempt then takes the job's state).
-_HALTED_FILES = (_F.PAUSED, _F.USER_STOPPED)
-#: The files that keep their job from settling.
-_UNSETTLED = tuple(sorted(OPEN_FILE_STATES | set(_HALTED_FILES)))
-_FINAL = tuple(s for s in JobState if s in FINAL_JOB_STATES)
-_UNFINISHED = tuple(s for s in JobState if s not in FINAL_JOB_STATES)
 
 
 def _in(states: Sequence[object]) -> str:
@@ -194,12 +193,12 @@ class PostgresJobs:
             counted = await fetch_one(
                 db,
                 "SELECT COUNT(*) AS n FROM (SELECT 1 FROM jobs WHERE owner_id IS NOT DISTINCT FROM %s"
-                f" AND state IN {_in(_UNFINISHED)} LIMIT %s) AS open_jobs",
-                (owner.principal, *_UNFINISHED, quota.jobs),
+                f" AND state IN {_in(UNFINISHED)} LIMIT %s) AS open_jobs",
+                (owner.principal, *UNFINISHED, quota.jobs),
             )
             assert counted is not None
             quota.check(int(counted["n"]), len(spec.files))
-            state = (_J.AWAITING_ACCEPTANCE if invite else _J.QUEUED) if commit else _J.SUBMITTED
+            state = submission_state(commit=commit, invite=invite)
             job_id = new_job_id()
             inserted = await fetch_one(
                 db,
@@ -212,7 +211,7 @@ class PostgresJobs:
                     owner.principal,
                     state,
                     spec.priority,
-                    _settings_json(spec),
+                    settings_json(spec),
                     spec.submission_id,
                     spec.source_token,
                     spec.destination_token,
@@ -235,7 +234,7 @@ class PostgresJobs:
                             i,
                             f.source,
                             f.destination,
-                            _host(f.destination),
+                            destination_host(f.destination),
                             f.size,
                             f.size,
                             f.md5,
@@ -247,37 +246,8 @@ class PostgresJobs:
                         for i, f in enumerate(spec.files)
                     ],
                 )
-            # The job as _load would read it back (without reading it: a submission is one insert).
-            file_state = FileJobState(state)
-            job = Job(
-                id=job_id,
-                owner=Identity.from_principal(owner.principal, owner.dn),
-                state=state,
-                spec=replace(spec, files=()),
-                created_at=now,
-                updated_at=now,
-                files=tuple(
-                    JobFile(
-                        i,
-                        f.source,
-                        f.destination,
-                        f.size,
-                        f.md5,
-                        f.sha256,
-                        file_state,
-                        updated_at=now,
-                        declared_size=f.size,
-                    )
-                    for i, f in enumerate(spec.files)
-                ),
-                committed_at=now if commit else None,
-                seq=seq,
-            )
-            total = sum(f.size or 0 for f in spec.files)
-            events = [_job_event(EventType.JOB_SUBMITTED, job, size=total)]
-            if commit:
-                events.append(_job_event(JOB_STATE_EVENTS[state], job))
-            await insert_events(db, events)
+            job = submitted_job(job_id, owner, spec, state, commit=commit, now=now, seq=seq)
+            await insert_events(db, submission_events(job))
             return job, True
 
         result: tuple[Job, bool] = await self._run(submit)
@@ -294,7 +264,7 @@ class PostgresJobs:
                 " ORDER BY a.started_at, a.idx, a.number",
                 (job_id,),
             )
-            return [_attempt(row) for row in rows]
+            return [attempt_from_row(row) for row in rows]
 
         return await self._db.read(read)
 
@@ -312,7 +282,7 @@ class PostgresJobs:
             rows = await fetch_all(
                 db, f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY seq LIMIT %s", (*values, limit)
             )
-            return [_job(row) for row in rows]
+            return [job_from_row(row) for row in rows]
 
         return await self._db.read(read)
 
@@ -322,44 +292,29 @@ class PostgresJobs:
             if row is None or JobState(row["state"]) not in job_sources(step):
                 return None
             before = JobState(row["state"])
-            after = job_target(before, step)
             seq = row["seq"]
-            file_states = file_sources(step)
-            if step is JobStep.RESUME:
-                # Files a runner still holds go on; a stop asked of them no longer is.
+            changes = step_changes(before, step, now=now, reason=reason)
+            if changes.unask_stop:
                 await db.execute(
                     "UPDATE job_files SET stop_request = NULL WHERE job_seq = %s AND state = %s", (seq, _F.ACTIVE)
                 )
-            if step in (JobStep.PAUSE, JobStep.STOP, JobStep.EXPIRE):
-                # Held files are asked to stop; they take the job's state when their attempt ends.
+            if changes.ask_stop:
                 await db.execute(
                     "UPDATE job_files SET stop_request = %s WHERE job_seq = %s AND state = %s", (step, seq, _F.ACTIVE)
                 )
-                file_states = tuple(s for s in file_states if s is not _F.ACTIVE)
-            changes: dict[str, object] = {"state": file_target(step), "updated_at": now}
-            if step is JobStep.RETRY:
+            if changes.rebase_attempts:
                 await db.execute("UPDATE job_files SET attempts_base = attempts WHERE job_seq = %s", (seq,))
-                changes.update(idle_attempts=0, not_before=0.0, reason=None, error=None)
-            if step in (JobStep.RESUME, JobStep.RETRY):
-                changes["not_before"] = 0.0
-            if file_states:
-                assignments = ", ".join(f"{column} = %s" for column in changes)
+            if changes.file_states:
+                assignments = ", ".join(f"{column} = %s" for column in changes.file_values)
                 await db.execute(
-                    f"UPDATE job_files SET {assignments} WHERE job_seq = %s AND state IN {_in(file_states)}",
-                    (*changes.values(), seq, *file_states),
+                    f"UPDATE job_files SET {assignments} WHERE job_seq = %s AND state IN {_in(changes.file_states)}",
+                    (*changes.file_values.values(), seq, *changes.file_states),
                 )
-            values: dict[str, object] = {"state": after, "updated_at": now, "reason": reason}
-            if step is JobStep.COMMIT:
-                values["committed_at"] = now
-            if step in (JobStep.RETRY, JobStep.RESUME):
-                values["finished_at"] = None
-            if after in _FINAL:
-                values["finished_at"] = now
-            await _update_job(db, seq, before, values)
+            await _update_job(db, seq, before, changes.job_values)
             job = await _load(db, seq=seq)
             assert job is not None
-            await insert_events(db, [_job_event(JOB_STATE_EVENTS[after], job, reason=reason)])
-            if after in _RUNNABLE or after is _J.PAUSED:
+            await insert_events(db, [job_event(JOB_STATE_EVENTS[changes.after], job, reason=reason)])
+            if changes.may_settle:
                 return await _settle(db, job, now) or job
             return job
 
@@ -385,14 +340,14 @@ class PostgresJobs:
             )
             if row is None:
                 return None
-            spec = {**json.loads(row["spec"]), "priority": priority}
+            settings = settings_with_priority(row["spec"], priority)
             await db.execute(
-                "UPDATE jobs SET priority = %s, spec = %s WHERE seq = %s", (priority, json.dumps(spec), row["seq"])
+                "UPDATE jobs SET priority = %s, spec = %s WHERE seq = %s", (priority, settings, row["seq"])
             )
             await db.execute("UPDATE job_files SET priority = %s WHERE job_seq = %s", (priority, row["seq"]))
             job = await _load(db, seq=row["seq"])
             assert job is not None
-            await insert_events(db, [_job_event(EventType.JOB_PRIORITY, job, reason=str(priority))])
+            await insert_events(db, [job_event(EventType.JOB_PRIORITY, job, reason=str(priority))])
             return job
 
         result: Job | None = await self._run(change)
@@ -401,9 +356,7 @@ class PostgresJobs:
     async def clear(self, job_id: str) -> Job | None:
         async def clear(db: Connection) -> Job | None:
             job = await _load(db, job_id=job_id)
-            if job is None or job.state not in CLEARABLE_JOB_STATES:
-                return None
-            if any(f.state is _F.ACTIVE for f in job.files):
+            if job is None or not clearable(job):
                 return None
             await db.execute("DELETE FROM jobs WHERE seq = %s", (job.seq,))
             return job
@@ -421,42 +374,36 @@ class PostgresJobs:
                 " WHERE f.state = %s",
                 (_F.ACTIVE,),
             )
-            jobs = Counter(row["job_seq"] for row in active)
-            hosts = Counter(row["host"] for row in active)
-            owners = Counter(row["owner_id"] or "" for row in active)
+            slots = Slots(limits, active)
             queued_hosts = [
                 row["host"]
                 for row in await fetch_all(db, "SELECT DISTINCT host FROM job_files WHERE state = %s", (_F.QUEUED,))
             ]
             claimed: list[ClaimedFile] = []
-            while len(claimed) < count and len(active) + len(claimed) < limits.total:
+            while len(claimed) < count and slots.left():
                 # Per host below its limit, the first due file of a job and owner below theirs, in the
                 # queue's order; the best of them is the one to claim.
-                full_jobs = [seq for seq, n in jobs.items() if n >= limits.per_job]
-                full_owners = [owner for owner, n in owners.items() if n >= limits.per_owner]
+                full_jobs, full_owners = slots.full_jobs(), slots.full_owners()
                 candidates = []
                 for host in queued_hosts:
-                    if hosts[host] >= limits.per_host:
+                    if not slots.host_open(host):
                         continue
                     row = await fetch_one(
                         db,
                         "SELECT f.job_seq, f.idx, f.host, f.priority, j.owner_id"
                         " FROM job_files f JOIN jobs j ON j.seq = f.job_seq"
                         " WHERE f.state = %s AND f.host = %s AND f.not_before <= %s"
-                        f" AND j.state IN {_in(_RUNNABLE)} AND f.job_seq <> ALL(%s::bigint[])"
+                        f" AND j.state IN {_in(RUNNABLE)} AND f.job_seq <> ALL(%s::bigint[])"
                         " AND COALESCE(j.owner_id, '') <> ALL(%s::text[])"
                         " ORDER BY f.priority DESC, f.job_seq, f.idx LIMIT 1",
-                        (_F.QUEUED, host, now, *_RUNNABLE, full_jobs, full_owners),
+                        (_F.QUEUED, host, now, *RUNNABLE, full_jobs, full_owners),
                     )
                     if row is not None:
                         candidates.append(row)
                 if not candidates:
                     break
-                best = min(candidates, key=lambda r: (-r["priority"], r["job_seq"], r["idx"]))
+                best = slots.take(candidates)
                 claimed.append(await _claim(db, best["job_seq"], best["idx"], holder, lease=lease, now=now))
-                jobs[best["job_seq"]] += 1
-                hosts[best["host"]] += 1
-                owners[best["owner_id"] or ""] += 1
             return Claims(tuple(claimed), await _next_due(db, now))
 
         result: Claims = await self._run(claim)
@@ -472,7 +419,7 @@ class PostgresJobs:
                 "UPDATE job_files SET lease_until = %s WHERE job_seq = %s AND idx = %s",
                 (now + lease, row["job_seq"], index),
             )
-            return Lease(True, row["stop_request"], JobState(row["job_state"]))
+            return lease_of(row)
 
         result: Lease = await self._run(renew)
         return result
@@ -496,7 +443,7 @@ class PostgresJobs:
             await db.execute(
                 "UPDATE job_files SET bytes = %s, rate = %s, handle = COALESCE(%s, handle)"
                 " WHERE job_seq = %s AND idx = %s",
-                (bytes, rate, _handle_json(handle), row["job_seq"], index),
+                (bytes, rate, handle_json(handle), row["job_seq"], index),
             )
             if resumed:
                 await db.execute(
@@ -506,9 +453,10 @@ class PostgresJobs:
             if announce:
                 job = await _load(db, seq=row["job_seq"], files=False)
                 assert job is not None
-                await insert_events(
-                    db, [_file_event(EventType.JOB_FILE_PROGRESS, job, _file(row), bytes=bytes, size=row["size"])]
+                event = file_event(
+                    EventType.JOB_FILE_PROGRESS, job, job_file_from_row(row), bytes=bytes, size=row["size"]
                 )
+                await insert_events(db, [event])
             return True
 
         result: bool = await self._run(record)
@@ -523,7 +471,7 @@ class PostgresJobs:
                 return False
             await db.execute(
                 "UPDATE job_files SET handle = %s, size = COALESCE(%s, size) WHERE job_seq = %s AND idx = %s",
-                (_handle_json(handle), size, row["job_seq"], index),
+                (handle_json(handle), size, row["job_seq"], index),
             )
             return True
 
@@ -551,33 +499,23 @@ class PostgresJobs:
             if row is None:
                 return None
             seq = row["job_seq"]
-            reached = row["bytes"] if bytes is None else bytes
-            job_state = JobState(row["job_state"])
-            label, event_type = _OUTCOMES[outcome]
-            state = file_target(outcome)
-            if outcome is not JobStep.FINISH and job_state in FILE_STATE_UNDER_JOB:
-                state, label, event_type = (
-                    FILE_STATE_UNDER_JOB[job_state],
-                    "interrupted",
-                    EventType.JOB_FILE_INTERRUPTED,
-                )
-            idle = row["idle_attempts"] + 1 if reached <= row["bytes_at_start"] and outcome is not JobStep.FINISH else 0
+            ended = attempt_end(row, outcome, bytes=bytes, now=now)
             await db.execute(
                 "UPDATE job_files SET state = %s, bytes = %s, rate = 0, claimed_by = NULL, lease_until = NULL,"
                 " stop_request = NULL, reason = %s, error = %s, not_before = %s, idle_attempts = %s,"
                 " published_md5 = COALESCE(%s, published_md5), published_sha256 = COALESCE(%s, published_sha256),"
                 " handle = COALESCE(%s, handle), finished_at = %s, updated_at = %s WHERE job_seq = %s AND idx = %s",
                 (
-                    state,
-                    reached,
+                    ended.state,
+                    ended.bytes,
                     reason,
                     error,
                     not_before,
-                    idle,
+                    ended.idle_attempts,
                     md5,
                     sha256,
-                    _handle_json(handle),
-                    now if state in (_F.FINISHED, _F.FAILED) else None,
+                    handle_json(handle),
+                    ended.finished_at,
                     now,
                     seq,
                     index,
@@ -586,19 +524,11 @@ class PostgresJobs:
             await db.execute(
                 "UPDATE job_attempts SET ended_at = %s, bytes = %s, outcome = %s, reason = %s, error = %s"
                 " WHERE job_seq = %s AND idx = %s AND number = %s",
-                (now, reached, label, reason, error, seq, index, row["attempts"]),
+                (now, ended.bytes, ended.outcome, reason, error, seq, index, row["attempts"]),
             )
             job = await _load(db, seq=seq, files=False)
             assert job is not None
-            file = _file({**row, "state": state})
-            await insert_events(
-                db,
-                [
-                    _file_event(
-                        event_type, job, file, bytes=reached, size=row["size"], md5=md5, sha256=sha256, reason=reason
-                    )
-                ],
-            )
+            await insert_events(db, [ended.file_event(job, row, md5=md5, sha256=sha256, reason=reason)])
             # Without its files (reading them all for each file would make a big job's files cost
             # the square of their number); with them once it settled.
             return await _settle(db, job, now) or job
@@ -641,12 +571,7 @@ class PostgresJobs:
             )
             return [row["id"] for row in rows]
 
-        expired = []
-        for job_id in await self._db.read(due):
-            job = await self.step(job_id, JobStep.EXPIRE, now=now, reason="expired")
-            if job is not None:
-                expired.append(job)
-        return expired
+        return await expire_jobs(self, await self._db.read(due), now)
 
     async def next_due(self, now: float) -> float | None:
         return await self._db.read(lambda db: _next_due(db, now))
@@ -654,7 +579,7 @@ class PostgresJobs:
     async def purge_jobs(self, before: float) -> int:
         async def purge(db: Connection) -> int:
             removed = await db.execute(
-                f"DELETE FROM jobs WHERE state IN {_in(_FINAL)} AND finished_at < %s", (*_FINAL, before)
+                f"DELETE FROM jobs WHERE state IN {_in(FINAL)} AND finished_at < %s", (*FINAL, before)
             )
             return removed.rowcount
 
@@ -666,8 +591,8 @@ async def _next_due(db: Connection, now: float) -> float | None:
     row = await fetch_one(
         db,
         "SELECT MIN(f.not_before) AS due FROM job_files f JOIN jobs j ON j.seq = f.job_seq"
-        f" WHERE f.state = %s AND f.not_before > %s AND j.state IN {_in(_RUNNABLE)}",
-        (_F.QUEUED, now, *_RUNNABLE),
+        f" WHERE f.state = %s AND f.not_before > %s AND j.state IN {_in(RUNNABLE)}",
+        (_F.QUEUED, now, *RUNNABLE),
     )
     return None if row is None or row["due"] is None else float(row["due"])
 
@@ -687,17 +612,15 @@ async def _claim(db: Connection, seq: int, index: int, holder: str, *, lease: fl
     )
     job = await _load(db, seq=seq, files=False)
     assert job is not None
-    events = []
-    if job.state is _J.QUEUED:
+    activated = job.state is _J.QUEUED
+    if activated:
         await _update_job(
             db, seq, _J.QUEUED, {"state": _J.ACTIVE, "started_at": job.started_at or now, "updated_at": now}
         )
         job = await _load(db, seq=seq, files=False)
         assert job is not None
-        events.append(_job_event(EventType.JOB_ACTIVE, job))
-    file = _file(row)
-    events.append(_file_event(EventType.JOB_FILE_STARTED, job, file, bytes=file.bytes, size=file.size))
-    await insert_events(db, events)
+    file = job_file_from_row(row)
+    await insert_events(db, started_events(job, file, activated=activated))
     return ClaimedFile(job, file, row["attempts"])
 
 
@@ -708,8 +631,8 @@ async def _settle(db: Connection, job: Job, now: float) -> Job | None:
         return None
     left = await fetch_one(
         db,
-        f"SELECT 1 FROM job_files WHERE job_seq = %s AND state IN {_in(_UNSETTLED)} LIMIT 1",
-        (job.seq, *_UNSETTLED),
+        f"SELECT 1 FROM job_files WHERE job_seq = %s AND state IN {_in(UNSETTLED)} LIMIT 1",
+        (job.seq, *UNSETTLED),
     )
     if left is not None:
         return None
@@ -719,12 +642,11 @@ async def _settle(db: Connection, job: Job, now: float) -> Job | None:
             db, "SELECT state, COUNT(*) AS n FROM job_files WHERE job_seq = %s GROUP BY state", (job.seq,)
         )
     }
-    finished = counts.get(_F.FINISHED, 0)
-    after = settled_state(finished, sum(counts.values()) - finished)
+    after = settled_in(counts)
     await _update_job(db, job.seq, job.state, {"state": after, "finished_at": now, "updated_at": now})
     settled = await _load(db, seq=job.seq)
     assert settled is not None
-    await insert_events(db, [_job_event(JOB_STATE_EVENTS[after], settled)])
+    await insert_events(db, [job_event(JOB_STATE_EVENTS[after], settled)])
     return settled
 
 
@@ -754,8 +676,8 @@ async def _load(db: Connection, *, job_id: str | None = None, seq: int | None = 
         row = await fetch_one(db, "SELECT * FROM jobs WHERE seq = %s", (seq,))
     if row is None:
         return None
-    job = _job(row)
+    job = job_from_row(row)
     if not files:
         return job
     rows = await fetch_all(db, "SELECT * FROM job_files WHERE job_seq = %s ORDER BY idx", (row["seq"],))
-    return replace(job, files=tuple(_file(f) for f in rows))
+    return replace(job, files=tuple(job_file_from_row(f) for f in rows))

@@ -10,7 +10,6 @@ events of the step are inserted in the same transaction.
 
 from __future__ import annotations
 
-import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -48,8 +47,13 @@ from .interface import (
     Transfer,
     TransferFile,
 )
+from .records import OPEN_FILE_STATES as _OPEN_FILE_STATES
+from .records import end_events, new_transfer, new_transfer_key, status_from_row, subject_from_rows
+from .records import event_from_row as _event
+from .records import file_from_row as _file
+from .records import staged_from_row as _staged
+from .records import transfer_from_row as _transfer
 from .sqlite_events import appended as _appended
-from .sqlite_events import event_from_row as _event
 from .sqlite_events import insert_events as _insert_events
 from .sqlite_jobs import JOBS_SCHEMA, SqliteJobs, migrate_jobs
 
@@ -175,18 +179,11 @@ def _reserved_bytes(db: sqlite3.Connection) -> int:
     return reserved
 
 
-def new_transfer_key() -> str:
-    """An unguessable transfer key: 160 random bits as 40 hex digits."""
-    return secrets.token_hex(20)
-
-
 def _in(states: Sequence[str]) -> str:
     return "(" + ", ".join("?" * len(states)) + ")"
 
 
 T = TypeVar("T")
-
-_OPEN_FILE_STATES = tuple(state for state in FileState if state not in FINAL_FILE_STATES)
 
 
 class SqliteState(SqliteJobs):
@@ -230,20 +227,8 @@ class SqliteState(SqliteJobs):
         space: int | None = None,
     ) -> Transfer:
         key = new_transfer_key()
-        records = tuple(
-            TransferFile(
-                num,
-                f.name,
-                f.size,
-                f.md5,
-                f.sha256,
-                FileState.RESERVED,
-                updated_at=now,
-                upload_metadata=upload_metadata,
-            )
-            for num, f in enumerate(files)
-        )
-        transfer = Transfer(key, prefix, owner, TransferState.OPEN, now, now, now + lifetime, records)
+        transfer = new_transfer(key, prefix, owner, files, lifetime=lifetime, now=now, upload_metadata=upload_metadata)
+        records = transfer.files
 
         def insert(db: sqlite3.Connection) -> None:
             if quota is not None:
@@ -717,9 +702,7 @@ def _end(db: sqlite3.Connection, key: str, step: Step, state: TransferState, now
         f" lease_until = NULL, stop_request = NULL, in_attempt = 0, updated_at = ? WHERE {ending}",
         (FileState.CANCELLED, now, key, *sources(step)),
     )
-    subject = Subject(before.prefix, key, before.owner.dn, before.owner.principal)
-    reason = StopReason.CANCELLED if step is Step.CANCEL else StopReason.EXPIRED
-    _insert_events(db, events_of(step, subject, transfer_after=state, reason=reason))
+    _insert_events(db, end_events(before, step, state))
     return Ended(before, tuple(f for f in before.files if f.num in nums))
 
 
@@ -730,9 +713,7 @@ def _ignore(_: Sequence[Event]) -> None:
 
 def _subject(db: sqlite3.Connection, key: str, file_row: sqlite3.Row) -> Subject:
     row = db.execute("SELECT prefix, owner, owner_id FROM transfers WHERE key = ?", (key,)).fetchone()
-    return Subject(
-        row["prefix"], key, row["owner"], row["owner_id"], file_row["num"], file_row["name"], file_row["size"]
-    )
+    return subject_from_rows(key, row, file_row)
 
 
 def _file_row(db: sqlite3.Connection, key: str, num: int) -> sqlite3.Row:
@@ -748,11 +729,7 @@ def _status(db: sqlite3.Connection, key: str, num: int) -> ClaimStatus | None:
     ).fetchone()
     if row is None:
         return None
-    return ClaimStatus(FileState(row["state"]), row["claimed_by"], row["lease_until"], row["stop_request"])
-
-
-def _staged(row: sqlite3.Row) -> StagedFile:
-    return StagedFile(row["key"], row["num"], row["received"], bool(row["verifying_chunk"]), row["claimed_by"])
+    return status_from_row(row)
 
 
 def _idempotent(db: sqlite3.Connection, prefix: str, owner: Identity, idempotency_key: str) -> Transfer | None:
@@ -769,31 +746,3 @@ def _load(db: sqlite3.Connection, key: str) -> Transfer | None:
         return None
     files = db.execute("SELECT * FROM transfer_files WHERE key = ? ORDER BY num", (key,)).fetchall()
     return _transfer(row, tuple(_file(f) for f in files))
-
-
-def _transfer(row: sqlite3.Row, files: tuple[TransferFile, ...]) -> Transfer:
-    return Transfer(
-        key=row["key"],
-        prefix=row["prefix"],
-        owner=Identity.from_principal(row["owner_id"], row["owner"]),
-        state=TransferState(row["state"]),
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        expires_at=row["expires_at"],
-        files=files,
-    )
-
-
-def _file(row: sqlite3.Row) -> TransferFile:
-    return TransferFile(
-        num=row["num"],
-        name=row["name"],
-        size=row["size"],
-        md5=row["md5"],
-        sha256=row["sha256"],
-        state=FileState(row["state"]),
-        received=row["received"],
-        error=row["error"],
-        updated_at=row["updated_at"],
-        upload_metadata=row["upload_metadata"],
-    )

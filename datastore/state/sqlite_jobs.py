@@ -5,43 +5,58 @@ event log and its transactions.
 :class:`SqliteJobs` is mixed into ``SqliteState``; each method is one transaction on the database
 thread. Every state change is an UPDATE guarded by the states ``jobs.states``' tables let the step
 leave and, for a runner's steps, by the lease's holder; the step's events go in the same transaction.
+How rows read back as jobs, files and attempts, what the events of a job say and what its steps
+decide is shared with ``postgres_jobs.py`` (``job_records.py``).
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import secrets
 import sqlite3
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import fields, replace
+from dataclasses import replace
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 from ..jobs.states import (
-    CLEARABLE_JOB_STATES,
-    FILE_STATE_UNDER_JOB,
-    FINAL_JOB_STATES,
     JOB_STATE_EVENTS,
-    OPEN_FILE_STATES,
     REPRIORITIZABLE_JOB_STATES,
     FailureReason,
     FileJobState,
     JobState,
     JobStep,
-    VerifyChecksum,
-    file_sources,
-    file_target,
     job_sources,
-    job_target,
-    public_url,
-    settled_state,
 )
-from ..lifecycle.states import EventType, NewEvent
+from ..lifecycle.states import EventType
 from ..security.identity import Identity
 from .database import Database
-from .jobs import Attempt, ClaimedFile, Claims, Job, JobFile, JobQuota, JobSpec, Lease, RunnerLimits
+from .job_records import (
+    FINAL,
+    RUNNABLE,
+    UNFINISHED,
+    UNSETTLED,
+    Slots,
+    attempt_end,
+    attempt_from_row,
+    clearable,
+    destination_host,
+    expire_jobs,
+    file_event,
+    handle_json,
+    job_event,
+    job_file_from_row,
+    job_from_row,
+    lease_of,
+    new_job_id,
+    settings_json,
+    settings_with_priority,
+    settled_in,
+    started_events,
+    step_changes,
+    submission_events,
+    submission_state,
+    submitted_job,
+)
+from .jobs import Attempt, ClaimedFile, Claims, Job, JobQuota, JobSpec, Lease, RunnerLimits
 from .sqlite_events import insert_events
 
 JOBS_SCHEMA = """
@@ -135,27 +150,9 @@ T = TypeVar("T")
 
 _F = FileJobState
 _J = JobState
-_OPEN_FILES = tuple(OPEN_FILE_STATES)
-#: Job states in which a runner works on the job's files.
-_RUNNABLE = (_J.QUEUED, _J.ACTIVE)
-#: Job states whose files wait for a resume (a file ending its attempt then takes the job's state).
-_HALTED_FILES = (_F.PAUSED, _F.USER_STOPPED)
-#: The files that keep their job from settling.
-_UNSETTLED = tuple(sorted(OPEN_FILE_STATES | set(_HALTED_FILES)))
-#: What each outcome of an attempt is called in the attempts list, and the file's event.
-_OUTCOMES: Mapping[JobStep, tuple[str, EventType]] = {
-    JobStep.FINISH: ("finished", EventType.JOB_FILE_FINISHED),
-    JobStep.REQUEUE: ("retrying", EventType.JOB_FILE_RETRYING),
-    JobStep.FAIL: ("failed", EventType.JOB_FILE_FAILED),
-}
 
 
-def new_job_id() -> str:
-    """An unguessable job id: 128 random bits as 32 hex digits."""
-    return secrets.token_hex(16)
-
-
-def _in(states: Sequence[str]) -> str:
+def _in(states: Sequence[object]) -> str:
     return "(" + ", ".join("?" * len(states)) + ")"
 
 
@@ -180,13 +177,12 @@ class SqliteJobs:
                     return job, False
             # Counted up to the quota only: what the check needs, in bounded time however long the queue.
             open_jobs = db.execute(
-                f"SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE owner_id IS ? AND state IN {_in(_UNFINISHED)}"
-                " LIMIT ?)",
-                (owner.principal, *_UNFINISHED, quota.jobs),
+                f"SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE owner_id IS ? AND state IN {_in(UNFINISHED)} LIMIT ?)",
+                (owner.principal, *UNFINISHED, quota.jobs),
             ).fetchone()[0]
             quota.check(open_jobs, len(spec.files))
-            state = (_J.AWAITING_ACCEPTANCE if invite else _J.QUEUED) if commit else _J.SUBMITTED
-            settings = _settings_json(spec)
+            state = submission_state(commit=commit, invite=invite)
+            settings = settings_json(spec)
             job_id = new_job_id()
             cursor = db.execute(
                 "INSERT INTO jobs (id, owner, owner_id, state, priority, spec, submission_id, source_token,"
@@ -220,7 +216,7 @@ class SqliteJobs:
                         i,
                         f.source,
                         f.destination,
-                        _host(f.destination),
+                        destination_host(f.destination),
                         f.size,
                         f.size,
                         f.md5,
@@ -232,37 +228,8 @@ class SqliteJobs:
                     for i, f in enumerate(spec.files)
                 ],
             )
-            # The job as _load would read it back (without reading it: a submission is one insert).
-            file_state = FileJobState(state)
-            job = Job(
-                id=job_id,
-                owner=Identity.from_principal(owner.principal, owner.dn),
-                state=state,
-                spec=replace(spec, files=()),
-                created_at=now,
-                updated_at=now,
-                files=tuple(
-                    JobFile(
-                        i,
-                        f.source,
-                        f.destination,
-                        f.size,
-                        f.md5,
-                        f.sha256,
-                        file_state,
-                        updated_at=now,
-                        declared_size=f.size,
-                    )
-                    for i, f in enumerate(spec.files)
-                ),
-                committed_at=now if commit else None,
-                seq=seq,
-            )
-            total = sum(f.size or 0 for f in spec.files)
-            events = [_job_event(EventType.JOB_SUBMITTED, job, size=total)]
-            if commit:
-                events.append(_job_event(JOB_STATE_EVENTS[state], job))
-            insert_events(db, events)
+            job = submitted_job(job_id, owner, spec, state, commit=commit, now=now, seq=seq)
+            insert_events(db, submission_events(job))
             return job, True
 
         result: tuple[Job, bool] = await self._run(submit)
@@ -278,7 +245,7 @@ class SqliteJobs:
                 " ORDER BY a.started_at, a.idx, a.number",
                 (job_id,),
             ).fetchall()
-            return [_attempt(row) for row in rows]
+            return [attempt_from_row(row) for row in rows]
 
         return await self._db.read(read)
 
@@ -296,7 +263,7 @@ class SqliteJobs:
             rows = db.execute(
                 f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?", (*values, limit)
             ).fetchall()
-            return [_job(row) for row in rows]
+            return [job_from_row(row) for row in rows]
 
         return await self._db.read(read)
 
@@ -306,42 +273,27 @@ class SqliteJobs:
             if row is None or JobState(row["state"]) not in job_sources(step):
                 return None
             before = JobState(row["state"])
-            after = job_target(before, step)
             seq = row["seq"]
-            file_states = file_sources(step)
-            if step is JobStep.RESUME:
-                # Files a runner still holds go on; a stop asked of them no longer is.
+            changes = step_changes(before, step, now=now, reason=reason)
+            if changes.unask_stop:
                 db.execute("UPDATE job_files SET stop_request = NULL WHERE job_seq = ? AND state = ?", (seq, _F.ACTIVE))
-            if step in (JobStep.PAUSE, JobStep.STOP, JobStep.EXPIRE):
-                # Held files are asked to stop; they take the job's state when their attempt ends.
+            if changes.ask_stop:
                 db.execute(
                     "UPDATE job_files SET stop_request = ? WHERE job_seq = ? AND state = ?", (step, seq, _F.ACTIVE)
                 )
-                file_states = tuple(s for s in file_states if s is not _F.ACTIVE)
-            changes = {"state": file_target(step), "updated_at": now}
-            if step is JobStep.RETRY:
+            if changes.rebase_attempts:
                 db.execute("UPDATE job_files SET attempts_base = attempts WHERE job_seq = ?", (seq,))
-                changes.update(idle_attempts=0, not_before=0.0, reason=None, error=None)
-            if step in (JobStep.RESUME, JobStep.RETRY):
-                changes["not_before"] = 0.0
-            if file_states:
-                assignments = ", ".join(f"{column} = ?" for column in changes)
+            if changes.file_states:
+                assignments = ", ".join(f"{column} = ?" for column in changes.file_values)
                 db.execute(
-                    f"UPDATE job_files SET {assignments} WHERE job_seq = ? AND state IN {_in(file_states)}",
-                    (*changes.values(), seq, *file_states),
+                    f"UPDATE job_files SET {assignments} WHERE job_seq = ? AND state IN {_in(changes.file_states)}",
+                    (*changes.file_values.values(), seq, *changes.file_states),
                 )
-            values: dict[str, object] = {"state": after, "updated_at": now, "reason": reason}
-            if step is JobStep.COMMIT:
-                values["committed_at"] = now
-            if step in (JobStep.RETRY, JobStep.RESUME):
-                values["finished_at"] = None
-            if after in _FINAL:
-                values["finished_at"] = now
-            _update_job(db, seq, before, values)
+            _update_job(db, seq, before, changes.job_values)
             job = _load(db, seq=seq)
             assert job is not None
-            insert_events(db, [_job_event(JOB_STATE_EVENTS[after], job, reason=reason)])
-            if after in _RUNNABLE or after is _J.PAUSED:
+            insert_events(db, [job_event(JOB_STATE_EVENTS[changes.after], job, reason=reason)])
+            if changes.may_settle:
                 return _settle(db, job, now) or job
             return job
 
@@ -367,12 +319,12 @@ class SqliteJobs:
             ).fetchone()
             if row is None:
                 return None
-            spec = {**json.loads(row["spec"]), "priority": priority}
-            db.execute("UPDATE jobs SET priority = ?, spec = ? WHERE seq = ?", (priority, json.dumps(spec), row["seq"]))
+            settings = settings_with_priority(row["spec"], priority)
+            db.execute("UPDATE jobs SET priority = ?, spec = ? WHERE seq = ?", (priority, settings, row["seq"]))
             db.execute("UPDATE job_files SET priority = ? WHERE job_seq = ?", (priority, row["seq"]))
             job = _load(db, seq=row["seq"])
             assert job is not None
-            insert_events(db, [_job_event(EventType.JOB_PRIORITY, job, reason=str(priority))])
+            insert_events(db, [job_event(EventType.JOB_PRIORITY, job, reason=str(priority))])
             return job
 
         result: Job | None = await self._run(change)
@@ -381,9 +333,7 @@ class SqliteJobs:
     async def clear(self, job_id: str) -> Job | None:
         def clear(db: sqlite3.Connection) -> Job | None:
             job = _load(db, job_id=job_id)
-            if job is None or job.state not in CLEARABLE_JOB_STATES:
-                return None
-            if any(f.state is _F.ACTIVE for f in job.files):
+            if job is None or not clearable(job):
                 return None
             db.execute("DELETE FROM jobs WHERE seq = ?", (job.seq,))
             return job
@@ -400,9 +350,7 @@ class SqliteJobs:
                 " WHERE f.state = ?",
                 (_F.ACTIVE,),
             ).fetchall()
-            jobs = Counter(row["job_seq"] for row in active)
-            hosts = Counter(row["host"] for row in active)
-            owners = Counter(row["owner_id"] or "" for row in active)
+            slots = Slots(limits, active)
             # The hosts files are queued for, each found by one seek of the queue's index.
             queued_hosts = [
                 row[0]
@@ -414,36 +362,32 @@ class SqliteJobs:
                 )
             ]
             claimed: list[ClaimedFile] = []
-            while len(claimed) < count and len(active) + len(claimed) < limits.total:
+            while len(claimed) < count and slots.left():
                 # Per host below its limit, the first due file of a job and owner below theirs, in the
                 # queue's order (the index's: the walk stops there; a host at its limit is not walked,
                 # however many files wait for it); the best of them is the one to claim.
-                full_jobs = [seq for seq, n in jobs.items() if n >= limits.per_job]
-                full_owners = [owner for owner, n in owners.items() if n >= limits.per_owner]
+                full_jobs, full_owners = slots.full_jobs(), slots.full_owners()
                 candidates = [
                     row
                     for host in queued_hosts
-                    if hosts[host] < limits.per_host
+                    if slots.host_open(host)
                     and (
                         row := db.execute(
                             "SELECT f.job_seq, f.idx, f.host, f.priority, j.owner_id"
                             " FROM job_files f INDEXED BY job_files_queue JOIN jobs j ON j.seq = f.job_seq"
-                            f" WHERE f.state = ? AND f.host = ? AND f.not_before <= ? AND j.state IN {_in(_RUNNABLE)}"
+                            f" WHERE f.state = ? AND f.host = ? AND f.not_before <= ? AND j.state IN {_in(RUNNABLE)}"
                             f" AND f.job_seq NOT IN {_in(full_jobs)}"
                             f" AND COALESCE(j.owner_id, '') NOT IN {_in(full_owners)}"
                             " ORDER BY f.priority DESC, f.job_seq, f.idx LIMIT 1",
-                            (_F.QUEUED, host, now, *_RUNNABLE, *full_jobs, *full_owners),
+                            (_F.QUEUED, host, now, *RUNNABLE, *full_jobs, *full_owners),
                         ).fetchone()
                     )
                     is not None
                 ]
                 if not candidates:
                     break
-                row = min(candidates, key=lambda r: (-r["priority"], r["job_seq"], r["idx"]))
+                row = slots.take(candidates)
                 claimed.append(_claim(db, row["job_seq"], row["idx"], holder, lease=lease, now=now))
-                jobs[row["job_seq"]] += 1
-                hosts[row["host"]] += 1
-                owners[row["owner_id"] or ""] += 1
             return Claims(tuple(claimed), _next_due(db, now))
 
         result: Claims = await self._run(claim)
@@ -459,7 +403,7 @@ class SqliteJobs:
                 "UPDATE job_files SET lease_until = ? WHERE job_seq = ? AND idx = ?",
                 (now + lease, row["job_seq"], index),
             )
-            return Lease(True, row["stop_request"], JobState(row["job_state"]))
+            return lease_of(row)
 
         result: Lease = await self._run(renew)
         return result
@@ -482,7 +426,7 @@ class SqliteJobs:
                 return False
             db.execute(
                 "UPDATE job_files SET bytes = ?, rate = ?, handle = COALESCE(?, handle) WHERE job_seq = ? AND idx = ?",
-                (bytes, rate, _handle_json(handle), row["job_seq"], index),
+                (bytes, rate, handle_json(handle), row["job_seq"], index),
             )
             if resumed:
                 db.execute(
@@ -492,9 +436,10 @@ class SqliteJobs:
             if announce:
                 job = _load(db, seq=row["job_seq"], files=False)
                 assert job is not None
-                insert_events(
-                    db, [_file_event(EventType.JOB_FILE_PROGRESS, job, _file(row), bytes=bytes, size=row["size"])]
+                event = file_event(
+                    EventType.JOB_FILE_PROGRESS, job, job_file_from_row(row), bytes=bytes, size=row["size"]
                 )
+                insert_events(db, [event])
             return True
 
         result: bool = await self._run(record)
@@ -509,7 +454,7 @@ class SqliteJobs:
                 return False
             db.execute(
                 "UPDATE job_files SET handle = ?, size = COALESCE(?, size) WHERE job_seq = ? AND idx = ?",
-                (_handle_json(handle), size, row["job_seq"], index),
+                (handle_json(handle), size, row["job_seq"], index),
             )
             return True
 
@@ -537,33 +482,23 @@ class SqliteJobs:
             if row is None:
                 return None
             seq = row["job_seq"]
-            reached = row["bytes"] if bytes is None else bytes
-            job_state = JobState(row["job_state"])
-            label, event_type = _OUTCOMES[outcome]
-            state = file_target(outcome)
-            if outcome is not JobStep.FINISH and job_state in FILE_STATE_UNDER_JOB:
-                state, label, event_type = (
-                    FILE_STATE_UNDER_JOB[job_state],
-                    "interrupted",
-                    EventType.JOB_FILE_INTERRUPTED,
-                )
-            idle = row["idle_attempts"] + 1 if reached <= row["bytes_at_start"] and outcome is not JobStep.FINISH else 0
+            ended = attempt_end(row, outcome, bytes=bytes, now=now)
             db.execute(
                 "UPDATE job_files SET state = ?, bytes = ?, rate = 0, claimed_by = NULL, lease_until = NULL,"
                 " stop_request = NULL, reason = ?, error = ?, not_before = ?, idle_attempts = ?,"
                 " published_md5 = COALESCE(?, published_md5), published_sha256 = COALESCE(?, published_sha256),"
                 " handle = COALESCE(?, handle), finished_at = ?, updated_at = ? WHERE job_seq = ? AND idx = ?",
                 (
-                    state,
-                    reached,
+                    ended.state,
+                    ended.bytes,
                     reason,
                     error,
                     not_before,
-                    idle,
+                    ended.idle_attempts,
                     md5,
                     sha256,
-                    _handle_json(handle),
-                    now if state in (_F.FINISHED, _F.FAILED) else None,
+                    handle_json(handle),
+                    ended.finished_at,
                     now,
                     seq,
                     index,
@@ -572,19 +507,11 @@ class SqliteJobs:
             db.execute(
                 "UPDATE job_attempts SET ended_at = ?, bytes = ?, outcome = ?, reason = ?, error = ?"
                 " WHERE job_seq = ? AND idx = ? AND number = ?",
-                (now, reached, label, reason, error, seq, index, row["attempts"]),
+                (now, ended.bytes, ended.outcome, reason, error, seq, index, row["attempts"]),
             )
             job = _load(db, seq=seq, files=False)
             assert job is not None
-            file = _file({**dict(row), "state": state})
-            insert_events(
-                db,
-                [
-                    _file_event(
-                        event_type, job, file, bytes=reached, size=row["size"], md5=md5, sha256=sha256, reason=reason
-                    )
-                ],
-            )
+            insert_events(db, [ended.file_event(job, row, md5=md5, sha256=sha256, reason=reason)])
             # Without its files (reading them all for each file would make a big job's files cost
             # the square of their number); with them once it settled.
             return _settle(db, job, now) or job
@@ -624,12 +551,7 @@ class SqliteJobs:
             ).fetchall()
             return [row["id"] for row in rows]
 
-        expired = []
-        for job_id in await self._db.read(due):
-            job = await self.step(job_id, JobStep.EXPIRE, now=now, reason="expired")
-            if job is not None:
-                expired.append(job)
-        return expired
+        return await expire_jobs(self, await self._db.read(due), now)
 
     async def next_due(self, now: float) -> float | None:
         return await self._db.read(lambda db: _next_due(db, now))
@@ -638,24 +560,12 @@ class SqliteJobs:
         def purge(db: sqlite3.Connection) -> int:
             return int(
                 db.execute(
-                    f"DELETE FROM jobs WHERE state IN {_in(_FINAL)} AND finished_at < ?", (*_FINAL, before)
+                    f"DELETE FROM jobs WHERE state IN {_in(FINAL)} AND finished_at < ?", (*FINAL, before)
                 ).rowcount
             )
 
         result: int = await self._run(purge)
         return result
-
-
-_FINAL = tuple(s for s in JobState if s in FINAL_JOB_STATES)
-_UNFINISHED = tuple(s for s in JobState if s not in FINAL_JOB_STATES)
-
-
-def _settings_json(spec: JobSpec) -> str:
-    """The spec's settings, without its files and credentials (kept apart)."""
-    return json.dumps({f.name: getattr(spec, f.name) for f in fields(spec) if f.name not in _NOT_SETTINGS})
-
-
-_NOT_SETTINGS = frozenset({"files", "source_token", "destination_token"})
 
 
 def migrate_jobs(db: sqlite3.Connection) -> None:
@@ -673,24 +583,10 @@ def migrate_jobs(db: sqlite3.Connection) -> None:
 def _next_due(db: sqlite3.Connection, now: float) -> float | None:
     row = db.execute(
         "SELECT MIN(f.not_before) FROM job_files f JOIN jobs j ON j.seq = f.job_seq"
-        f" WHERE f.state = ? AND f.not_before > ? AND j.state IN {_in(_RUNNABLE)}",
-        (_F.QUEUED, now, *_RUNNABLE),
+        f" WHERE f.state = ? AND f.not_before > ? AND j.state IN {_in(RUNNABLE)}",
+        (_F.QUEUED, now, *RUNNABLE),
     ).fetchone()
     return None if row[0] is None else float(row[0])
-
-
-def _handle_json(handle: Mapping[str, Any] | None) -> str | None:
-    return None if handle is None else json.dumps(dict(handle))
-
-
-def _host(url: str) -> str:
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return ""
-    if parts.scheme in ("http", "https"):
-        return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
-    return url.split(":", 2)[1] if url.startswith("rclone:") else parts.scheme
 
 
 def _claim(db: sqlite3.Connection, seq: int, index: int, holder: str, *, lease: float, now: float) -> ClaimedFile:
@@ -706,15 +602,13 @@ def _claim(db: sqlite3.Connection, seq: int, index: int, holder: str, *, lease: 
     )
     job = _load(db, seq=seq, files=False)
     assert job is not None
-    events = []
-    if job.state is _J.QUEUED:
+    activated = job.state is _J.QUEUED
+    if activated:
         _update_job(db, seq, _J.QUEUED, {"state": _J.ACTIVE, "started_at": job.started_at or now, "updated_at": now})
         job = _load(db, seq=seq, files=False)
         assert job is not None
-        events.append(_job_event(EventType.JOB_ACTIVE, job))
-    file = _file(row)
-    events.append(_file_event(EventType.JOB_FILE_STARTED, job, file, bytes=file.bytes, size=file.size))
-    insert_events(db, events)
+    file = job_file_from_row(row)
+    insert_events(db, started_events(job, file, activated=activated))
     return ClaimedFile(job, file, row["attempts"])
 
 
@@ -724,7 +618,7 @@ def _settle(db: sqlite3.Connection, job: Job, now: float) -> Job | None:
     if job.state not in job_sources(JobStep.SETTLE):
         return None
     left = db.execute(
-        f"SELECT 1 FROM job_files WHERE job_seq = ? AND state IN {_in(_UNSETTLED)} LIMIT 1", (job.seq, *_UNSETTLED)
+        f"SELECT 1 FROM job_files WHERE job_seq = ? AND state IN {_in(UNSETTLED)} LIMIT 1", (job.seq, *UNSETTLED)
     ).fetchone()
     if left is not None:
         return None
@@ -732,12 +626,11 @@ def _settle(db: sqlite3.Connection, job: Job, now: float) -> Job | None:
         FileJobState(row[0]): row[1]
         for row in db.execute("SELECT state, COUNT(*) FROM job_files WHERE job_seq = ? GROUP BY state", (job.seq,))
     }
-    finished = counts.get(_F.FINISHED, 0)
-    after = settled_state(finished, sum(counts.values()) - finished)
+    after = settled_in(counts)
     _update_job(db, job.seq, job.state, {"state": after, "finished_at": now, "updated_at": now})
     settled = _load(db, seq=job.seq)
     assert settled is not None
-    insert_events(db, [_job_event(JOB_STATE_EVENTS[after], settled)])
+    insert_events(db, [job_event(JOB_STATE_EVENTS[after], settled)])
     return settled
 
 
@@ -770,115 +663,8 @@ def _load(
         row = db.execute("SELECT * FROM jobs WHERE seq = ?", (seq,)).fetchone()
     if row is None:
         return None
-    job = _job(row)
+    job = job_from_row(row)
     if not files:
         return job
     rows = db.execute("SELECT * FROM job_files WHERE job_seq = ? ORDER BY idx", (row["seq"],)).fetchall()
-    return _with_files(job, tuple(_file(f) for f in rows))
-
-
-def _with_files(job: Job, files: tuple[JobFile, ...]) -> Job:
-    return replace(job, files=files)
-
-
-def _job(row: Mapping[str, Any] | sqlite3.Row) -> Job:
-    spec = _spec(row["spec"], row["source_token"], row["destination_token"])
-    return Job(
-        id=row["id"],
-        owner=Identity.from_principal(row["owner_id"], row["owner"]),
-        state=JobState(row["state"]),
-        spec=spec,
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        committed_at=row["committed_at"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        reason=row["reason"],
-        seq=row["seq"],
-        invitation=None if row["invitation"] is None else json.loads(row["invitation"]),
-    )
-
-
-@functools.lru_cache(maxsize=1024)
-def _spec(settings: str, source_token: str | None, destination_token: str | None) -> JobSpec:
-    """A stored job's spec (without its files); the specs of the jobs loaded lately are remembered
-    (a job is loaded at each of its files' claims and ends)."""
-    values = json.loads(settings)
-    values["verify_checksum"] = VerifyChecksum(values["verify_checksum"])
-    return JobSpec(files=(), **values, source_token=source_token, destination_token=destination_token)
-
-
-def _file(row: Mapping[str, Any] | sqlite3.Row) -> JobFile:
-    return JobFile(
-        index=row["idx"],
-        source=row["source"],
-        destination=row["destination"],
-        size=row["size"],
-        md5=row["md5"],
-        sha256=row["sha256"],
-        state=FileJobState(row["state"]),
-        bytes=row["bytes"],
-        rate=row["rate"],
-        attempts=row["attempts"],
-        attempts_base=row["attempts_base"],
-        idle_attempts=row["idle_attempts"],
-        reason=None if row["reason"] is None else FailureReason(row["reason"]),
-        error=row["error"],
-        not_before=row["not_before"],
-        holder=row["claimed_by"],
-        lease_until=row["lease_until"],
-        stop_request=row["stop_request"],
-        handle=json.loads(row["handle"]),
-        published_md5=row["published_md5"],
-        published_sha256=row["published_sha256"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        updated_at=row["updated_at"],
-        declared_size=row["declared_size"],
-    )
-
-
-def _attempt(row: Mapping[str, Any] | sqlite3.Row) -> Attempt:
-    return Attempt(
-        index=row["idx"],
-        number=row["number"],
-        started_at=row["started_at"],
-        offset=row["offset"],
-        holder=row["holder"],
-        ended_at=row["ended_at"],
-        bytes=row["bytes"],
-        outcome=row["outcome"],
-        reason=None if row["reason"] is None else FailureReason(row["reason"]),
-        error=row["error"],
-    )
-
-
-def _job_event(type: EventType, job: Job, *, size: int | None = None, reason: str | None = None) -> NewEvent:
-    return NewEvent(type, "", job.id, owner=job.owner.dn, owner_id=job.owner.principal, size=size, reason=reason)
-
-
-def _file_event(
-    type: EventType,
-    job: Job,
-    file: JobFile,
-    *,
-    bytes: int | None = None,
-    size: int | None = None,
-    md5: str | None = None,
-    sha256: str | None = None,
-    reason: str | None = None,
-) -> NewEvent:
-    return NewEvent(
-        type,
-        "",
-        job.id,
-        file.index,
-        public_url(file.destination),
-        job.owner.dn,
-        job.owner.principal,
-        bytes=bytes,
-        size=size,
-        md5=md5,
-        sha256=sha256,
-        reason=reason,
-    )
+    return replace(job, files=tuple(job_file_from_row(f) for f in rows))
