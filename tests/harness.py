@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp.test_utils import TestClient
+from multidict import CIMultiDict
 
 from datastore.config import Settings
 from datastore.http.server import HTTPTransferServer
@@ -145,6 +147,37 @@ async def start_stalled_upload(
     writer.write(head + sent)
     await writer.drain()
     return reader, writer
+
+
+@dataclass(frozen=True)
+class RawAnswer:
+    """One HTTP answer read off a raw connection."""
+
+    status: int
+    headers: CIMultiDict[str]
+    body: bytes
+
+    @property
+    def code(self) -> str | None:
+        """The error's code, for an error answered as JSON."""
+        if not self.headers.get("Content-Type", "").startswith("application/json"):
+            return None
+        code: str | None = json.loads(self.body).get("error")
+        return code
+
+
+async def read_answer(reader: asyncio.StreamReader) -> RawAnswer:
+    """The next answer on a raw connection, read as soon as it is whole (its head, then Content-Length
+    bytes): whether the connection ends then is another matter (a balancer keeps it open while the
+    request's body is still due)."""
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+    status_line, *lines = head.split("\r\n")
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in filter(None, lines):
+        name, _, value = line.partition(":")
+        headers.add(name.strip(), value.strip())
+    body = await reader.readexactly(int(headers.get("Content-Length", "0")))
+    return RawAnswer(int(status_line.split(" ", 2)[1]), headers, body)
 
 
 async def until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:

@@ -1,6 +1,7 @@
 """Several nodes behind HAProxy (``cluster.py``), sharing only a PostgreSQL database and the storage
 root: uploads of every protocol, a tus upload whose PATCHes land on every node, ``kill -9`` of the node
-receiving an upload, cancellation and superseding across nodes, one event stream carrying every
+receiving an upload, cancellation and superseding across nodes (the cut-off request answered through
+the balancer, 410 or 409, never a 502), one event stream carrying every
 node's events, a transfer job finished by another node after its node died, and a long mixed run
 with a node killed and restarted every few seconds.
 
@@ -32,7 +33,17 @@ from multidict import CIMultiDict
 from datastore.client.events import read_events
 
 from .cluster import NODE_HEADER, Cluster, Node, start_cluster
-from .harness import eventually, ini_manifest, job_store, json_manifest, md5_hex, sha256_hex, staged_bytes, until
+from .harness import (
+    eventually,
+    ini_manifest,
+    job_store,
+    json_manifest,
+    md5_hex,
+    read_answer,
+    sha256_hex,
+    staged_bytes,
+    until,
+)
 from .test_legacy_protocol import agtk_download, agtk_upload
 
 MIB = 1 << 20
@@ -116,12 +127,15 @@ async def assert_published(session: aiohttp.ClientSession, files: dict[str, byte
             assert md5_hex(await response.read()) == md5_hex(content), name
 
 
-async def resume_tus(session: aiohttp.ClientSession, path: str, data: bytes, what: str) -> list[tuple[int, str]]:
+async def resume_tus(
+    session: aiohttp.ClientSession, path: str, data: bytes, what: str, *, nodes_die: bool = True
+) -> list[tuple[int, str]]:
     """Resume a tus upload through the balancer until it is complete, as a tus client does: HEAD for the
     offset, PATCH the rest; an answer that is not the end (409 while another request or a dead node
-    still holds the upload, a 5xx of the balancer, a dropped connection) means: look again. Returns the
-    (offset, node) of each PATCH that a node took (204)."""
+    still holds the upload; while ``nodes_die``, also a 5xx of the balancer or a dropped connection)
+    means: look again. Returns the (offset, node) of each PATCH that a node took (204)."""
     taken: list[tuple[int, str]] = []
+    again = (409, 423, 502, 503, 504) if nodes_die else (409,)
 
     async def complete() -> bool:
         try:
@@ -133,9 +147,10 @@ async def resume_tus(session: aiohttp.ClientSession, path: str, data: bytes, wha
                 if response.status == 204:
                     taken.append((offset, response.headers[NODE_HEADER]))
                     return int(response.headers["Upload-Offset"]) == len(data)
-                assert response.status in (409, 423, 502, 503, 504), (response.status, response.reason)
+                assert response.status in again, (response.status, response.reason)
         except (aiohttp.ClientError, TimeoutError):
-            pass
+            if not nodes_die:
+                raise
         return False
 
     await eventually(complete, what, WAIT)
@@ -167,9 +182,11 @@ class StalledPatch:
         await writer.drain()
         return cls(reader, writer)
 
-    async def ended(self) -> bytes:
-        """What the balancer answered, once it answered or closed the connection."""
-        return await self.reader.read()
+    async def answer(self) -> Answer:
+        """What the request was answered through the balancer, once the answer is whole (the balancer
+        may keep the connection open while the body it declared is still due)."""
+        raw = await read_answer(self.reader)
+        return Answer(raw.status, raw.headers, raw.body)
 
     def close(self) -> None:
         self.writer.close()
@@ -290,25 +307,29 @@ async def test_a_cancel_landing_on_another_node_stops_the_upload_within_the_boun
     async with three_nodes(tmp_path) as (cluster, session):
         key = await register(session, [("doomed.bin", data)])
         path = f"/files/{key}/0"
-        stalled = await StalledPatch.open(cluster.url, path, 0, len(data), data[: 3 * MIB // 2], ADA)
+        stalled = await StalledPatch.open(cluster.url, path, 0, len(data), data[: 3 * MIB // 2], JSON_ADA)
         try:
             streaming = await cluster.wait_holder(key)
             await until(lambda: cluster.staged_size(key) >= MIB, "a mebibyte is staged", WAIT)
-            ended = asyncio.ensure_future(stalled.ended())
+            answered = asyncio.ensure_future(stalled.answer())
             await node_after(cluster, session, streaming)
             async with session.delete(f"/_api/v1/transfers/{key}", headers=ADA) as response:
                 assert response.status == 200, await response.text()
                 assert (await response.json())["state"] == "CANCELLED"
                 assert response.headers[NODE_HEADER] != streaming.node_id
             cancelled = time.monotonic()
-            # The streaming node lets go of the upload: its request ends, its lease is gone.
+            # The streaming node lets go of the upload: its request is answered, its lease is gone.
             async with asyncio.timeout(WAIT):
-                await ended
+                answer = await answered
             stopped = time.monotonic() - cancelled
             await eventually(lambda: _no_holder(cluster, key), "the cancelled upload holds no lease", CANCEL_BOUND)
         finally:
             stalled.close()
         assert stopped < CANCEL_BOUND, f"the upload went on for {stopped:.2f} s after the cancel"
+        # The client, still sending, is told why by the node it was sending to, through the balancer
+        # (not the balancer's 502 for a node that hung up without an answer).
+        assert (answer.status, answer.code) == (410, "transfer_cancelled"), answer
+        assert answer.headers[NODE_HEADER] == streaming.node_id
         await until(lambda: not os.listdir(cluster.staging), "the staged bytes are gone", CANCEL_BOUND)
         assert "doomed.bin" not in await listing(session)
         async with session.put(path, data=io.BytesIO(data), headers=ADA) as response:
@@ -324,18 +345,24 @@ async def test_a_newer_patch_on_one_node_supersedes_a_hanging_one_on_another(tmp
     async with three_nodes(tmp_path) as (cluster, session):
         path = await tus_create(session, "taken-over.bin", data)
         key = path.split("/")[2]
-        stalled = await StalledPatch.open(cluster.url, path, 0, len(data), data[: 3 * MIB // 2])
+        stalled = await StalledPatch.open(
+            cluster.url, path, 0, len(data), data[: 3 * MIB // 2], {"Accept": "application/json"}
+        )
         try:
             hanging = await cluster.wait_holder(key)
             await until(lambda: cluster.staged_size(key) >= MIB, "a mebibyte is staged", WAIT)
-            ended = asyncio.ensure_future(stalled.ended())
+            answered = asyncio.ensure_future(stalled.answer())
             await node_after(cluster, session, hanging)
-            # The client (its old connection hanging) starts again from the offset HEAD gives it.
-            taken = await resume_tus(session, path, data, "the newer requests completed the upload")
+            # The client (its old connection hanging) starts again from the offset HEAD gives it; no
+            # node dies here, so nothing but a 409 (the old request still held the upload) is looked past.
+            taken = await resume_tus(session, path, data, "the newer requests completed the upload", nodes_die=False)
             async with asyncio.timeout(WAIT):
-                await ended
+                answer = await answered
         finally:
             stalled.close()
+        # The old request is told, through the balancer, that a newer one took its upload over.
+        assert (answer.status, answer.code) == (409, "upload_in_progress"), answer
+        assert answer.headers[NODE_HEADER] == hanging.node_id
         assert all(node != hanging.node_id for _, node in taken[:1]), (hanging.node_id, taken)
         # What the old request staged was kept: the newer one went on from it.
         assert taken[0][0] >= MIB, taken

@@ -429,9 +429,12 @@ async def test_cancel_stops_a_running_upload_promptly_and_removes_its_staged_byt
         with contextlib.suppress(ConnectionError):
             writer.write(running[4 * chunk :])
             await writer.drain()
+        # The client, still sending, was told why its upload stopped (and the store's side of the
+        # connection ended after the answer, so that reading to the end does not wait).
         async with asyncio.timeout(WAIT):
             answer = await reader.read()
-        assert not answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        assert answer.startswith(b"HTTP/1.1 410 Transfer cancelled\r\n"), answer[:200]
+        assert answer.endswith(b"\r\n\r\nTransfer cancelled\n"), answer[-200:]
         assert not (store.root / store.prefix / "running.bin").exists()
         assert store.served_files() == []
         assert (await download(store, "running.bin"))[0] == 404

@@ -42,7 +42,7 @@ from datastore.lifecycle.machine import RunningUpload
 
 from .conftest import MakeStore
 from .fakes import RecordingHandler
-from .harness import Store, ini_manifest, md5_hex, parse_legacy_reply, sha256_hex, spawn_serve, until
+from .harness import Store, ini_manifest, md5_hex, parse_legacy_reply, read_answer, sha256_hex, spawn_serve, until
 from .waiting import WallClock
 
 #: Upper bound on anything a test awaits from a server or a client process.
@@ -627,7 +627,9 @@ async def test_new_patch_at_the_head_offset_supersedes_a_hanging_old_patch(
     path = await create(store.client, "superseded.bin", data)
     host, port = loopback(store)
     extra = {"Upload-Checksum": checksum_header("sha1", data)} if checksummed else {}
-    hanging = await start_partial_patch(host, port, path, 0, len(data), data[: 2 * chunk], extra)
+    hanging = await start_partial_patch(
+        host, port, path, 0, len(data), data[: 2 * chunk], {**extra, "Accept": "application/json"}
+    )
     try:
         await until(
             lambda: staged_size(store.staging, path) >= chunk,
@@ -641,6 +643,10 @@ async def test_new_patch_at_the_head_offset_supersedes_a_hanging_old_patch(
 
         assert statuses[-1] == 204, statuses
         assert set(statuses[:-1]) <= {409}, statuses
+        # The old request, its body still due, is told that a newer one took the upload over.
+        async with asyncio.timeout(WAIT):
+            old = await read_answer(hanging.reader)
+        assert (old.status, old.code, old.headers["Tus-Resumable"]) == (409, "upload_in_progress", "1.0.0"), old
         assert await offset_of(store.client, path) == len(data)
         await assert_published(store.client, "superseded.bin", data)
     finally:
@@ -803,7 +809,9 @@ async def test_termination_stops_a_hanging_patch_and_releases_the_upload(make_st
     data = content(64 * 1024, seed=28)
     path = await create(store.client, "terminated-hanging.bin", data)
     host, port = loopback(store)
-    hanging = await start_partial_patch(host, port, path, 0, len(data), data[: 2 * chunk])
+    hanging = await start_partial_patch(
+        host, port, path, 0, len(data), data[: 2 * chunk], {"Accept": "application/json"}
+    )
     try:
         await until(
             lambda: staged_size(store.staging, path) >= chunk,
@@ -814,6 +822,9 @@ async def test_termination_stops_a_hanging_patch_and_releases_the_upload(make_st
         terminated = await send(store.client, "DELETE", path, headers=TUS)
 
         assert terminated.status == 204
+        async with asyncio.timeout(WAIT):
+            stopped = await read_answer(hanging.reader)
+        assert (stopped.status, stopped.code) == (410, "transfer_cancelled"), stopped
         assert staged_size(store.staging, path) == -1
         assert ("cancel_upload", "terminated-hanging.bin") in handler.calls
         assert (await head(store.client, path)).status in (404, 410)

@@ -6,7 +6,8 @@ itself. The server owns the URL shapes (aiohttp's router), establishes who
 each request is from (``TransferServer.identify``: a certificate, a token, a
 trusted header, or nobody), refuses state changes a browser sends for
 another site, turns every :class:`~datastore.errors.DatastoreError` into a
-response in one middleware, times every request for the metrics (by route
+response in one middleware, ends a connection whose request body was not all read after its
+answer with a lingering close (``lingering.py``), times every request for the metrics (by route
 pattern, method and status class), names its node in every answer
 (``X-Datastore-Node``), and on start-up opens the state store (through the lifecycle) and
 token store in the state directory, clears staging left by a crash and
@@ -119,6 +120,7 @@ from .jobs import (
     handle_job_step,
     handle_job_submit,
 )
+from .lingering import LINGER_TIME, lingering_middleware
 from .metrics_page import METRICS_PATH, handle_metrics
 from .openapi import OPENAPI_PATH, handle_openapi
 from .page import handle_asset
@@ -304,11 +306,19 @@ class TransferServer(abc.ABC):
         registry and every handler that can be closed.
         """
         app = web.Application(
-            middlewares=[metrics_middleware, error_middleware, cross_site_middleware, method_override_middleware],
+            middlewares=[
+                lingering_middleware,
+                metrics_middleware,
+                error_middleware,
+                cross_site_middleware,
+                method_override_middleware,
+            ],
             # Whoever runs the app (our runner, a test server, an embedding application) logs requests
-            # through AccessLogger, which never writes a transfer key whole.
+            # through AccessLogger, which never writes a transfer key whole, and lingers after an answer
+            # that no middleware saw as lingering.py does after the others.
             handler_args={
                 "read_bufsize": READ_BUFSIZE,
+                "lingering_time": LINGER_TIME,
                 "access_log_class": AccessLogger,
                 "access_log": logging.getLogger("datastore.access"),
                 "logger": HTTP_LOG,

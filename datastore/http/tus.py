@@ -200,8 +200,9 @@ async def append_resumable(
     try:
         async with spending(ctx, target.identity, wanted, whole=False) as within_budget:
             chunks = within_budget(stream_chunks(request, ctx.settings))
+            # A stop from elsewhere is answered: 410 (cancelled, terminated, expired) or 409 (superseded).
             appended = await ctx.lifecycle.append_resumable(
-                target, claimed_offset, chunks, length=length, checksum=checksum
+                target, claimed_offset, chunks, length=length, checksum=checksum, answer_stops=True
             )
             return appended.offset
     except NotEnoughSpace as exc:

@@ -163,7 +163,8 @@ async def _receive_whole(request: web.Request) -> web.Response:
 async def _receive_within(request: web.Request, target: UploadTarget, within_budget: Limit) -> web.Response:
     ctx = request.app[CONTEXT]
     lifecycle = ctx.lifecycle
-    async with lifecycle.claimed(target, resumable=False) as upload:
+    # A stop from elsewhere (a cancellation, expiry) is answered, 410, like any other failure.
+    async with lifecycle.claimed(target, resumable=False, answer_stops=True) as upload:
         try:
             chunks = within_budget(_body_chunks(request, target.file.size, ctx.settings))
             if not upload.reserved:

@@ -12,7 +12,8 @@ An upload holds its file by a lease that it renews while it runs (:meth:`Lifecyc
 other processes sharing the state the same watch lets another process stop it (a cancellation, a
 termination, a newer request superseding it). Whatever stops an attempt, :meth:`FileUpload.end`
 decides in one place what is kept: a whole-body upload is all or nothing; a resumable one keeps the
-bytes that reached the disk, unless the whole file failed verification.
+bytes that reached the disk, unless the whole file failed verification. An HTTP request so stopped
+then raises the error that says why (410 cancelled or expired, 409 taken over), for its client.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from ..errors import (
     SizeMismatch,
     TooManyUploads,
     TransferCancelled,
+    TransferExpired,
     UploadFileNotFound,
     UploadInProgress,
 )
@@ -73,7 +75,7 @@ from ..state.interface import (
 )
 from ..storage import staging
 from ..storage.staging import BufferBudget, Digests
-from .states import Event, EventType, FileState, NewEvent, StopReason
+from .states import Event, EventType, FileState, NewEvent, StopReason, TransferState
 
 log = logging.getLogger(__name__)
 
@@ -141,15 +143,39 @@ class RunningUpload:
     stop_reason: StopReason | None = None
     #: Set once the file's last byte has arrived: from then on the upload is waited for, never cancelled.
     finishing: bool = False
+    #: How many times :meth:`interrupt` cancelled the task (taken back when the request answers why).
+    interruptions: int = 0
+    #: Set once the upload let go of the file (its attempt ended, its lease released or handed on):
+    #: what a stopper waits for, not the end of the request, which still answers its client.
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def interrupt(self, reason: StopReason) -> None:
+        """Cancel the request's task for ``reason``."""
+        self.stop_reason = reason
+        self.interruptions += 1
+        self.task.cancel()
 
     async def stop(self, reason: StopReason) -> None:
-        """Stop the request (or, once it is finishing, let it finish) and wait for it."""
-        if self.task.done():
+        """Stop the request (or, once it is finishing, let it finish) and wait until it let go of the file."""
+        if self.task.done() or self.released.is_set():
             return
         if not self.finishing:
-            self.stop_reason = reason
-            self.task.cancel()
-        await asyncio.wait([self.task])
+            self.interrupt(reason)
+        released = asyncio.ensure_future(self.released.wait())
+        try:
+            await asyncio.wait([released, self.task], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            released.cancel()
+
+    def take_back(self) -> bool:
+        """Whether the task's cancellation was only this upload's :meth:`interrupt`: then it is taken
+        back (the request goes on, to answer why it stopped); False if anyone else cancelled it too."""
+        if self.stop_reason is None or not self.interruptions:
+            return False
+        for _ in range(self.interruptions):
+            self.task.uncancel()
+        self.interruptions = 0
+        return self.task.cancelling() == 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,12 +413,17 @@ class Lifecycle:
     # -- uploading --------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def claimed(self, target: UploadTarget, *, resumable: bool) -> AsyncIterator[FileUpload]:
+    async def claimed(
+        self, target: UploadTarget, *, resumable: bool, answer_stops: bool = False
+    ) -> AsyncIterator[FileUpload]:
         """Take an upload slot and the file's lease for the current request.
 
         While inside, the request's task is registered as the file's running upload, so that a
         cancellation, termination or expiry can stop it, and a watch renews the lease (and, with
-        other processes sharing the state, lets their requests stop it too).
+        other processes sharing the state, lets their requests stop it too). Such a stop cancels
+        the task; with ``answer_stops`` (an HTTP request, which has a client to tell) the
+        cancellation is taken back once the attempt ended and the stop is raised as the error that
+        says why (:meth:`_stopped_answer`); without (a transfer job) it stays a cancellation.
         """
         place = target.place
         # Watched from before the claim: a signal that comes while it is made is not missed.
@@ -423,12 +454,37 @@ class Lifecycle:
             self.progress_at[place] = time.monotonic()
             watch = asyncio.create_task(self._keep_lease(place, running, poke))
             try:
-                yield FileUpload(self, target, claim.before, claim.number, running)
-            finally:
-                watch.cancel()
-                if self.running.get(place) is running:
-                    del self.running[place]
-                    self.progress_at.pop(place, None)
+                try:
+                    yield FileUpload(self, target, claim.before, claim.number, running)
+                finally:
+                    watch.cancel()
+                    if self.running.get(place) is running:
+                        del self.running[place]
+                        self.progress_at.pop(place, None)
+                    running.released.set()
+            except asyncio.CancelledError:
+                # Stopped from elsewhere (a cancellation, a termination, expiry, a newer request): a
+                # request that answers stops (``answer_stops``) says why instead of vanishing, which its
+                # client, or a balancer in front of this node, could only take for a crash.
+                if not answer_stops or not running.take_back():
+                    raise
+                raise await self._stopped_answer(place, running.stop_reason) from None
+
+    async def _stopped_answer(self, place: tuple[str, int], reason: StopReason | None) -> DatastoreError:
+        """Why an upload stopped from elsewhere ended, as its request answers it: 409 when a newer request
+        took it over (SUPERSEDED, or another holder has it now); 410 when its transfer was cancelled or
+        expired, or the file terminated (as the state now has it)."""
+        if reason is StopReason.SUPERSEDED:
+            return UploadInProgress("a newer request took the upload over")
+        found = await self.state.get_file(*place)
+        transfer, file = found if found is not None else (None, None)
+        if transfer is not None and transfer.state is TransferState.EXPIRED:
+            return TransferExpired()
+        if transfer is None or transfer.state is TransferState.CANCELLED:
+            return TransferCancelled()
+        if file is not None and file.state is FileState.CANCELLED:
+            return TransferCancelled("this upload was terminated")
+        return UploadInProgress("another request took the upload over")
 
     async def append_resumable(
         self,
@@ -438,6 +494,7 @@ class Lifecycle:
         *,
         length: int | None = None,
         checksum: tuple[Any, bytes] | None = None,
+        answer_stops: bool = False,
     ) -> Appended:
         """Append ``chunks`` (``length`` bytes, if known) to the file at ``claimed_offset``: the new
         offset (and the published file, if it was the last byte). ``checksum``: a hash object and the
@@ -446,10 +503,10 @@ class Lifecycle:
         When the last byte arrives the file is verified and published. A failure keeps the bytes that
         reached the disk (except a chunk whose checksum did not match, which is cut off); only a failed
         verification of the whole file discards the upload and releases its reservation. A tus PATCH
-        and a transfer job's local destination both append this way.
+        and a transfer job's local destination both append this way (``answer_stops``: see :meth:`claimed`).
         """
         await self.supersede(target.place)
-        async with self.claimed(target, resumable=True) as upload:
+        async with self.claimed(target, resumable=True, answer_stops=answer_stops) as upload:
             received = upload.resumed_at
             finishing = False
             digests: Digests | None = None
@@ -519,12 +576,10 @@ class Lifecycle:
             if running.finishing:
                 return
             if status is None or status.state is not FileState.UPLOADING or status.holder != self.holder:
-                running.stop_reason = StopReason.ENDED_ELSEWHERE
-                running.task.cancel()
+                running.interrupt(StopReason.ENDED_ELSEWHERE)
                 return
             if status.stop_request == StopReason.SUPERSEDED and running.resumable:
-                running.stop_reason = StopReason.SUPERSEDED
-                running.task.cancel()
+                running.interrupt(StopReason.SUPERSEDED)
                 return
 
     @contextlib.contextmanager
