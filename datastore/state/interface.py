@@ -1,7 +1,7 @@
 """The state store: the one interface through which transfers, their files, leases and the event
 log are persisted, as ``typing.Protocol``s with written contracts and typed records.
 
-A backend (SQLite: ``sqlite.py``; PostgreSQL, later) is whatever passes the contract suite
+A backend (SQLite: ``sqlite.py``; PostgreSQL: ``postgres.py``) is whatever passes the contract suite
 (``tests/test_state_contract.py``). The contracts every method keeps:
 
 - **Atomic.** Each method is one transaction: it happens whole or not at all, and two callers (in

@@ -706,7 +706,6 @@ def _end(db: sqlite3.Connection, key: str, step: Step, state: TransferState, now
     return Ended(before, tuple(f for f in before.files if f.num in nums))
 
 
-#: The events appended by the transaction now running on a database thread.
 def _ignore(_: Sequence[Event]) -> None:
     pass
 
