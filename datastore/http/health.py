@@ -11,7 +11,9 @@ A full disk does not: downloads still work and uploads are refused with 507; ``s
 
 Every check is bounded (:data:`CHECK_TIMEOUT`): a database that does not answer, or a hard NFS mount
 whose server is gone, fails the check instead of hanging it. A look at the storage runs in a thread
-(it may block); one stuck there is never started again: later checks wait on it, and fail.
+(it may block), a thread of its own: a look never queues behind requests' work in the loop's shared
+threads (manifests being parsed, files being hashed), which would make a busy node look dead. One
+stuck there is never started again: later checks wait on it, and fail.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -106,13 +109,15 @@ class HealthChecks:
         self.settings = settings
         self.staging_dir = staging_dir
         self._storage: Recent[StorageHealth] = Recent()
+        #: The storage looks' own thread (see the module's docstring).
+        self._looking = ThreadPoolExecutor(1, thread_name_prefix="health")
         self._database: Recent[tuple[float | None, str | None]] = Recent()
         self._failing: dict[str, str] = {}
 
     async def storage(self, prefixes: list[str]) -> StorageHealth:
         """The storage as a look at it finds it (:class:`Recent`: shared, reused, never slow twice)."""
         found = await self._storage.get(
-            lambda: asyncio.to_thread(self._look_at_storage, prefixes),
+            lambda: asyncio.get_running_loop().run_in_executor(self._looking, self._look_at_storage, prefixes),
             lambda: StorageHealth(False, None, False, None, f"no answer from the storage in {CHECK_TIMEOUT:g} s"),
         )
         self._note("storage", found.error if not found.writable else None)
