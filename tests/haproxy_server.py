@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -95,9 +96,27 @@ async def start_haproxy(
         raise
 
 
+#: Ports free_port handed out in this process: never handed out twice (a node may not have bound it yet).
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A loopback port nobody listens on now (for a balancer whose URL the nodes must know first)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
+    """A loopback port nobody listens on now (for a balancer whose URL the nodes must know first).
+
+    Taken below the kernel's range of ephemeral ports: a port from that range (what binding port 0
+    gives) may become the source port of any outgoing connection (to PostgreSQL, a balancer's health
+    check) before the node that was meant to listen on it binds it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    chooser = random.Random()
+    for _ in range(1000):
+        port = chooser.randrange(10_000, low)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
         return port
+    raise AssertionError(f"no free loopback port between 10000 and {low}")
