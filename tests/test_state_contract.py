@@ -1369,6 +1369,17 @@ async def test_append_logs_events_that_are_no_transition(state: StateStore) -> N
     assert await state.last_event_id() == appended[1].id
 
 
+@pytest.mark.parametrize("count", [1, 2, 16, 17, 300])
+async def test_append_of_many_events_numbers_them_in_order(state: StateStore, count: int) -> None:
+    # However many one append holds, each is logged whole, numbered in order with no gap.
+    events = [dataclasses.replace(PROGRESS, bytes=i, reason=None if i % 2 else "r") for i in range(count)]
+    appended = await state.append(events, now=T0)
+    assert [bare(e) for e in appended] == events
+    assert [e.id for e in appended] == list(range(appended[0].id, appended[0].id + count))
+    assert await state.events_after(0, limit=ALL) == appended
+    assert await state.last_event_id() == appended[-1].id
+
+
 async def test_events_after_pages_oldest_first(state: StateStore) -> None:
     appended = []
     for i in range(5):

@@ -12,8 +12,9 @@ steps, by the lease's holder; the events of the step are inserted in the same tr
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from psycopg.rows import DictRow
@@ -48,8 +49,16 @@ from .interface import (
     Transfer,
     TransferFile,
 )
-from .postgres_database import Connection, Migration, PostgresDatabase, fetch_all, fetch_one
-from .postgres_events import EVENTS_SCHEMA, appended, last_event_id
+from .postgres_database import (
+    Connection,
+    Migration,
+    PostgresDatabase,
+    Statement,
+    Transaction,
+    fetch_all,
+    fetch_one,
+)
+from .postgres_events import EVENTS_SCHEMA, appended, last_event_id, send_with_events
 from .postgres_events import insert_events as _insert_events
 from .postgres_jobs import MIGRATIONS as JOB_MIGRATIONS
 from .postgres_jobs import PostgresJobs
@@ -189,6 +198,20 @@ class PostgresState(PostgresJobs):
             self.on_appended(events)
         return result
 
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Transaction]:
+        """A write transaction sent in batches (:meth:`PostgresDatabase.transaction`), its turn
+        taken; then :attr:`on_appended` hears the events it appended."""
+        events: list[Event] = []
+        token = appended.set(events)
+        try:
+            async with self._db.transaction(lock=_WRITE_LOCK) as transaction:
+                yield transaction
+        finally:
+            appended.reset(token)
+        if events:
+            self.on_appended(events)
+
     # -- transfers ------------------------------------------------------------------------------
 
     async def create(
@@ -287,20 +310,23 @@ class PostgresState(PostgresJobs):
         return await self._db.read(lambda db: _load(db, key))
 
     async def get_file(self, key: str, num: int) -> tuple[Transfer, TransferFile | None] | None:
-        async def load(db: Connection) -> tuple[Transfer, TransferFile | None] | None:
-            row = await fetch_one(db, "SELECT * FROM transfers WHERE key = %s", (key,))
-            if row is None:
-                return None
-            file_row = await fetch_one(db, "SELECT * FROM transfer_files WHERE key = %s AND num = %s", (key, num))
-            return _transfer(row, ()), (_file(file_row) if file_row is not None else None)
-
-        return await self._db.read(load)
+        transfers, files = await self._db.read_together(
+            [
+                ("SELECT * FROM transfers WHERE key = %s", (key,)),
+                ("SELECT * FROM transfer_files WHERE key = %s AND num = %s", (key, num)),
+            ]
+        )
+        if not transfers:
+            return None
+        return _transfer(transfers[0], ()), (_file(files[0]) if files else None)
 
     # -- leases on files ------------------------------------------------------------------------
 
     async def claim(self, key: str, num: int, holder: str, *, lease: float, now: float) -> Claim:
-        async def claim(db: Connection) -> Claim:
-            row = await _file_row(db, key, num)
+        # Two round trips: the file's row with the BEGIN, the change with the COMMIT.
+        async with self._transaction() as transaction:
+            (rows,) = await transaction.send([(_FILE_AND_SUBJECT, (key, num))])
+            row = _found(rows, key, num)
             before = _file(row)
             if before.state is FileState.UPLOADING:
                 if row["lease_until"] is not None and row["lease_until"] <= now:
@@ -311,16 +337,14 @@ class PostgresState(PostgresJobs):
             if before.state is FileState.CANCELLED:
                 raise TransferCancelled("this upload was terminated")
             assert before.state in sources(Step.CLAIM)
-            await db.execute(
+            update: Statement = (
                 "UPDATE transfer_files SET state = %s, claimed_by = %s, lease_until = %s, stop_request = NULL,"
                 " claims = claims + 1, in_attempt = TRUE, updated_at = %s WHERE key = %s AND num = %s",
                 (FileState.UPLOADING, holder, now + lease, now, key, num),
             )
-            if not row["in_attempt"]:
-                await _insert_events(db, events_of(Step.CLAIM, await _subject(db, key, row), bytes=before.received))
+            started = [] if row["in_attempt"] else events_of(Step.CLAIM, _subject(key, row), bytes=before.received)
+            await send_with_events(transaction, [update], started)
             return Claim(before, row["claims"] + 1)
-
-        return await self._run(claim)
 
     async def renew(self, key: str, num: int, holder: str, *, lease: float, now: float) -> ClaimStatus | None:
         async def renew(db: Connection) -> ClaimStatus | None:
@@ -375,36 +399,50 @@ class PostgresState(PostgresJobs):
         )
 
     async def begin_publish(self, key: str, num: int, holder: str) -> bool:
-        async def begin(db: Connection) -> bool:
-            changed = await db.execute(
-                "UPDATE transfer_files SET publishing = TRUE"
-                " WHERE key = %s AND num = %s AND state = %s AND claimed_by = %s",
-                (key, num, FileState.UPLOADING, holder),
-            )
-            return changed.rowcount > 0
-
-        return await self._run(begin)
+        # Its commit does not wait for the disk: the mark matters only while this process goes on to
+        # publish, which it cannot do if PostgreSQL restarts meanwhile (its connections are gone), and
+        # the publish's own commit, which waits, makes the mark durable with it (the log is flushed
+        # in order). A lost mark is one that no one needed.
+        (_, changed) = await self._db.run_together(
+            [
+                ("SET LOCAL synchronous_commit = off", ()),
+                (
+                    "UPDATE transfer_files SET publishing = TRUE"
+                    " WHERE key = %s AND num = %s AND state = %s AND claimed_by = %s RETURNING num",
+                    (key, num, FileState.UPLOADING, holder),
+                ),
+            ],
+            lock=_WRITE_LOCK,
+        )
+        return bool(changed)
 
     async def publish(self, key: str, num: int, holder: str, *, md5: str, sha256: str) -> bool:
-        async def publish(db: Connection) -> bool:
+        # Two round trips: the file's change and a look at its transfer with the BEGIN (the write
+        # lock is held, so nothing changes between this look and what follows), the transfer's
+        # change and the events with the COMMIT.
+        async with self._transaction() as transaction:
             now = time.time()
-            changed = await db.execute(
-                "UPDATE transfer_files SET state = %s, md5 = %s, sha256 = %s, received = size,"
-                " verifying_chunk = FALSE, error = NULL, claimed_by = NULL, lease_until = NULL, stop_request = NULL,"
-                " in_attempt = FALSE, publishing = FALSE, updated_at = %s WHERE key = %s AND num = %s"
-                f" AND claimed_by = %s AND state IN {_in(sources(Step.PUBLISH))}",
-                (FileState.PUBLISHED, md5, sha256, now, key, num, holder, *sources(Step.PUBLISH)),
+            published, transfers = await transaction.send(
+                [
+                    (
+                        "UPDATE transfer_files SET state = %s, md5 = %s, sha256 = %s, received = size,"
+                        " verifying_chunk = FALSE, error = NULL, claimed_by = NULL, lease_until = NULL,"
+                        " stop_request = NULL, in_attempt = FALSE, publishing = FALSE, updated_at = %s"
+                        f" WHERE key = %s AND num = %s AND claimed_by = %s AND state IN {_in(sources(Step.PUBLISH))}"
+                        " RETURNING *",
+                        (FileState.PUBLISHED, md5, sha256, now, key, num, holder, *sources(Step.PUBLISH)),
+                    ),
+                    (
+                        "SELECT prefix, owner, owner_id, state, ARRAY(SELECT DISTINCT state FROM transfer_files"
+                        " WHERE key = %s AND state != %s) AS left_states FROM transfers WHERE key = %s",
+                        (key, FileState.PUBLISHED, key),
+                    ),
+                ]
             )
-            if not changed.rowcount:
+            if not published:
                 return False
-            left = {
-                FileState(row["state"])
-                for row in await fetch_all(
-                    db,
-                    "SELECT DISTINCT state FROM transfer_files WHERE key = %s AND state != %s",
-                    (key, FileState.PUBLISHED),
-                )
-            }
+            row, transfer = published[0], transfers[0]
+            left = {FileState(state) for state in transfer["left_states"]}
             after: TransferState | None = None
             if not left:
                 after = TransferState.FINISHED
@@ -412,15 +450,9 @@ class PostgresState(PostgresJobs):
                 # The last open file closed, but a file was terminated: the transfer is cancelled as
                 # that termination would have cancelled it, had it come last.
                 after = TransferState.CANCELLED
-            if after is not None:
-                ended = await db.execute(
-                    "UPDATE transfers SET state = %s WHERE key = %s AND state = %s", (after, key, TransferState.OPEN)
-                )
-                if not ended.rowcount:
-                    after = None  # cancelled or expired while the file was being published
-            await db.execute("UPDATE transfers SET updated_at = %s WHERE key = %s", (now, key))
-            row = await _file_row(db, key, num)
-            subject = await _subject(db, key, row)
+            if transfer["state"] != TransferState.OPEN:
+                after = None  # cancelled or expired while the file was being published
+            subject = subject_from_rows(key, transfer, row)
             events = events_of(
                 Step.PUBLISH,
                 subject,
@@ -432,10 +464,12 @@ class PostgresState(PostgresJobs):
             if after is TransferState.CANCELLED:
                 whole = Subject(subject.prefix, key, subject.owner, subject.owner_id)
                 events += events_of(Step.TERMINATE, whole, transfer_after=after, reason=StopReason.TERMINATED)
-            await _insert_events(db, events)
+            ended: Statement = (
+                "UPDATE transfers SET state = %s, updated_at = %s WHERE key = %s",
+                (after or transfer["state"], now, key),
+            )
+            await send_with_events(transaction, [ended], events)
             return True
-
-        return await self._run(publish)
 
     async def terminate(self, key: str, num: int) -> TransferFile:
         async def terminate(db: Connection) -> TransferFile:
@@ -469,9 +503,7 @@ class PostgresState(PostgresJobs):
                 await db.execute("UPDATE transfers SET updated_at = %s WHERE key = %s", (now, key))
             await _insert_events(
                 db,
-                events_of(
-                    Step.TERMINATE, await _subject(db, key, row), transfer_after=after, reason=StopReason.TERMINATED
-                ),
+                events_of(Step.TERMINATE, _subject(key, row), transfer_after=after, reason=StopReason.TERMINATED),
             )
             return before
 
@@ -654,7 +686,7 @@ class PostgresState(PostgresJobs):
 
         async def end(db: Connection) -> bool:
             at = time.time() if now is None else now
-            row = await fetch_one(db, "SELECT * FROM transfer_files WHERE key = %s AND num = %s", (key, num))
+            row = await fetch_one(db, _FILE_AND_SUBJECT, (key, num))
             changed = await db.execute(
                 f"UPDATE transfer_files SET {columns}state = %s, claimed_by = NULL, lease_until = NULL,"
                 " stop_request = NULL, publishing = FALSE, updated_at = %s WHERE key = %s AND num = %s"
@@ -664,7 +696,7 @@ class PostgresState(PostgresJobs):
             if not changed.rowcount or row is None:
                 return False
             await db.execute("UPDATE transfers SET updated_at = %s WHERE key = %s", (at, key))
-            await _insert_events(db, events_of(step, await _subject(db, key, row), bytes=progress, reason=reason))
+            await _insert_events(db, events_of(step, _subject(key, row), bytes=progress, reason=reason))
             return True
 
         return await self._run(end)
@@ -731,14 +763,28 @@ def _ignore(_: Sequence[Event]) -> None:
     pass
 
 
-async def _subject(db: Connection, key: str, file_row: Mapping[str, Any]) -> Subject:
-    row = await fetch_one(db, "SELECT prefix, owner, owner_id FROM transfers WHERE key = %s", (key,))
-    assert row is not None
-    return subject_from_rows(key, row, file_row)
+#: A file's row with its transfer's columns that its events' subject needs.
+_FILE_AND_SUBJECT = (
+    "SELECT f.*, t.prefix, t.owner, t.owner_id FROM transfer_files f JOIN transfers t USING (key)"
+    " WHERE f.key = %s AND f.num = %s"
+)
+
+
+def _subject(key: str, row: Mapping[str, Any]) -> Subject:
+    """The subject of the events of the file in ``row`` (read with :data:`_FILE_AND_SUBJECT`)."""
+    return subject_from_rows(key, row, row)
+
+
+def _found(rows: Sequence[DictRow], key: str, num: int) -> DictRow:
+    """The row of :data:`_FILE_AND_SUBJECT`'s answer; LookupError if there is none."""
+    if not rows:
+        raise LookupError(f"no file {num} in transfer {key[:8]}…")
+    return rows[0]
 
 
 async def _file_row(db: Connection, key: str, num: int) -> DictRow:
-    row = await fetch_one(db, "SELECT * FROM transfer_files WHERE key = %s AND num = %s", (key, num))
+    """The file's row and its subject's columns; LookupError if the transfer has no such file."""
+    row = await fetch_one(db, _FILE_AND_SUBJECT, (key, num))
     if row is None:
         raise LookupError(f"no file {num} in transfer {key[:8]}…")
     return row

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import psycopg
+
 from ..protocol.names import fold_name
 from .catalogue import Conflict, NameTaken, Reservation, StoredFile, TakePolicy
 from .postgres_database import Connection, Migration, PostgresDatabase, fetch_all, fetch_one
@@ -119,37 +121,47 @@ class PostgresCatalogue:
     async def publish(self, record: StoredFile) -> None:
         fold = fold_name(record.name)
 
-        async def publish(db: Connection) -> None:
-            # The name's reservation and its earlier file go, and another name folding alike is
-            # looked for, in one statement (whose look sees the rows as they were before it).
-            other = await fetch_one(
-                db,
-                "WITH reserved AS (DELETE FROM catalogue_pending WHERE prefix = %(prefix)s AND name = %(name)s),"
-                " earlier AS (DELETE FROM catalogue_files WHERE prefix = %(prefix)s AND name = %(name)s)"
-                " SELECT name FROM catalogue_files WHERE prefix = %(prefix)s AND fold = %(fold)s AND name <> %(name)s",
-                {"prefix": self.prefix, "name": record.name, "fold": fold},
+        # One round trip: the name's reservation goes and the file takes its row (replacing an
+        # earlier file of that name). A published name folding alike breaks the fold's uniqueness.
+        try:
+            await self._db.run_together(
+                [
+                    ("DELETE FROM catalogue_pending WHERE prefix = %s AND name = %s", (self.prefix, record.name)),
+                    (
+                        "INSERT INTO catalogue_files (prefix, name, fold, size, md5, sha256, owner,"
+                        " owner_authenticated, uploaded_at, owner_id, tls)"
+                        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (prefix, name) DO UPDATE"
+                        " SET fold = EXCLUDED.fold, size = EXCLUDED.size, md5 = EXCLUDED.md5, sha256 = EXCLUDED.sha256,"
+                        " owner = EXCLUDED.owner, owner_authenticated = EXCLUDED.owner_authenticated,"
+                        " uploaded_at = EXCLUDED.uploaded_at, owner_id = EXCLUDED.owner_id, tls = EXCLUDED.tls",
+                        (
+                            self.prefix,
+                            record.name,
+                            fold,
+                            record.size,
+                            record.md5,
+                            record.sha256,
+                            record.owner,
+                            record.owner_authenticated,
+                            record.uploaded_at,
+                            record.owner_id,
+                            record.tls,
+                        ),
+                    ),
+                ],
+                lock=self._lock,
             )
-            if other is not None:
-                raise NameTaken(f"{other['name']!r} is published, and folds as {record.name!r} does")
-            await db.execute(
-                "INSERT INTO catalogue_files (prefix, name, fold, size, md5, sha256, owner, owner_authenticated,"
-                " uploaded_at, owner_id, tls) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (
-                    self.prefix,
-                    record.name,
-                    fold,
-                    record.size,
-                    record.md5,
-                    record.sha256,
-                    record.owner,
-                    record.owner_authenticated,
-                    record.uploaded_at,
-                    record.owner_id,
-                    record.tls,
-                ),
+        except psycopg.errors.UniqueViolation:
+            other = await self._db.read(
+                lambda db: fetch_one(
+                    db,
+                    "SELECT name FROM catalogue_files WHERE prefix = %s AND fold = %s AND name <> %s",
+                    (self.prefix, fold, record.name),
+                )
             )
-
-        await self._db.run(publish, lock=self._lock)
+            if other is None:
+                raise
+            raise NameTaken(f"{other['name']!r} is published, and folds as {record.name!r} does") from None
 
     async def describe(self, name: str) -> StoredFile | None:
         async def read(db: Connection) -> StoredFile | None:

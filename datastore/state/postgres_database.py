@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, LiteralString, TypeVar
 
 import psycopg
-from psycopg import AsyncConnection, pq, sql
+from psycopg import AsyncClientCursor, AsyncConnection, pq, sql
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -35,6 +35,8 @@ T = TypeVar("T")
 
 #: A connection whose rows are dicts (column name -> value).
 Connection = AsyncConnection[DictRow]
+#: A statement and its parameters (``%s`` placeholders).
+Statement = tuple[LiteralString, Sequence[Any]]
 
 #: Where the versions of every component's schema are kept (one row per component).
 _SCHEMA_TABLE = """
@@ -145,6 +147,41 @@ class PostgresDatabase:
                 await connection.execute("COMMIT")
                 return result
 
+    @contextlib.asynccontextmanager
+    async def transaction(self, *, lock: str | None = None) -> AsyncIterator[Transaction]:
+        """A write transaction whose statements go in batches (:meth:`Transaction.send`): its
+        ``BEGIN`` (and the advisory lock named ``lock``) go with the first batch, its ``COMMIT`` with
+        the last. Committed on leaving if no batch did (rolled back if the block raises)."""
+        begin: list[Statement] = [("BEGIN", ())]
+        if lock is not None:
+            begin.append(("SELECT pg_advisory_xact_lock(hashtext(%s))", (lock,)))
+        async with timing.transaction():
+            pool = await self._open()
+            async with pool.connection() as connection:
+                transaction = Transaction(connection, begin)
+                try:
+                    yield transaction
+                    if not transaction.committed:
+                        await transaction.send([], commit=True)
+                except BaseException:
+                    await _roll_back(connection)
+                    raise
+
+    async def run_together(self, statements: Sequence[Statement], *, lock: str | None = None) -> list[list[DictRow]]:
+        """Run ``statements`` in one transaction sent in one round trip (``BEGIN``, the advisory lock
+        named ``lock`` if given, each statement, ``COMMIT``): for a transaction none of whose
+        statements needs another's answer. The rows each answered, in their order."""
+        async with self.transaction(lock=lock) as transaction:
+            return await transaction.send(statements, commit=True)
+
+    async def read_together(self, statements: Sequence[Statement]) -> list[list[DictRow]]:
+        """The rows each of ``statements`` (which only read) answers, all sent in one round trip; they
+        run as one implicit transaction, each seeing the database as of its own start."""
+        async with timing.transaction():
+            pool = await self._open()
+            async with pool.connection() as connection:
+                return await _send(connection, statements, skipped=0, answered=len(statements))
+
     async def read(self, work: Callable[[Connection], Awaitable[T]]) -> T:
         """Run ``work(connection)``, which only reads, statement by statement (autocommit).
 
@@ -194,6 +231,49 @@ class PostgresDatabase:
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
+
+
+class Transaction:
+    """A write transaction of :meth:`PostgresDatabase.transaction`, its statements sent in batches.
+
+    A batch is one round trip however many statements it holds: its parameters are bound into the
+    text on this side (psycopg's client-side binding, quoted as the server's own quoting would),
+    which is what lets several statements go as one query, the server's binding taking one at a time.
+    On loopback a round trip costs more than most statements, so a transaction sends what needs no
+    answer together with what follows it: its reads with its ``BEGIN``, its writes with its ``COMMIT``."""
+
+    def __init__(self, connection: Connection, begin: list[Statement]) -> None:
+        self._connection = connection
+        #: What goes before the next batch's statements (the BEGIN and the lock, once).
+        self._first = begin
+        self.committed = False
+
+    async def send(self, statements: Sequence[Statement], *, commit: bool = False) -> list[list[DictRow]]:
+        """Send ``statements`` (and ``COMMIT`` after them if ``commit``): the rows each answered (none
+        for one without ``RETURNING``), in their order. Raises what the first failing one raised."""
+        if self.committed:
+            raise RuntimeError("the transaction was committed")
+        first, self._first = self._first, []
+        batch = [*first, *statements, *([("COMMIT", ())] if commit else [])]
+        answers = await _send(self._connection, batch, skipped=len(first), answered=len(statements))
+        self.committed = commit
+        return answers
+
+
+async def _send(
+    connection: Connection, statements: Sequence[Statement], *, skipped: int, answered: int
+) -> list[list[DictRow]]:
+    """Send ``statements`` as one query: the rows of the ``answered`` ones after the first ``skipped``."""
+    script = "; ".join(query for query, _ in statements)
+    values = [value for _, params in statements for value in params]
+    cursor = AsyncClientCursor(connection, row_factory=dict_row)
+    await cursor.execute(script, values)
+    answers: list[list[DictRow]] = []
+    for number in range(skipped + answered):
+        if number >= skipped:
+            answers.append(await cursor.fetchall() if cursor.description is not None else [])
+        cursor.nextset()
+    return answers
 
 
 async def _roll_back(connection: Connection) -> None:
