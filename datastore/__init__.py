@@ -11,6 +11,7 @@ through a manifest and a transfer key and download by name::
 from .config import Settings, load_settings
 from .errors import DatastoreError, FileNotFound, NotAuthorized
 from .handlers import (
+    CanAddDigests,
     CanAuthorize,
     CanDelete,
     CanDescribe,
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Action",
     "Audience",
+    "CanAddDigests",
     "CanAuthorize",
     "CanDelete",
     "CanDescribe",

@@ -186,6 +186,13 @@ class Settings:
         metadata={"doc": "Upload bytes held in memory at once by all uploads of a worker (at least two chunks)."},
     )
     fsync: bool = field(default=True, metadata={"doc": "fsync each file and its directory before answering 200."})
+    digest_threads: int = field(
+        default=1,
+        metadata={
+            "doc": "Threads per worker computing, after publishing, the digests an upload's client did not"
+            " declare (at the lowest CPU priority)."
+        },
+    )
     tls: bool = field(
         default=False,
         metadata={"doc": "Speak TLS on PORT, requiring client certificates (needs tls_cert, tls_key, tls_client_ca)."},
@@ -361,6 +368,7 @@ class Settings:
             "max_concurrent_uploads",
             "chunk_size",
             "upload_buffer_budget",
+            "digest_threads",
             "max_uploads_per_client",
             "max_reserved_bytes_per_client",
             "max_reserved_names_per_client",

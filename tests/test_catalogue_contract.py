@@ -441,6 +441,63 @@ async def test_listing_leaves_out_pending_names(catalogue: Catalogue) -> None:
     assert await catalogue.listing() == [record("b.txt")]
 
 
+# -- digests known after publishing --------------------------------------------------------------
+
+
+def undigested(stored: StoredFile, *, md5: bool = True, sha256: bool = True) -> StoredFile:
+    """``stored`` as published before its digests (those named) were known."""
+    return dataclasses.replace(stored, md5=None if md5 else stored.md5, sha256=None if sha256 else stored.sha256)
+
+
+@pytest.mark.parametrize(("md5", "sha256"), [(True, True), (True, False), (False, True)], ids=["both", "md5", "sha256"])
+async def test_add_digests_fills_in_only_what_the_record_lacks(catalogue: Catalogue, md5: bool, sha256: bool) -> None:
+    whole = record("a.txt", b"content")
+    await catalogue.publish(undigested(whole, md5=md5, sha256=sha256))
+    assert await catalogue.describe("a.txt") == undigested(whole, md5=md5, sha256=sha256)
+
+    # A digest the record holds is kept, whatever the call brings.
+    filled = await catalogue.add_digests(
+        "a.txt",
+        uploaded_at=T0,
+        md5=whole.md5 if md5 else "0" * 32,
+        sha256=whole.sha256 if sha256 else "0" * 64,
+    )
+
+    assert filled == whole
+    assert await catalogue.describe("a.txt") == whole
+    assert await catalogue.listing() == [whole]
+    # Once both are known there is nothing to fill in.
+    assert await catalogue.add_digests("a.txt", uploaded_at=T0, md5="0" * 32, sha256="0" * 64) is None
+    assert await catalogue.describe("a.txt") == whole
+
+
+async def test_add_digests_leaves_a_record_published_since_alone(catalogue: Catalogue) -> None:
+    older = record("a.txt", b"old", at=T0)
+    newer = undigested(record("a.txt", b"new content", at=T0 + 5))
+    await catalogue.publish(undigested(older))
+    await catalogue.publish(newer)
+
+    # The digests of the old bytes arrive late: the new record is not theirs.
+    assert await catalogue.add_digests("a.txt", uploaded_at=T0, md5=str(older.md5), sha256=str(older.sha256)) is None
+    assert await catalogue.describe("a.txt") == newer
+    assert await catalogue.add_digests("gone.txt", uploaded_at=T0, md5="0" * 32, sha256="0" * 64) is None
+
+
+async def test_undigested_lists_the_records_lacking_a_digest_oldest_first(catalogue: Catalogue) -> None:
+    late = undigested(record("late.txt", at=T0 + 3), md5=False)
+    early = undigested(record("early.txt", at=T0 + 1), sha256=False)
+    await catalogue.publish(late)
+    await catalogue.publish(record("whole.txt", at=T0))
+    await catalogue.publish(early)
+    await catalogue.publish(undigested(record("recent.txt", at=T0 + 10)))
+
+    assert await catalogue.undigested(before=T0 + 5, limit=10) == [early, late]
+    assert await catalogue.undigested(before=T0 + 5, limit=1) == [early]
+    await catalogue.add_digests("early.txt", uploaded_at=T0 + 1, md5="0" * 32, sha256="0" * 64)
+    assert await catalogue.undigested(before=T0 + 5, limit=10) == [late]
+    assert await catalogue.undigested(before=T0, limit=10) == []
+
+
 # -- delete ------------------------------------------------------------------------------------
 
 
@@ -675,6 +732,33 @@ async def test_a_catalogue_from_before_principals_is_migrated(tmp_path: Path) ->
     assert await listing_of(path) == sorted(
         [asserted, certificate, anonymous, record("new.txt", owner=BOB)], key=lambda r: r.name
     )
+
+
+async def test_a_catalogue_from_before_late_digests_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "catalogue" / "files.sqlite3"
+    catalogue = SqliteCatalogue(path)
+    try:
+        await catalogue.publish(record("old.txt", owner=BOB))
+    finally:
+        await catalogue.close()
+    # The table as it was: both digests required.
+    with sqlite3.connect(path) as db:
+        table = db.execute("SELECT sql FROM sqlite_master WHERE name = 'files'").fetchone()[0]
+        db.execute("DROP INDEX files_undigested")
+        db.execute("ALTER TABLE files RENAME TO files_now")
+        db.execute(table.replace("md5 TEXT,", "md5 TEXT NOT NULL,").replace("sha256 TEXT,", "sha256 TEXT NOT NULL,"))
+        db.execute("INSERT INTO files SELECT * FROM files_now")
+        db.execute("DROP TABLE files_now")
+    db.close()
+
+    catalogue = SqliteCatalogue(path)
+    try:
+        new = undigested(record("new.txt"))
+        await catalogue.publish(new)
+        assert await catalogue.listing() == [new, record("old.txt", owner=BOB)]
+        assert await catalogue.undigested(before=T0 + 1, limit=10) == [new]
+    finally:
+        await catalogue.close()
 
 
 async def listing_of(path: Path) -> list[StoredFile]:

@@ -27,7 +27,15 @@ def test_failed_background_flush_is_raised_when_the_file_is_closed() -> None:
         os.close(write_end)
 
 
-async def test_append_with_fsync_keeps_every_byte_across_several_flush_windows(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("md5", "sha256", "chunk"),
+    [(True, True, False), (True, True, True), (True, False, False), (False, True, True), (False, False, False)],
+    ids=["both", "both+chunk", "md5", "sha256+chunk", "none"],
+)
+async def test_append_with_fsync_keeps_every_byte_across_several_flush_windows(
+    tmp_path: Path, md5: bool, sha256: bool, chunk: bool
+) -> None:
+    # Whatever digests the upload computes inline (a chunk's checksum besides), each sees every byte.
     block = os.urandom(1 << 20)
     count = 2 * (staging.FLUSH_WINDOW >> 20) + 3
 
@@ -36,13 +44,24 @@ async def test_append_with_fsync_keeps_every_byte_across_several_flush_windows(t
             yield block
 
     path = tmp_path / "upload.part"
-    digests = staging.Digests()
-    await staging.append(body(), path, digests, limit=count << 20, chunk_size=1 << 20, fsync=True)
+    digests = staging.Digests.inline(md5=md5, sha256=sha256)
+    chunk_hash = hashlib.sha256() if chunk else None
+    await staging.append(
+        body(), path, digests, limit=count << 20, chunk_size=1 << 20, fsync=True, chunk_hash=chunk_hash
+    )
 
+    whole = block * count
     assert digests.offset == path.stat().st_size == count << 20
-    assert path.read_bytes() == block * count
-    assert digests.md5.hexdigest() == hashlib.md5(block * count).hexdigest()
-    assert digests.sha256.hexdigest() == hashlib.sha256(block * count).hexdigest()
+    assert path.read_bytes() == whole
+    assert digests.hexdigests() == (
+        hashlib.md5(whole).hexdigest() if md5 else None,
+        hashlib.sha256(whole).hexdigest() if sha256 else None,
+    )
+    if chunk_hash is not None:
+        assert chunk_hash.hexdigest() == hashlib.sha256(whole).hexdigest()
+    # Re-hashed from the disk (after a restart), the same digests.
+    again = await staging.rehash(path, count << 20, md5=md5, sha256=sha256)
+    assert again.hexdigests() == digests.hexdigests() and again.offset == digests.offset
 
 
 async def test_silent_clients_do_not_keep_the_budget_from_others(tmp_path: Path) -> None:
@@ -68,13 +87,13 @@ async def test_silent_clients_do_not_keep_the_budget_from_others(tmp_path: Path)
             body, tmp_path / name, digests, limit=1 << 20, chunk_size=chunk, fsync=False, budget=budget
         )
 
-    slow_digests = [staging.Digests(), staging.Digests()]
+    slow_digests = [staging.Digests.inline(md5=True, sha256=True), staging.Digests.inline(md5=True, sha256=True)]
     slow_uploads: list[asyncio.Task[None]] = []
     for i, digests in enumerate(slow_digests):
         stalled.append(asyncio.Event())
         slow_uploads.append(asyncio.create_task(upload(slow(stalled[-1]), f"slow{i}.part", digests)))
         await stalled[-1].wait()
-    fast_digests = staging.Digests()
+    fast_digests = staging.Digests.inline(md5=True, sha256=True)
     await asyncio.wait_for(upload(fast(), "fast.part", fast_digests), timeout=10)
     assert fast_digests.offset == (tmp_path / "fast.part").stat().st_size == 8 * len(block)
 

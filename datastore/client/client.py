@@ -7,8 +7,9 @@ transfer jobs, and invitations (asked, answered, extended, revoked).
         results = await store.upload("files", ["report.pdf", "data.csv"])
         await store.download(results[0].url, Path("copy.pdf"))
 
-Uploads compute each file's MD5 and SHA-256 while reading it, post a JSON
-manifest, and send each file by tus ``PATCH`` in chunks that carry a SHA-256
+Uploads compute each file's SHA-256 (several files in parallel threads), post
+a JSON manifest declaring it (the server then verifies that alone as the bytes
+arrive, and computes the MD5 after publishing), and send each file by tus ``PATCH`` in chunks that carry a SHA-256
 ``Upload-Checksum``. On a connection error or a 5xx the client waits (bounded
 exponential backoff), asks the server for its offset with ``HEAD`` and goes
 on from there, so nothing is sent twice. Downloads write to ``NAME.part``,
@@ -33,6 +34,7 @@ import logging
 import os
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -109,7 +111,9 @@ class UploadResult:
 
     name: str
     size: int
-    md5: str
+    #: Not computed here: the client declares and the server verifies the SHA-256 (the server
+    #: computes the MD5 after publishing; its listing and downloads give it then).
+    md5: str | None
     sha256: str
     url: str
     transfer_key: str
@@ -128,12 +132,12 @@ class DownloadResult:
 
 @dataclass(frozen=True, slots=True)
 class LocalFile:
-    """A file to upload, with the digests the manifest declares."""
+    """A file to upload, with the digest the manifest declares (SHA-256: the server verifies it as
+    the bytes arrive, and nothing else, which is its fastest path)."""
 
     path: Path
     name: str
     size: int
-    md5: str
     sha256: str
 
 
@@ -222,7 +226,7 @@ class DataStoreClient:
         part starts.
         """
         given = list(paths)
-        files = await asyncio.to_thread(lambda: [describe_local_file(path) for path in expand_paths(given)])
+        files = await asyncio.to_thread(lambda: describe_local_files(expand_paths(given)))
         if not files:
             raise ClientError("nothing to upload")
         if resume is None:
@@ -240,7 +244,7 @@ class DataStoreClient:
                     UploadResult(
                         local.name,
                         local.size,
-                        local.md5,
+                        None,
                         local.sha256,
                         f"{self.base}/{prefix}/{quote(local.name, safe='')}",
                         key,
@@ -252,7 +256,7 @@ class DataStoreClient:
         return results
 
     async def _register(self, prefix: str, files: Sequence[LocalFile]) -> tuple[str, list[str]]:
-        manifest = {"files": [{"name": f.name, "size": f.size, "md5": f.md5, "sha256": f.sha256} for f in files]}
+        manifest = {"files": [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in files]}
         async with self.session.post(
             f"{self.base}/{prefix}/manifest", json=manifest, headers={"Accept": "application/json"}
         ) as response:
@@ -898,19 +902,26 @@ def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     return expanded
 
 
+def describe_local_files(paths: Sequence[Path]) -> list[LocalFile]:
+    """Size and SHA-256 of each of ``paths``, several files hashed at once (one thread per CPU:
+    hashlib releases the GIL on the large blocks read)."""
+    if len(paths) <= 1:
+        return [describe_local_file(path) for path in paths]
+    with ThreadPoolExecutor(max_workers=min(len(paths), os.cpu_count() or 1), thread_name_prefix="hash") as pool:
+        return list(pool.map(describe_local_file, paths))
+
+
 def describe_local_file(path: Path) -> LocalFile:
-    """Size, MD5 and SHA-256 of a local file (read once)."""
+    """Size and SHA-256 of a local file (read once, in large blocks)."""
     if not path.is_file():
         raise ClientError(f"{path}: no such file")
-    md5 = hashlib.md5(usedforsecurity=False)
     sha256 = hashlib.sha256()
     size = 0
     with open(path, "rb") as handle:
         while block := handle.read(8 << 20):
-            md5.update(block)
             sha256.update(block)
             size += len(block)
-    return LocalFile(path, path.name, size, md5.hexdigest(), sha256.hexdigest())
+    return LocalFile(path, path.name, size, sha256.hexdigest())
 
 
 class _Retry(Exception):

@@ -2,6 +2,7 @@
 
 from .directory import DirectoryHandler
 from .interface import (
+    CanAddDigests,
     CanAuthorize,
     CanClose,
     CanDelete,
@@ -18,6 +19,7 @@ from .interface import (
 from .legacy import LegacyHandler, LegacyHandlerAdapter
 
 __all__ = [
+    "CanAddDigests",
     "CanAuthorize",
     "CanClose",
     "CanDelete",

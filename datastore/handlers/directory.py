@@ -145,8 +145,6 @@ class DirectoryHandler:
         return await asyncio.to_thread(self._path_for_writing, file.name)
 
     async def complete_upload(self, identity: Identity, file: FileInfo) -> None:
-        if file.md5 is None or file.sha256 is None:
-            raise ValueError("complete_upload needs the computed digests")
         record = StoredFile(
             name=file.name,
             size=file.size,
@@ -258,6 +256,24 @@ class DirectoryHandler:
 
     async def describe_file(self, identity: Identity, name: str) -> StoredFile | None:
         return await self.catalogue.describe(name)
+
+    async def published(self, name: str) -> tuple[Path, StoredFile] | None:
+        stored = await self.catalogue.describe(name)
+        if stored is None:
+            return None
+        try:
+            return await asyncio.to_thread(contained_path, self.directory, name), stored
+        except InvalidName:
+            return None
+
+    async def add_digests(self, name: str, *, uploaded_at: float, md5: str, sha256: str) -> StoredFile | None:
+        added = await self.catalogue.add_digests(name, uploaded_at=uploaded_at, md5=md5, sha256=sha256)
+        if added is not None:
+            self._forget(name)  # a remembered download would go on omitting them
+        return added
+
+    async def undigested(self, *, before: float, limit: int) -> Sequence[StoredFile]:
+        return await self.catalogue.undigested(before=before, limit=limit)
 
     async def list_files(self, identity: Identity) -> Sequence[StoredFile]:
         return await self.catalogue.listing()

@@ -43,7 +43,9 @@ class FileInfo:
     ``md5`` and ``sha256`` are lower-case hex. In ``can_upload`` and
     ``add_pending_upload`` they are what the client declared (``None`` if it
     declared nothing); in ``complete_upload`` they are the digests the server
-    computed over the bytes it published.
+    computed over the bytes it published: both, unless the handler can add
+    digests later (:class:`CanAddDigests`), when only those the client
+    declared are computed before publishing (the others are ``None``).
     """
 
     name: str
@@ -164,6 +166,29 @@ class CanDescribe(Protocol):
 
     async def describe_file(self, identity: Identity, name: str) -> StoredFile | None:
         """The catalogue record of ``name``, or ``None`` if there is none."""
+
+
+@runtime_checkable
+class CanAddDigests(Protocol):
+    """Capability: the handler records the digests of a published file that were computed after it
+    was published.
+
+    With it, an upload verifies inline only the digests its client declared (or its size, if none),
+    and the store computes the others once the file is published, off the request's path
+    (``lifecycle/digests.py``), and hands them to :meth:`add_digests`. Until then a download omits
+    them from ``Repr-Digest`` and a listing says they are pending.
+    """
+
+    async def published(self, name: str) -> tuple[Path, StoredFile] | None:
+        """Where the published file ``name`` is, and its record; ``None`` if none is published."""
+
+    async def add_digests(self, name: str, *, uploaded_at: float, md5: str, sha256: str) -> StoredFile | None:
+        """Record the digests ``name`` lacks if it is still the file published at ``uploaded_at``: the
+        record as it then is, or ``None`` if nothing was added (:meth:`Catalogue.add_digests
+        <datastore.state.catalogue.Catalogue.add_digests>`)."""
+
+    async def undigested(self, *, before: float, limit: int) -> Sequence[StoredFile]:
+        """Up to ``limit`` published records that lack a digest, published before ``before``, oldest first."""
 
 
 @runtime_checkable

@@ -15,6 +15,7 @@ from ..errors import FileNotFound, NotAuthorized
 from ..security.identity import Identity
 from ..security.policy import Action, Policy
 from .interface import (
+    CanAddDigests,
     CanAuthorize,
     CanClose,
     CanDelete,
@@ -45,6 +46,7 @@ class Mount:
     locator: CanLocateDownload | None = None
     authorizer: CanAuthorize | None = None
     observer: CanObserve | None = None
+    digests: CanAddDigests | None = None
     #: Held across can_upload and add_pending_upload so reservations are atomic.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -64,6 +66,7 @@ class Mount:
             locator=handler if isinstance(handler, CanLocateDownload) else None,
             authorizer=handler if isinstance(handler, CanAuthorize) else None,
             observer=handler if isinstance(handler, CanObserve) else None,
+            digests=handler if isinstance(handler, CanAddDigests) else None,
         )
 
     async def authorize(self, identity: Identity, action: Action, name: str | None = None) -> None:

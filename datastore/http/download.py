@@ -188,7 +188,9 @@ def _file_headers(name: str, download: Download) -> dict[str, str]:
         "Cache-Control": "no-cache",
     }
     if download.stored is not None and download.stored.size == download.stat.st_size:
-        headers["Repr-Digest"] = repr_digest(download.stored)
+        digest = repr_digest(download.stored)
+        if digest:
+            headers["Repr-Digest"] = digest
     return headers
 
 
@@ -251,6 +253,7 @@ def _listed(stored: StoredFile, identity: Identity, mount: Mount, url: str) -> L
         "size": stored.size,
         "md5": stored.md5,
         "sha256": stored.sha256,
+        "digests": "pending" if stored.md5 is None or stored.sha256 is None else "complete",
         "owner": stored.owner if shown else None,
         "owner_authenticated": stored.owner_authenticated if shown else None,
         "yours": identity.owns(stored.owner_id),
@@ -286,10 +289,10 @@ async def handle_delete(request: web.Request) -> web.Response:
 
 
 def repr_digest(stored: StoredFile) -> str:
-    """The RFC 9530 ``Repr-Digest`` value for a stored file."""
-    sha256 = base64.b64encode(bytes.fromhex(stored.sha256)).decode()
-    md5 = base64.b64encode(bytes.fromhex(stored.md5)).decode()
-    return f"sha-256=:{sha256}:, md5=:{md5}:"
+    """The RFC 9530 ``Repr-Digest`` value for a stored file: the digests known (one still being
+    computed after publishing is left out, never guessed); empty if none is."""
+    known = (("sha-256", stored.sha256), ("md5", stored.md5))
+    return ", ".join(f"{label}=:{base64.b64encode(bytes.fromhex(hex_)).decode()}:" for label, hex_ in known if hex_)
 
 
 def _if_range_fails(request: web.Request, st: os.stat_result) -> bool:

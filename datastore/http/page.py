@@ -50,8 +50,10 @@ class Listed(TypedDict):
 
     name: str
     size: int
-    md5: str
-    sha256: str
+    md5: str | None
+    sha256: str | None
+    #: "complete", or "pending" while a digest is still being computed after publishing (``None`` above).
+    digests: str
     owner: str | None
     owner_authenticated: bool | None
     yours: bool
@@ -108,7 +110,7 @@ def _row(entry: Listed) -> str:
         f'<td class="size">{human_size(entry["size"])}</td>'
         f'<td class="owner">{html.escape(owner)}</td>'
         f'<td class="time">{_time(entry["uploaded_at"])}</td>'
-        f'<td class="digest">{html.escape(entry["sha256"])}</td></tr>'
+        f'<td class="digest">{html.escape(entry["sha256"] or "pending")}</td></tr>'
     )
 
 

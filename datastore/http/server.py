@@ -429,6 +429,7 @@ class TransferServer(abc.ABC):
         tasks = [
             asyncio.create_task(_sweep(lifecycle), name="datastore-sweeper"),
             asyncio.create_task(ctx.jobs.run(), name="datastore-jobs"),
+            asyncio.create_task(lifecycle.digester.run(), name="datastore-digests"),
         ]
         tasks.extend(asyncio.create_task(hook.run(self.events), name=hook.label) for hook in ctx.hooks)
         tasks.extend(asyncio.create_task(job, name="datastore-periodic") for job in self.periodic_jobs())

@@ -42,7 +42,6 @@ from ..protocol.manifest import Manifest, format_ini_accepted, format_ini_refuse
 from ..protocol.timestamps import iso_time
 from ..security.policy import Action
 from ..storage import staging
-from ..storage.staging import Digests
 from .bodies import FORM_OVERHEAD, check_form, form_file_chunks, read_bounded, stream_chunks
 from .context import CONTEXT, StoreContext, base_url, client_key, identify, prefers_json, render_error
 from .vouchers import Limit, spending
@@ -171,7 +170,7 @@ async def _receive_within(request: web.Request, target: UploadTarget, within_bud
                 await upload.regate()
             path = await upload.upload_path()
             await lifecycle.check_space()
-            digests = Digests()
+            digests = upload.new_digests()
             try:
                 await upload.append(chunks, digests)
             except staging.ReadFailed as failure:

@@ -75,6 +75,7 @@ from ..state.interface import (
 )
 from ..storage import staging
 from ..storage.staging import BufferBudget, Digests
+from .digests import Digester, Undigested
 from .states import Event, EventType, FileState, NewEvent, StopReason, TransferState
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,18 @@ class UploadTarget:
     file: TransferFile
     #: Whose share of the store the upload uses (a proved identity, else the client's network).
     client: str
+    #: Compute both digests while the bytes arrive, whatever the client declared (a transfer job's
+    #: destination, whose verification compares both with its source's).
+    every_digest: bool = False
+
+    @property
+    def inline_digests(self) -> tuple[bool, bool]:
+        """Which digests (MD5, SHA-256) the upload computes as its bytes arrive: those its
+        verification needs (the ones declared) when the handler records the others once they are
+        computed after publishing (``digests.py``); else, or if asked, both."""
+        if self.every_digest or self.mount.digests is None:
+            return True, True
+        return self.file.md5 is not None, self.file.sha256 is not None
 
     @property
     def place(self) -> tuple[str, int]:
@@ -219,6 +232,8 @@ class Lifecycle:
     #: Called after every change this process commits (the event bus reads the new events).
     on_change: Callable[[Sequence[Event]], None] = lambda _: None
     buffers: BufferBudget = field(init=False)
+    #: Computes the digests of published files that their uploads did not (``digests.py``).
+    digester: Digester = field(init=False)
     active_uploads: int = 0
     #: Uploads now running in this process, by client.
     uploads_by_client: Counter[str] = field(default_factory=Counter)
@@ -239,6 +254,7 @@ class Lifecycle:
 
     def __post_init__(self) -> None:
         self.buffers = BufferBudget(self.settings.upload_buffer_budget // self.settings.chunk_size)
+        self.digester = Digester(self)
         self.state.on_appended = self._appended
 
     def _appended(self, events: Sequence[Event]) -> None:
@@ -881,6 +897,7 @@ class FileUpload:
         #: The number of this request's claim on the file (see ``Lifecycle.digests``).
         self.claim = claim
         self.running = running
+        self.inline_digests = target.inline_digests
         self.info = FileInfo(self.file.name, self.file.size, self.file.md5, self.file.sha256)
         #: Whether the handler holds a reservation this upload answers for.
         self.reserved = before.state is FileState.RESERVED
@@ -918,9 +935,18 @@ class FileUpload:
         cached = cache.get(self.place)
         if cached is not None and cached[1].offset == offset:
             return cached[1]
-        digests = Digests() if offset == 0 else await staging.rehash(self.staging_path, offset)
+        if offset == 0:
+            digests = self.new_digests()
+        else:
+            md5, sha256 = self.inline_digests
+            digests = await staging.rehash(self.staging_path, offset, md5=md5, sha256=sha256)
         cache[self.place] = (self.claim, digests)
         return digests
+
+    def new_digests(self) -> Digests:
+        """Digests of no bytes yet, of the kinds this upload computes inline."""
+        md5, sha256 = self.inline_digests
+        return Digests.inline(md5=md5, sha256=sha256)
 
     async def begin_chunk(self, *, verifying: bool) -> None:
         """A resumable request starts appending; whether its chunk is checksummed (a crash cuts its
@@ -989,7 +1015,7 @@ class FileUpload:
         self.running.finishing = True
         if digests.offset != self.file.size:
             raise SizeMismatch(f"received {digests.offset} bytes, the manifest declares {self.file.size}")
-        md5, sha256 = digests.md5.hexdigest(), digests.sha256.hexdigest()
+        md5, sha256 = digests.hexdigests()
         if (self.file.md5 is not None and md5 != self.file.md5) or (
             self.file.sha256 is not None and sha256 != self.file.sha256
         ):
@@ -1009,6 +1035,8 @@ class FileUpload:
             raise TransferCancelled("the upload's hold on the file ran out before it was published")
         self.lifecycle.digests.pop(self.place, None)
         log.info("published /%s/%s (%d bytes) for %s", self.mount.prefix, self.file.name, self.file.size, self.identity)
+        if md5 is None or sha256 is None:
+            self.lifecycle.digester.submit(Undigested(self.mount.prefix, self.file.name, *self.place))
         return verified
 
     async def pause(self, received: int) -> None:

@@ -145,6 +145,7 @@ class EventType(StrEnum):
     FILE_PROGRESS = "file.progress"
     FILE_INTERRUPTED = "file.interrupted"
     FILE_COMPLETED = "file.completed"
+    FILE_DIGESTED = "file.digested"
     FILE_FAILED = "file.failed"
     FILE_CANCELLED = "file.cancelled"
     FILE_DELETED = "file.deleted"

@@ -39,13 +39,15 @@ class StoredFile:
     delete it); ``owner`` is the uploader's name for display (``identity.dn``)
     and ``owner_authenticated`` whether a certificate or a token proved it.
     ``tls`` says the file came over TLS (a prefix's policy may then keep it
-    off plain HTTP).
+    off plain HTTP). A digest is ``None`` until it is known: an upload
+    verifies inline only the digests its client declared, and the others are
+    computed after it was published (:meth:`Catalogue.add_digests`).
     """
 
     name: str
     size: int
-    md5: str
-    sha256: str
+    md5: str | None
+    sha256: str | None
     owner: str | None
     uploaded_at: float
     owner_authenticated: bool = False
@@ -129,6 +131,17 @@ class Catalogue(Protocol):
 
     async def describe(self, name: str) -> StoredFile | None:
         """The record of exactly ``name``, or ``None``; a pending name has none."""
+        ...
+
+    async def add_digests(self, name: str, *, uploaded_at: float, md5: str, sha256: str) -> StoredFile | None:
+        """Fill in the digests the record of ``name`` lacks (``None`` in it), if it is still the one
+        published at ``uploaded_at``; a digest the record has is kept. The record as it then is, if
+        this call filled one in; ``None`` if it filled in nothing (no such record, another
+        publication replaced it, or it had both digests already)."""
+        ...
+
+    async def undigested(self, *, before: float, limit: int) -> list[StoredFile]:
+        """Up to ``limit`` records that lack a digest and were published before ``before``, oldest first."""
         ...
 
     async def listing(self) -> list[StoredFile]:

@@ -298,8 +298,9 @@ class TransferStore(Protocol):
         longer holds it."""
         ...
 
-    async def publish(self, key: str, num: int, holder: str, *, md5: str, sha256: str) -> bool:
+    async def publish(self, key: str, num: int, holder: str, *, md5: str | None, sha256: str | None) -> bool:
         """The file is verified and published: PUBLISHED with its digests; appends ``file.completed``.
+        A digest not computed before publishing (``None``) leaves the one the manifest declared, if any.
 
         If it was the last open file of an OPEN transfer, the transfer ends too, its event after the
         file's: FINISHED (``transfer.finished``) when every file is published; CANCELLED

@@ -416,7 +416,7 @@ class PostgresState(PostgresJobs):
         )
         return bool(changed)
 
-    async def publish(self, key: str, num: int, holder: str, *, md5: str, sha256: str) -> bool:
+    async def publish(self, key: str, num: int, holder: str, *, md5: str | None, sha256: str | None) -> bool:
         # Two round trips: the file's change and a look at its transfer with the BEGIN (the write
         # lock is held, so nothing changes between this look and what follows), the transfer's
         # change and the events with the COMMIT.
@@ -425,7 +425,8 @@ class PostgresState(PostgresJobs):
             published, transfers = await transaction.send(
                 [
                     (
-                        "UPDATE transfer_files SET state = %s, md5 = %s, sha256 = %s, received = size,"
+                        "UPDATE transfer_files SET state = %s, md5 = COALESCE(%s, md5), sha256 = COALESCE(%s, sha256),"
+                        " received = size,"
                         " verifying_chunk = FALSE, error = NULL, claimed_by = NULL, lease_until = NULL,"
                         " stop_request = NULL, in_attempt = FALSE, publishing = FALSE, updated_at = %s"
                         f" WHERE key = %s AND num = %s AND claimed_by = %s AND state IN {_in(sources(Step.PUBLISH))}"

@@ -55,6 +55,16 @@ MIGRATIONS = (
             """,
         ),
     ),
+    # A digest is NULL until known: computed after publishing when the upload did not declare it.
+    Migration(
+        2,
+        (
+            "ALTER TABLE catalogue_files ALTER COLUMN md5 DROP NOT NULL",
+            "ALTER TABLE catalogue_files ALTER COLUMN sha256 DROP NOT NULL",
+            "CREATE INDEX catalogue_undigested ON catalogue_files (prefix, uploaded_at)"
+            " WHERE md5 IS NULL OR sha256 IS NULL",
+        ),
+    ),
 )
 
 
@@ -175,6 +185,31 @@ class PostgresCatalogue:
     async def listing(self) -> list[StoredFile]:
         async def read(db: Connection) -> list[StoredFile]:
             rows = await fetch_all(db, "SELECT * FROM catalogue_files WHERE prefix = %s ORDER BY name", (self.prefix,))
+            return [_stored(row) for row in rows]
+
+        return await self._db.read(read)
+
+    async def add_digests(self, name: str, *, uploaded_at: float, md5: str, sha256: str) -> StoredFile | None:
+        (rows,) = await self._db.run_together(
+            [
+                (
+                    "UPDATE catalogue_files SET md5 = COALESCE(md5, %s), sha256 = COALESCE(sha256, %s)"
+                    " WHERE prefix = %s AND name = %s AND uploaded_at = %s AND (md5 IS NULL OR sha256 IS NULL)"
+                    " RETURNING *",
+                    (md5, sha256, self.prefix, name, uploaded_at),
+                )
+            ]
+        )
+        return _stored(rows[0]) if rows else None
+
+    async def undigested(self, *, before: float, limit: int) -> list[StoredFile]:
+        async def read(db: Connection) -> list[StoredFile]:
+            rows = await fetch_all(
+                db,
+                "SELECT * FROM catalogue_files WHERE prefix = %s AND (md5 IS NULL OR sha256 IS NULL)"
+                " AND uploaded_at < %s ORDER BY uploaded_at LIMIT %s",
+                (self.prefix, before, limit),
+            )
             return [_stored(row) for row in rows]
 
         return await self._db.read(read)

@@ -395,11 +395,12 @@ class SqliteState(SqliteJobs):
 
         return await self._run(begin)
 
-    async def publish(self, key: str, num: int, holder: str, *, md5: str, sha256: str) -> bool:
+    async def publish(self, key: str, num: int, holder: str, *, md5: str | None, sha256: str | None) -> bool:
         def publish(db: sqlite3.Connection) -> bool:
             now = time.time()
             changed = db.execute(
-                "UPDATE transfer_files SET state = ?, md5 = ?, sha256 = ?, received = size, verifying_chunk = 0,"
+                "UPDATE transfer_files SET state = ?, md5 = COALESCE(?, md5), sha256 = COALESCE(?, sha256),"
+                " received = size, verifying_chunk = 0,"
                 " error = NULL, claimed_by = NULL, lease_until = NULL, stop_request = NULL, in_attempt = 0,"
                 " publishing = 0, updated_at = ? WHERE key = ? AND num = ? AND claimed_by = ?"
                 f" AND state IN {_in(sources(Step.PUBLISH))}",

@@ -17,13 +17,14 @@ from ..protocol.names import fold_name
 from .catalogue import Conflict, NameTaken, Reservation, StoredFile, TakePolicy
 from .database import Database
 
-_SCHEMA = """
+_FILES = """
 CREATE TABLE IF NOT EXISTS files (
     name TEXT PRIMARY KEY,
     fold TEXT NOT NULL UNIQUE,
     size INTEGER NOT NULL,
-    md5 TEXT NOT NULL,
-    sha256 TEXT NOT NULL,
+    -- NULL until known: computed after publishing when the upload did not declare it.
+    md5 TEXT,
+    sha256 TEXT,
     owner TEXT,
     owner_authenticated INTEGER NOT NULL DEFAULT 0,
     uploaded_at REAL NOT NULL,
@@ -31,7 +32,13 @@ CREATE TABLE IF NOT EXISTS files (
     -- and whether the file came over TLS.
     owner_id TEXT,
     tls INTEGER NOT NULL DEFAULT 0
-);
+)
+"""
+#: Where the files whose digests are still to be computed are found.
+_UNDIGESTED_INDEX = (
+    "CREATE INDEX IF NOT EXISTS files_undigested ON files (uploaded_at) WHERE md5 IS NULL OR sha256 IS NULL"
+)
+_PENDING = """
 CREATE TABLE IF NOT EXISTS pending (
     name TEXT PRIMARY KEY,
     fold TEXT NOT NULL UNIQUE,
@@ -39,11 +46,32 @@ CREATE TABLE IF NOT EXISTS pending (
     -- Not written since owners are kept once per transfer (in the transfer registry).
     owner TEXT,
     reserved_at REAL NOT NULL
-);
+)
 """
+_SCHEMA = f"{_FILES};\n{_UNDIGESTED_INDEX};\n{_PENDING};\n"
 
 
 def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a catalogue of an earlier version up to date."""
+    _add_principals(db)
+    _allow_unknown_digests(db)
+
+
+def _allow_unknown_digests(db: sqlite3.Connection) -> None:
+    """Catalogues from before digests computed after publishing required both: the table is rebuilt
+    without that constraint (SQLite cannot drop one in place)."""
+    required = {row["name"] for row in db.execute("PRAGMA table_info(files)") if row["notnull"]}
+    if "md5" not in required:
+        return
+    columns = "name, fold, size, md5, sha256, owner, owner_authenticated, uploaded_at, owner_id, tls"
+    db.execute("ALTER TABLE files RENAME TO files_before_digests")
+    db.execute(_FILES)
+    db.execute(f"INSERT INTO files ({columns}) SELECT {columns} FROM files_before_digests")
+    db.execute("DROP TABLE files_before_digests")  # and its index
+    db.execute(_UNDIGESTED_INDEX)
+
+
+def _add_principals(db: sqlite3.Connection) -> None:
     """Catalogues from before principals: an unauthenticated owner was an X-Client-DN; a certificate's
     subject was kept in a form that cannot be compared safely, so its files are left to administrators."""
     columns = {row["name"] for row in db.execute("PRAGMA table_info(files)")}
@@ -132,6 +160,27 @@ class SqliteCatalogue:
 
     async def listing(self) -> list[StoredFile]:
         rows = await self._db.read(lambda db: db.execute("SELECT * FROM files ORDER BY name").fetchall())
+        return [_stored(row) for row in rows]
+
+    async def add_digests(self, name: str, *, uploaded_at: float, md5: str, sha256: str) -> StoredFile | None:
+        def add(db: sqlite3.Connection) -> StoredFile | None:
+            row = db.execute(
+                "UPDATE files SET md5 = COALESCE(md5, ?), sha256 = COALESCE(sha256, ?)"
+                " WHERE name = ? AND uploaded_at = ? AND (md5 IS NULL OR sha256 IS NULL) RETURNING *",
+                (md5, sha256, name, uploaded_at),
+            ).fetchone()
+            return _stored(row) if row is not None else None
+
+        return await self._db.run(add)
+
+    async def undigested(self, *, before: float, limit: int) -> list[StoredFile]:
+        rows = await self._db.read(
+            lambda db: db.execute(
+                "SELECT * FROM files WHERE (md5 IS NULL OR sha256 IS NULL) AND uploaded_at < ?"
+                " ORDER BY uploaded_at LIMIT ?",
+                (before, limit),
+            ).fetchall()
+        )
         return [_stored(row) for row in rows]
 
     async def delete(self, name: str, *, expected: StoredFile | None = None) -> bool:

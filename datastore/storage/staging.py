@@ -4,15 +4,16 @@ Each file of a transfer has one staging file in the state directory
 (``KEY.NUM.part``), on the store's filesystem but outside every served
 folder. This module owns the disk side of it, with one invariant: when
 :func:`append` returns or raises, the staging file holds exactly
-``digests.offset`` bytes, and ``digests`` is the MD5 and SHA-256 of them.
+``digests.offset`` bytes, and ``digests`` is the digest of them of each kind
+the upload computes inline (those its verification needs: :class:`Digests`).
 That is what lets a resumable upload continue after a dropped connection,
 and (re-hashing the staged prefix, :func:`rehash`) after a crash.
 
-Network reads overlap disk writes and hashing, and the two digests overlap
-each other: while one buffer is written, MD5-hashed and SHA-256-hashed in
-three worker threads at once (hashlib releases the GIL on large buffers),
-the next one is received. With ``fsync``, making the bytes durable overlaps
-receiving them too (:class:`Flusher`).
+Network reads overlap disk writes and hashing, and the digests overlap each
+other: while one buffer is written and hashed by each digest in worker
+threads at once (hashlib releases the GIL on large buffers), the next one is
+received. With ``fsync``, making the bytes durable overlaps receiving them
+too (:class:`Flusher`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -48,19 +49,43 @@ FLUSH_WINDOW = 16 << 20
 
 @dataclass(slots=True)
 class Digests:
-    """The running MD5 and SHA-256 of the first ``offset`` bytes of a staging file."""
+    """The running digests of the first ``offset`` bytes of a staging file: MD5, SHA-256, both or
+    neither (``None``: not computed while the bytes arrive; see :meth:`inline`)."""
 
-    md5: Any = field(default_factory=lambda: hashlib.md5(usedforsecurity=False))
-    sha256: Any = field(default_factory=hashlib.sha256)
+    md5: Any = None
+    sha256: Any = None
     offset: int = 0
+
+    @classmethod
+    def inline(cls, *, md5: bool, sha256: bool, offset: int = 0) -> Digests:
+        """Fresh digests of the kinds asked for: those an upload's verification needs, computed as
+        its bytes arrive (the others are computed once it is published, off the request's path)."""
+        return cls(hashlib.md5(usedforsecurity=False) if md5 else None, hashlib.sha256() if sha256 else None, offset)
+
+    @property
+    def hashes(self) -> tuple[Any, ...]:
+        """The hash objects being computed."""
+        return tuple(h for h in (self.md5, self.sha256) if h is not None)
+
+    def hexdigests(self) -> tuple[str | None, str | None]:
+        """The MD5 and SHA-256 so far (lower-case hex), ``None`` for a kind not computed."""
+        return _hex(self.md5), _hex(self.sha256)
 
     def copy(self) -> Digests:
         """An independent copy (to roll back a chunk that failed its checksum)."""
-        return Digests(self.md5.copy(), self.sha256.copy(), self.offset)
+        return Digests(_copy(self.md5), _copy(self.sha256), self.offset)
 
     def restore(self, earlier: Digests) -> None:
         """Go back to the state of ``earlier`` (a copy taken before a rejected chunk)."""
-        self.md5, self.sha256, self.offset = earlier.md5.copy(), earlier.sha256.copy(), earlier.offset
+        self.md5, self.sha256, self.offset = _copy(earlier.md5), _copy(earlier.sha256), earlier.offset
+
+
+def _copy(digest: Any) -> Any:
+    return digest.copy() if digest is not None else None
+
+
+def _hex(digest: Any) -> str | None:
+    return str(digest.hexdigest()) if digest is not None else None
 
 
 class ReadFailed(Exception):
@@ -294,10 +319,13 @@ async def uncancellable(work: Awaitable[T]) -> T:
         return result
 
 
-async def rehash(path: Path, length: int) -> Digests:
-    """The digests of the first ``length`` bytes of ``path`` (after a restart)."""
+async def rehash(path: Path, length: int, *, md5: bool, sha256: bool) -> Digests:
+    """The digests (of the kinds asked for) of the first ``length`` bytes of ``path`` (after a restart)."""
+    digests = Digests.inline(md5=md5, sha256=sha256, offset=length)
+    if not digests.hashes:
+        return digests
     started = time.monotonic()
-    digests = await asyncio.to_thread(_rehash, path, length)
+    await asyncio.to_thread(_rehash, path, digests)
     elapsed = time.monotonic() - started
     log.info("re-hashed %d staged bytes of %s in %.3f s", length, redact(path.name), elapsed)
     return digests
@@ -450,15 +478,17 @@ async def _store(
     """
     before = digests.copy()
     size = sum(map(len, data))
+    hashes = (*digests.hashes, *([chunk_hash] if chunk_hash is not None else []))
     try:
-        if size <= _SERIAL_STORE:
-            hashes = (digests.md5, digests.sha256, chunk_hash)
+        if size <= _SERIAL_STORE or not hashes:
             await loop.run_in_executor(None, _write_and_hash, handle, data, flusher, hashes)
         else:
+            # The write in one thread, each digest in another; with three, SHA-256 and the chunk's
+            # checksum share one (two SHA-256 take about as long as one MD5).
+            groups = [hashes[:1], hashes[1:]] if len(hashes) == 3 else [(h,) for h in hashes]
             for result in await asyncio.gather(
                 loop.run_in_executor(None, _write_all, handle, data, flusher),
-                loop.run_in_executor(None, _update_all, (digests.md5,), data),
-                loop.run_in_executor(None, _update_all, (digests.sha256, chunk_hash), data),
+                *(loop.run_in_executor(None, _update_all, group, data) for group in groups),
                 return_exceptions=True,
             ):
                 if isinstance(result, BaseException):
@@ -475,7 +505,7 @@ async def _store_whole(
     """Open ``path`` at ``digests.offset``, write and hash ``data``, settle and close: one thread call.
     If the write fails, the file and the digests stay as they were."""
     before = digests.copy()
-    hashes = (digests.md5, digests.sha256, chunk_hash)
+    hashes = (*digests.hashes, chunk_hash)
     try:
         await loop.run_in_executor(None, _write_whole, path, digests.offset, data, hashes, fsync)
     except BaseException:
@@ -607,12 +637,12 @@ def _truncate(path: Path, length: int, fsync: bool) -> None:
             os.fsync(handle.fileno())
 
 
-def _rehash(path: Path, length: int) -> Digests:
-    """MD5 and SHA-256 of the prefix, each in its own thread (hashlib releases the GIL)."""
+def _rehash(path: Path, digests: Digests) -> None:
+    """Bring ``digests`` (fresh) to the first ``digests.offset`` bytes of ``path``, each kind in its
+    own thread (hashlib releases the GIL)."""
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="rehash") as pool:
-        md5 = pool.submit(_hash_prefix, path, length, hashlib.md5(usedforsecurity=False))
-        sha256 = pool.submit(_hash_prefix, path, length, hashlib.sha256())
-        return Digests(md5.result(), sha256.result(), length)
+        for running in [pool.submit(_hash_prefix, path, digests.offset, h) for h in digests.hashes]:
+            running.result()
 
 
 def _hash_prefix(path: Path, length: int, digest: Any) -> Any:

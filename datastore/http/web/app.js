@@ -139,7 +139,7 @@ async function refreshList() {
         human(file.size),
         file.yours ? "you" : file.owner || "—",
         new Date(file.uploaded_at * 1000).toLocaleString(),
-        file.sha256,
+        file.sha256 || "pending",
       ];
       const classes = ["name", "size", "owner", "time", "digest"];
       cells.forEach((content, index) => {
@@ -180,6 +180,8 @@ function follow() {
       if (type === "file.completed" || type === "file.deleted") refreshSoon();
     });
   }
+  // A digest computed after publishing replaces "pending" in the list.
+  events.addEventListener("file.digested", () => refreshSoon());
   for (const type of ["transfer.cancelled", "transfer.expired"]) {
     events.addEventListener(type, (message) => {
       const { transfer } = JSON.parse(message.data);

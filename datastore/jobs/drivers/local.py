@@ -210,7 +210,9 @@ class LocalDestination(_Local):
             )
             if usable:
                 assert transfer is not None
-                self._opened = UploadTarget(mount, self.identity, transfer, transfer.files[0], self.client)
+                self._opened = UploadTarget(
+                    mount, self.identity, transfer, transfer.files[0], self.client, every_digest=True
+                )
                 return dict(handle)
             await self.discard(handle)
             handle = {"idempotency_key": secrets.token_hex(16), "validator": order.validator}
@@ -229,7 +231,9 @@ class LocalDestination(_Local):
         if registered.state not in (TransferState.OPEN, TransferState.FINISHED):
             # The transfer registered under this key ended (expired, cancelled): a new key, a new one.
             return await self.open({"key": registered.key, **handle, "validator": None}, order)
-        self._opened = UploadTarget(mount, self.identity, registered, registered.files[0], self.client)
+        self._opened = UploadTarget(
+            mount, self.identity, registered, registered.files[0], self.client, every_digest=True
+        )
         return {**handle, "key": registered.key}
 
     async def _file(self, handle: Handle, *, fresh: bool = False) -> UploadTarget:
@@ -243,7 +247,7 @@ class LocalDestination(_Local):
         file = found[1] if found is not None else None
         if found is None or file is None:
             raise DriverError(FailureReason.RESTARTED, "the upload ended; it starts again")
-        return UploadTarget(mount, self.identity, found[0], file, self.client)
+        return UploadTarget(mount, self.identity, found[0], file, self.client, every_digest=True)
 
     async def offset(self, handle: Handle) -> int:
         target = await self._file(handle)
