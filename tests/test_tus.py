@@ -226,13 +226,14 @@ async def listed(http: Any, name: str) -> dict[str, Any]:
 
 
 async def assert_published(http: Any, name: str, data: bytes) -> None:
-    """``name`` downloads as ``data`` and the listing shows its MD5 and SHA-256."""
+    """``name`` downloads as ``data`` and the listing shows its MD5 and SHA-256 (once the digests
+    the upload did not declare are computed, after publishing)."""
     status, body = await download(http, name)
     assert status == 200
     assert len(body) == len(data)
     assert sha256_hex(body) == sha256_hex(data)
     assert body == data
-    entry = await listed(http, name)
+    entry = await eventually(lambda: listed(http, name), lambda e: e["digests"] == "complete", "digests complete")
     assert (entry["size"], entry["md5"], entry["sha256"]) == (len(data), md5_hex(data), sha256_hex(data))
 
 

@@ -32,6 +32,7 @@ from ...errors import (
 )
 from ...handlers.interface import Download
 from ...handlers.mounts import Mount, file_etag
+from ...lifecycle.digests import Undigested
 from ...lifecycle.machine import Lifecycle, UploadTarget
 from ...lifecycle.states import FileState, TransferState
 from ...protocol.manifest import Manifest, ManifestFile
@@ -118,6 +119,12 @@ class LocalSource(_Local):
     async def stat(self) -> SourceInfo:
         download = self._located = await self._locate()
         stored = download.stored
+        if stored is not None and (stored.md5 is None or stored.sha256 is None):
+            # Its upload declared only some digests, and the others are still to be computed: the
+            # copy is verified by them, so they are computed now (the background work would be later).
+            await self.lifecycle.digester.complete(Undigested(self.prefix, self.name))
+            download = self._located = await self._locate()
+            stored = download.stored
         whole = stored is not None and stored.size == download.stat.st_size
         return SourceInfo(
             size=download.stat.st_size,
