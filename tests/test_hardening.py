@@ -84,6 +84,15 @@ def test_the_formatter_of_datastore_serve_cuts_secrets_out_of_tracebacks_too() -
     assert formatted.count("01234567…") == 2
 
 
+def test_the_formatter_of_datastore_serve_stamps_lines_as_logging_does() -> None:
+    # It makes a second's text once for all the lines of that second: the same text as logging's.
+    ours, logging_own = RedactingFormatter("%(asctime)s %(message)s"), logging.Formatter("%(asctime)s %(message)s")
+    for created in (1_800_000_000.0, 1_800_000_000.999, 1_800_000_001.0005, 1_800_000_001.5, 1_700_000_000.25):
+        record = logging.LogRecord("datastore.access", logging.INFO, "", 0, "line", (), None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        assert ours.format(record) == logging_own.format(record)
+
+
 # -- a client's mistake is a 4xx --------------------------------------------------------------------------------
 
 

@@ -37,6 +37,10 @@ from ..security.logsafe import printable, redact
 log = logging.getLogger(__name__)
 
 
+#: An access line: client, request line, status, bytes, seconds.
+_ACCESS_LINE = '%s "%s %s HTTP/%d.%d" %d %d %.6f'
+
+
 class AccessLogger(AbstractAccessLogger):
     """One line per request: client, request line (keys and tokens cut short), status, bytes, seconds.
 
@@ -44,8 +48,10 @@ class AccessLogger(AbstractAccessLogger):
     """
 
     def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info(
-            '%s "%s %s HTTP/%d.%d" %d %d %.6f',
+        # The record is made and handled directly: ``logger.info`` would first walk the stack to
+        # find its caller, which no access line shows, and which cost a third of the line.
+        logger = self.logger
+        args = (
             request.remote,
             request.method,
             redact(request.raw_path),
@@ -54,6 +60,7 @@ class AccessLogger(AbstractAccessLogger):
             response.body_length,
             time,
         )
+        logger.handle(logger.makeRecord(logger.name, logging.INFO, "", 0, _ACCESS_LINE, args, None))
 
     @property
     def enabled(self) -> bool:

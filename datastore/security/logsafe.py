@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 
 #: A transfer key (40 hex digits, also inside a staging file's name) or a token's secret part.
 _SECRET = re.compile(r"(?<![0-9a-f])([0-9a-f]{8})[0-9a-f]{32}(?![0-9a-f])|(dst_[0-9a-f]{12}_)[A-Za-z0-9_-]{43}")
@@ -35,8 +36,23 @@ def printable(text: str) -> str:
 class RedactingFormatter(logging.Formatter):
     """A formatter whose output (message, arguments, traceback) never holds a whole key or token."""
 
+    def __init__(self, fmt: str | None = None) -> None:
+        super().__init__(fmt)
+        #: The second last formatted and its text: every access line of a second shares it.
+        self._stamp: tuple[int, str] = (-1, "")
+
     def format(self, record: logging.LogRecord) -> str:
         return redact(super().format(record))
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 - logging's name
+        """As logging's default (``2026-01-02 03:04:05,678``), the second's text made once."""
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        stamp = self._stamp
+        if stamp[0] != second:
+            stamp = self._stamp = (second, time.strftime(self.default_time_format, self.converter(record.created)))
+        return f"{stamp[1]},{int(record.msecs):03d}"
 
 
 #: The layout of ``datastore serve``'s log lines; ``source`` is put before the logger's name (a worker's number).
@@ -48,3 +64,5 @@ def log_to_stderr(level: int, source: str = "") -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(RedactingFormatter(LOG_FORMAT.format(source=f"{source} " if source else "")))
     logging.basicConfig(level=level, handlers=[handler])
+    # The lines show none of the thread's or process's names, which every record would look up.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
