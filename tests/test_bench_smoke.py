@@ -28,6 +28,7 @@ ROWS = {
     "download",
     "small_gets",
     "small_gets_w2",
+    "small_gets_w2_info",
     "concurrent_upload",
     "concurrent_upload_cpu",
     "concurrent_rss",
