@@ -13,7 +13,8 @@ rows that bench/jobs.py and bench/cluster.py merged into them.
 Our uploads register a JSON manifest first, and what it declares decides what the store hashes inline: each
 upload row's label says what it declares (MD5 and SHA-256, SHA-256 only or MD5 only). Beside each upload's
 throughput, a row gives the server's CPU time per GiB moved (utime + stime of all its processes from
-``/proc/PID/stat``, from before the request to its answer).
+``/proc/PID/stat``, from before the request to its answer). The TLS rows run both servers with client
+certificates (a CA made for the run; nginx on a second listener, ours restarted with ``--tls``).
 
 Throughputs are MB/s (10^6 bytes per second, as curl reports them).
 """
@@ -29,6 +30,7 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import json
 import os
 import platform
@@ -44,12 +46,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -203,6 +209,100 @@ def cpu_seconds(pids: list[int]) -> float:
     return ticks / CLOCK_TICKS
 
 
+@dataclass(frozen=True)
+class Tls:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate it signed (PEM files)."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    def curl_opts(self) -> list[str]:
+        return ["--cacert", str(self.ca), "--cert", str(self.client_cert), "--key", str(self.client_key)]
+
+
+def make_tls(directory: Path) -> Tls:
+    """Mint the run's certificates (P-256 keys, valid for two days) into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    start = datetime.now(UTC) - timedelta(hours=1)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "datastore bench CA")])
+
+    def certificate(
+        subject: x509.Name, key: ec.EllipticCurvePrivateKey, extensions: list[tuple[x509.ExtensionType, bool]]
+    ) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(start + timedelta(days=2))
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        )
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(ca_key, hashes.SHA256())
+
+    def usage(*, sign_certs: bool) -> x509.KeyUsage:
+        return x509.KeyUsage(
+            digital_signature=not sign_certs,
+            content_commitment=False,
+            key_encipherment=False,
+            data_encipherment=False,
+            key_agreement=False,
+            key_cert_sign=sign_certs,
+            crl_sign=sign_certs,
+            encipher_only=False,
+            decipher_only=False,
+        )
+
+    def leaf(common_name: str, purpose: x509.ObjectIdentifier, alt: list[x509.GeneralName]) -> tuple[bytes, bytes]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        extensions: list[tuple[x509.ExtensionType, bool]] = [
+            (x509.BasicConstraints(ca=False, path_length=None), True),
+            (usage(sign_certs=False), True),
+            (x509.ExtendedKeyUsage([purpose]), False),
+        ]
+        if alt:
+            extensions.append((x509.SubjectAlternativeName(alt), False))
+        subject = x509.Name(
+            [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "datastore bench"),
+             x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+        )  # fmt: skip
+        pem = certificate(subject, key, extensions).public_bytes(serialization.Encoding.PEM)
+        return pem, key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    ca = certificate(ca_name, ca_key, [(x509.BasicConstraints(ca=True, path_length=0), True),
+                                       (usage(sign_certs=True), True)])  # fmt: skip
+    tls = Tls(*(directory / name for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")))
+    tls.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    loopback = x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
+    server_pem, server_key = leaf("127.0.0.1", ExtendedKeyUsageOID.SERVER_AUTH, [loopback])
+    client_pem, client_key = leaf("bench client", ExtendedKeyUsageOID.CLIENT_AUTH, [])
+    for path, data in ((tls.server_cert, server_pem), (tls.server_key, server_key), (tls.client_cert, client_pem),
+                       (tls.client_key, client_key)):  # fmt: skip
+        path.write_bytes(data)
+    return tls
+
+
+def tls_session(url: str, tls: Tls) -> str:
+    """The protocol and cipher curl negotiates with ``url`` (as its verbose output names them)."""
+    proc = subprocess.run(
+        [CURL, "-sS", "-v", "-o", "/dev/null", *tls.curl_opts(), url], capture_output=True, text=True, timeout=60
+    )
+    found = re.search(r"SSL connection using (\S+) / (\S+)", proc.stderr)
+    if proc.returncode != 0 or found is None:
+        raise BenchError(f"curl over TLS to {url} failed: {proc.stderr.strip()[-500:]}")
+    return f"{found[1]} {found[2]}"
+
+
 @contextlib.contextmanager
 def peak_rss(pids: Callable[[], list[int]], interval: float = 0.02) -> Iterator[list[int]]:
     """Sample the summed VmRSS of ``pids()`` until the block ends; the peak (KiB) lands in the yielded list."""
@@ -256,31 +356,40 @@ class Ours:
         log_level: str = "WARNING",
         workers: int = 1,
         env: dict[str, str] | None = None,
+        tls: Tls | None = None,
     ) -> None:
         self.root, self.log_path, self.log_level = root, log, log_level
-        self.workers, self.env = workers, env or {}
+        self.workers, self.env, self.tls = workers, env or {}, tls
         #: How Python is started (bench/jobs.py --profile puts cProfile in front of the module).
         self.launcher = [sys.executable]
         self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.base = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        #: What curl needs to reach it: with TLS, the CA and the client's certificate.
+        self.curl_opts = tls.curl_opts() if tls else []
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def variant(self, workers: int = 1, env: dict[str, str] | None = None, log_level: str | None = None) -> Ours:
+    def variant(
+        self, workers: int = 1, env: dict[str, str] | None = None, log_level: str | None = None, tls: Tls | None = None
+    ) -> Ours:
         """The same store (root, port, log) run another way; start it after stopping this one."""
-        other = Ours(self.root, self.log_path, log_level or self.log_level, workers, env)
-        other.port, other.base = self.port, self.base
+        other = Ours(self.root, self.log_path, log_level or self.log_level, workers, env, tls)
+        other.port = self.port
+        other.base = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         return other
 
     def start(self) -> None:
         env = {**os.environ, **OUR_ENV, **self.env}
         cmd = [*self.launcher, "-m", "datastore", "serve", "--root", str(self.root), "--port", str(self.port),
                "--workers", str(self.workers)]  # fmt: skip
+        if self.tls is not None:
+            cmd += ["--tls", "--cert", str(self.tls.server_cert), "--key", str(self.tls.server_key),
+                    "--client-ca", str(self.tls.ca)]  # fmt: skip
         served_before = self._serving_lines()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [*cmd, "--log-level", self.log_level], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO
             )
-        wait_http(f"{self.base}/_api/v1/health", self.proc, 30)
+        wait_http(f"{self.base}/_api/v1/health", self.proc, 30, self.curl_opts)
         # With several workers the first answers before the others listen; the serving line
         # comes once all do (measuring before that would measure one worker).
         deadline = time.monotonic() + 60
@@ -314,14 +423,18 @@ class Ours:
 
 
 class Nginx:
-    """nginx in the foreground with a generated configuration: static GET and WebDAV PUT."""
+    """nginx in the foreground with a generated configuration: static GET and WebDAV PUT, on plain HTTP and
+    (with ``tls``) on a second listener that requires a client certificate signed by the run's CA."""
 
     name = "nginx"
 
-    def __init__(self, work: Path, root: Path) -> None:
-        self.work, self.root = work, root
+    def __init__(self, work: Path, root: Path, tls: Tls | None = None) -> None:
+        self.work, self.root, self.tls = work, root, tls
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
+        self.tls_base = f"https://127.0.0.1:{free_port()}"
+        #: What curl needs to reach its plain listener (nothing); the TLS one needs ``tls.curl_opts()``.
+        self.curl_opts: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -332,6 +445,19 @@ class Nginx:
         self.root.mkdir(parents=True, exist_ok=True)
         user = "user root root;\n" if os.geteuid() == 0 else ""
         location = "location / { dav_methods PUT; dav_access user:rw group:r all:r; }"
+        tls_server = ""
+        if self.tls is not None:
+            tls_server = f"""
+    server {{
+        listen {self.tls_base.removeprefix("https://")} ssl;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_certificate {self.tls.server_cert};
+        ssl_certificate_key {self.tls.server_key};
+        ssl_client_certificate {self.tls.ca};
+        ssl_verify_client on;
+        root {self.root};
+        {location}
+    }}"""
         conf = self.work / "nginx.conf"
         conf.write_text(
             f"""{user}worker_processes 2;
@@ -355,7 +481,7 @@ http {{
         listen 127.0.0.1:{self.port};
         root {self.root};
         {location}
-    }}
+    }}{tls_server}
 }}
 """
         )
@@ -367,6 +493,8 @@ http {{
             )
         (self.root / ".probe").write_text("ok")
         wait_http(f"{self.base}/.probe", self.proc, 15)
+        if self.tls is not None:
+            wait_http(f"{self.tls_base}/.probe", self.proc, 15, self.tls.curl_opts())
 
     def pids(self) -> list[int]:
         assert self.proc is not None
@@ -395,13 +523,13 @@ def stop_process(proc: subprocess.Popen[bytes] | None, sig: int) -> None:
         proc.wait(timeout=15)
 
 
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float, curl_opts: list[str] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise BenchError(f"server exited with {proc.returncode} before answering {url}")
         with contextlib.suppress(subprocess.SubprocessError, BenchError):
-            code, _ = curl(["--max-time", "2", url], timeout=5)
+            code, _ = curl([*(curl_opts or []), "--max-time", "2", url], timeout=5)
             if code == 200:
                 return
         time.sleep(0.05)
@@ -414,8 +542,8 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
 def register(ours: Ours, files: list[dict[str, Any]]) -> tuple[str, list[str]]:
     """POST a JSON manifest; (transfer key, upload URLs)."""
     proc = subprocess.run(
-        [CURL, "-sS", "-f", f"{ours.base}/{PREFIX}/manifest", "-H", "Content-Type: application/json", "--data-binary",
-         "@-"],
+        [CURL, "-sS", "-f", *ours.curl_opts, f"{ours.base}/{PREFIX}/manifest", "-H", "Content-Type: application/json",
+         "--data-binary", "@-"],
         input=json.dumps({"files": files}).encode(),
         capture_output=True,
         timeout=120,
@@ -428,7 +556,7 @@ def register(ours: Ours, files: list[dict[str, Any]]) -> tuple[str, list[str]]:
 
 def listing(ours: Ours) -> dict[str, dict[str, Any]]:
     proc = subprocess.run(
-        [CURL, "-sS", "-f", "-H", "Accept: application/json", f"{ours.base}/{PREFIX}/"],
+        [CURL, "-sS", "-f", *ours.curl_opts, "-H", "Accept: application/json", f"{ours.base}/{PREFIX}/"],
         capture_output=True,
         timeout=120,
     )
@@ -467,7 +595,9 @@ def delete_ours(ours: Ours, names: list[str]) -> None:
     # Anonymous uploads belong to nobody: the administrator token of the store's first start deletes them.
     token = (ours.root / ".datastore" / "admin.token").read_text().strip()
     for name in names:
-        code, _ = curl(["-X", "DELETE", "-H", f"Authorization: Bearer {token}", ours.file_url(name)], timeout=60)
+        code, _ = curl(
+            [*ours.curl_opts, "-X", "DELETE", "-H", f"Authorization: Bearer {token}", ours.file_url(name)], timeout=60
+        )
         if code != 204:
             raise BenchError(f"ours: DELETE {name} answered {code}")
 
@@ -524,7 +654,7 @@ def upload_curl(ours: Ours, src: Source, name: str, method: str, declare: tuple[
         args = ["-X", "PATCH", *tus, "-H", "Upload-Offset: 0", *args]
     pids = ours.pids()
     before = cpu_seconds(pids)
-    code, t = curl(args, timeout=600)
+    code, t = curl([*ours.curl_opts, *args], timeout=600)
     answered = cpu_seconds(pids)
     if code != (204 if method == "PATCH" else 200):
         raise BenchError(f"ours: {method} upload answered {code}")
@@ -574,11 +704,12 @@ def upload_tus(ours: Ours, src: Source, name: str, declare: tuple[str, ...] = BO
     return Measured(mbps(src.size, seconds), per_gib(answered - before, src.size), per_gib(done - answered, src.size))
 
 
-def upload_nginx(nginx: Nginx, src: Source, name: str) -> Measured:
-    """PUT ``src`` to nginx (curl -T)."""
+def upload_nginx(nginx: Nginx, src: Source, name: str, tls: bool = False) -> Measured:
+    """PUT ``src`` to nginx (curl -T), on its TLS listener with ``tls``."""
+    url, opts = (f"{nginx.tls_base}/{name}", nginx_tls(nginx).curl_opts()) if tls else (nginx.file_url(name), [])
     pids = nginx.pids()
     before = cpu_seconds(pids)
-    code, t = curl(["-T", str(src.path), nginx.file_url(name)], timeout=600)
+    code, t = curl([*opts, "-T", str(src.path), url], timeout=600)
     answered = cpu_seconds(pids)
     if code not in (201, 204):
         raise BenchError(f"nginx: PUT answered {code}")
@@ -586,8 +717,14 @@ def upload_nginx(nginx: Nginx, src: Source, name: str) -> Measured:
     return Measured(mbps(src.size, t["time"]), per_gib(answered - before, src.size))
 
 
-def download(url: str, size: int) -> float:
-    code, t = curl([url], timeout=600)
+def nginx_tls(nginx: Nginx) -> Tls:
+    if nginx.tls is None:
+        raise BenchError("nginx runs without its TLS listener")
+    return nginx.tls
+
+
+def download(url: str, size: int, curl_opts: list[str] | None = None) -> float:
+    code, t = curl([*(curl_opts or []), url], timeout=600)
     if code != 200 or int(t["down"]) != size:
         raise BenchError(f"GET {url} answered {code} with {t['down']:.0f} bytes")
     return mbps(size, t["time"])
@@ -611,10 +748,10 @@ def md5_rate(path: Path) -> float:
     return mbps(size, seconds)
 
 
-def download_hash(url: str) -> tuple[str, str]:
+def download_hash(url: str, curl_opts: list[str] | None = None) -> tuple[str, str]:
     """Download once through curl and hash what arrives (verification, not timed)."""
     md5, sha256 = hashlib.md5(usedforsecurity=False), hashlib.sha256()
-    with subprocess.Popen([CURL, "-sS", "-f", url], stdout=subprocess.PIPE) as proc:
+    with subprocess.Popen([CURL, "-sS", "-f", *(curl_opts or []), url], stdout=subprocess.PIPE) as proc:
         assert proc.stdout is not None
         while block := proc.stdout.read(4 * MIB):
             md5.update(block)
@@ -872,6 +1009,11 @@ def make_rows(plan: Plan) -> dict[str, Row]:
         cpu("concurrent_upload", f"{plan.concurrent} concurrent PUTs declaring SHA-256 only"),
         Row("concurrent_rss", f"peak RSS during the {plan.concurrent} uploads", "MiB", higher_is_better=False,
             target="< 200 MiB", check=median_at_most(200)),
+        Row("tls_upload_put_sha256", f"mutual TLS: upload {size}, PUT (curl -T) declaring SHA-256 only, "
+            "vs nginx PUT over TLS", "MB/s", target="≥ 1.0× nginx", check=ratio_at_least(1.0)),
+        cpu("tls_upload_put_sha256", "PUT over mutual TLS declaring SHA-256 only"),
+        Row("tls_download", f"mutual TLS: download {size} (curl), vs nginx GET over TLS", "MB/s",
+            target="≥ 0.8× nginx", check=ratio_at_least(0.8)),
         Row("idle_connection_rss", f"RSS per idle keep-alive connection ({plan.idle_connections} open)", "KiB",
             higher_is_better=False),
         Row("manifest", f"register a {plan.manifest_files}-file JSON manifest", "files/s", target="≥ 20,000 files/s",
@@ -922,15 +1064,35 @@ def our_uploads(ours: Ours, src: Source, run: int, rows: dict[str, Row]) -> None
         delete_ours(unsynced, [name])
 
 
+def tls_rows(server: Any, ours: Ours, tls: Tls, src: Source, run: int, rows: dict[str, Row]) -> None:
+    """Upload and download the large file over mutual TLS: ours restarted with ``--tls``, nginx's TLS listener."""
+    upload, cpu, down = rows["tls_upload_put_sha256"], rows["tls_upload_put_sha256_cpu"], rows["tls_download"]
+    name = f"tls-{run}.bin"
+    if server is ours:
+        with restarted(ours, tls=tls) as secure:
+            if run == 0:
+                down.notes.append(f"ours: {tls_session(secure.file_url('small.bin'), tls)}")
+            record(upload, cpu, ours, ours, upload_curl(secure, src, name, "PUT", SHA256))
+            delete_ours(secure, [name])
+            down.ours.append(download(secure.file_url("big.bin"), src.size, secure.curl_opts))
+    else:
+        if run == 0:
+            down.notes.append(f"nginx: {tls_session(f'{server.tls_base}/small.bin', tls)}")
+        record(upload, cpu, server, ours, upload_nginx(server, src, name, tls=True))
+        server.path(name).unlink()
+        down.nginx.append(download(f"{server.tls_base}/big.bin", src.size, tls.curl_opts()))
+
+
 def run(plan: Plan, work: Path, log: Callable[[str], None]) -> dict[str, Row]:
     rows = make_rows(plan)
+    tls = make_tls(work / "certs")
     ours = Ours(work / "ours", work / "ours.log")
-    nginx = Nginx(work / "nginx", work / "nginx" / "root") if plan.nginx else None
+    nginx = Nginx(work / "nginx", work / "nginx" / "root", tls) if plan.nginx else None
     try:
         ours.start()
         if nginx is not None:
             nginx.start()
-        log(f"ours on {ours.base} (pid {ours.pid}); nginx on {nginx.base if nginx else '-'}")
+        log(f"ours on {ours.base} (pid {ours.pid}); nginx on {f'{nginx.base} and {nginx.tls_base}' if nginx else '-'}")
         src = Source(work / "big.bin", plan.size_mib * MIB, *write_random(work / "big.bin", plan.size_mib * MIB))
         small = Source(work / "small.bin", 4096, *write_random(work / "small.bin", 4096))
         bodies, digests = make_bodies(plan.concurrent, plan.concurrent_size)
@@ -949,6 +1111,11 @@ def run(plan: Plan, work: Path, log: Callable[[str], None]) -> dict[str, Row]:
         for server in servers:
             if download_hash(server.file_url("big.bin")) != (src.md5, src.sha256):
                 raise BenchError(f"{server.name}: big.bin downloads with other bytes")
+        if nginx is not None and download_hash(f"{nginx.tls_base}/big.bin", tls.curl_opts()) != (src.md5, src.sha256):
+            raise BenchError("nginx: big.bin downloads over TLS with other bytes")
+        with restarted(ours, tls=tls) as secure:
+            if download_hash(secure.file_url("big.bin"), secure.curl_opts) != (src.md5, src.sha256):
+                raise BenchError("ours: big.bin downloads over TLS with other bytes")
 
         for i in range(plan.runs):
             order = servers if i % 2 == 0 else servers[::-1]
@@ -987,6 +1154,8 @@ def run(plan: Plan, work: Path, log: Callable[[str], None]) -> dict[str, Row]:
                 (rows["concurrent_rss"].ours if server is ours else rows["concurrent_rss"].nginx).append(peak)
                 if retries:
                     rows["concurrent_upload"].notes.append(f"run {i + 1}: {server.name} answered 503 {retries}×")
+            for server in order:
+                tls_rows(server, ours, tls, src, i, rows)
             rows["manifest"].ours.append(manifest_rate(ours, plan.manifest_files, i))
             for server in order:
                 if server is ours:
@@ -1016,10 +1185,11 @@ def restarted(
     workers: int = 1,
     env: dict[str, str] | None = None,
     log_level: str | None = None,
+    tls: Tls | None = None,
 ) -> Iterator[Ours]:
     """Run the store another way for a while (same root and port), then as before."""
     ours.kill()
-    other = ours.variant(workers, env, log_level)
+    other = ours.variant(workers, env, log_level, tls)
     other.start()
     try:
         yield other
@@ -1227,13 +1397,18 @@ def markdown(info: dict[str, Any], plan: Plan, rows: dict[str, Row], note: str) 
         "log level WARNING except in the INFO row. nginx (2 workers, sendfile, WebDAV PUT with its body temp "
         "path on the same disk, no access log) neither hashes nor fsyncs.",
         "- Client and servers share the machine's CPUs; on loopback the CPU, not the network, is the limit.",
+        "- Mutual TLS: a CA, a server certificate for 127.0.0.1 and a client certificate (P-256) are minted for "
+        "the run; our store is restarted with `--tls --cert --key --client-ca` on its port, nginx has a second "
+        "listener with `ssl_verify_client on`, the same files and TLS 1.2 and 1.3 (its default stops at 1.2); "
+        "curl passes `--cacert --cert --key`. Each request is a new connection with a full handshake. The "
+        "protocol and cipher curl negotiated are below.",
         "- The resume rows: a tus upload is staged, the server is killed with SIGKILL and restarted, and the next "
         "PATCH re-hashes the staged bytes (the page cache survives a process crash, so they are read from memory).",
         "- The fsync-off row runs the same store restarted with DATASTORE_FSYNC=false; the --workers 2 rows "
         "restart it with `--workers 2` at log level WARNING, then INFO (nginx's column repeats its one small-GET "
         "figure of the run).",
-        "- Targets are the performance issues' (issue 14 for the rows that say what they declare, the INFO row "
-        "and the concurrent uploads); ✓/✗ compares the medians.",
+        "- Targets are the performance issues' (issue 14 for the rows that say what they declare, the mutual TLS "
+        "rows, the INFO row and the concurrent uploads); ✓/✗ compares the medians.",
     ]
     for row in rows.values():
         for item in row.notes:
