@@ -218,8 +218,8 @@ def copy_rows(plan: Plan, work: Path, rows: dict[str, Row], log: Callable[[str],
         token = upload_token(b)
         for i in range(plan.runs):
             steps: list[tuple[str, Callable[[], float]]] = [
-                ("upload_put", lambda i=i: upload_curl(b, src, f"put-{i}.bin", "PUT")),
-                ("upload_tus", lambda i=i: upload_tus(b, src, f"tus-{i}.bin")),
+                ("upload_put", lambda i=i: upload_curl(b, src, f"put-{i}.bin", "PUT").mbps),
+                ("upload_tus", lambda i=i: upload_tus(b, src, f"tus-{i}.bin").mbps),
                 ("copy_pull", lambda i=i: pull(a, b, src, f"pull-{i}.bin")),
                 ("copy_push", lambda i=i: push(a, b, src, f"push-{i}.bin", token)),
             ]
