@@ -16,8 +16,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-#: How much one read takes (hashlib releases the GIL on large buffers).
-_BLOCK = 8 << 20
+#: How much one read takes, into one buffer reused: large enough for hashlib to release the GIL
+#: and for few system calls, small enough to add little to the memory of many uploads at once.
+_BLOCK = 1 << 20
 
 
 def digest_pool(threads: int) -> ThreadPoolExecutor:
@@ -36,17 +37,19 @@ def digest_file(path: Path, size: int, *, md5: bool, sha256: bool) -> tuple[str 
     ``path``, if it holds ``size`` bytes and the name still leads to it, unchanged, once they are
     read; ``None`` if it does not (gone, replaced, truncated or written meanwhile)."""
     hashes = (hashlib.md5(usedforsecurity=False) if md5 else None, hashlib.sha256() if sha256 else None)
+    buffer = bytearray(_BLOCK)
+    view = memoryview(buffer)
     try:
-        with open(path, "rb") as handle:
+        with open(path, "rb", buffering=0) as handle:
             before = os.fstat(handle.fileno())
             if before.st_size != size:
                 return None
             read = 0
-            while block := handle.read(_BLOCK):
-                read += len(block)
+            while count := handle.readinto(buffer):
+                read += count
                 for digest in hashes:
                     if digest is not None:
-                        digest.update(block)
+                        digest.update(view[:count])
             after = os.stat(path)
     except FileNotFoundError:
         return None
