@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 from collections.abc import AsyncIterator, Coroutine
@@ -12,6 +13,8 @@ from typing import Any
 import pytest
 
 from datastore.storage import staging
+
+from .harness import until
 
 
 def test_failed_background_flush_is_raised_when_the_file_is_closed() -> None:
@@ -103,3 +106,43 @@ async def test_silent_clients_do_not_keep_the_budget_from_others(tmp_path: Path)
         assert (tmp_path / f"slow{i}.part").read_bytes() == block * 2
         assert digests.sha256.hexdigest() == hashlib.sha256(block * 2).hexdigest()
     assert not budget.exhausted
+
+
+async def test_a_late_flush_that_fails_fails_the_next_append(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A resumable request that does not end the file is answered before its fsync, which runs in
+    # the background: an error it meets (which no later fsync would report) fails the next request.
+    path = tmp_path / "upload.part"
+    digests = staging.Digests.inline(md5=False, sha256=True)
+
+    async def body(data: bytes) -> AsyncIterator[bytes]:
+        yield data
+
+    def failing_sync(fd: int) -> None:
+        os.close(fd)
+        raise OSError(errno.EIO, "the disk failed")
+
+    monkeypatch.setattr(staging, "_sync_and_close", failing_sync)
+    await staging.append(body(b"a" * 1000), path, digests, limit=3000, chunk_size=1 << 20, fsync=True, flush_late=True)
+    assert digests.offset == 1000  # answered: the bytes are written, their flush runs on
+
+    with pytest.raises(OSError, match="the disk failed"):
+        await staging.append(body(b"b" * 1000), path, digests, limit=3000, chunk_size=1 << 20, fsync=True)
+    assert digests.offset == 1000 and path.read_bytes() == b"a" * 1000
+
+
+async def test_a_late_flush_that_ends_well_is_forgotten(tmp_path: Path) -> None:
+    path = tmp_path / "upload.part"
+    digests = staging.Digests.inline(md5=True, sha256=False)
+
+    async def body(data: bytes) -> AsyncIterator[bytes]:
+        yield data
+
+    await staging.append(body(b"a" * 1000), path, digests, limit=3000, chunk_size=1 << 20, fsync=True, flush_late=True)
+    running = staging._LATE_FLUSHES.get(path)
+    if running is not None:
+        await asyncio.wrap_future(running)
+    await until(lambda: path not in staging._LATE_FLUSHES, "the flush to be forgotten")
+    # The next append builds on the durable bytes.
+    await staging.append(body(b"b" * 1000), path, digests, limit=3000, chunk_size=1 << 20, fsync=True)
+    assert path.read_bytes() == b"a" * 1000 + b"b" * 1000
+    assert digests.hexdigests() == (hashlib.md5(path.read_bytes()).hexdigest(), None)

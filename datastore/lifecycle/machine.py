@@ -536,7 +536,11 @@ class Lifecycle:
                 path = await upload.upload_path()
                 await self.check_space()
                 digests = await upload.digests_at(received)
-                await upload.append_chunk(chunks, digests, checksum)
+                # A request that cannot end the file is answered before its bytes are durable (they
+                # are made so in the background, and the next request waits for that): the client's
+                # next request overlaps the flush. The one that ends it is durable before it publishes.
+                ends = length is None or received + length >= target.file.size
+                await upload.append_chunk(chunks, digests, checksum, flush_late=not ends)
                 if digests.offset < target.file.size:
                     await upload.pause(digests.offset)
                     return Appended(digests.offset)
@@ -968,7 +972,9 @@ class FileUpload:
             yield chunk
             await self.lifecycle.progress(self, offset)
 
-    async def append(self, chunks: AsyncIterator[bytes], digests: Digests, *, chunk_hash: Any = None) -> None:
+    async def append(
+        self, chunks: AsyncIterator[bytes], digests: Digests, *, chunk_hash: Any = None, flush_late: bool = False
+    ) -> None:
         """Stage ``chunks`` at ``digests.offset`` (see :func:`staging.append`)."""
         settings = self.lifecycle.settings
         await staging.append(
@@ -980,20 +986,26 @@ class FileUpload:
             fsync=settings.fsync,
             chunk_hash=chunk_hash,
             budget=self.lifecycle.buffers,
+            flush_late=flush_late,
         )
 
     async def append_chunk(
-        self, chunks: AsyncIterator[bytes], digests: Digests, checksum: tuple[Any, bytes] | None
+        self,
+        chunks: AsyncIterator[bytes],
+        digests: Digests,
+        checksum: tuple[Any, bytes] | None,
+        *,
+        flush_late: bool = False,
     ) -> None:
         """Stage one resumable request's ``chunks``; with a ``checksum`` (hash, expected digest) the chunk
-        is cut off again unless it matches (ChunkChecksumMismatch)."""
+        is cut off again unless it matches (ChunkChecksumMismatch). ``flush_late``: see :func:`staging.append`."""
         chunk_hash, expected = checksum if checksum is not None else (None, b"")
         before = digests.copy() if chunk_hash is not None else None
         if chunk_hash is not None:
             # Only a checksummed chunk is marked (a crash cuts it off): every claim starts unmarked.
             await self.begin_chunk(verifying=True)
         try:
-            await self.append(chunks, digests, chunk_hash=chunk_hash)
+            await self.append(chunks, digests, chunk_hash=chunk_hash, flush_late=flush_late)
         except staging.ReadFailed as failure:
             if before is not None:
                 await staging.uncancellable(self._roll_back(digests, before))

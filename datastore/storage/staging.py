@@ -143,6 +143,7 @@ async def append(
     fsync: bool,
     chunk_hash: Any = None,
     budget: BufferBudget | None = None,
+    flush_late: bool = False,
 ) -> None:
     """Append ``chunks`` to ``path`` at ``digests.offset``, hashing as they are written.
 
@@ -153,7 +154,10 @@ async def append(
     ``chunk_hash``, if given, also sees every byte of this call. With a
     ``budget``, each buffer of about ``chunk_size`` bytes holds one of its
     slots until it is stored. Whatever happens, the file ends with exactly
-    ``digests.offset`` bytes, flushed (and fsync'd with ``fsync``).
+    ``digests.offset`` bytes, flushed (and fsync'd with ``fsync``). With
+    ``flush_late`` (a resumable upload's request that does not end the file)
+    the fsync runs after the call returns, in the background; the next append
+    to the file waits for it (and raises its error) before it starts.
     """
     with disk_full_refused():
         await _append(
@@ -165,6 +169,7 @@ async def append(
             fsync=fsync,
             chunk_hash=chunk_hash,
             budget=budget,
+            flush_late=flush_late,
         )
 
 
@@ -189,6 +194,7 @@ async def _append(
     fsync: bool,
     chunk_hash: Any,
     budget: BufferBudget | None,
+    flush_late: bool = False,
 ) -> None:
     loop = asyncio.get_running_loop()
     #: The file, opened by the first store; a small body that ends before one is written, hashed
@@ -240,6 +246,8 @@ async def _append(
             await uncancellable(started)
 
     try:
+        # The previous append's late flush must have ended well before this one builds on it.
+        await uncancellable(_late_flush_of(path))
         total = digests.offset
         read_failure: BaseException | None = None
         iterator = chunks.__aiter__()
@@ -294,7 +302,9 @@ async def _append(
             with contextlib.suppress(Exception):
                 await uncancellable(pending)
         if handle is not None:
-            await uncancellable(asyncio.to_thread(_settle, handle, digests.offset, fsync, flusher))
+            await uncancellable(asyncio.to_thread(_settle, handle, digests.offset, fsync and not flush_late, flusher))
+            if fsync and flush_late:
+                _flush_late(path)
 
 
 async def uncancellable(work: Awaitable[T]) -> T:
@@ -614,6 +624,45 @@ def _update_all(hashes: tuple[Any, ...], data: list[bytes]) -> None:
         if digest is not None:
             for piece in data:
                 digest.update(piece)
+
+
+#: The staging files whose last append is made durable in the background (``flush_late``): the
+#: next append to the file, or its publish, waits for it and raises its error (a write error is
+#: reported to one ``fsync`` only: the next one, on another descriptor, might not see it).
+_LATE_FLUSHES: dict[Path, Future[None]] = {}
+
+
+def _flush_late(path: Path) -> None:
+    """Start making ``path`` durable in the background, on a descriptor of its own. A flush that
+    ends well is forgotten; one that fails waits for the next append to raise its error."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        failed: Future[None] = Future()
+        failed.set_exception(exc)
+        _LATE_FLUSHES[path] = failed
+        return
+    running = _LATE_FLUSHES[path] = _FLUSH_POOL.submit(_sync_and_close, fd)
+
+    def forget(done: Future[None]) -> None:
+        if not done.exception() and _LATE_FLUSHES.get(path) is done:
+            _LATE_FLUSHES.pop(path, None)
+
+    running.add_done_callback(forget)
+
+
+def _sync_and_close(fd: int) -> None:
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+async def _late_flush_of(path: Path) -> None:
+    """Wait for the late flush of ``path``'s last append, if one runs or ended unseen; raise its error."""
+    running = _LATE_FLUSHES.pop(path, None)
+    if running is not None:
+        await asyncio.wrap_future(running)
 
 
 def _settle(handle: IO[bytes], offset: int, fsync: bool, flusher: Flusher | None) -> None:
