@@ -283,7 +283,9 @@ async def _append(
         await after_silence()
         if handle is None and buffered <= _SERIAL_STORE:
             data, buffer, buffered = buffer, [], 0
-            await uncancellable(_store_whole(loop, path, data, digests, chunk_hash, fsync))
+            await uncancellable(_store_whole(loop, path, data, digests, chunk_hash, fsync and not flush_late))
+            if fsync and flush_late:
+                _flush_late(path)
         else:
             await store()
         if pending is not None:
