@@ -918,9 +918,14 @@ def resume_after_crash(work: Path, staged: int, run: int) -> tuple[float, float]
 
         client_seconds = asyncio.run(resume())
         verify_ours(server, {"resume.bin": (total, md5, sha256)})
-        logged = [m for m in _REHASH_LOG.finditer(server.log_path.read_text()) if int(m.group(1)) == staged]
-        if not logged:
-            raise BenchError("ours: no re-hash of the staged bytes in the server's log")
+        # The server writes its INFO lines in batches, at most a fraction of a second late.
+        deadline = time.monotonic() + 10
+        while not (
+            logged := [m for m in _REHASH_LOG.finditer(server.log_path.read_text()) if int(m.group(1)) == staged]
+        ):
+            if time.monotonic() > deadline:
+                raise BenchError("ours: no re-hash of the staged bytes in the server's log")
+            time.sleep(0.05)
         return float(logged[-1].group(3)), client_seconds
     finally:
         server.kill()
