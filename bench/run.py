@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
-import ipaddress
 import json
 import os
 import platform
@@ -46,16 +45,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
+
+from datastore.security.certs import issue, make_ca, make_name
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -224,71 +222,19 @@ class Tls:
 
 
 def make_tls(directory: Path) -> Tls:
-    """Mint the run's certificates (P-256 keys, valid for two days) into ``directory``."""
+    """Mint the run's certificates into ``directory``, as ``datastore certs`` makes them (P-256 keys)."""
     directory.mkdir(parents=True, exist_ok=True)
-    start = datetime.now(UTC) - timedelta(hours=1)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "datastore bench CA")])
-
-    def certificate(
-        subject: x509.Name, key: ec.EllipticCurvePrivateKey, extensions: list[tuple[x509.ExtensionType, bool]]
-    ) -> x509.Certificate:
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start)
-            .not_valid_after(start + timedelta(days=2))
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        )
-        for extension, critical in extensions:
-            builder = builder.add_extension(extension, critical=critical)
-        return builder.sign(ca_key, hashes.SHA256())
-
-    def usage(*, sign_certs: bool) -> x509.KeyUsage:
-        return x509.KeyUsage(
-            digital_signature=not sign_certs,
-            content_commitment=False,
-            key_encipherment=False,
-            data_encipherment=False,
-            key_agreement=False,
-            key_cert_sign=sign_certs,
-            crl_sign=sign_certs,
-            encipher_only=False,
-            decipher_only=False,
-        )
-
-    def leaf(common_name: str, purpose: x509.ObjectIdentifier, alt: list[x509.GeneralName]) -> tuple[bytes, bytes]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        extensions: list[tuple[x509.ExtensionType, bool]] = [
-            (x509.BasicConstraints(ca=False, path_length=None), True),
-            (usage(sign_certs=False), True),
-            (x509.ExtendedKeyUsage([purpose]), False),
-        ]
-        if alt:
-            extensions.append((x509.SubjectAlternativeName(alt), False))
-        subject = x509.Name(
-            [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "datastore bench"),
-             x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
-        )  # fmt: skip
-        pem = certificate(subject, key, extensions).public_bytes(serialization.Encoding.PEM)
-        return pem, key.private_bytes(
+    ca = make_ca(make_name("datastore bench CA", organization="datastore bench"), days=2)
+    server = issue(ca, make_name("127.0.0.1", organization="datastore bench"), server_names=["127.0.0.1"], days=2)
+    client = issue(ca, make_name("bench client", organization="datastore bench"), client=True, days=2)
+    tls = Tls(*(directory / name for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")))
+    for path, issued in ((tls.ca, ca), (tls.server_cert, server), (tls.client_cert, client)):
+        path.write_bytes(issued.certificate.public_bytes(serialization.Encoding.PEM))
+    for path, issued in ((tls.server_key, server), (tls.client_key, client)):
+        key = issued.key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-
-    ca = certificate(ca_name, ca_key, [(x509.BasicConstraints(ca=True, path_length=0), True),
-                                       (usage(sign_certs=True), True)])  # fmt: skip
-    tls = Tls(*(directory / name for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")))
-    tls.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    loopback = x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
-    server_pem, server_key = leaf("127.0.0.1", ExtendedKeyUsageOID.SERVER_AUTH, [loopback])
-    client_pem, client_key = leaf("bench client", ExtendedKeyUsageOID.CLIENT_AUTH, [])
-    for path, data in ((tls.server_cert, server_pem), (tls.server_key, server_key), (tls.client_cert, client_pem),
-                       (tls.client_key, client_key)):  # fmt: skip
-        path.write_bytes(data)
+        path.write_bytes(key)
     return tls
 
 
