@@ -16,9 +16,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
 from datastore.handlers.directory import DirectoryHandler
+from datastore.http.openapi import OPENAPI_PATH
 from datastore.protocol.digests import parse_repr_digest
 from datastore.state.catalogue import StoredFile
 from datastore.storage.published import digest_file
@@ -83,14 +85,28 @@ async def upload(store: Store, protocol: str, name: str, kind: str) -> None:
     async with store.client.put(f"/files/{key}/0", data=DATA, headers=headers) as put:
         answer = await put.json()
         assert put.status == 200, answer
+    await conforms(store, "UploadResult", answer)
     # The answer gives the digests verified, and no other.
     assert (answer["md5"], answer["sha256"]) == (declared(kind).get("md5"), declared(kind).get("sha256"))
 
 
-async def listed(store: Store, name: str) -> dict[str, Any]:
+async def listing(store: Store) -> dict[str, Any]:
     async with store.client.get("/files/", headers={"Accept": "application/json"}) as reply:
-        (entry,) = [f for f in (await reply.json())["files"] if f["name"] == name]
-        return dict(entry)
+        assert reply.status == 200
+        document: dict[str, Any] = await reply.json()
+        return document
+
+
+async def listed(store: Store, name: str) -> dict[str, Any]:
+    (entry,) = [f for f in (await listing(store))["files"] if f["name"] == name]
+    return dict(entry)
+
+
+async def conforms(store: Store, schema: str, value: Any) -> None:
+    """``value`` is valid against the schema ``schema`` of the store's OpenAPI document."""
+    async with store.client.get(OPENAPI_PATH) as reply:
+        document = await reply.json()
+    jsonschema.validate(value, document["components"]["schemas"][schema])
 
 
 async def downloaded_digests(store: Store, name: str) -> dict[str, str]:
@@ -128,8 +144,10 @@ async def test_the_digests_not_declared_come_after_publishing_and_are_announced(
     async with asyncio.timeout(WAIT):
         await handler.asked.wait()  # the background work took the file up, and is held
 
-    # Pending: the listing says so, and a download carries only the digests verified.
+    # Pending: the listing says so (as the API's document describes it), and a download carries
+    # only the digests verified.
     known = declared(kind)
+    await conforms(store, "Listing", await listing(store))
     entry = await listed(store, name)
     assert (entry["digests"], entry["md5"], entry["sha256"]) == ("pending", known.get("md5"), known.get("sha256"))
     names = {"md5": "md5", "sha256": "sha-256"}

@@ -2224,7 +2224,11 @@ def _schemas(settings: Settings) -> Object:
                 },
             }
         ),
-        "UploadResult": _closed({"name": {"type": "string"}, "size": size, "md5": _HEX32, "sha256": _HEX64}),
+        "UploadResult": _closed(
+            {"name": {"type": "string"}, "size": size, "md5": _nullable(_HEX32), "sha256": _nullable(_HEX64)},
+            description="The file as verified: the digests its manifest declared (a digest not declared is null:"
+            " it is computed after publishing, and the listing gives it then).",
+        ),
         "Event": _closed(
             {
                 "id": {"type": "integer", "minimum": 1},
@@ -2279,8 +2283,13 @@ def _schemas(settings: Settings) -> Object:
                         {
                             "name": {"type": "string"},
                             "size": size,
-                            "md5": _HEX32,
-                            "sha256": _HEX64,
+                            "md5": _nullable(_HEX32),
+                            "sha256": _nullable(_HEX64),
+                            "digests": {
+                                "enum": ["complete", "pending"],
+                                "description": "`pending` while a digest the upload did not declare is computed"
+                                " (it is null until then); `file.digested` announces it",
+                            },
                             "owner": _nullable({"type": "string"}),
                             "owner_authenticated": _nullable({"type": "boolean"}),
                             "yours": {"type": "boolean"},

@@ -87,7 +87,11 @@ class Digester:
         before: float | None = self._started
         try:
             while True:
-                scanned, full = await self._scan(before if before is not None else time.time() - GRACE)
+                try:
+                    scanned, full = await self._scan(before if before is not None else time.time() - GRACE)
+                except Exception:  # the state or a catalogue failed: the next scan tries again
+                    log.exception("could not look for files whose digests are still to be computed")
+                    scanned, full = False, False
                 if scanned:
                     before = None
                 deadline = time.monotonic() + (0.0 if full else SCAN_INTERVAL)
