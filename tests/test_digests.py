@@ -21,6 +21,7 @@ import pytest
 
 from datastore.handlers.directory import DirectoryHandler
 from datastore.http.openapi import OPENAPI_PATH
+from datastore.lifecycle import digests
 from datastore.protocol.digests import parse_repr_digest
 from datastore.state.catalogue import StoredFile
 from datastore.storage.published import digest_file
@@ -203,6 +204,26 @@ async def test_digests_left_undone_by_a_stop_are_computed_at_the_next_start(
         events = await stream.until_type("file.digested")
     # Found by the start-up's look at the catalogue: its upload is no longer known.
     assert (events[-1]["name"], events[-1]["md5"], events[-1]["transfer"]) == ("left.bin", MD5, None)
+
+
+async def test_a_start_up_digests_every_file_left_batch_after_batch(
+    make_store: MakeStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, handler = await held_store(make_store, tmp_path)
+    names = [f"left-{i}.bin" for i in range(5)]
+    for name in names:
+        await upload(store, "put", name, "sha256")
+    async with asyncio.timeout(WAIT):
+        await handler.asked.wait()
+    await store.client.close()
+    # More files than one look at the catalogue takes: the start-up looks again while it finds some.
+    monkeypatch.setattr(digests, "SCAN_BATCH", 2)
+
+    again = await make_store(handler_for(store.root, store.state_dir), root=store.root, state_dir=store.state_dir)
+
+    for name in names:
+        await digested(again, name)
+        assert (await listed(again, name))["md5"] == MD5
 
 
 async def test_a_file_replaced_while_waiting_gets_the_digests_of_its_own_bytes(

@@ -69,7 +69,7 @@ class Digester:
         self._wake = asyncio.Event()
         self._started = time.time()
         self._pool = digest_pool(lifecycle.settings.digest_threads)
-        #: Files digested by this process (for the logs and the tests).
+        #: Files digested by this process.
         self.digested = 0
 
     def submit(self, file: Undigested) -> None:
@@ -92,9 +92,9 @@ class Digester:
                 except Exception:  # the state or a catalogue failed: the next scan tries again
                     log.exception("could not look for files whose digests are still to be computed")
                     scanned, full = False, False
-                if scanned:
-                    before = None
-                deadline = time.monotonic() + (0.0 if full else SCAN_INTERVAL)
+                if scanned and not full:
+                    before = None  # the start-up's look is done: from now on, what dead processes left
+                deadline, at_scan = time.monotonic() + SCAN_INTERVAL, self.digested
                 while True:
                     while self._queue:
                         file = self._queue.popleft()
@@ -103,6 +103,10 @@ class Digester:
                             await self.complete(file)
                         except Exception:
                             log.exception("could not digest /%s/%s; a later scan tries again", file.prefix, file.name)
+                    if full and self.digested > at_scan:
+                        # A full batch that made progress: the next one at once. (One that did not
+                        # holds files whose bytes are not what their records say: they wait.)
+                        break
                     self._wake.clear()
                     left = deadline - time.monotonic()
                     if left <= 0:
