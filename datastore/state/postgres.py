@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from psycopg.rows import DictRow
@@ -181,36 +181,32 @@ class PostgresState(PostgresJobs):
         self.on_appended: Callable[[Sequence[Event]], None] = _ignore
         self._listener: Listener | None = None
 
+    @contextlib.contextmanager
+    def _appending(self) -> Iterator[None]:
+        """Collect the events the write transaction inside appends; once it committed,
+        :attr:`on_appended` hears them."""
+        events: list[Event] = []
+        token = appended.set(events)
+        try:
+            yield
+        finally:
+            appended.reset(token)
+        if events:
+            self.on_appended(events)
+
     async def _run(self, work: Callable[[Connection], Awaitable[T]]) -> T:
         """``work`` in one write transaction, its turn taken; then :attr:`on_appended` hears the
         events it appended."""
-
-        async def transaction(db: Connection) -> tuple[T, list[Event]]:
-            events: list[Event] = []
-            token = appended.set(events)
-            try:
-                return await work(db), events
-            finally:
-                appended.reset(token)
-
-        result, events = await self._db.run(transaction, lock=_WRITE_LOCK)
-        if events:
-            self.on_appended(events)
-        return result
+        with self._appending():
+            return await self._db.run(work, lock=_WRITE_LOCK)
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Transaction]:
         """A write transaction sent in batches (:meth:`PostgresDatabase.transaction`), its turn
         taken; then :attr:`on_appended` hears the events it appended."""
-        events: list[Event] = []
-        token = appended.set(events)
-        try:
+        with self._appending():
             async with self._db.transaction(lock=_WRITE_LOCK) as transaction:
                 yield transaction
-        finally:
-            appended.reset(token)
-        if events:
-            self.on_appended(events)
 
     # -- transfers ------------------------------------------------------------------------------
 
