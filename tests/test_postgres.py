@@ -1,19 +1,25 @@
 """What only the PostgreSQL backends have: versioned migrations applied once however many nodes start
-together (the state store's two components included), and a refusal to run against a schema newer
-than the code (the contract suites cover the rest). On the session's own cluster (``postgres_server.py``)."""
+together (the state store's two components included), a refusal to run against a schema newer than
+the code, and a file's catalogue record committed with its publish in the state when both are in
+one database (the contract suites cover the rest). On the session's own cluster (``postgres_server.py``)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
 import psycopg
 import pytest
 
+from datastore.lifecycle.states import FileState
+from datastore.protocol.manifest import ManifestFile
+from datastore.security.identity import ANONYMOUS
 from datastore.state import open_catalogue
-from datastore.state.catalogue import Reservation
+from datastore.state.catalogue import NameTaken, Reservation, StoredFile
+from datastore.state.interface import ClaimStatus
 from datastore.state.postgres import MIGRATIONS as STATE_MIGRATIONS
 from datastore.state.postgres import PostgresState
 from datastore.state.postgres_catalogue import MIGRATIONS, PostgresCatalogue
@@ -109,6 +115,78 @@ async def test_a_jobs_schema_newer_than_the_code_is_refused(url: str) -> None:
     await older.close()
 
 
+@contextlib.asynccontextmanager
+async def publishing(url: str, name: str) -> AsyncIterator[tuple[PostgresState, PostgresCatalogue, str]]:
+    """A state and a catalogue in one database, and the transfer of ``name``, reserved, claimed by
+    "holder" and being published."""
+    state, catalogue = PostgresState(url), PostgresCatalogue(url, "files")
+    try:
+        assert await catalogue.reserve([Reservation(name, 3)], may_take=lambda *_: True, now=1.0) == []
+        transfer = await state.create("files", ANONYMOUS, [ManifestFile(name, 3)], lifetime=60.0, now=1.0)
+        await state.claim(transfer.key, 0, "holder", lease=30.0, now=2.0)
+        assert await state.begin_publish(transfer.key, 0, "holder")
+        yield state, catalogue, transfer.key
+    finally:
+        await state.close()
+        await catalogue.close()
+
+
+def record(name: str) -> StoredFile:
+    return StoredFile(name=name, size=3, md5=None, sha256=None, owner=None, uploaded_at=3.0)
+
+
+async def test_the_catalogue_record_of_a_publish_commits_with_the_state_s(url: str) -> None:
+    async with publishing(url, "a.txt") as (state, catalogue, key):
+        with state.publishing_together():
+            await catalogue.publish(record("a.txt"))
+            # Held back: neither a listing nor the transfer says published yet.
+            assert await catalogue.describe("a.txt") is None
+            assert await catalogue.is_reserved("a.txt")
+            assert await state.publish(key, 0, "holder", md5=None, sha256=None)
+        assert await catalogue.describe("a.txt") == record("a.txt")
+        assert not await catalogue.is_reserved("a.txt")
+        found = await state.get_file(key, 0)
+        assert found is not None and found[1] is not None and found[1].state is FileState.PUBLISHED
+
+
+async def test_a_publish_the_state_refuses_leaves_the_catalogue_as_it_was(url: str) -> None:
+    async with publishing(url, "a.txt") as (state, catalogue, key):
+        with state.publishing_together():
+            await catalogue.publish(record("a.txt"))
+            # Another holder's publish changes nothing: the record held back goes with it.
+            assert not await state.publish(key, 0, "another holder", md5=None, sha256=None)
+        assert await catalogue.describe("a.txt") is None
+        assert await catalogue.is_reserved("a.txt")
+        # The record is dropped, not sent with the next publish.
+        assert await state.publish(key, 0, "holder", md5=None, sha256=None)
+        assert await catalogue.describe("a.txt") is None
+
+
+async def test_a_name_taken_while_publishing_together_refuses_both(url: str) -> None:
+    async with publishing(url, "README") as (state, catalogue, key):
+        await catalogue.publish(record("readme"))  # outside: at once
+        with state.publishing_together():
+            await catalogue.publish(record("README"))
+            with pytest.raises(NameTaken, match="'readme' is published, and folds as 'README' does"):
+                await state.publish(key, 0, "holder", md5=None, sha256=None)
+        assert [f.name for f in await catalogue.listing()] == ["readme"]
+        # Still the holder's, being published (its failure is the lifecycle's to record).
+        assert await state.status(key, 0) == ClaimStatus(FileState.UPLOADING, "holder", 32.0, None)
+
+
+async def test_a_catalogue_in_another_database_writes_at_once(url: str) -> None:
+    with shared_cluster().database() as other:
+        async with publishing(url, "a.txt") as (state, _, key):
+            elsewhere = PostgresCatalogue(other, "files")
+            try:
+                with state.publishing_together():
+                    await elsewhere.publish(record("a.txt"))
+                    assert await elsewhere.describe("a.txt") == record("a.txt")
+                    assert await state.publish(key, 0, "holder", md5=None, sha256=None)
+            finally:
+                await elsewhere.close()
+
+
 async def test_a_store_serving_on_postgresql_keeps_its_files_across_a_restart(url: str, tmp_path: Path) -> None:
     content = b"kept in postgres " * 1000
     args = ("--root", str(tmp_path / "served"), "--state", url, "--node-id", "pg-node")
@@ -122,6 +200,8 @@ async def test_a_store_serving_on_postgresql_keeps_its_files_across_a_restart(ur
                 key = (await response.json())["transfer_key"]
             async with session.put(f"/files/{key}/0", data=content) as response:
                 assert response.status == 200, await response.text()
+                # Found, claimed, gated, marked, published: the catalogue's record commits with the publish.
+                assert 'desc="5 transactions"' in response.headers["Server-Timing"]
     finally:
         await stop(process)
     process, (match,) = await spawn_serve(*args)

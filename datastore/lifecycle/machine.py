@@ -792,7 +792,8 @@ class Lifecycle:
 
     async def _published_by(self, key: str, num: int, holder: str) -> bool:
         """Whether ``holder`` had published the file in the handler's catalogue (its staged bytes moved into
-        place), then died before recording it in the state (``FileUpload.finish``: two transactions):
+        place), then died before recording it in the state (``FileUpload.finish``: two transactions, where the
+        catalogue is not in the state's database):
         then the publish is recorded now, for it, with the digests it verified."""
         found = await self.state.get_file(key, num)
         file = found[1] if found is not None else None
@@ -1041,8 +1042,11 @@ class FileUpload:
             )
         self._published = path
         verified = FileInfo(self.file.name, digests.offset, md5, sha256)
-        await self.mount.handler.complete_upload(self.identity, verified)
-        if not await staging.uncancellable(state.publish(*self.place, holder, md5=md5, sha256=sha256)):
+        # The handler's record of the file commits with the state's where they share a database.
+        with state.publishing_together():
+            await self.mount.handler.complete_upload(self.identity, verified)
+            published = await staging.uncancellable(state.publish(*self.place, holder, md5=md5, sha256=sha256))
+        if not published:
             # The lease was lost meanwhile (this process stalled past it): the file is not ours to publish.
             raise TransferCancelled("the upload's hold on the file ran out before it was published")
         self.lifecycle.digests.pop(self.place, None)

@@ -26,6 +26,7 @@ A backend (SQLite: ``sqlite.py``; PostgreSQL: ``postgres.py``) is whatever passe
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -296,6 +297,13 @@ class TransferStore(Protocol):
         """``holder`` verified the file and begins moving it into place: from now on cancelling,
         expiring or terminating leaves it to finish. False (and nothing changes) if ``holder`` no
         longer holds it."""
+        ...
+
+    def publishing_together(self) -> AbstractContextManager[None]:
+        """A context for a file's :meth:`publish` and what the handler records of it first: a
+        catalogue's publish made inside, in this state's database, waits and commits in the same
+        transaction as the :meth:`publish` that follows (both happen, or neither; without a publish
+        it is dropped). Stores in another database (each SQLite file is one) write at once, as outside."""
         ...
 
     async def publish(self, key: str, num: int, holder: str, *, md5: str | None, sha256: str | None) -> bool:

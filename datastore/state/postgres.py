@@ -412,10 +412,14 @@ class PostgresState(PostgresJobs):
         )
         return bool(changed)
 
+    def publishing_together(self) -> contextlib.AbstractContextManager[None]:
+        return self._db.holding_writes()
+
     async def publish(self, key: str, num: int, holder: str, *, md5: str | None, sha256: str | None) -> bool:
         # Two round trips: the file's change and a look at its transfer with the BEGIN (the write
         # lock is held, so nothing changes between this look and what follows), the transfer's
-        # change and the events with the COMMIT.
+        # change, the events and the writes held for it (the catalogue's) with the COMMIT.
+        held = self._db.take_held()
         async with self._transaction() as transaction:
             now = time.time()
             published, transfers = await transaction.send(
@@ -465,7 +469,7 @@ class PostgresState(PostgresJobs):
                 "UPDATE transfers SET state = %s, updated_at = %s WHERE key = %s",
                 (after or transfer["state"], now, key),
             )
-            await send_with_events(transaction, [ended], events)
+            await send_with_events(transaction, [ended], events, held=held)
             return True
 
     async def terminate(self, key: str, num: int) -> TransferFile:

@@ -17,7 +17,7 @@ import psycopg
 
 from ..protocol.names import fold_name
 from .catalogue import Conflict, NameTaken, Reservation, StoredFile, TakePolicy
-from .postgres_database import Connection, Migration, PostgresDatabase, fetch_all, fetch_one
+from .postgres_database import Connection, HeldWrite, Migration, PostgresDatabase, fetch_all, fetch_one
 
 MIGRATIONS = (
     Migration(
@@ -129,49 +129,64 @@ class PostgresCatalogue:
         return await self._db.read(read)
 
     async def publish(self, record: StoredFile) -> None:
-        fold = fold_name(record.name)
-
         # One round trip: the name's reservation goes and the file takes its row (replacing an
         # earlier file of that name). A published name folding alike breaks the fold's uniqueness.
-        try:
-            await self._db.run_together(
-                [
-                    ("DELETE FROM catalogue_pending WHERE prefix = %s AND name = %s", (self.prefix, record.name)),
+        # Inside the state's publish of the same database (``PostgresState.publishing_together``) the
+        # write is held back and commits with it instead.
+        write = HeldWrite(
+            [
+                ("DELETE FROM catalogue_pending WHERE prefix = %s AND name = %s", (self.prefix, record.name)),
+                (
+                    "INSERT INTO catalogue_files (prefix, name, fold, size, md5, sha256, owner,"
+                    " owner_authenticated, uploaded_at, owner_id, tls)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (prefix, name) DO UPDATE"
+                    " SET fold = EXCLUDED.fold, size = EXCLUDED.size, md5 = EXCLUDED.md5, sha256 = EXCLUDED.sha256,"
+                    " owner = EXCLUDED.owner, owner_authenticated = EXCLUDED.owner_authenticated,"
+                    " uploaded_at = EXCLUDED.uploaded_at, owner_id = EXCLUDED.owner_id, tls = EXCLUDED.tls",
                     (
-                        "INSERT INTO catalogue_files (prefix, name, fold, size, md5, sha256, owner,"
-                        " owner_authenticated, uploaded_at, owner_id, tls)"
-                        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (prefix, name) DO UPDATE"
-                        " SET fold = EXCLUDED.fold, size = EXCLUDED.size, md5 = EXCLUDED.md5, sha256 = EXCLUDED.sha256,"
-                        " owner = EXCLUDED.owner, owner_authenticated = EXCLUDED.owner_authenticated,"
-                        " uploaded_at = EXCLUDED.uploaded_at, owner_id = EXCLUDED.owner_id, tls = EXCLUDED.tls",
-                        (
-                            self.prefix,
-                            record.name,
-                            fold,
-                            record.size,
-                            record.md5,
-                            record.sha256,
-                            record.owner,
-                            record.owner_authenticated,
-                            record.uploaded_at,
-                            record.owner_id,
-                            record.tls,
-                        ),
+                        self.prefix,
+                        record.name,
+                        fold_name(record.name),
+                        record.size,
+                        record.md5,
+                        record.sha256,
+                        record.owner,
+                        record.owner_authenticated,
+                        record.uploaded_at,
+                        record.owner_id,
+                        record.tls,
                     ),
-                ],
-                lock=self._lock,
-            )
-        except psycopg.errors.UniqueViolation:
-            other = await self._db.read(
-                lambda db: fetch_one(
-                    db,
-                    "SELECT name FROM catalogue_files WHERE prefix = %s AND fold = %s AND name <> %s",
-                    (self.prefix, fold, record.name),
-                )
-            )
-            if other is None:
+                ),
+            ],
+            self._lock,
+            lambda error: self._name_taken(error, record.name),
+        )
+        await self._db.prepare()
+        if self._db.hold(write):
+            return
+        try:
+            await self._db.run_together(write.statements, lock=write.lock)
+        except psycopg.Error as error:
+            instead = await self._name_taken(error, record.name)
+            if instead is None:
                 raise
-            raise NameTaken(f"{other['name']!r} is published, and folds as {record.name!r} does") from None
+            raise instead from None
+
+    async def _name_taken(self, error: psycopg.Error, name: str) -> NameTaken | None:
+        """The refusal a publish of ``name`` that raised ``error`` meets: NameTaken if a published
+        name folds as it does; None if the error is another."""
+        if not isinstance(error, psycopg.errors.UniqueViolation):
+            return None
+        other = await self._db.read(
+            lambda db: fetch_one(
+                db,
+                "SELECT name FROM catalogue_files WHERE prefix = %s AND fold = %s AND name <> %s",
+                (self.prefix, fold_name(name), name),
+            )
+        )
+        if other is None:
+            return None
+        return NameTaken(f"{other['name']!r} is published, and folds as {name!r} does")
 
     async def describe(self, name: str) -> StoredFile | None:
         async def read(db: Connection) -> StoredFile | None:

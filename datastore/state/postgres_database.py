@@ -11,6 +11,10 @@ node of an older version must not write into tables it does not understand. Open
 the first call connects, and :meth:`PostgresDatabase.close` gives the connections back (a later
 call opens them again).
 
+A write of one component may be held back to commit with another's transaction on the same
+database (:meth:`PostgresDatabase.holding_writes`): the catalogue's publish of a file commits with
+the state's, so that both happen or neither, in one transaction instead of two.
+
 Every database object made in a process registers its components (:func:`registered_components`);
 :func:`migrate_schema` applies, or only reports, what they lack without opening a pool (``datastore
 migrate``, which makes the stores ``serve`` makes).
@@ -20,8 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any, LiteralString, TypeVar
 
 import psycopg
@@ -84,6 +89,29 @@ class SchemaChange:
     target: int
 
 
+@dataclass(frozen=True, slots=True)
+class HeldWrite:
+    """A write one component left to commit in the next transaction of another on the same database
+    (:meth:`PostgresDatabase.hold`): its statements, run after the advisory lock named ``lock``."""
+
+    statements: Sequence[Statement]
+    lock: str | None
+    #: Given the error the transaction raised (it is rolled back), what to raise instead, or None to
+    #: raise it as it is: the write's own refusal, as it would have raised it running alone.
+    refusal: Callable[[psycopg.Error], Awaitable[BaseException | None]]
+
+
+@dataclass(slots=True)
+class _Holding:
+    """The writes held back (for the database ``url``) inside :meth:`PostgresDatabase.holding_writes`."""
+
+    url: str
+    writes: list[HeldWrite] = field(default_factory=list)
+
+
+_HOLDING: ContextVar[_Holding | None] = ContextVar("datastore_held_writes", default=None)
+
+
 #: The migrations of every component a PostgresDatabase of this process was made with, by name.
 _REGISTERED: dict[str, tuple[Migration, ...]] = {}
 
@@ -125,6 +153,35 @@ class PostgresDatabase:
     def version(self) -> int:
         """The schema version of :attr:`component` this code writes."""
         return _latest(self._components[self.component])
+
+    @contextlib.contextmanager
+    def holding_writes(self) -> Iterator[None]:
+        """Inside (in this task and those it starts), a write another component offers with
+        :meth:`hold` on this same database waits for :meth:`take_held`, whose caller sends it with its
+        own transaction; what no one takes by the end is dropped, never run alone."""
+        token = _HOLDING.set(_Holding(self.url))
+        try:
+            yield
+        finally:
+            _HOLDING.reset(token)
+
+    def hold(self, write: HeldWrite) -> bool:
+        """Leave ``write`` to the transaction that will take it, if a :meth:`holding_writes` of this
+        database is open here: True; False if none is (then the caller runs the write itself)."""
+        holding = _HOLDING.get()
+        if holding is None or holding.url != self.url:
+            return False
+        holding.writes.append(write)
+        return True
+
+    def take_held(self) -> list[HeldWrite]:
+        """The writes held for this database so far (none outside :meth:`holding_writes`), now the
+        caller's to send (:meth:`Transaction.send`'s ``held``)."""
+        holding = _HOLDING.get()
+        if holding is None or holding.url != self.url:
+            return []
+        taken, holding.writes = holding.writes, []
+        return taken
 
     async def run(self, work: Callable[[Connection], Awaitable[T]], *, lock: str | None = None) -> T:
         """Run ``work(connection)`` in one transaction (committed if it returns, rolled back if it
@@ -193,6 +250,11 @@ class PostgresDatabase:
             async with pool.connection() as connection:
                 return await work(connection)
 
+    async def prepare(self) -> None:
+        """Connect, and bring the schema up to date, now if not yet (a held write runs on another
+        component's connection, which applies only that component's migrations)."""
+        await self._open()
+
     async def _open(self) -> AsyncConnectionPool[Connection]:
         if self._pool is not None:
             return self._pool
@@ -248,14 +310,33 @@ class Transaction:
         self._first = begin
         self.committed = False
 
-    async def send(self, statements: Sequence[Statement], *, commit: bool = False) -> list[list[DictRow]]:
+    async def send(
+        self, statements: Sequence[Statement], *, commit: bool = False, held: Sequence[HeldWrite] = ()
+    ) -> list[list[DictRow]]:
         """Send ``statements`` (and ``COMMIT`` after them if ``commit``): the rows each answered (none
-        for one without ``RETURNING``), in their order. Raises what the first failing one raised."""
+        for one without ``RETURNING``), in their order. Raises what the first failing one raised, or
+        what a ``held`` write (sent before ``statements``, each after its lock) raises instead.
+
+        Locks are taken in one order everywhere, the sender's before a held write's: a component
+        whose writes are held never takes the sender's lock while holding its own."""
         if self.committed:
             raise RuntimeError("the transaction was committed")
         first, self._first = self._first, []
-        batch = [*first, *statements, *([("COMMIT", ())] if commit else [])]
-        answers = await _send(self._connection, batch, skipped=len(first), answered=len(statements))
+        joined: list[Statement] = []
+        for write in held:
+            if write.lock is not None:
+                joined.append(("SELECT pg_advisory_xact_lock(hashtext(%s))", (write.lock,)))
+            joined.extend(write.statements)
+        batch = [*first, *joined, *statements, *([("COMMIT", ())] if commit else [])]
+        try:
+            answers = await _send(self._connection, batch, skipped=len(first) + len(joined), answered=len(statements))
+        except psycopg.Error as error:
+            await _roll_back(self._connection)
+            for write in held:
+                instead = await write.refusal(error)
+                if instead is not None:
+                    raise instead from None
+            raise
         self.committed = commit
         return answers
 

@@ -19,7 +19,7 @@ from typing import Any, LiteralString, cast
 from psycopg.rows import DictRow
 
 from ..lifecycle.states import Event, NewEvent
-from .postgres_database import Connection, Statement, Transaction, fetch_all, fetch_one
+from .postgres_database import Connection, HeldWrite, Statement, Transaction, fetch_all, fetch_one
 from .records import EVENT_FIELDS as _EVENT_FIELDS
 
 #: The statements that create the log (part of the state store's first migration).
@@ -105,12 +105,17 @@ def appended_events(events: Sequence[NewEvent], answer: Sequence[Mapping[str, An
 
 
 async def send_with_events(
-    transaction: Transaction, statements: Sequence[Statement], events: Sequence[NewEvent]
+    transaction: Transaction,
+    statements: Sequence[Statement],
+    events: Sequence[NewEvent],
+    *,
+    held: Sequence[HeldWrite] = (),
 ) -> list[list[DictRow]]:
-    """Send ``statements``, then append ``events``, and commit, in one round trip; what the statements answered."""
+    """Send ``statements``, then append ``events``, and commit, in one round trip (``held`` writes
+    first: :meth:`Transaction.send`); what the statements answered."""
     now = time.time()
     tail = [events_statement(events, now)] if events else []
-    answers = await transaction.send([*statements, *tail], commit=True)
+    answers = await transaction.send([*statements, *tail], commit=True, held=held)
     if events:
         appended_events(events, answers[-1], now)
     return answers[: len(statements)]

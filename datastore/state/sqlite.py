@@ -10,6 +10,7 @@ events of the step are inserted in the same transaction.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -394,6 +395,9 @@ class SqliteState(SqliteJobs):
             )
 
         return await self._run(begin)
+
+    def publishing_together(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # the catalogues are SQLite files of their own
 
     async def publish(self, key: str, num: int, holder: str, *, md5: str | None, sha256: str | None) -> bool:
         def publish(db: sqlite3.Connection) -> bool:
