@@ -22,6 +22,7 @@ import pytest
 from datastore.handlers.directory import DirectoryHandler
 from datastore.http.openapi import OPENAPI_PATH
 from datastore.lifecycle import digests
+from datastore.lifecycle.machine import EVERY_DIGEST_INLINE_UP_TO
 from datastore.protocol.digests import parse_repr_digest
 from datastore.state.catalogue import StoredFile
 from datastore.storage.published import digest_file
@@ -184,6 +185,27 @@ async def test_both_digests_declared_leave_nothing_to_do_after_publishing(
     assert (entry["digests"], entry["md5"], entry["sha256"]) == ("complete", MD5, SHA256)
     assert await downloaded_digests(store, "both2.bin") == {"sha-256": SHA256, "md5": MD5}
     assert not handler.asked.is_set()
+
+
+async def test_a_small_file_is_hashed_both_ways_as_it_arrives(make_store: MakeStore, tmp_path: Path) -> None:
+    store, handler = await held_store(make_store, tmp_path)
+    headers = {"Accept": "application/json", "X-Client-DN": ADA}
+    for name, size in (("small.bin", EVERY_DIGEST_INLINE_UP_TO), ("larger.bin", EVERY_DIGEST_INLINE_UP_TO + 1)):
+        body = os.urandom(size)
+        manifest = {"files": [{"name": name, "size": size}]}  # declares no digest
+        async with store.client.post("/files/manifest", json=manifest, headers=headers) as registered:
+            key = (await registered.json())["transfer_key"]
+        async with store.client.put(f"/files/{key}/0", data=body, headers=headers) as put:
+            answer = await put.json()
+            assert put.status == 200, answer
+        complete = size <= EVERY_DIGEST_INLINE_UP_TO
+        digests = (md5_hex(body), sha256_hex(body)) if complete else (None, None)
+        assert (answer["md5"], answer["sha256"]) == digests
+        entry = await listed(store, name)
+        assert (entry["digests"], entry["md5"], entry["sha256"]) == ("complete" if complete else "pending", *digests)
+    # Only the larger file was left to the work after publishing.
+    async with asyncio.timeout(WAIT):
+        await handler.asked.wait()
 
 
 async def test_digests_left_undone_by_a_stop_are_computed_at_the_next_start(
