@@ -631,6 +631,61 @@ async def test_claim_after_the_transfer_ended_is_refused(state: StateStore, endi
     assert await state.last_event_id() == mark
 
 
+async def test_claims_each_after_a_read_of_the_file_act_as_claims_do(state: StateStore) -> None:
+    # A backend may act on what the read said (PostgreSQL claims in one round trip then): the
+    # claims, their numbers, their events and what the store tells its listener are the same.
+    transfer = await new_transfer(state)
+    heard: list[Event] = []
+    state.on_appended = heard.extend
+    mark = await state.last_event_id()
+
+    async def claim(now: float) -> Claim:
+        await state.get_file(transfer.key, 0)
+        return await state.claim(transfer.key, 0, HOLDER, lease=LEASE, now=now)
+
+    assert await claim(T0) == Claim(transfer.files[0], 1)
+    assert await state.pause(transfer.key, 0, HOLDER, received=4)
+    resumed = await claim(T0 + 1)
+    assert (resumed.before.state, resumed.before.received, resumed.number) == (FileState.RESERVED, 4, 2)
+    assert await state.interrupt(transfer.key, 0, HOLDER, received=6, reason=StopReason.CONNECTION_LOST)
+    assert (await claim(T0 + 2)).number == 3
+    assert await state.fail(transfer.key, 0, HOLDER, reason=StopReason.CHECKSUM_MISMATCH, message="bad digest")
+    again = await claim(T0 + 3)
+    assert (again.before.state, again.before.error, again.number) == (FileState.RELEASED, "bad digest", 4)
+    assert await state.status(transfer.key, 0) == ClaimStatus(FileState.UPLOADING, HOLDER, T0 + 3 + LEASE, None)
+
+    logged = await logged_since(state, mark)
+    assert [bare(e) for e in logged] == [
+        file_event(EventType.FILE_STARTED, transfer, 0, bytes=0),
+        file_event(EventType.FILE_INTERRUPTED, transfer, 0, bytes=6, reason="connection_lost"),
+        file_event(EventType.FILE_STARTED, transfer, 0, bytes=6),
+        file_event(EventType.FILE_FAILED, transfer, 0, bytes=0, reason="checksum_mismatch"),
+        file_event(EventType.FILE_STARTED, transfer, 0, bytes=0),
+    ]
+    assert heard == logged
+
+
+async def test_a_claim_after_a_read_overtaken_by_another_store_acts_on_the_file_as_it_is(open_store: Opener) -> None:
+    one, two = open_store(), open_store()
+    transfer = await new_transfer(one)
+    for num in (0, 1):
+        await one.get_file(transfer.key, num)
+    # File 0 moved on since store one read it: store two staged 7 bytes of it and was interrupted.
+    await two.claim(transfer.key, 0, OTHER, lease=LEASE, now=T0)
+    assert await two.interrupt(transfer.key, 0, OTHER, received=7, reason=StopReason.CONNECTION_LOST)
+    mark = await one.last_event_id()
+    claim = await one.claim(transfer.key, 0, HOLDER, lease=LEASE, now=T0 + 1)
+    assert (claim.before.received, claim.number) == (7, 2)
+    assert await since(one, mark) == [file_event(EventType.FILE_STARTED, transfer, 0, bytes=7)]
+    # File 1 is held by store two now: refused, and nothing is logged.
+    await two.claim(transfer.key, 1, OTHER, lease=LEASE, now=T0)
+    mark = await one.last_event_id()
+    with pytest.raises(UploadInProgress):
+        await one.claim(transfer.key, 1, HOLDER, lease=LEASE, now=T0 + 1)
+    assert await one.status(transfer.key, 1) == ClaimStatus(FileState.UPLOADING, OTHER, T0 + LEASE, None)
+    assert await one.last_event_id() == mark
+
+
 async def test_claim_under_a_lease_that_ran_out_says_what_its_holder_staged(state: StateStore) -> None:
     transfer = await new_transfer(state)
     await state.claim(transfer.key, 0, HOLDER, lease=LEASE, now=T0)

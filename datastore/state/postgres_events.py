@@ -63,12 +63,15 @@ _COLUMNS = ", ".join(_EVENT_FIELDS)
 _VALUES_AT_MOST = 16
 
 
-def events_statement(events: Sequence[NewEvent], now: float) -> Statement:
+def events_statement(events: Sequence[NewEvent], now: float, *, only_if: Statement | None = None) -> Statement:
     """The statement that appends ``events`` stamped ``now``, numbered from the counter's value in
-    their order, and moves the counter past them (one round trip); it answers the counter's new value."""
+    their order, and moves the counter past them (one round trip); it answers the counter's new value.
+    ``only_if``, a condition and its parameters: the events are appended only if it holds when the
+    statement runs (else nothing is, and the answer has no row)."""
     count = len(events)
+    condition, condition_params = only_if if only_if is not None else ("TRUE", ())
     values = [[_column(name, getattr(e, name)) for name in _EVENT_FIELDS] for e in events]
-    params: list[object] = [now]
+    params: list[object] = [*condition_params, now]
     if count <= _VALUES_AT_MOST:
         rows = ", ".join(f"({n}, {', '.join(_TYPED)})" for n in range(1, count + 1))
         source = f"(VALUES {rows}) AS e(n, {_COLUMNS})"
@@ -77,7 +80,7 @@ def events_statement(events: Sequence[NewEvent], now: float) -> Statement:
         source = f"unnest({', '.join(typed + '[]' for typed in _TYPED)}) WITH ORDINALITY AS e({_COLUMNS}, n)"
         params += [list(column) for column in zip(*values, strict=True)]
     query = (
-        f"WITH ids AS (UPDATE event_ids SET last_id = last_id + {count} RETURNING last_id),"
+        f"WITH ids AS (UPDATE event_ids SET last_id = last_id + {count} WHERE {condition} RETURNING last_id),"
         f" inserted AS (INSERT INTO events (id, time, {_COLUMNS})"
         f" SELECT ids.last_id - {count} + e.n, %s, {', '.join('e.' + name for name in _EVENT_FIELDS)}"
         f" FROM ids, {source}) SELECT last_id FROM ids"
