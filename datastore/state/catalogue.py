@@ -28,6 +28,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..protocol.names import fold_name
+
 
 @dataclass(frozen=True, slots=True)
 class StoredFile:
@@ -53,6 +55,22 @@ class StoredFile:
     owner_authenticated: bool = False
     owner_id: str | None = None
     tls: bool = False
+
+    def columns(self) -> tuple[object, ...]:
+        """The record as both backends' rows hold it, in this order: name, fold (``fold_name``),
+        size, md5, sha256, owner, owner_authenticated, uploaded_at, owner_id, tls."""
+        return (
+            self.name,
+            fold_name(self.name),
+            self.size,
+            self.md5,
+            self.sha256,
+            self.owner,
+            self.owner_authenticated,
+            self.uploaded_at,
+            self.owner_id,
+            self.tls,
+        )
 
 
 @dataclass(frozen=True, slots=True)

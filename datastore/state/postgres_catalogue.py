@@ -143,19 +143,7 @@ class PostgresCatalogue:
                     " SET fold = EXCLUDED.fold, size = EXCLUDED.size, md5 = EXCLUDED.md5, sha256 = EXCLUDED.sha256,"
                     " owner = EXCLUDED.owner, owner_authenticated = EXCLUDED.owner_authenticated,"
                     " uploaded_at = EXCLUDED.uploaded_at, owner_id = EXCLUDED.owner_id, tls = EXCLUDED.tls",
-                    (
-                        self.prefix,
-                        record.name,
-                        fold_name(record.name),
-                        record.size,
-                        record.md5,
-                        record.sha256,
-                        record.owner,
-                        record.owner_authenticated,
-                        record.uploaded_at,
-                        record.owner_id,
-                        record.tls,
-                    ),
+                    (self.prefix, *record.columns()),
                 ),
             ],
             self._lock,

@@ -127,18 +127,7 @@ class SqliteCatalogue:
         return [str(row["name"]) for row in rows]
 
     async def publish(self, record: StoredFile) -> None:
-        row = (
-            record.name,
-            fold_name(record.name),
-            record.size,
-            record.md5,
-            record.sha256,
-            record.owner,
-            int(record.owner_authenticated),
-            record.uploaded_at,
-            record.owner_id,
-            int(record.tls),
-        )
+        row = record.columns()
 
         def publish(db: sqlite3.Connection) -> None:
             db.execute("DELETE FROM pending WHERE name = ?", (record.name,))
